@@ -1,0 +1,51 @@
+# lorafleet: every command a person or CI needs. `make test` and `make serve`
+# install everything from nothing (a .venv here) on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+ARGS ?=
+PROTO_SRC := proto/lorafleet/v1/lorafleet.proto
+PROTO_OUT := client/pb/lorafleet/v1/lorafleet_pb2.py
+
+.PHONY: setup proto serve test test-unit test-integration bench loadtest clean help
+
+help:
+	@echo "make serve   start the server on the embedded default model (ARGS='--port 6000' passes flags)"
+	@echo "make test    install (first time) and run the whole test suite"
+	@echo "make bench   run the benchmarks (prints ratios against baselines measured in the same run)"
+	@echo "make proto   regenerate the gRPC stubs from proto/"
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first and pinned: the CPU wheel of 2.13.0 is what every other package then accepts
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+$(PROTO_OUT): $(PROTO_SRC) $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iclient/pb=proto --python_out=. --pyi_out=. --grpc_python_out=. client/pb/lorafleet/v1/lorafleet.proto
+
+proto: $(PROTO_OUT)
+
+serve: $(STAMP) $(PROTO_OUT)
+	$(PY) -m server $(ARGS)
+
+test: $(STAMP) $(PROTO_OUT)
+	$(PY) -m pytest -q $(ARGS)
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -q tests/unit $(ARGS)
+
+test-integration: $(STAMP)
+	$(PY) -m pytest -q tests/integration $(ARGS)
+
+bench: $(STAMP) $(PROTO_OUT)
+	$(PY) bench/engine_vs_hf.py
+	$(PY) bench/kernels.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,9 @@
+"""Python client for lorafleet. Needs only grpcio and protobuf.
+
+    from client import LoraFleetClient
+    with LoraFleetClient("127.0.0.1:50051") as c:
+        print(c.generate("Hello", max_new_tokens=16).text)
+"""
+from client.api import GenerateResult, LoraFleetClient, StreamPiece
+
+__all__ = ["LoraFleetClient", "GenerateResult", "StreamPiece"]

@@ -1,0 +1,1 @@
+"""lorafleet server: one frozen base model, many tenants' adapters, one batch."""

@@ -1,0 +1,167 @@
+"""The engine thread: owns the model, the KV cache and the step loop.
+
+    admit -> schedule -> forward -> sample -> emit
+
+Other threads talk to it only through `submit()` (a thread-safe inbox) and
+`Sequence.cancel()`. Every step's batch description is built once and passed to the model.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+import torch
+
+from server import metrics
+from server.engine.batch import Segment, make_forward_batch
+from server.engine.kv_cache import KVCache
+from server.engine.sampling import sample
+from server.engine.scheduler import Scheduled, Scheduler
+from server.engine.sequence import FinishEvent, FinishReason, Sequence
+from server.errors import LoraFleetError, ResourceExhausted, Unavailable
+from server.model.loader import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, max_batch_size: int, max_context_tokens: int,
+                 max_queued: int, max_prefill_tokens: int):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.kv = KVCache(self.model.args, max_batch_size, max_context_tokens, self.model.device,
+                          self.model.dtype)
+        self.scheduler = Scheduler(self.kv, max_batch_size, max_prefill_tokens)
+        self.max_queued = max_queued
+        self._inbox: queue.SimpleQueue[Sequence | None] = queue.SimpleQueue()
+        self._pending = 0                  # submitted, not yet admitted (inbox + waiting)
+        self._pending_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="lorafleet-engine", daemon=True)
+        self.alive = True
+        self.steps = 0
+
+    # ------------------------------------------------------------------ any thread
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._inbox.put(None)
+        self._thread.join(timeout)
+
+    def submit(self, seq: Sequence) -> None:
+        """Queue a sequence; ResourceExhausted at once when the queue is full."""
+        if not self.alive or self._stop.is_set():
+            raise Unavailable("the engine is not running (server shutting down or failed)")
+        with self._pending_lock:
+            if self._pending >= self.max_queued:
+                raise ResourceExhausted(
+                    f"the server queue is full ({self.max_queued} requests waiting); retry later")
+            self._pending += 1
+        self._inbox.put(seq)
+
+    def wake(self) -> None:
+        """Make a blocked engine loop look at its state (after a cancel)."""
+        self._inbox.put(None)
+
+    # ------------------------------------------------------------------ engine thread
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain_inbox(block=not self.scheduler.has_work())
+                self._reap()
+                self._admit()
+                work = self.scheduler.schedule()
+                if work:
+                    self._step(work)
+        except BaseException:  # a bug: fail everything loudly rather than hang callers
+            log.exception("engine thread crashed")
+            self.alive = False
+            raise
+        finally:
+            self._fail_all()
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            while True:
+                if item is not None:
+                    self.scheduler.add(item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+        metrics.WAITING.set(len(self.scheduler.waiting))
+
+    def _unpend(self, n: int) -> None:
+        with self._pending_lock:
+            self._pending -= n
+
+    def _reap(self) -> None:
+        for seq in self.scheduler.expired():
+            if seq.slot is None:
+                self._unpend(1)
+            self._finish(seq, seq.finish(FinishReason.CANCELLED))
+
+    def _admit(self) -> None:
+        admitted = self.scheduler.admit()
+        if admitted:
+            self._unpend(len(admitted))
+            for s in admitted:
+                metrics.QUEUE_WAIT.observe(s.admitted_at - s.arrival)
+
+    def _step(self, work: list[Scheduled]) -> None:
+        segs = [Segment(w.seq.slot, w.token_ids, w.first_pos, w.want_logits) for w in work]
+        batch = make_forward_batch(segs, self.model.device)
+        try:
+            logits = self.model.forward(batch, self.kv.layers)
+        except Exception as e:  # noqa: BLE001 - a failed step fails its sequences, not the server
+            log.exception("forward failed; failing the %d sequences of this step", len(work))
+            err = LoraFleetError(f"internal error during the forward pass: {type(e).__name__}")
+            for w in work:
+                self._finish(w.seq, w.seq.finish(FinishReason.ERROR, err))
+            return
+        self.steps += 1
+        for w in work:
+            w.seq.num_computed = w.first_pos + len(w.token_ids)
+        rows = [w.seq for w in work if w.want_logits]
+        tokens = sample(logits, [s.row_state() for s in rows])
+        metrics.BATCH_SIZE.observe(len(work))
+        metrics.BATCH_TOKENS.observe(int(batch.input_ids.numel()))
+        metrics.GENERATED_TOKENS.inc(len(rows))
+        metrics.PROMPT_TOKENS.inc(sum(len(w.token_ids) for w in work if w.first_pos < len(w.seq.prompt_ids)))
+        for seq, tok in zip(rows, tokens):
+            if seq.first_token_at is None:
+                metrics.TIME_TO_FIRST_TOKEN.observe(time.monotonic() - seq.arrival)
+            ev = seq.append_token(tok, self.loaded.tokenizer, self.loaded.eos_ids)
+            if ev is None:
+                continue
+            if isinstance(ev, FinishEvent):
+                self._finish(seq, ev)
+            else:
+                seq.sink(ev)
+        metrics.RUNNING.set(len(self.scheduler.running))
+        metrics.KV_CACHE_USAGE.set(self.kv.usage)
+
+    def _finish(self, seq: Sequence, ev: FinishEvent) -> None:
+        self.scheduler.remove(seq)
+        now = time.monotonic()
+        metrics.FINISHED.labels(ev.reason.value).inc()
+        metrics.E2E_LATENCY.observe(now - seq.arrival)
+        if seq.first_token_at is not None and len(seq.output_ids) > 1:
+            metrics.TIME_PER_OUTPUT_TOKEN.observe((now - seq.first_token_at) / (len(seq.output_ids) - 1))
+        seq.sink(ev)
+
+    def _fail_all(self) -> None:
+        err = Unavailable("the engine stopped before this request finished")
+        for seq in list(self.scheduler.waiting) + list(self.scheduler.running):
+            self._finish(seq, seq.finish(FinishReason.ERROR, err))
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item.sink(item.finish(FinishReason.ERROR, err))

@@ -1,0 +1,143 @@
+"""One request's state, owned by the engine thread once submitted.
+
+Other threads may only call `cancel()`. Text is detokenized incrementally; a stop string
+ends generation before it, and text that could still become a stop string (or an
+incomplete UTF-8 character) is held back until it cannot.
+"""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from tokenizers import Tokenizer
+
+from server.engine.sampling import RowState, SamplingParams
+from server.errors import LoraFleetError
+
+
+class FinishReason(enum.Enum):
+    LENGTH = "length"
+    STOP = "stop"
+    EOS = "eos"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    text: str
+    token_ids: list[int]
+
+
+@dataclass(frozen=True)
+class FinishEvent:
+    reason: FinishReason
+    text: str                       # the last piece of text not yet sent
+    token_ids: list[int]            # the ids generated since the last event
+    prompt_tokens: int
+    completion_tokens: int
+    error: LoraFleetError | None = None
+
+
+Event = TokenEvent | FinishEvent
+
+
+class Sequence:
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                 sink: Callable[[Event], None], deadline: float | None = None, tenant: str = ""):
+        self.request_id = request_id
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.sink = sink                      # thread-safe; called from the engine thread
+        self.deadline = deadline              # time.monotonic() value, or None
+        self.tenant = tenant
+        self.arrival = time.monotonic()
+        self.admitted_at: float | None = None
+        self.first_token_at: float | None = None
+        self.slot: int | None = None
+        self.num_computed = 0                 # tokens whose K/V are in the cache
+        self.output_ids: list[int] = []
+        self.finished = False
+        self._cancelled = False
+        self._text = ""                       # detokenized output so far
+        self._sent_chars = 0
+        self._sent_ids = 0
+        self.generator = None
+        if not params.greedy:
+            seed = params.seed if params.seed is not None else int(torch.randint(1 << 62, ()).item())
+            self.generator = torch.Generator().manual_seed(seed)
+
+    # ---- any thread
+    def cancel(self) -> None:
+        self._cancelled = True
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    # ---- engine thread
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_computed < len(self.prompt_ids)
+
+    def next_tokens(self, budget: int) -> tuple[list[int], int]:
+        """Tokens to run this step (at most `budget` of the prompt) and the first one's position."""
+        if self.in_prefill:
+            chunk = self.prompt_ids[self.num_computed:self.num_computed + budget]
+            return chunk, self.num_computed
+        return [self.output_ids[-1]], len(self.prompt_ids) + len(self.output_ids) - 1
+
+    def row_state(self) -> RowState:
+        return RowState(self.params, self.prompt_ids + self.output_ids, self.generator)
+
+    def append_token(self, token: int, tokenizer: Tokenizer, eos_ids: frozenset[int]) -> Event | None:
+        """Record a sampled token; return what to send (None when text is held back)."""
+        now = time.monotonic()
+        self.first_token_at = self.first_token_at or now
+        self.output_ids.append(token)
+        if token in eos_ids:
+            return self.finish(FinishReason.EOS)
+        self._text = tokenizer.decode(self.output_ids, skip_special_tokens=True)
+        stop_at = self._find_stop()
+        if stop_at is not None:
+            self._text = self._text[:stop_at]
+            return self.finish(FinishReason.STOP)
+        if len(self.output_ids) >= self.params.max_new_tokens:
+            return self.finish(FinishReason.LENGTH)
+        safe = len(self._text) - self._holdback()
+        if safe <= self._sent_chars:
+            return None
+        ev = TokenEvent(self._text[self._sent_chars:safe], self.output_ids[self._sent_ids:])
+        self._sent_chars, self._sent_ids = safe, len(self.output_ids)
+        return ev
+
+    def finish(self, reason: FinishReason, error: LoraFleetError | None = None) -> FinishEvent:
+        self.finished = True
+        text = self._text[self._sent_chars:] if reason != FinishReason.ERROR else ""
+        ev = FinishEvent(reason, text, self.output_ids[self._sent_ids:], len(self.prompt_ids),
+                         len(self.output_ids), error)
+        self._sent_chars, self._sent_ids = len(self._text), len(self.output_ids)
+        return ev
+
+    def _find_stop(self) -> int | None:
+        if not self.params.stop:
+            return None
+        longest = max(len(s) for s in self.params.stop)
+        start = max(0, self._sent_chars - longest)
+        hits = [i for i in (self._text.find(s, start) for s in self.params.stop) if i >= 0]
+        return min(hits) if hits else None
+
+    def _holdback(self) -> int:
+        """Chars at the end that may still change: an incomplete UTF-8 char or a stop prefix."""
+        text, n = self._text, 0
+        while n < len(text) and text[len(text) - 1 - n] == "\ufffd":
+            n += 1
+        for s in self.params.stop:
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    n = max(n, k)
+                    break
+        return n

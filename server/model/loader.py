@@ -1,0 +1,113 @@
+"""Read a local Hugging Face Llama-family directory: config.json, *.safetensors, tokenizer.json.
+
+Never a hub id, never pickle: a directory without safetensors weights is refused.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tokenizers import Tokenizer
+
+from server.model.llama import LlamaModel, ModelArgs
+
+SUPPORTED = {"llama", "mistral", "qwen2"}
+MAX_CONFIG_BYTES = 1 << 20
+
+
+class ModelLoadError(Exception):
+    """The directory is not a model this server can load; the message says why."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: LlamaModel
+    tokenizer: Tokenizer
+    name: str                     # directory name, shown by GetServerInfo
+    eos_ids: frozenset[int]
+    hf_config: dict
+
+
+def read_config(model_dir: Path) -> dict:
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise ModelLoadError(f"{model_dir}: no config.json (expected a Hugging Face model directory)")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ModelLoadError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes")
+    cfg = json.loads(path.read_text())
+    if cfg.get("model_type") not in SUPPORTED:
+        raise ModelLoadError(f"{path}: model_type {cfg.get('model_type')!r} is not one of {sorted(SUPPORTED)}")
+    return cfg
+
+
+def args_from_config(cfg: dict) -> ModelArgs:
+    heads = cfg["num_attention_heads"]
+    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    return ModelArgs(
+        vocab_size=cfg["vocab_size"],
+        dim=cfg["hidden_size"],
+        n_layers=cfg["num_hidden_layers"],
+        n_heads=heads,
+        n_kv_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        intermediate_size=cfg["intermediate_size"],
+        norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        rope_theta=float(theta),
+        rope_type=rope_type,
+        rope_scaling={k: v for k, v in rope.items() if k not in ("rope_theta", "rope_type", "type")},
+        max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        qkv_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
+    )
+
+
+def read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{model_dir}: no *.safetensors weights (pickle checkpoints are not loaded)")
+    weights: dict[str, torch.Tensor] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            for k in sf.keys():
+                weights[k] = sf.get_tensor(k)
+    return weights
+
+
+def eos_ids(model_dir: Path, cfg: dict) -> frozenset[int]:
+    ids = cfg.get("eos_token_id")
+    gen = model_dir / "generation_config.json"
+    if gen.is_file() and gen.stat().st_size < MAX_CONFIG_BYTES:
+        ids = json.loads(gen.read_text()).get("eos_token_id", ids)
+    if ids is None:
+        return frozenset()
+    return frozenset(ids if isinstance(ids, list) else [ids])
+
+
+def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelLoadError(f"{model_dir}: not a directory (models load from a local directory only)")
+    cfg = read_config(model_dir)
+    tok_path = model_dir / "tokenizer.json"
+    if not tok_path.is_file():
+        raise ModelLoadError(f"{model_dir}: no tokenizer.json")
+    weights = read_weights(model_dir)
+    try:
+        args = args_from_config(cfg)
+    except KeyError as e:
+        raise ModelLoadError(f"{model_dir}/config.json: field {e.args[0]} is missing") from None
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ModelLoadError(f"{model_dir}: hidden_act {cfg['hidden_act']!r} is not supported (silu)")
+    try:
+        model = LlamaModel.from_hf_weights(args, weights, device=device, dtype=dtype)
+    except KeyError as e:
+        raise ModelLoadError(f"{model_dir}: weight {e.args[0]} is missing") from None
+    except ValueError as e:
+        raise ModelLoadError(f"{model_dir}: {e}") from None
+    return LoadedModel(model=model, tokenizer=Tokenizer.from_file(str(tok_path)), name=model_dir.name,
+                       eos_ids=eos_ids(model_dir, cfg), hf_config=cfg)

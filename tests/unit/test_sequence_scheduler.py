@@ -1,0 +1,118 @@
+"""Sequence text handling (stop strings, hold-back) and the scheduler's admission/eviction."""
+from __future__ import annotations
+
+from server.engine.kv_cache import KVCache
+from server.engine.sampling import SamplingParams
+from server.engine.scheduler import Scheduler
+from server.engine.sequence import FinishEvent, FinishReason, Sequence, TokenEvent
+from server.model.default import build_tokenizer
+
+TOK = build_tokenizer()
+
+
+def ids_of(text: str) -> list[int]:
+    return TOK.encode(text, add_special_tokens=False).ids
+
+
+def run(text: str, **params) -> list:
+    seq = Sequence("r", [1], SamplingParams(max_new_tokens=params.pop("n", 100), **params), sink=lambda e: None)
+    events = []
+    for t in ids_of(text):
+        ev = seq.append_token(t, TOK, frozenset({2}))
+        if ev:
+            events.append(ev)
+        if seq.finished:
+            break
+    return events
+
+
+def joined(events) -> str:
+    return "".join(e.text for e in events)
+
+
+def test_stop_string_truncates_and_never_leaks():
+    evs = run("hello world, stop here", stop=("world",))
+    assert isinstance(evs[-1], FinishEvent) and evs[-1].reason == FinishReason.STOP
+    assert joined(evs) == "hello "
+
+
+def test_partial_stop_prefix_is_held_back_then_released():
+    evs = run("abcwoXYZ", stop=("wor",), n=8)
+    assert joined(evs) == "abcwoXYZ"
+    assert evs[-1].reason == FinishReason.LENGTH
+    assert [e.text for e in evs] == ["a", "b", "c", "woX", "Y", "Z"]  # "w", "wo" held until "X"
+
+
+def test_multibyte_characters_are_never_split():
+    evs = run("é😀ü", n=100)
+    for e in evs:
+        assert "\ufffd" not in e.text
+    assert joined(evs) == "é😀ü"
+
+
+def test_eos_and_length():
+    seq = Sequence("r", [1], SamplingParams(max_new_tokens=3), sink=lambda e: None)
+    assert isinstance(seq.append_token(ids_of("a")[0], TOK, frozenset({2})), TokenEvent)
+    ev = seq.append_token(2, TOK, frozenset({2}))
+    assert ev.reason == FinishReason.EOS and ev.completion_tokens == 2
+
+
+class Slots:
+    def __init__(self, n):
+        self.free = list(range(n))
+
+    def allocate(self):
+        return self.free.pop(0) if self.free else None
+
+    def release(self, s):
+        self.free.append(s)
+
+
+def seq(n_prompt: int, **kw) -> Sequence:
+    return Sequence("r", list(range(3, 3 + n_prompt)), SamplingParams(max_new_tokens=5), sink=lambda e: None, **kw)
+
+
+def test_admission_bounded_by_slots_and_finished_rows_free_them():
+    s = Scheduler(Slots(2), max_batch_size=2, max_prefill_tokens=100)
+    a, b, c = seq(4), seq(4), seq(4)
+    for x in (a, b, c):
+        s.add(x)
+    assert s.admit() == [a, b]
+    assert list(s.waiting) == [c]
+    s.remove(a)
+    assert a.slot is None
+    assert s.admit() == [c]
+
+
+def test_prefill_budget_chunks_prompts_and_decode_comes_first():
+    s = Scheduler(Slots(3), max_batch_size=3, max_prefill_tokens=10)
+    a, b = seq(8), seq(8)
+    s.add(a)
+    s.add(b)
+    s.admit()
+    work = s.schedule()
+    assert [(w.seq, len(w.token_ids), w.want_logits) for w in work] == [(a, 8, True), (b, 2, False)]
+    a.num_computed, b.num_computed = 8, 2
+    a.output_ids.append(5)
+    work = s.schedule()
+    assert [(w.seq, len(w.token_ids), w.first_pos) for w in work] == [(a, 1, 8), (b, 6, 2)]
+    assert work[1].want_logits
+
+
+def test_expired_lists_cancelled_and_past_deadline():
+    s = Scheduler(Slots(1), max_batch_size=1, max_prefill_tokens=10)
+    a, b, c = seq(2), seq(2, deadline=0.0), seq(2)
+    for x in (a, b, c):
+        s.add(x)
+    c.cancel()
+    assert set(s.expired(now=1.0)) == {b, c}
+
+
+def test_kv_cache_slot_accounting():
+    from server.model.llama import ModelArgs
+    import torch
+    kv = KVCache(ModelArgs(10, 8, 1, 2, 1, 4, 16), 2, 16, torch.device("cpu"), torch.float32)
+    a, b = kv.allocate(), kv.allocate()
+    assert {a, b} == {0, 1} and kv.allocate() is None and kv.usage == 1.0
+    kv.release(a)
+    assert kv.free_slots == 1
