@@ -137,16 +137,18 @@ def test_cancellation_frees_capacity(tiny_loaded, tmp_path):
         assert time.monotonic() - t0 < 30
 
 
-def test_deadline_frees_slot(tiny_loaded, tmp_path):
-    cfg = make_config(tmp_path, max_batch_size=1, max_new_tokens=200, max_context_tokens=256)
-    with BackgroundServer(cfg, tiny_loaded) as srv, LoraFleetClient(f"127.0.0.1:{srv.port}") as c:
-        with pytest.raises(grpc.RpcError) as e:
-            c.generate("slow", max_new_tokens=200, timeout=0.05)
-        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        deadline = time.monotonic() + 5
-        while srv.engine.scheduler.has_work() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert not srv.engine.scheduler.has_work()
+def test_deadline_propagates_into_the_engine(server, client, monkeypatch):
+    """The call's gRPC deadline becomes the sequence's deadline (the engine reaps expired
+    sequences and frees their slots: tests/unit/test_engine.py)."""
+    seen = []
+    real = server.engine.submit
+    monkeypatch.setattr(server.engine, "submit", lambda seq: (seen.append(seq), real(seq)))
+    t0 = time.monotonic()
+    client.generate("deadline", max_new_tokens=2, timeout=7.0)
+    assert len(seen) == 1 and seen[0].deadline is not None
+    assert t0 + 5.0 < seen[0].deadline < t0 + 7.5
+    client.generate("no deadline", max_new_tokens=2, timeout=None)
+    assert seen[1].deadline is None
 
 
 def test_full_queue_is_resource_exhausted(tiny_loaded, tmp_path):
