@@ -39,7 +39,7 @@ def run_engine(engine: Engine, prompts: list[list[int]], new_tokens: int) -> tup
 
     t0 = time.perf_counter()
     for i, p in enumerate(prompts):
-        engine.submit(Sequence(str(i), p, SamplingParams(max_new_tokens=new_tokens), sink_for(i)))
+        engine.submit(Sequence(str(i), p, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True), sink_for(i)))
     for _ in prompts:
         done.acquire()
     return time.perf_counter() - t0, [outs[i] for i in range(len(prompts))]
@@ -50,7 +50,7 @@ def run_hf(hf, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[l
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+                          do_sample=False, pad_token_id=0, eos_token_id=None)  # both ignore EOS
     return time.perf_counter() - t0, out[:, ids.shape[1]:].tolist()
 
 
@@ -68,6 +68,7 @@ def main() -> None:
     model_dir = ensure_default_model(Path(tempfile.gettempdir()) / "lorafleet-bench", "default")
     loaded = load_model(model_dir, torch.device("cpu"), torch.float32)
     hf = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None
     g = torch.Generator().manual_seed(0)
     prompts = [[1] + torch.randint(3, 259, (args.prompt_tokens - 1,), generator=g).tolist()
                for _ in range(args.requests)]

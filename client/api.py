@@ -50,12 +50,13 @@ class LoraFleetClient:
     @staticmethod
     def request(prompt: str, adapter: str = "", max_new_tokens: int = 0, temperature: float = 0.0,
                 top_p: float = 0.0, top_k: int = 0, seed: int = 0, stop: list[str] | None = None,
-                repetition_penalty: float = 0.0, request_id: str = "") -> pb.GenerateRequest:
+                repetition_penalty: float = 0.0, ignore_eos: bool = False,
+                request_id: str = "") -> pb.GenerateRequest:
         return pb.GenerateRequest(
             prompt=prompt, adapter=adapter, request_id=request_id,
             params=pb.SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                      top_k=top_k, seed=seed, stop=stop or [],
-                                     repetition_penalty=repetition_penalty))
+                                     repetition_penalty=repetition_penalty, ignore_eos=ignore_eos))
 
     def generate(self, prompt: str, **kw) -> GenerateResult:
         timeout = kw.pop("timeout", self.timeout)

@@ -39,6 +39,7 @@ def sampling_params(p: pb.SamplingParams, cfg: ServerConfig) -> SamplingParams:
         seed=int(p.seed) if p.seed else None,
         stop=tuple(p.stop),
         repetition_penalty=finite("repetition_penalty", p.repetition_penalty, 0.0, 10.0) or 1.0,
+        ignore_eos=p.ignore_eos,
     )
 
 

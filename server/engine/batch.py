@@ -18,7 +18,7 @@ class Segment:
 
 def make_forward_batch(segments: list[Segment], device: torch.device) -> ForwardBatch:
     ids, pos, slots, logit_rows = [], [], [], []
-    dec_rows, dec_slots, dec_lens, prefill = [], [], [], []
+    decode, prefill = [], []                      # (first row, segment)
     for s in segments:
         row, n = len(ids), len(s.token_ids)
         ids.extend(s.token_ids)
@@ -26,17 +26,33 @@ def make_forward_batch(segments: list[Segment], device: torch.device) -> Forward
         slots.extend([s.slot] * n)
         if s.want_logits:
             logit_rows.append(row + n - 1)
-        if n == 1:
-            dec_rows.append(row)
-            dec_slots.append(s.slot)
-            dec_lens.append(s.first_pos + 1)
-        else:
-            prefill.append((s.slot, row, n, s.first_pos))
+        (decode if n == 1 else prefill).append((row, s))
 
-    def lt(xs: list[int]) -> torch.Tensor:
+    def lt(xs) -> torch.Tensor:
         return torch.tensor(xs, dtype=torch.long, device=device)
+
+    dec_slots = [s.slot for _, s in decode]
+    dec_lens = lt([s.first_pos + 1 for _, s in decode])
+    consecutive = bool(decode) and dec_slots == list(range(dec_slots[0], dec_slots[0] + len(dec_slots)))
+    dec_mask = torch.arange(int(dec_lens.max()) if decode else 0, device=device) < dec_lens[:, None]
+
+    lq = max((len(s.token_ids) for _, s in prefill), default=0)
+    lk = max((s.first_pos + len(s.token_ids) for _, s in prefill), default=0)
+    p_rows = torch.zeros(len(prefill), lq, dtype=torch.long)
+    p_valid = torch.zeros(len(prefill), lq, dtype=torch.bool)
+    p_qpos = torch.zeros(len(prefill), lq, dtype=torch.long)
+    for i, (row, s) in enumerate(prefill):
+        n = len(s.token_ids)
+        p_rows[i, :n] = torch.arange(row, row + n)
+        p_rows[i, n:] = row + n - 1                           # padding re-reads the last query
+        p_valid[i, :n] = True
+        p_qpos[i] = s.first_pos + torch.arange(lq).clamp(max=n - 1)
+    p_mask = torch.arange(lk)[None, None, :] <= p_qpos[:, :, None]   # [P, Lq, Lk]
 
     return ForwardBatch(
         input_ids=lt(ids), positions=lt(pos), token_slots=lt(slots), logit_rows=lt(logit_rows),
-        decode_rows=lt(dec_rows), decode_slots=lt(dec_slots), decode_lens=lt(dec_lens),
-        max_decode_len=max(dec_lens, default=0), prefill=tuple(prefill))
+        decode_rows=lt([r for r, _ in decode]), decode_slots=lt(dec_slots),
+        decode_mask=dec_mask[:, None, None, :],
+        decode_slot_range=(dec_slots[0], len(dec_slots)) if consecutive else None,
+        prefill_rows=p_rows.to(device), prefill_valid=p_valid.to(device),
+        prefill_slots=lt([s.slot for _, s in prefill]), prefill_mask=p_mask[:, None].to(device))

@@ -1,4 +1,4 @@
-"""KV storage and slot allocation: one preallocated `[slots, max_len, kv_heads, head_dim]`
+"""KV storage and slot allocation: one preallocated `[slots, kv_heads, max_len, head_dim]`
 pair of tensors per layer; a sequence owns one slot from admission until it finishes."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from server.model.llama import ModelArgs
 class KVCache:
     def __init__(self, args: ModelArgs, num_slots: int, max_len: int, device: torch.device,
                  dtype: torch.dtype):
-        shape = (num_slots, max_len, args.n_kv_heads, args.head_dim)
+        shape = (num_slots, args.n_kv_heads, max_len, args.head_dim)
         self.layers = [(torch.zeros(shape, device=device, dtype=dtype),
                         torch.zeros(shape, device=device, dtype=dtype)) for _ in range(args.n_layers)]
         self.num_slots, self.max_len = num_slots, max_len

@@ -19,6 +19,7 @@ class SamplingParams:
     seed: int | None = None         # None = the server picks one
     stop: tuple[str, ...] = ()
     repetition_penalty: float = 1.0  # 1 = off
+    ignore_eos: bool = False
 
     @property
     def greedy(self) -> bool:

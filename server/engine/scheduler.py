@@ -72,7 +72,7 @@ class Scheduler:
         """This step's work: one token for every decoding sequence, then prefill chunks
         within the prefill token budget, in admission order."""
         out, budget = [], self.max_prefill_tokens
-        for seq in self.running:
+        for seq in sorted(self.running, key=lambda s: s.slot):   # consecutive slots: no KV gather
             if not seq.in_prefill:
                 ids, pos = seq.next_tokens(1)
                 out.append(Scheduled(seq, ids, pos, True))

@@ -98,7 +98,7 @@ class Sequence:
         now = time.monotonic()
         self.first_token_at = self.first_token_at or now
         self.output_ids.append(token)
-        if token in eos_ids:
+        if token in eos_ids and not self.params.ignore_eos:
             return self.finish(FinishReason.EOS)
         self._text = tokenizer.decode(self.output_ids, skip_special_tokens=True)
         stop_at = self._find_stop()

@@ -46,7 +46,8 @@ class ForwardBatch:
     """One engine step: the tokens of every scheduled sequence, flattened.
 
     A *segment* is a run of consecutive tokens of one sequence. Segments of one token
-    (decode steps) attend in one batched call; longer ones (prefill chunks) one call each.
+    (decode steps) attend in one batched call; longer ones (prefill chunks) in another,
+    padded to the longest chunk. All index tensors are built once per step.
     """
     input_ids: torch.Tensor          # [T] long
     positions: torch.Tensor          # [T] long, position of each token in its sequence
@@ -54,9 +55,12 @@ class ForwardBatch:
     logit_rows: torch.Tensor         # [R] long, token rows whose logits the caller wants
     decode_rows: torch.Tensor        # [B] long, token rows of one-token segments
     decode_slots: torch.Tensor       # [B] long, their KV slots
-    decode_lens: torch.Tensor        # [B] long, KV length each attends over (= position + 1)
-    max_decode_len: int
-    prefill: tuple[tuple[int, int, int, int], ...]  # (slot, first row, num tokens, first position)
+    decode_mask: torch.Tensor        # [B, 1, 1, Ld] bool, key j visible to decode row b
+    decode_slot_range: tuple[int, int] | None  # (first, count) when decode_slots are consecutive
+    prefill_rows: torch.Tensor       # [P, Lq] long, token row of each chunk query (pads repeat a row)
+    prefill_valid: torch.Tensor      # [P, Lq] bool, False on padding
+    prefill_slots: torch.Tensor      # [P] long
+    prefill_mask: torch.Tensor       # [P, 1, Lq, Lk] bool, causal over the slot's cache
 
 
 class AdapterHooks(Protocol):
@@ -167,7 +171,7 @@ class LlamaModel:
     def forward(self, batch: ForwardBatch, kv: list[tuple[torch.Tensor, torch.Tensor]],
                 hooks: AdapterHooks | None = None, input_embeds: torch.Tensor | None = None,
                 return_hidden: bool = False) -> torch.Tensor:
-        """Run one step. kv[layer] = (k, v), each [slots, max_len, n_kv_heads, head_dim].
+        """Run one step. kv[layer] = (k, v), each [slots, n_kv_heads, max_len, head_dim].
 
         Returns logits [R, vocab] for `batch.logit_rows` (or the final hidden states
         [R, dim] when `return_hidden`). `input_embeds` [T, dim] replaces the embedding lookup.
@@ -184,8 +188,8 @@ class LlamaModel:
             q = apply_rope(q.view(-1, a.n_heads, a.head_dim), cos, sin)     # [T, H, hd]
             k = apply_rope(k.view(-1, a.n_kv_heads, a.head_dim), cos, sin)  # [T, Hkv, hd]
             kc, vc = kv[i]
-            kc[batch.token_slots, batch.positions] = k
-            vc[batch.token_slots, batch.positions] = v.view(-1, a.n_kv_heads, a.head_dim)
+            kc[batch.token_slots, :, batch.positions] = k
+            vc[batch.token_slots, :, batch.positions] = v.view(-1, a.n_kv_heads, a.head_dim)
             attn = self._attention(q, kc, vc, batch)                      # [T, H * hd]
             o = _linear(attn, lw.wo, None, hooks, i, "o")
             if hooks is not None:
@@ -202,31 +206,28 @@ class LlamaModel:
 
     def _attention(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
                    batch: ForwardBatch) -> torch.Tensor:
-        """q [T, H, hd] -> [T, H * hd]; every token attends to its slot's cache up to itself."""
+        """q [T, H, hd] -> [T, H * hd]; every token attends to its slot's cache up to itself.
+        kc, vc: [slots, kv_heads, max_len, hd]."""
         T, H, hd = q.shape
         out = torch.empty_like(q)
         gqa = self.args.n_heads != self.args.n_kv_heads
         if batch.decode_rows.numel():
-            n = batch.max_decode_len
-            ks = kc[batch.decode_slots, :n].transpose(1, 2)                  # [B, Hkv, n, hd]
-            vs = vc[batch.decode_slots, :n].transpose(1, 2)
-            mask = torch.arange(n, device=q.device) < batch.decode_lens[:, None]  # [B, n]
-            qd = q[batch.decode_rows].unsqueeze(2)                         # [B, H, 1, hd]
-            od = F.scaled_dot_product_attention(qd, ks, vs, attn_mask=mask[:, None, None, :],
-                                                enable_gqa=gqa)
-            out[batch.decode_rows] = od.squeeze(2)
-        for slot, row, n, pos in batch.prefill:
-            end = pos + n
-            ks = kc[slot, :end].transpose(0, 1).unsqueeze(0)                # [1, Hkv, end, hd]
-            vs = vc[slot, :end].transpose(0, 1).unsqueeze(0)
-            qp = q[row:row + n].transpose(0, 1).unsqueeze(0)               # [1, H, n, hd]
-            if pos == 0:
-                op = F.scaled_dot_product_attention(qp, ks, vs, is_causal=True, enable_gqa=gqa)
+            n = batch.decode_mask.shape[-1]
+            if batch.decode_slot_range is not None:         # a view, no copy
+                first, count = batch.decode_slot_range
+                ks, vs = kc[first:first + count, :, :n], vc[first:first + count, :, :n]
             else:
-                qpos = torch.arange(pos, end, device=q.device)
-                mask = torch.arange(end, device=q.device)[None, :] <= qpos[:, None]  # [n, end]
-                op = F.scaled_dot_product_attention(qp, ks, vs, attn_mask=mask, enable_gqa=gqa)
-            out[row:row + n] = op[0].transpose(0, 1)
+                ks, vs = kc[batch.decode_slots, :, :n], vc[batch.decode_slots, :, :n]  # [B, Hkv, n, hd]
+            qd = q[batch.decode_rows].unsqueeze(2)                          # [B, H, 1, hd]
+            od = F.scaled_dot_product_attention(qd, ks, vs, attn_mask=batch.decode_mask, enable_gqa=gqa)
+            out[batch.decode_rows] = od.squeeze(2)
+        if batch.prefill_rows.numel():
+            n = batch.prefill_mask.shape[-1]
+            ks, vs = kc[batch.prefill_slots, :, :n], vc[batch.prefill_slots, :, :n]   # [P, Hkv, n, hd]
+            qp = q[batch.prefill_rows].transpose(1, 2)                      # [P, H, Lq, hd]
+            op = F.scaled_dot_product_attention(qp, ks, vs, attn_mask=batch.prefill_mask, enable_gqa=gqa)
+            valid = batch.prefill_valid
+            out[batch.prefill_rows[valid]] = op.transpose(1, 2)[valid]
         return out.reshape(T, H * hd)
 
 
