@@ -2,13 +2,16 @@
 
 The scheduler decides; it never touches tensors. Slots are plain ints from the KV allocator.
 Between two steps, waiting sequences are admitted into free slots and finished ones leave.
+Admission is round-robin over tenants (FIFO within a tenant), so one tenant's backlog
+cannot starve another tenant's request; a sequence whose adapter cannot be made resident
+now (every adapter slot pinned) stays queued without blocking other tenants.
 """
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Iterator, Protocol
 
 from server.engine.sequence import Sequence
 
@@ -26,12 +29,51 @@ class Scheduled:
     want_logits: bool     # the step ends this sequence's prefill, or it is decoding
 
 
+class FairQueue:
+    """Waiting sequences: one FIFO per tenant, served round-robin."""
+
+    def __init__(self) -> None:
+        self._by_tenant: OrderedDict[str, deque[Sequence]] = OrderedDict()
+
+    def append(self, seq: Sequence) -> None:
+        self._by_tenant.setdefault(seq.tenant, deque()).append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        q = self._by_tenant[seq.tenant]
+        q.remove(seq)
+        if not q:
+            del self._by_tenant[seq.tenant]
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._by_tenant.values())
+
+    def __bool__(self) -> bool:
+        return bool(self._by_tenant)
+
+    def __iter__(self) -> Iterator[Sequence]:
+        for q in list(self._by_tenant.values()):
+            yield from list(q)
+
+    def rounds(self) -> Iterator[Sequence]:
+        """Candidates in fair order: each tenant's head, then each tenant's second, ..."""
+        queues = [list(q) for q in self._by_tenant.values()]
+        for depth in range(max((len(q) for q in queues), default=0)):
+            for q in queues:
+                if depth < len(q):
+                    yield q[depth]
+
+    def rotate(self, tenant: str) -> None:
+        """Move a tenant that was just served to the back of the round."""
+        if tenant in self._by_tenant:
+            self._by_tenant.move_to_end(tenant)
+
+
 class Scheduler:
     def __init__(self, slots: SlotAllocator, max_batch_size: int, max_prefill_tokens: int):
         self.slots = slots
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
-        self.waiting: deque[Sequence] = deque()
+        self.waiting = FairQueue()
         self.running: list[Sequence] = []
 
     def add(self, seq: Sequence) -> None:
@@ -55,14 +97,21 @@ class Scheduler:
         else:
             self.waiting.remove(seq)
 
-    def admit(self) -> list[Sequence]:
-        """Move waiting sequences into free slots, oldest first."""
+    def admit(self, make_ready: Callable[[Sequence], bool] = lambda s: True) -> list[Sequence]:
+        """Move waiting sequences into free KV slots in fair order. `make_ready(seq)` makes
+        the sequence's adapter resident (False: not possible now; the sequence keeps waiting)."""
         admitted = []
-        while self.waiting and len(self.running) < self.max_batch_size:
+        for seq in self.waiting.rounds():
+            if len(self.running) >= self.max_batch_size:
+                break
             slot = self.slots.allocate()
             if slot is None:
                 break
-            seq = self.waiting.popleft()
+            if not make_ready(seq):
+                self.slots.release(slot)
+                continue
+            self.waiting.remove(seq)
+            self.waiting.rotate(seq.tenant)
             seq.slot, seq.admitted_at = slot, time.monotonic()
             self.running.append(seq)
             admitted.append(seq)
@@ -80,5 +129,5 @@ class Scheduler:
             if seq.in_prefill and budget > 0:
                 ids, pos = seq.next_tokens(budget)
                 budget -= len(ids)
-                out.append(Scheduled(seq, ids, pos, pos + len(ids) == len(seq.prompt_ids)))
+                out.append(Scheduled(seq, ids, pos, pos + len(ids) == seq.kv_offset + len(seq.prompt_ids)))
         return out

@@ -37,9 +37,11 @@ class FinishEvent:
     reason: FinishReason
     text: str                       # the last piece of text not yet sent
     token_ids: list[int]            # the ids generated since the last event
-    prompt_tokens: int
+    prompt_tokens: int              # the caller's tokens (BOS included)
     completion_tokens: int
     error: LoraFleetError | None = None
+    virtual_tokens: int = 0         # prompt/prefix-tuning tokens the adapter added
+    probabilities: list[float] | None = None   # classification rows only
 
 
 Event = TokenEvent | FinishEvent
@@ -47,13 +49,19 @@ Event = TokenEvent | FinishEvent
 
 class Sequence:
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                 sink: Callable[[Event], None], deadline: float | None = None, tenant: str = ""):
+                 sink: Callable[[Event], None], deadline: float | None = None, tenant: str = "",
+                 adapter: object | None = None, classify: bool = False):
         self.request_id = request_id
-        self.prompt_ids = prompt_ids
+        self.prompt_ids = prompt_ids          # prompt-tuning placeholders first, once attached
         self.params = params
         self.sink = sink                      # thread-safe; called from the engine thread
         self.deadline = deadline              # time.monotonic() value, or None
         self.tenant = tenant
+        self.adapter = adapter                # a pinned AdapterRef (has .key), or None
+        self.classify = classify              # prefill only; finish with label probabilities
+        self.kv_offset = 0                    # prefix-tuning positions ahead of the prompt
+        self.virtual_tokens = 0               # prompt-tuning placeholders at the start of prompt_ids
+        self.adapter_slot: int | None = None  # device adapter slot while running
         self.arrival = time.monotonic()
         self.admitted_at: float | None = None
         self.first_token_at: float | None = None
@@ -83,15 +91,27 @@ class Sequence:
     def in_prefill(self) -> bool:
         return self.num_computed < len(self.prompt_ids)
 
+    def attach_virtual(self, prefix_len: int, prompt_len: int, placeholder: int = 0) -> None:
+        """Make room for an adapter's virtual tokens: prefix-tuning K/V occupy the first
+        `prefix_len` cache positions; prompt-tuning embeddings take `prompt_len` placeholders."""
+        self.kv_offset = prefix_len
+        self.virtual_tokens = prompt_len
+        self.prompt_ids = [placeholder] * prompt_len + self.prompt_ids
+
+    @property
+    def context_len(self) -> int:
+        """KV positions this sequence needs at most."""
+        return self.kv_offset + len(self.prompt_ids) + self.params.max_new_tokens
+
     def next_tokens(self, budget: int) -> tuple[list[int], int]:
         """Tokens to run this step (at most `budget` of the prompt) and the first one's position."""
         if self.in_prefill:
             chunk = self.prompt_ids[self.num_computed:self.num_computed + budget]
-            return chunk, self.num_computed
-        return [self.output_ids[-1]], len(self.prompt_ids) + len(self.output_ids) - 1
+            return chunk, self.kv_offset + self.num_computed
+        return [self.output_ids[-1]], self.kv_offset + len(self.prompt_ids) + len(self.output_ids) - 1
 
     def row_state(self) -> RowState:
-        return RowState(self.params, self.prompt_ids + self.output_ids, self.generator)
+        return RowState(self.params, self.prompt_ids[self.virtual_tokens:] + self.output_ids, self.generator)
 
     def append_token(self, token: int, tokenizer: Tokenizer, eos_ids: frozenset[int]) -> Event | None:
         """Record a sampled token; return what to send (None when text is held back)."""
@@ -114,11 +134,13 @@ class Sequence:
         self._sent_chars, self._sent_ids = safe, len(self.output_ids)
         return ev
 
-    def finish(self, reason: FinishReason, error: LoraFleetError | None = None) -> FinishEvent:
+    def finish(self, reason: FinishReason, error: LoraFleetError | None = None,
+               probabilities: list[float] | None = None) -> FinishEvent:
         self.finished = True
         text = self._text[self._sent_chars:] if reason != FinishReason.ERROR else ""
-        ev = FinishEvent(reason, text, self.output_ids[self._sent_ids:], len(self.prompt_ids),
-                         len(self.output_ids), error)
+        ev = FinishEvent(reason, text, self.output_ids[self._sent_ids:],
+                         len(self.prompt_ids) - self.virtual_tokens, len(self.output_ids), error,
+                         self.virtual_tokens + self.kv_offset, probabilities)
         self._sent_chars, self._sent_ids = len(self._text), len(self.output_ids)
         return ev
 

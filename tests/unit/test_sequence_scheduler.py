@@ -116,3 +116,44 @@ def test_kv_cache_slot_accounting():
     assert {a, b} == {0, 1} and kv.allocate() is None and kv.usage == 1.0
     kv.release(a)
     assert kv.free_slots == 1
+
+
+def tseq(tenant: str) -> Sequence:
+    return Sequence("r", [3, 4], SamplingParams(max_new_tokens=5), sink=lambda e: None, tenant=tenant)
+
+
+def test_one_tenants_backlog_cannot_starve_another():
+    s = Scheduler(Slots(1), max_batch_size=1, max_prefill_tokens=100)
+    flood = [tseq("a") for _ in range(1000)]
+    for x in flood:
+        s.add(x)
+    lone = tseq("b")
+    s.add(lone)
+    first = s.admit()
+    assert first == [flood[0]]
+    s.remove(first[0])
+    assert s.admit() == [lone]          # b's single request goes next, not after 999 of a's
+    s.remove(lone)
+    assert s.admit() == [flood[1]]
+
+
+def test_round_robin_over_many_tenants():
+    s = Scheduler(Slots(6), max_batch_size=6, max_prefill_tokens=100)
+    seqs = {t: [tseq(t) for _ in range(5)] for t in "abc"}
+    for i in range(5):
+        for t in "abc":
+            s.add(seqs[t][i])
+    got = s.admit()
+    assert [x.tenant for x in got] == list("abcabc")
+
+
+def test_unready_adapter_keeps_waiting_without_blocking_others():
+    slots = Slots(2)
+    s = Scheduler(slots, max_batch_size=2, max_prefill_tokens=100)
+    blocked, other = tseq("a"), tseq("b")
+    s.add(blocked)
+    s.add(other)
+    assert s.admit(make_ready=lambda q: q is not blocked) == [other]
+    assert list(s.waiting) == [blocked]
+    assert len(slots.free) == 1          # the KV slot tried for `blocked` was given back
+    assert s.admit() == [blocked]
