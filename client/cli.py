@@ -1,25 +1,33 @@
-"""`lorafleet`: the command line for a lorafleet server."""
+"""`lorafleet`: the command line for a lorafleet server (and `lorafleet train`, `lorafleet keys`)."""
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+from pathlib import Path
 
 import grpc
 from google.protobuf import json_format
 
-from client.api import LoraFleetClient
+from client.api import KIND_NAMES, LoraFleetClient
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lorafleet", description="Talk to a lorafleet server.")
-    p.add_argument("--server", default="127.0.0.1:50051", help="host:port of the server")
-    p.add_argument("--api-key", default=None, help="API key (sent as 'authorization: Bearer KEY')")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds before the call is abandoned")
+    p = argparse.ArgumentParser(prog="lorafleet", description="Talk to a lorafleet server, train adapters, "
+                                "manage API keys.")
+    p.add_argument("--server", default=os.environ.get("LORAFLEET_SERVER", "127.0.0.1:50051"),
+                   help="host:port of the server (env LORAFLEET_SERVER)")
+    p.add_argument("--api-key", default=os.environ.get("LORAFLEET_API_KEY"),
+                   help="API key, sent as 'authorization: Bearer KEY' (env LORAFLEET_API_KEY)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds before a call is abandoned")
+    p.add_argument("--retries", type=int, default=2, help="retries on UNAVAILABLE / RESOURCE_EXHAUSTED")
+    p.add_argument("--tls-ca", type=Path, default=None, help="PEM root certificate: connect with TLS")
     sub = p.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="generate a completion",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    g = sub.add_parser("generate", help="generate a completion", formatter_class=fmt)
     g.add_argument("--prompt", required=True, help="the prompt text")
-    g.add_argument("--adapter", default="", help="adapter name or name@version; empty = base model")
+    g.add_argument("--adapter", default="", help="adapter name, name@version or shared/name; empty = base model")
     g.add_argument("--max-new-tokens", type=int, default=0, help="0 = the server's default")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling; 0 = off")
@@ -28,34 +36,98 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--repetition-penalty", type=float, default=0.0, help="0 or 1 = off")
     g.add_argument("--stream", action="store_true", help="print text as it is generated")
+    c = sub.add_parser("classify", help="classify texts with an adapter that has a classification head")
+    c.add_argument("--adapter", required=True, help="adapter name (must carry a head)")
+    c.add_argument("texts", nargs="+", help="texts to classify")
+    u = sub.add_parser("upload", help="upload an adapter directory (PEFT or lorafleet bottleneck format)")
+    u.add_argument("directory", type=Path, help="holds adapter_config.json and adapter_model.safetensors")
+    u.add_argument("--name", required=True, help="adapter name: [a-z0-9][a-z0-9._-]{0,63}")
+    u.add_argument("--shared", action="store_true", help="admins: publish as shared/NAME for every tenant")
+    a = sub.add_parser("adapters", help="list, inspect or delete adapters")
+    asub = a.add_subparsers(dest="action", required=True)
+    asub.add_parser("list", help="your adapters and the shared ones")
+    ag = asub.add_parser("get", help="details of one adapter")
+    ag.add_argument("name")
+    ad = asub.add_parser("delete", help="delete every version of an adapter")
+    ad.add_argument("name")
     sub.add_parser("info", help="show the served model and the server's limits")
+    k = sub.add_parser("keys", help="manage the server's API keys file")
+    ksub = k.add_subparsers(dest="action", required=True)
+    kc = ksub.add_parser("create", help="add a key for a tenant and print it (shown only this once)")
+    kc.add_argument("--tenant", required=True, help="tenant name: [a-z0-9][a-z0-9._-]{0,63}")
+    kc.add_argument("--admin", action="store_true", help="admin role (shared adapters)")
+    kc.add_argument("--file", type=Path, required=True, help="the keys file (created if missing)")
+    sub.add_parser("train", help="train an adapter (see `lorafleet train --help`)", add_help=False)
     return p
 
 
+def _show(msg) -> None:
+    print(json_format.MessageToJson(msg, preserving_proto_field_name=True))
+
+
+def _generate(c: LoraFleetClient, args) -> None:
+    kw = dict(adapter=args.adapter, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+              top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop,
+              repetition_penalty=args.repetition_penalty)
+    if args.stream:
+        for piece in c.generate_stream(args.prompt, **kw):
+            sys.stdout.write(piece.text)
+            sys.stdout.flush()
+            if piece.finish_reason:
+                print(f"\n[finish: {piece.finish_reason}]", file=sys.stderr)
+        return
+    r = c.generate(args.prompt, **kw)
+    print(r.text)
+    print(f"[finish: {r.finish_reason}; prompt {r.prompt_tokens} tokens, completion {r.completion_tokens} tokens]",
+          file=sys.stderr)
+
+
+def _adapters(c: LoraFleetClient, args) -> None:
+    if args.action == "list":
+        for a in c.list_adapters():
+            print(f"{a.name:<40} v{a.version:<4} {KIND_NAMES[a.kind]:<14} {a.size_bytes:>10} bytes  "
+                  f"{a.resident_tier}")
+    elif args.action == "get":
+        _show(c.get_adapter(args.name))
+    else:
+        print("deleted versions:", " ".join(map(str, c.delete_adapter(args.name))))
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        from trainer.cli import main as train_main
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
-    with LoraFleetClient(args.server, api_key=args.api_key, timeout=args.timeout) as c:
+    if args.command == "keys":
+        from server.api.auth import create_key
+        key = create_key(args.file, args.tenant, args.admin)
+        print(key)
+        print(f"[added tenant {args.tenant!r}{' (admin)' if args.admin else ''} to {args.file}; "
+              f"this key is not stored anywhere and will not be shown again; send SIGHUP to reload]",
+              file=sys.stderr)
+        return 0
+    with LoraFleetClient(args.server, api_key=args.api_key, timeout=args.timeout, retries=args.retries,
+                         tls_ca=args.tls_ca) as c:
         try:
             if args.command == "info":
-                print(json_format.MessageToJson(c.server_info(), preserving_proto_field_name=True))
-                return 0
-            kw = dict(adapter=args.adapter, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                      top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop,
-                      repetition_penalty=args.repetition_penalty)
-            if args.stream:
-                for piece in c.generate_stream(args.prompt, **kw):
-                    sys.stdout.write(piece.text)
-                    sys.stdout.flush()
-                    if piece.finish_reason:
-                        print(f"\n[finish: {piece.finish_reason}]", file=sys.stderr)
-                return 0
-            r = c.generate(args.prompt, **kw)
-            print(r.text)
-            print(f"[finish: {r.finish_reason}; prompt {r.prompt_tokens} tokens, "
-                  f"completion {r.completion_tokens} tokens]", file=sys.stderr)
+                _show(c.server_info())
+            elif args.command == "generate":
+                _generate(c, args)
+            elif args.command == "classify":
+                print(json.dumps(c.classify(args.texts, args.adapter), indent=2))
+            elif args.command == "upload":
+                info = c.upload_adapter(args.directory, args.name, shared=args.shared)
+                print(f"uploaded {info.name} version {info.version} ({KIND_NAMES[info.kind]}, "
+                      f"{info.size_bytes} bytes, sha256 {info.sha256[:12]}...)")
+            elif args.command == "adapters":
+                _adapters(c, args)
             return 0
         except grpc.RpcError as e:
             print(f"lorafleet: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+        except (OSError, ValueError) as e:
+            print(f"lorafleet: {e}", file=sys.stderr)
             return 1
 
 

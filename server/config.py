@@ -37,6 +37,17 @@ class ServerConfig:
     max_message_bytes: int = 4 * 1024 * 1024
     shutdown_grace_s: float = 10.0
     threads: int = 0                        # torch intra-op threads; 0 = torch's default
+    api_keys: Path | None = None            # None = single tenant, loopback only
+    adapter_slots: int = 32                 # adapters resident on the device at once
+    max_adapter_rank: int = 64
+    max_adapter_bytes: int = 256 * 1024 * 1024   # one uploaded archive
+    max_virtual_tokens: int = 128           # prefix / prompt tuning length
+    host_adapters: int = 256                # adapters kept in host memory behind the slots
+    host_adapter_bytes: int = 4 * 1024 ** 3
+    tenant_max_adapters: int = 100          # default quotas (a keys-file entry may override)
+    tenant_max_adapter_bytes: int = 2 * 1024 ** 3
+    tenant_max_concurrent: int = 64
+    tenant_max_queued: int = 256
 
     def describe(self) -> str:
         return "\n".join(f"  {f.name} = {getattr(self, f.name)}" for f in dataclasses.fields(self))
@@ -81,6 +92,22 @@ def build_parser() -> argparse.ArgumentParser:
     a("--shutdown-grace-s", type=float, default=d.shutdown_grace_s,
       help="on SIGTERM/Ctrl-C, seconds in-flight requests get to finish")
     a("--threads", type=int, default=d.threads, help="torch CPU threads (0 = torch default)")
+    a("--api-keys", type=Path, default=None,
+      help="JSON keys file (hashes of API keys -> tenant, role, quotas); reloaded on SIGHUP."
+           " Without it the server is single-tenant and binds to loopback only")
+    a("--adapter-slots", type=int, default=d.adapter_slots,
+      help="adapters resident on the device at once (distinct adapters per step)")
+    a("--max-adapter-rank", type=int, default=d.max_adapter_rank, help="largest LoRA r / bottleneck size")
+    a("--max-adapter-bytes", type=int, default=d.max_adapter_bytes, help="largest upload archive")
+    a("--max-virtual-tokens", type=int, default=d.max_virtual_tokens, help="longest prefix / prompt tuning")
+    a("--host-adapters", type=int, default=d.host_adapters, help="adapters cached in host memory")
+    a("--host-adapter-bytes", type=int, default=d.host_adapter_bytes, help="host adapter cache size")
+    a("--tenant-max-adapters", type=int, default=d.tenant_max_adapters, help="default quota: adapters stored")
+    a("--tenant-max-adapter-bytes", type=int, default=d.tenant_max_adapter_bytes,
+      help="default quota: bytes of adapters stored")
+    a("--tenant-max-concurrent", type=int, default=d.tenant_max_concurrent,
+      help="default quota: requests in flight")
+    a("--tenant-max-queued", type=int, default=d.tenant_max_queued, help="default quota: requests queued")
     return p
 
 
@@ -98,6 +125,11 @@ def validate_config(cfg: ServerConfig) -> ServerConfig:
         problems.append("--max-batch-size must be at least 1")
     if cfg.default_new_tokens > cfg.max_new_tokens:
         problems.append("--default-new-tokens must not exceed --max-new-tokens")
+    if cfg.api_keys is None and cfg.host not in ("127.0.0.1", "localhost", "::1"):
+        problems.append(f"without --api-keys the server is single-tenant and binds to loopback only "
+                        f"(got --host {cfg.host})")
+    if cfg.api_keys is not None and not cfg.api_keys.is_file():
+        problems.append(f"--api-keys {cfg.api_keys}: no such file (create one with `lorafleet keys create`)")
     if problems:
         raise SystemExit("lorafleet-server: " + "; ".join(problems))
     return cfg

@@ -16,9 +16,17 @@ from grpc_reflection.v1alpha import reflection
 from client.pb.lorafleet.v1 import lorafleet_pb2 as pb
 from client.pb.lorafleet.v1 import lorafleet_pb2_grpc as pb_grpc
 from server import metrics
-from server.api.service import AdaptersService, Draining, InferenceService
+from server.adapters.cache import AdapterCache
+from server.adapters.formats import BaseModelShape
+from server.adapters.registry import AdapterRegistry
+from server.adapters.store import AdapterStore
+from server.adapters.validate import AdapterLimits
+from server.api.adapters_service import AdaptersService
+from server.api.auth import Authenticator, AuthInterceptor, Quotas
+from server.api.service import Draining, InferenceService, TenantLimiter
 from server.config import ServerConfig, config_from_args
-from server.engine.engine import Engine
+from server.engine.adapter_slots import AdapterSlots
+from server.engine.engine import AdapterServing, Engine
 from server.model.default import ensure_default_model
 from server.model.loader import LoadedModel, ModelLoadError, load_model
 
@@ -44,9 +52,26 @@ def load(cfg: ServerConfig) -> LoadedModel:
     return load_model(model_dir, device, dtype)
 
 
-def build_engine(cfg: ServerConfig, loaded: LoadedModel) -> Engine:
+def build_adapters(cfg: ServerConfig, loaded: LoadedModel) -> tuple[AdapterStore, AdapterServing]:
+    """Store (scanned: corrupt versions quarantined) -> registry -> device slots <- tiered cache."""
+    limits = AdapterLimits(max_rank=cfg.max_adapter_rank, max_archive_bytes=cfg.max_adapter_bytes,
+                           max_virtual_tokens=cfg.max_virtual_tokens)
+    store = AdapterStore(cfg.data_dir, BaseModelShape.from_hf_config(loaded.hf_config), limits)
+    report = store.scan()
+    log.info("adapter store %s: %d versions served, %d quarantined", cfg.data_dir, len(report.served),
+             len(report.quarantined))
+    cache_box: list[AdapterCache] = []
+    registry = AdapterRegistry(store, report.served, on_free=lambda key: cache_box[0].invalidate(key))
+    m = loaded.model
+    slots = AdapterSlots(m.args, cfg.adapter_slots, cfg.max_adapter_rank, m.device, m.dtype)
+    cache = AdapterCache(cfg.adapter_slots, cfg.host_adapters, cfg.host_adapter_bytes, registry.load, slots.write)
+    cache_box.append(cache)
+    return store, AdapterServing(registry, cache, slots)
+
+
+def build_engine(cfg: ServerConfig, loaded: LoadedModel, adapters: AdapterServing | None) -> Engine:
     return Engine(loaded, cfg.max_batch_size, cfg.max_context_tokens, cfg.max_queued_requests,
-                  cfg.max_prefill_tokens)
+                  cfg.max_prefill_tokens, adapters)
 
 
 @dataclass
@@ -57,6 +82,7 @@ class RunningServer:
     engine: Engine
     health: health.aio.HealthServicer
     draining: Draining
+    auth: Authenticator
 
     async def shutdown(self, grace: float) -> None:
         """Drain: health NOT_SERVING, new calls UNAVAILABLE, in-flight calls get `grace` s."""
@@ -67,14 +93,20 @@ class RunningServer:
 
 
 async def start(cfg: ServerConfig, loaded: LoadedModel) -> RunningServer:
-    engine = build_engine(cfg, loaded)
+    store, adapters = build_adapters(cfg, loaded)
+    engine = build_engine(cfg, loaded, adapters)
     engine.start()
+    quotas = Quotas(cfg.tenant_max_adapters, cfg.tenant_max_adapter_bytes, cfg.tenant_max_concurrent,
+                    cfg.tenant_max_queued)
+    auth = Authenticator(cfg.api_keys, quotas)
     opts = [("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes)]
-    server = grpc.aio.server(options=opts)
+    server = grpc.aio.server(options=opts, interceptors=[AuthInterceptor(auth)])
     draining = Draining()
-    pb_grpc.add_InferenceServicer_to_server(InferenceService(cfg, engine, draining), server)
-    pb_grpc.add_AdaptersServicer_to_server(AdaptersService(), server)
+    inference = InferenceService(cfg, engine, draining, auth, adapters.registry, TenantLimiter())
+    pb_grpc.add_InferenceServicer_to_server(inference, server)
+    pb_grpc.add_AdaptersServicer_to_server(
+        AdaptersService(cfg, auth, adapters.registry, store, adapters.cache, draining), server)
     hs = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
     reflection.enable_server_reflection(SERVICES + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)
@@ -85,7 +117,7 @@ async def start(cfg: ServerConfig, loaded: LoadedModel) -> RunningServer:
     for name in ["", *SERVICES]:
         await hs.set(name, health_pb2.HealthCheckResponse.SERVING)
     mport = metrics.serve_metrics(cfg.metrics_port, cfg.host) if cfg.metrics_port >= 0 else None
-    return RunningServer(server, port, mport, engine, hs, draining)
+    return RunningServer(server, port, mport, engine, hs, draining, auth)
 
 
 class BackgroundServer:
@@ -117,10 +149,14 @@ async def serve(cfg: ServerConfig) -> None:
           f"on {cfg.host}:{running.port}", flush=True)
     if running.metrics_port:
         print(f"lorafleet: metrics on http://{cfg.host}:{running.metrics_port}/metrics", flush=True)
+    if running.auth.single_tenant:
+        print("lorafleet: no --api-keys: single-tenant mode (tenant 'default', admin), loopback only",
+              flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, running.auth.reload)
     await stop.wait()
     print(f"lorafleet: shutting down; in-flight requests get {cfg.shutdown_grace_s:g}s", flush=True)
     await running.shutdown(cfg.shutdown_grace_s)

@@ -1,9 +1,49 @@
 """Every Prometheus metric of the server, defined here and nowhere else.
 
-Names carry the `lorafleet_` prefix and their unit; counters end in `_total`
-(prometheus-client appends it). Buckets span CPU and GPU speeds.
+Names carry the `lorafleet_` prefix and their unit; counters end in `_total` (prometheus-client
+appends it, and adds a `_created` sample). Histogram buckets span CPU speeds (a step of the
+default model on two cores takes tens of ms) and GPU speeds (a decode step takes ~1 ms).
+Labels are bounded sets: never an adapter name or request id; a tenant only through
+`tenant_label()`, which caps the number of distinct values.
+
+Requests (observed by server/api/service.py):
+  lorafleet_requests_total{method,code}           counter  gRPC calls finished; code = grpc.StatusCode name
+  lorafleet_tenant_requests_total{tenant,code}    counter  the same per tenant (see tenant_label)
+  lorafleet_tenant_tokens_total{tenant,kind}      counter  tokens per tenant; kind = prompt | generated
+
+Engine (observed by server/engine/engine.py):
+  lorafleet_time_to_first_token_seconds           hist     arrival to first generated token
+  lorafleet_time_per_output_token_seconds         hist     mean gap between a request's output tokens
+  lorafleet_e2e_request_latency_seconds           hist     arrival to last token
+  lorafleet_queue_wait_seconds                    hist     arrival to admission into a KV slot
+  lorafleet_prompt_tokens_total                   counter  prompt tokens prefilled
+  lorafleet_generated_tokens_total                counter  tokens generated
+  lorafleet_running_requests                      gauge    sequences holding a KV slot
+  lorafleet_waiting_requests                      gauge    sequences queued for a KV slot
+  lorafleet_batch_size                            hist     sequences in one engine step
+  lorafleet_batch_tokens                          hist     tokens in one engine step
+  lorafleet_batch_adapters                        hist     distinct adapters in one engine step
+                                                           (rows without an adapter do not count)
+  lorafleet_kv_cache_usage_ratio                  gauge    fraction of KV slots in use (0-1)
+  lorafleet_finished_requests_total{reason}       counter  sequences finished; reason = length | stop |
+                                                           eos | cancelled | error
+
+Adapters (observed by server/adapters/cache.py and the upload servicer); tier = device | host:
+  lorafleet_adapter_cache_hits_total{tier}        counter  adapter found resident in the tier
+  lorafleet_adapter_cache_misses_total{tier}      counter  adapter had to be loaded into the tier
+  lorafleet_adapter_evictions_total{tier}         counter  adapters evicted from the tier (LRU)
+  lorafleet_adapter_load_seconds{tier}            hist     time to make an adapter resident in the tier
+                                                           (host: disk -> memory; device: host -> slot)
+  lorafleet_adapters_resident{tier}               gauge    adapters resident in the tier now
+  lorafleet_adapter_uploads_total{outcome}        counter  finished uploads; outcome = ok | invalid |
+                                                           too_large | checksum | quota | error
+
+Per-tenant series are off unless `configure(per_tenant=True, ...)`; while off, every tenant is
+counted under tenant="other", so the series exist and sum to the totals either way.
 """
 from __future__ import annotations
+
+import threading
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
@@ -12,9 +52,27 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 TOKEN_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                          5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+ADAPTER_COUNT_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256)
+ADAPTER_LOAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                        0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
+TIERS = ("device", "host")
+UPLOAD_OUTCOMES = ("ok", "invalid", "too_large", "checksum", "quota", "error")
+TOKEN_KINDS = ("prompt", "generated")
+OTHER_TENANT = "other"
+DEFAULT_MAX_TENANTS = 50
+
+# ---------------------------------------------------------------- requests
 REQUESTS = Counter("lorafleet_requests", "gRPC calls finished, by method and status code",
                    ["method", "code"])
+TENANT_REQUESTS = Counter("lorafleet_tenant_requests",
+                          "gRPC calls finished, by tenant (bounded, see tenant_label) and status code",
+                          ["tenant", "code"])
+TENANT_TOKENS = Counter("lorafleet_tenant_tokens",
+                        "Tokens by tenant (bounded, see tenant_label); kind = prompt | generated",
+                        ["tenant", "kind"])
+
+# ---------------------------------------------------------------- engine
 TIME_TO_FIRST_TOKEN = Histogram("lorafleet_time_to_first_token_seconds",
                                 "Arrival to first generated token", buckets=LATENCY_BUCKETS)
 TIME_PER_OUTPUT_TOKEN = Histogram("lorafleet_time_per_output_token_seconds",
@@ -31,8 +89,83 @@ WAITING = Gauge("lorafleet_waiting_requests", "Sequences queued for a KV slot")
 BATCH_SIZE = Histogram("lorafleet_batch_size", "Sequences in one engine step", buckets=BATCH_BUCKETS)
 BATCH_TOKENS = Histogram("lorafleet_batch_tokens", "Tokens in one engine step",
                          buckets=(1, 4, 16, 64, 256, 1024, 4096))
+BATCH_ADAPTERS = Histogram("lorafleet_batch_adapters",
+                           "Distinct adapters in one engine step (rows without an adapter do not count)",
+                           buckets=ADAPTER_COUNT_BUCKETS)
 KV_CACHE_USAGE = Gauge("lorafleet_kv_cache_usage_ratio", "Fraction of KV slots in use")
 FINISHED = Counter("lorafleet_finished_requests", "Sequences finished, by reason", ["reason"])
+
+# ---------------------------------------------------------------- adapters
+ADAPTER_CACHE_HITS = Counter("lorafleet_adapter_cache_hits",
+                             "Adapter lookups that found it resident, by tier (device | host)", ["tier"])
+ADAPTER_CACHE_MISSES = Counter("lorafleet_adapter_cache_misses",
+                               "Adapter lookups that had to load it, by tier (device | host)", ["tier"])
+ADAPTER_EVICTIONS = Counter("lorafleet_adapter_evictions",
+                            "Adapters evicted (least recently used first), by tier (device | host)", ["tier"])
+ADAPTER_LOAD_SECONDS = Histogram("lorafleet_adapter_load_seconds",
+                                 "Time to make an adapter resident: host = disk to memory, "
+                                 "device = host memory to a device slot", ["tier"],
+                                 buckets=ADAPTER_LOAD_BUCKETS)
+ADAPTERS_RESIDENT = Gauge("lorafleet_adapters_resident", "Adapters resident now, by tier (device | host)",
+                          ["tier"])
+UPLOADS = Counter("lorafleet_adapter_uploads",
+                  "Finished adapter uploads, by outcome (ok | invalid | too_large | checksum | quota | error)",
+                  ["outcome"])
+
+# Label values known in advance get their series at 0 from the start, so rate() and dashboards
+# see them before the first event.
+for _tier in TIERS:
+    for _m in (ADAPTER_CACHE_HITS, ADAPTER_CACHE_MISSES, ADAPTER_EVICTIONS, ADAPTER_LOAD_SECONDS,
+               ADAPTERS_RESIDENT):
+        _m.labels(_tier)
+for _outcome in UPLOAD_OUTCOMES:
+    UPLOADS.labels(_outcome)
+
+
+# ---------------------------------------------------------------- per-tenant label
+class _TenantLabels:
+    """The first `max_tenants` distinct tenants keep their name as a label value; the rest are "other".
+
+    Called from the gRPC loop and the engine thread, hence the lock (not on the forward path).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.per_tenant = False
+        self.max_tenants = DEFAULT_MAX_TENANTS
+        self._seen: set[str] = set()
+
+    def configure(self, per_tenant: bool, max_tenants: int) -> None:
+        if max_tenants < 0:
+            raise ValueError(f"max_tenants must be >= 0, got {max_tenants}")
+        with self._lock:
+            self.per_tenant, self.max_tenants = per_tenant, max_tenants
+            self._seen = set()
+
+    def label(self, tenant: str) -> str:
+        if not self.per_tenant or not tenant or tenant == OTHER_TENANT:
+            return OTHER_TENANT
+        with self._lock:
+            if tenant in self._seen:
+                return tenant
+            if len(self._seen) < self.max_tenants:
+                self._seen.add(tenant)
+                return tenant
+        return OTHER_TENANT
+
+
+_tenants = _TenantLabels()
+
+
+def configure(per_tenant: bool, max_tenants: int = DEFAULT_MAX_TENANTS) -> None:
+    """Switch per-tenant series on or off and cap their number; forgets the tenants seen so far."""
+    _tenants.configure(per_tenant, max_tenants)
+
+
+def tenant_label(tenant: str) -> str:
+    """The `tenant` label value for a tenant: its name while per-tenant metrics are on and it is
+    among the first `max_tenants` distinct tenants seen, else "other" (also for an empty name)."""
+    return _tenants.label(tenant)
 
 
 def serve_metrics(port: int, host: str) -> int:

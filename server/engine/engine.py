@@ -11,25 +11,39 @@ import logging
 import queue
 import threading
 import time
+from dataclasses import dataclass
 
 import torch
 
 from server import metrics
+from server.adapters.cache import AdapterCache
+from server.adapters.registry import AdapterRegistry
+from server.engine.adapter_slots import AdapterSlots
 from server.engine.batch import Segment, make_forward_batch
 from server.engine.kv_cache import KVCache
 from server.engine.sampling import sample
 from server.engine.scheduler import Scheduled, Scheduler
 from server.engine.sequence import FinishEvent, FinishReason, Sequence
-from server.errors import LoraFleetError, ResourceExhausted, Unavailable
+from server.errors import (FailedPrecondition, InvalidArgument, LoraFleetError, ResourceExhausted,
+                           Unavailable)
 from server.model.loader import LoadedModel
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class AdapterServing:
+    """What the engine needs to serve adapters: refs to release, the tiered cache, the slots."""
+    registry: AdapterRegistry
+    cache: AdapterCache
+    slots: AdapterSlots
+
+
 class Engine:
     def __init__(self, loaded: LoadedModel, max_batch_size: int, max_context_tokens: int,
-                 max_queued: int, max_prefill_tokens: int):
+                 max_queued: int, max_prefill_tokens: int, adapters: AdapterServing | None = None):
         self.loaded = loaded
+        self.adapters = adapters
         self.model = loaded.model
         self.kv = KVCache(self.model.args, max_batch_size, max_context_tokens, self.model.device,
                           self.model.dtype)
@@ -106,17 +120,68 @@ class Engine:
             self._finish(seq, seq.finish(FinishReason.CANCELLED))
 
     def _admit(self) -> None:
-        admitted = self.scheduler.admit()
+        admitted = self.scheduler.admit(self._make_ready)
         if admitted:
             self._unpend(len(admitted))
-            for s in admitted:
-                metrics.QUEUE_WAIT.observe(s.admitted_at - s.arrival)
+        for seq in admitted:
+            metrics.QUEUE_WAIT.observe(seq.admitted_at - seq.arrival)
+            if seq.error is not None:
+                self._finish(seq, seq.finish(FinishReason.ERROR, seq.error))
+            elif seq.kv_offset:
+                self._write_prefix(seq)
+
+    def _make_ready(self, seq: Sequence) -> bool:
+        """Make the sequence's adapter resident in a device slot (False: every slot is pinned
+        now, keep waiting). Problems found here fail the sequence right after admission."""
+        if seq.adapter is None:
+            return True
+        try:
+            slot = self.adapters.cache.acquire(seq.adapter.key)
+        except LoraFleetError as e:
+            seq.error = e
+            return True
+        if slot is None:
+            return False
+        seq.adapter_slot = slot
+        info = self.adapters.slots.info[slot]
+        seq.attach_virtual(info.prefix_kv.shape[3] if info.prefix_kv is not None else 0,
+                           info.prompt_embeds.shape[0] if info.prompt_embeds is not None else 0)
+        if seq.context_len > self.kv.max_len:
+            seq.error = InvalidArgument(
+                f"prompt ({len(seq.prompt_ids) - seq.virtual_tokens} tokens) + the adapter's "
+                f"{seq.virtual_tokens + seq.kv_offset} virtual tokens + max_new_tokens "
+                f"({seq.params.max_new_tokens}) exceeds the context of {self.kv.max_len} tokens")
+        elif seq.classify and info.head is None:
+            seq.error = FailedPrecondition(
+                f"adapter {seq.adapter.name!r} has no classification head; Classify needs one")
+        return True
+
+    def _write_prefix(self, seq: Sequence) -> None:
+        prefix = self.adapters.slots.info[seq.adapter_slot].prefix_kv   # [L, 2, Hkv, n, hd]
+        n = prefix.shape[3]
+        for layer, (kc, vc) in enumerate(self.kv.layers):
+            kc[seq.slot, :, :n] = prefix[layer, 0]
+            vc[seq.slot, :, :n] = prefix[layer, 1]
+
+    def _hooks(self, work: list[Scheduled]):
+        """The step's adapter hooks, or None when no row carries an adapter."""
+        if self.adapters is None or all(w.seq.adapter_slot is None for w in work):
+            return None
+        token_slots, prompt_rows = [], []
+        for w in work:
+            slot = w.seq.adapter_slot if w.seq.adapter_slot is not None else -1
+            first = w.first_pos - w.seq.kv_offset          # index into prompt_ids
+            for i in range(len(w.token_ids)):
+                if first + i < w.seq.virtual_tokens:
+                    prompt_rows.append((len(token_slots), slot, first + i))
+                token_slots.append(slot)
+        return self.adapters.slots.step(token_slots, prompt_rows)
 
     def _step(self, work: list[Scheduled]) -> None:
         segs = [Segment(w.seq.slot, w.token_ids, w.first_pos, w.want_logits) for w in work]
         batch = make_forward_batch(segs, self.model.device)
         try:
-            logits = self.model.forward(batch, self.kv.layers)
+            hidden = self.model.forward(batch, self.kv.layers, self._hooks(work), return_hidden=True)
         except Exception as e:  # noqa: BLE001 - a failed step fails its sequences, not the server
             log.exception("forward failed; failing the %d sequences of this step", len(work))
             err = LoraFleetError(f"internal error during the forward pass: {type(e).__name__}")
@@ -127,7 +192,17 @@ class Engine:
         for w in work:
             w.seq.num_computed = w.first_pos + len(w.token_ids)
         rows = [w.seq for w in work if w.want_logits]
-        tokens = sample(logits, [s.row_state() for s in rows])
+        gen = [i for i, s in enumerate(rows) if not s.classify]
+        for i, seq in enumerate(rows):
+            if seq.classify:
+                labels, probs = self._classify(seq, hidden[i])
+                self._finish(seq, seq.finish(FinishReason.STOP, probabilities=probs, labels=labels))
+        rows = [rows[i] for i in gen]
+        logits = self.model.logits(hidden[gen])
+        for seq, row in zip(rows, logits):
+            if seq.logits_trace is not None:
+                seq.logits_trace.append(row.float().cpu().clone())
+        tokens = sample(logits, [s.row_state() for s in rows]) if rows else []
         metrics.BATCH_SIZE.observe(len(work))
         metrics.BATCH_TOKENS.observe(int(batch.input_ids.numel()))
         metrics.GENERATED_TOKENS.inc(len(rows))
@@ -145,8 +220,25 @@ class Engine:
         metrics.RUNNING.set(len(self.scheduler.running))
         metrics.KV_CACHE_USAGE.set(self.kv.usage)
 
+    def _classify(self, seq: Sequence, h: torch.Tensor) -> tuple[tuple[str, ...], list[float]]:
+        """Label names and probabilities from the adapter's head on the last token's hidden state [dim]."""
+        head = self.adapters.slots.info[seq.adapter_slot].head
+        logits = head.weight @ h.float().cpu()
+        if head.bias is not None:
+            logits = logits + head.bias
+        return head.labels, logits.softmax(-1).tolist()
+
+    def _release_adapter(self, seq: Sequence) -> None:
+        if seq.adapter_slot is not None:
+            self.adapters.cache.release(seq.adapter.key)
+            seq.adapter_slot = None
+        if seq.adapter is not None:
+            self.adapters.registry.release(seq.adapter)
+            seq.adapter = None
+
     def _finish(self, seq: Sequence, ev: FinishEvent) -> None:
         self.scheduler.remove(seq)
+        self._release_adapter(seq)
         now = time.monotonic()
         metrics.FINISHED.labels(ev.reason.value).inc()
         metrics.E2E_LATENCY.observe(now - seq.arrival)
@@ -164,4 +256,5 @@ class Engine:
             except queue.Empty:
                 break
             if item is not None:
+                self._release_adapter(item)
                 item.sink(item.finish(FinishReason.ERROR, err))

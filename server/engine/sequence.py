@@ -42,6 +42,7 @@ class FinishEvent:
     error: LoraFleetError | None = None
     virtual_tokens: int = 0         # prompt/prefix-tuning tokens the adapter added
     probabilities: list[float] | None = None   # classification rows only
+    labels: tuple[str, ...] = ()                # names of the probabilities
 
 
 Event = TokenEvent | FinishEvent
@@ -62,6 +63,8 @@ class Sequence:
         self.kv_offset = 0                    # prefix-tuning positions ahead of the prompt
         self.virtual_tokens = 0               # prompt-tuning placeholders at the start of prompt_ids
         self.adapter_slot: int | None = None  # device adapter slot while running
+        self.error: LoraFleetError | None = None   # found at admission: fail right after it
+        self.logits_trace: list[torch.Tensor] | None = None  # tests: set to [] to record each step's logits
         self.arrival = time.monotonic()
         self.admitted_at: float | None = None
         self.first_token_at: float | None = None
@@ -135,12 +138,12 @@ class Sequence:
         return ev
 
     def finish(self, reason: FinishReason, error: LoraFleetError | None = None,
-               probabilities: list[float] | None = None) -> FinishEvent:
+               probabilities: list[float] | None = None, labels: tuple[str, ...] = ()) -> FinishEvent:
         self.finished = True
         text = self._text[self._sent_chars:] if reason != FinishReason.ERROR else ""
         ev = FinishEvent(reason, text, self.output_ids[self._sent_ids:],
                          len(self.prompt_ids) - self.virtual_tokens, len(self.output_ids), error,
-                         self.virtual_tokens + self.kv_offset, probabilities)
+                         self.virtual_tokens + self.kv_offset, probabilities, labels)
         self._sent_chars, self._sent_ids = len(self._text), len(self.output_ids)
         return ev
 

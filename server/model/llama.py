@@ -202,7 +202,11 @@ class LlamaModel:
                 m = hooks.block_out(i, "mlp", m)
             h = h + m
         h = rms_norm(h[batch.logit_rows], self.norm, a.norm_eps)          # [R, dim]
-        return h if return_hidden else h @ self.lm_head.T
+        return h if return_hidden else self.logits(h)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [R, dim] -> logits [R, vocab]."""
+        return h @ self.lm_head.T
 
     def _attention(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
                    batch: ForwardBatch) -> torch.Tensor:

@@ -1,0 +1,20 @@
+"""Adapters: formats, validation of untrusted uploads, durable store, registry with hot swap, tiered cache.
+
+Flow: upload bytes -> validate.parse_upload -> store (immutable versions) -> registry (tenant -> name ->
+versions, in-flight refs) -> cache (device slots <- host memory <- disk), used by the engine thread.
+"""
+from server.adapters.formats import (
+    AdapterKind,
+    AdapterWeights,
+    BaseModelShape,
+    BottleneckTarget,
+    ClassificationHead,
+    Ia3Target,
+    LoraTarget,
+)
+from server.adapters.validate import AdapterLimits, parse_upload, validate_name
+
+__all__ = [
+    "AdapterKind", "AdapterLimits", "AdapterWeights", "BaseModelShape", "BottleneckTarget",
+    "ClassificationHead", "Ia3Target", "LoraTarget", "parse_upload", "validate_name",
+]

@@ -1,0 +1,384 @@
+"""Adapter formats: one in-memory description (`AdapterWeights`) for every kind, and the file layouts.
+
+Every adapter travels as two files, `adapter_config.json` and `adapter_model.safetensors`. The JSON
+is an object whose `peft_type` names the kind. Tensors may be F16, BF16, F32 or F64; they are held
+as float32 on CPU.
+
+Upload container: one ZIP archive with exactly two top-level members, adapter_config.json and
+adapter_model.safetensors, each stored or deflated, not encrypted (`make_archive`, `read_archive`).
+
+PEFT formats (as `peft` 0.21 `save_pretrained` writes them, adapter name stripped)
+-----------------------------------------------------------------------------------
+LORA           base_model.model.model.layers.{i}.{self_attn|mlp}.{module}.lora_A.weight  [r, d_in]
+               base_model.model.model.layers.{i}.{self_attn|mlp}.{module}.lora_B.weight  [d_out, r]
+               module in q_proj k_proj v_proj o_proj (self_attn), gate_proj up_proj down_proj (mlp).
+               scale = alpha / r, or alpha / sqrt(r) with use_rslora; r and alpha per module from
+               rank_pattern / alpha_pattern (PEFT's rule: first key K with re.match(r"(.*\\.)?(K)$", path)).
+IA3            base_model.model.model.layers.{i}.{...}.{module}.ia3_l  [d_out, 1] scales the module's
+               OUTPUT (k_proj, v_proj), or [1, d_in] scales its INPUT (feedforward modules, down_proj).
+PREFIX_TUNING  prompt_embeddings  [n_virtual, num_layers * 2 * num_kv_heads * head_dim]
+PROMPT_TUNING  prompt_embeddings  [n_virtual, hidden]
+Head           base_model.model.score.weight [num_labels, hidden], .bias [num_labels] (modules_to_save).
+
+Prefix tuning, exactly as peft 0.21 `PeftModel.get_prompt` does it for a (GQA) Llama: the config
+holds num_attention_heads = num_kv_heads and token_dim = num_kv_heads * head_dim; the row for
+virtual token t is viewed as [2 * num_layers, num_kv_heads, head_dim], permuted to
+[2 * num_layers, num_kv_heads, n_virtual, head_dim] and split in pairs: index 2*l is layer l's
+keys, 2*l + 1 its values. They enter the cache as they are, with no RoPE applied. Our `prefix_kv`
+is that tensor viewed as [num_layers, 2, num_kv_heads, n_virtual, head_dim].
+
+Bottleneck format (ours, format_version 1)
+------------------------------------------
+adapter_config.json:
+  {"peft_type": "BOTTLENECK", "format_version": 1, "bottleneck_size": r,
+   "activation": "relu" | "gelu" | "silu", "placement": ["attn", "mlp"],
+   "base_model_hidden_size": hidden, "base_model_num_layers": L}      (the last key is optional)
+adapter_model.safetensors:
+  layers.{i}.{attn|mlp}_adapter.down.weight  [r, hidden]
+  layers.{i}.{attn|mlp}_adapter.down.bias    [r]        (optional)
+  layers.{i}.{attn|mlp}_adapter.up.weight    [hidden, r]
+  layers.{i}.{attn|mlp}_adapter.up.bias      [hidden]   (optional)
+  score.weight [num_labels, hidden], score.bias [num_labels]   (optional classification head)
+Each place present must be listed in "placement"; any subset of layers may carry it. "attn" acts on
+the attention block output (after o_proj), "mlp" on the MLP block output (after down_proj), both
+before the residual add:  h_out = h + up.weight @ act(down.weight @ h + down.bias) + up.bias.
+"gelu" is the exact (erf) GELU.
+
+Label names (any kind with a head): adapter_config.json may hold {"lorafleet": {"labels": [...]}},
+one string per head row; without it the labels are LABEL_0, LABEL_1, ...
+
+Functions here trust their input: call them on what `validate.parse_upload` has checked.
+"""
+from __future__ import annotations
+
+import enum
+import io
+import json
+import math
+import re
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors.torch import save as save_safetensors
+
+from server.errors import InvalidArgument, ResourceExhausted
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+ACTIVATIONS = ("relu", "gelu", "silu")
+PLACES = ("attn", "mlp")
+LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MODULE_PARENT = {m: ("mlp" if m in ("gate_proj", "up_proj", "down_proj") else "self_attn")
+                 for m in LINEAR_MODULES}
+PROMPT_KEY = "prompt_embeddings"
+LABELS_KEY = "lorafleet"  # adapter_config.json: {"lorafleet": {"labels": [...]}}
+
+_LAYER = r"(0|[1-9][0-9]{0,5})"  # no leading zeros: one name per slot
+_PEFT_MODULE = rf"base_model\.model\.model\.layers\.{_LAYER}\.(self_attn|mlp)\.([a-z_]+)\."
+_LORA_RE = re.compile(_PEFT_MODULE + r"lora_(A|B)\.weight")
+_IA3_RE = re.compile(_PEFT_MODULE + r"ia3_l")
+_BOTTLENECK_RE = re.compile(rf"layers\.{_LAYER}\.(attn|mlp)_adapter\.(down|up)\.(weight|bias)")
+_HEAD_RE = {True: re.compile(r"base_model\.model\.score\.(weight|bias)"),
+            False: re.compile(r"score\.(weight|bias)")}
+
+
+class AdapterKind(enum.Enum):
+    LORA = "LORA"
+    IA3 = "IA3"
+    BOTTLENECK = "BOTTLENECK"
+    PREFIX_TUNING = "PREFIX_TUNING"
+    PROMPT_TUNING = "PROMPT_TUNING"
+
+
+@dataclass(frozen=True)
+class BaseModelShape:
+    """The dimensions of the frozen base model that adapters must fit."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+
+    @staticmethod
+    def from_hf_config(cfg: dict) -> "BaseModelShape":
+        """From a Hugging Face Llama-family config.json dict."""
+        hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+        return BaseModelShape(
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            vocab_size=int(cfg["vocab_size"]),
+        )
+
+    def linear_dims(self, module: str) -> tuple[int, int]:
+        """(d_in, d_out) of one of the seven Llama linears; InvalidArgument for any other name."""
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        dims = {"q_proj": (self.hidden_size, q), "k_proj": (self.hidden_size, kv),
+                "v_proj": (self.hidden_size, kv), "o_proj": (q, self.hidden_size),
+                "gate_proj": (self.hidden_size, self.intermediate_size),
+                "up_proj": (self.hidden_size, self.intermediate_size),
+                "down_proj": (self.intermediate_size, self.hidden_size)}
+        if module not in dims:
+            raise InvalidArgument(f"unknown module {module!r}; known: {', '.join(LINEAR_MODULES)}")
+        return dims[module]
+
+
+@dataclass(frozen=True, eq=False)
+class LoraTarget:
+    A: torch.Tensor  # [r, d_in]
+    B: torch.Tensor  # [d_out, r]
+    scale: float  # alpha / r (or alpha / sqrt(r) with use_rslora), patterns applied
+
+
+@dataclass(frozen=True, eq=False)
+class Ia3Target:
+    vec: torch.Tensor  # [d_in] if on_input else [d_out]
+    on_input: bool  # True: scales the module's input (feedforward); False: its output
+
+
+@dataclass(frozen=True, eq=False)
+class BottleneckTarget:
+    down: torch.Tensor  # [r, hidden]
+    down_bias: torch.Tensor | None  # [r]
+    up: torch.Tensor  # [hidden, r]
+    up_bias: torch.Tensor | None  # [hidden]
+    activation: str  # relu | gelu | silu
+
+
+@dataclass(frozen=True, eq=False)
+class ClassificationHead:
+    weight: torch.Tensor  # [num_labels, hidden]
+    bias: torch.Tensor | None  # [num_labels]
+    labels: tuple[str, ...]  # len == num_labels
+
+
+@dataclass(frozen=True, eq=False)
+class AdapterWeights:
+    """One adapter, any kind, float32 on CPU. Only the fields of its kind are non-empty."""
+
+    kind: AdapterKind
+    lora: dict[tuple[int, str], LoraTarget]  # (layer, module) -> target
+    ia3: dict[tuple[int, str], Ia3Target]  # (layer, module) -> target
+    bottleneck: dict[tuple[int, str], BottleneckTarget]  # (layer, "attn"|"mlp") -> target
+    prefix_kv: torch.Tensor | None  # [num_layers, 2, num_kv_heads, n_virtual, head_dim]
+    prompt_embeds: torch.Tensor | None  # [n_virtual, hidden]
+    head: ClassificationHead | None
+    rank: int  # max LoRA r or bottleneck size; 0 for IA3 / prefix / prompt
+    nbytes: int  # bytes of all tensors held (float32)
+    config: dict  # the parsed adapter_config.json
+
+
+class TensorSlot(NamedTuple):
+    """Where a tensor name points: role in lora|ia3|bottleneck|prompt|head."""
+
+    role: str
+    layer: int  # -1 when not per layer
+    module: str  # linear module, "attn"/"mlp" for bottleneck, "" otherwise
+    part: str  # "A"/"B" (lora), "down.weight" etc. (bottleneck), "weight"/"bias" (head), ""
+
+
+def parse_tensor_name(kind: AdapterKind, name: str) -> TensorSlot | None:
+    """The slot a tensor name addresses for `kind`, or None if the name is not one of the format's."""
+    head = _HEAD_RE[kind is not AdapterKind.BOTTLENECK].fullmatch(name)
+    if head:
+        return TensorSlot("head", -1, "", head.group(1))
+    if kind is AdapterKind.LORA and (m := _LORA_RE.fullmatch(name)):
+        return _module_slot("lora", m.group(1), m.group(2), m.group(3), m.group(4))
+    if kind is AdapterKind.IA3 and (m := _IA3_RE.fullmatch(name)):
+        return _module_slot("ia3", m.group(1), m.group(2), m.group(3), "")
+    if kind is AdapterKind.BOTTLENECK and (m := _BOTTLENECK_RE.fullmatch(name)):
+        return TensorSlot("bottleneck", int(m.group(1)), m.group(2), f"{m.group(3)}.{m.group(4)}")
+    if kind in (AdapterKind.PREFIX_TUNING, AdapterKind.PROMPT_TUNING) and name == PROMPT_KEY:
+        return TensorSlot("prompt", -1, "", "")
+    return None
+
+
+def _module_slot(role: str, layer: str, parent: str, module: str, part: str) -> TensorSlot | None:
+    if MODULE_PARENT.get(module) != parent:
+        return None
+    return TensorSlot(role, int(layer), module, part)
+
+
+def module_path(layer: int, module: str) -> str:
+    """The module's name inside the HF model, as PEFT matches rank_pattern / alpha_pattern keys."""
+    return f"model.layers.{layer}.{MODULE_PARENT[module]}.{module}"
+
+
+def pattern_value(patterns: dict, path: str, default: float) -> float:
+    """PEFT's `get_pattern_key`: the value of the first key K with re.match(r"(.*\\.)?(K)$", path)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+def lora_rank_alpha(cfg: dict, layer: int, module: str) -> tuple[int, float]:
+    """(r, alpha) of one LoRA module after rank_pattern / alpha_pattern."""
+    path = module_path(layer, module)
+    r = pattern_value(cfg.get("rank_pattern") or {}, path, cfg["r"])
+    default_alpha = 8 if cfg.get("lora_alpha") is None else cfg["lora_alpha"]  # PEFT's default
+    alpha = pattern_value(cfg.get("alpha_pattern") or {}, path, default_alpha)
+    return int(r), float(alpha)
+
+
+def label_names(cfg: dict, num_labels: int) -> tuple[str, ...]:
+    labels = (cfg.get(LABELS_KEY) or {}).get("labels")
+    return tuple(labels) if labels else tuple(f"LABEL_{i}" for i in range(num_labels))
+
+
+def assemble(kind: AdapterKind, cfg: dict, tensors: dict[str, torch.Tensor],
+             base: BaseModelShape) -> AdapterWeights:
+    """Build AdapterWeights from checked float32 tensors named as the format says."""
+    lora: dict[tuple[int, str], LoraTarget] = {}
+    ia3: dict[tuple[int, str], Ia3Target] = {}
+    groups: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    head_parts: dict[str, torch.Tensor] = {}
+    prompt = None
+    slots = {name: parse_tensor_name(kind, name) for name in tensors}  # all known: validated before
+    for name, slot in sorted(slots.items(), key=lambda item: (item[1].layer, item[1].module, item[1].part)):
+        t = tensors[name]
+        if slot.role == "head":
+            head_parts[slot.part] = t
+        elif slot.role == "prompt":
+            prompt = t
+        elif slot.role == "ia3":
+            ia3[(slot.layer, slot.module)] = Ia3Target(t.reshape(-1), on_input=t.shape[0] == 1)
+        else:
+            groups.setdefault((slot.layer, slot.module), {})[slot.part] = t
+    if kind is AdapterKind.LORA:
+        lora = {key: _lora_target(cfg, key, parts) for key, parts in groups.items()}
+    bottleneck = {key: BottleneckTarget(parts["down.weight"], parts.get("down.bias"), parts["up.weight"],
+                                        parts.get("up.bias"), cfg.get("activation", "relu"))
+                  for key, parts in groups.items()} if kind is AdapterKind.BOTTLENECK else {}
+    head = None
+    if head_parts:
+        w = head_parts["weight"]  # [num_labels, hidden]
+        head = ClassificationHead(w, head_parts.get("bias"), label_names(cfg, w.shape[0]))
+    rank = max([t.A.shape[0] for t in lora.values()] + [t.down.shape[0] for t in bottleneck.values()],
+               default=0)
+    return AdapterWeights(
+        kind=kind, lora=lora, ia3=ia3, bottleneck=bottleneck,
+        prefix_kv=prefix_kv_from_peft(prompt, base) if kind is AdapterKind.PREFIX_TUNING else None,
+        prompt_embeds=prompt if kind is AdapterKind.PROMPT_TUNING else None,
+        head=head, rank=rank, nbytes=sum(t.numel() * t.element_size() for t in tensors.values()),
+        config=cfg)
+
+
+def _lora_target(cfg: dict, key: tuple[int, str], parts: dict[str, torch.Tensor]) -> LoraTarget:
+    r, alpha = lora_rank_alpha(cfg, *key)
+    scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    return LoraTarget(A=parts["A"], B=parts["B"], scale=scale)
+
+
+def prefix_kv_from_peft(prompt: torch.Tensor, base: BaseModelShape) -> torch.Tensor:
+    """PEFT prefix `prompt_embeddings` [T, L*2*kvh*hd] -> [L, 2, kvh, T, hd] (see module docstring)."""
+    n_virtual = prompt.shape[0]
+    kv = prompt.view(n_virtual, 2 * base.num_layers, base.num_kv_heads, base.head_dim)
+    kv = kv.permute(1, 2, 0, 3)  # [2L, kvh, T, hd]
+    return kv.reshape(base.num_layers, 2, base.num_kv_heads, n_virtual, base.head_dim).contiguous()
+
+
+def bottleneck_files(targets: dict[tuple[int, str], BottleneckTarget], base: BaseModelShape,
+                     head: ClassificationHead | None = None) -> tuple[bytes, bytes]:
+    """Serialise a bottleneck adapter: (adapter_config.json bytes, adapter_model.safetensors bytes)."""
+    if not targets:
+        raise InvalidArgument("a bottleneck adapter needs at least one (layer, place) target")
+    sizes = {t.down.shape[0] for t in targets.values()}
+    acts = {t.activation for t in targets.values()}
+    if len(sizes) != 1 or len(acts) != 1:
+        raise InvalidArgument(f"all bottleneck targets must share one size and activation; got {sizes}, {acts}")
+    tensors: dict[str, torch.Tensor] = {}
+    for (layer, place), t in sorted(targets.items()):
+        prefix = f"layers.{layer}.{place}_adapter."
+        for part, value in (("down.weight", t.down), ("down.bias", t.down_bias),
+                            ("up.weight", t.up), ("up.bias", t.up_bias)):
+            if value is not None:
+                tensors[prefix + part] = value.detach().to(torch.float32).contiguous()
+    cfg: dict = {"peft_type": "BOTTLENECK", "format_version": 1, "bottleneck_size": sizes.pop(),
+                 "activation": acts.pop(), "placement": sorted({p for _, p in targets}),
+                 "base_model_hidden_size": base.hidden_size, "base_model_num_layers": base.num_layers}
+    if head is not None:
+        tensors["score.weight"] = head.weight.detach().to(torch.float32).contiguous()
+        if head.bias is not None:
+            tensors["score.bias"] = head.bias.detach().to(torch.float32).contiguous()
+        cfg[LABELS_KEY] = {"labels": list(head.labels)}
+    return json.dumps(cfg, indent=2).encode(), save_safetensors(tensors)
+
+
+def write_bottleneck(directory: Path, targets: dict[tuple[int, str], BottleneckTarget],
+                     base: BaseModelShape, head: ClassificationHead | None = None) -> None:
+    """Write adapter_config.json + adapter_model.safetensors for a bottleneck adapter into `directory`."""
+    config_bytes, weights = bottleneck_files(targets, base, head)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG_FILE).write_bytes(config_bytes)
+    (directory / WEIGHTS_FILE).write_bytes(weights)
+
+
+def read_archive(archive: bytes, max_config_bytes: int, max_weights_bytes: int) -> tuple[bytes, bytes]:
+    """(config bytes, safetensors bytes) from an untrusted upload ZIP.
+
+    Exactly the two members at top level (no extra, missing, duplicate, directory, '../' or absolute
+    names), not encrypted, stored or deflated only; declared sizes are checked against the caps
+    before reading, and reads stop at cap + 1 bytes whatever the headers claim (zip bombs).
+    """
+    try:
+        with zipfile.ZipFile(io.BytesIO(archive)) as zf:
+            infos = zf.infolist()
+            _check_members(infos)
+            caps = {CONFIG_FILE: max_config_bytes, WEIGHTS_FILE: max_weights_bytes}
+            out = {info.filename: _read_member(zf, info, caps[info.filename]) for info in infos}
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, ValueError) as e:
+        raise InvalidArgument(f"archive is not a readable ZIP file ({e})") from None
+    return out[CONFIG_FILE], out[WEIGHTS_FILE]
+
+
+def _check_members(infos: list[zipfile.ZipInfo]) -> None:
+    names = [i.filename for i in infos]
+    if sorted(names) != [CONFIG_FILE, WEIGHTS_FILE]:
+        shown = ", ".join(repr(n[:80]) for n in names[:5]) + (" ..." if len(names) > 5 else "")
+        raise InvalidArgument(f"archive must hold exactly {CONFIG_FILE} and {WEIGHTS_FILE} at top level; "
+                              f"it holds {len(names)} members: {shown}")
+    for info in infos:
+        if info.flag_bits & 0x1:
+            raise InvalidArgument(f"archive member {info.filename} is encrypted")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise InvalidArgument(f"archive member {info.filename} uses compression method "
+                                  f"{info.compress_type}; only stored (0) and deflated (8) are accepted")
+
+
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, cap: int) -> bytes:
+    if info.file_size > cap:
+        raise ResourceExhausted(f"{info.filename} unpacks to {info.file_size} bytes; the limit is {cap}")
+    with zf.open(info) as f:
+        data = f.read(cap + 1)  # hard cap: the declared size may lie
+    if len(data) > cap:
+        raise ResourceExhausted(f"{info.filename} unpacks to more than {cap} bytes (the limit)")
+    if len(data) != info.file_size:
+        raise InvalidArgument(f"{info.filename} holds {len(data)} bytes but declares {info.file_size}")
+    return data
+
+
+def make_archive(config_bytes: bytes, weights: bytes) -> bytes:
+    """The upload container: a ZIP with exactly adapter_config.json and adapter_model.safetensors."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(CONFIG_FILE, config_bytes)
+        zf.writestr(WEIGHTS_FILE, weights)
+    return buf.getvalue()
+
+
+def archive_dir(directory: Path) -> bytes:
+    """Zip an adapter directory (as PEFT's save_pretrained or write_bottleneck left it) for upload."""
+    directory = Path(directory)
+    return make_archive((directory / CONFIG_FILE).read_bytes(), (directory / WEIGHTS_FILE).read_bytes())

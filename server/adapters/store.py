@@ -1,0 +1,388 @@
+"""Durable on-disk adapter store: immutable versions, atomic writes, sha256, quarantine.
+
+Layout under `root` (every path component from user text has passed validate_name first):
+  adapters/<tenant>/<name>/v<N>/adapter.zip   the upload archive, byte for byte
+  adapters/<tenant>/<name>/v<N>/meta.json     {"kind", "sha256", "size", "created", "version"}
+  adapters/<tenant>/<name>/.hwm               highest version ever given to this name (kept across delete)
+  tmp/        uploads in progress and staged versions (same filesystem; emptied by scan())
+  trash/      deleted adapters still held by in-flight requests (emptied by scan())
+  quarantine/ versions that failed verification at scan(), moved aside with a WARNING log line
+
+A version appears only by one rename of a fully written, fsynced, validated directory, so a failed
+or interrupted upload leaves nothing in adapters/. Versions are never reused for a name, even after
+delete, so "tenant/name@N" always names the same bytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from server.adapters.formats import AdapterKind, AdapterWeights, BaseModelShape
+from server.adapters.validate import (NAME_RE, VERSION_RE, AdapterLimits, check_sha256, load_json_object,
+                                      parse_upload, validate_name, validate_sha256)
+from server.errors import DataLoss, FailedPrecondition, InvalidArgument, LoraFleetError, NotFound, ResourceExhausted
+
+log = logging.getLogger(__name__)
+ARCHIVE, META, HWM = "adapter.zip", "meta.json", ".hwm"
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    tenant: str
+    name: str
+    version: int
+    kind: AdapterKind
+    sha256: str
+    size: int  # bytes of the archive
+    created: float  # unix time
+
+    @property
+    def key(self) -> str:
+        return f"{self.tenant}/{self.name}@{self.version}"
+
+
+@dataclass(frozen=True)
+class TenantUsage:
+    adapters: int  # names with at least one version
+    versions: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class ScanReport:
+    served: tuple[AdapterInfo, ...]
+    quarantined: tuple[tuple[str, str], ...]  # (path relative to root, reason)
+    unfit: tuple[tuple[str, str], ...]  # intact but not for this base model: left in place, not served
+
+
+@dataclass(frozen=True)
+class DeletedAdapter:
+    tenant: str
+    name: str
+    versions: tuple[int, ...]
+    trash: Path  # holds v<N>/ directories until purge()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _is_real_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
+def _is_store_dir(path: Path) -> bool:
+    """A tenant or name directory: a real directory (no symlink) whose name passes validate_name."""
+    return _is_real_dir(path) and NAME_RE.fullmatch(path.name) is not None
+
+
+class Upload:
+    """Streaming writer for one upload: write(chunk)..., then commit(); any other exit leaves nothing.
+
+    Use as a context manager: leaving the block without commit() (an exception, a cancelled RPC)
+    aborts and removes the temp file.
+    """
+
+    def __init__(self, store: "AdapterStore", tenant: str, name: str, declared_size: int,
+                 sha256: str | None, expected_kind: AdapterKind | None) -> None:
+        self._store, self.tenant, self.name = store, tenant, name
+        self.declared_size, self._sha256, self._kind = declared_size, sha256, expected_kind
+        self._path = store.root / "tmp" / f"{uuid.uuid4().hex}.part"
+        self._file: BinaryIO | None = open(self._path, "xb")
+        self._hash = hashlib.sha256()
+        self._written = 0
+        self._done = False
+
+    def write(self, chunk: bytes) -> None:
+        if self._file is None:
+            raise FailedPrecondition("upload is already committed or aborted")
+        if self._written + len(chunk) > self.declared_size:
+            self.abort()
+            raise ResourceExhausted(f"upload sent more than its declared size of {self.declared_size} bytes")
+        self._file.write(chunk)
+        self._hash.update(chunk)
+        self._written += len(chunk)
+
+    def commit(self) -> AdapterInfo:
+        """Verify size and sha256, validate fully, then publish as the next version."""
+        if self._file is None:
+            raise FailedPrecondition("upload is already committed or aborted")
+        try:
+            if self._written != self.declared_size:
+                raise InvalidArgument(f"upload ended after {self._written} of {self.declared_size} declared bytes")
+            digest = self._hash.hexdigest()
+            if self._sha256 is not None and digest != self._sha256:
+                raise DataLoss(f"sha256 mismatch: declared {self._sha256}, received bytes hash to {digest}")
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+            data = self._path.read_bytes()
+            weights = parse_upload(data, self._store.base, self._store.limits, self._kind)
+            info = self._store._publish(self._path, self.tenant, self.name, weights.kind, digest, len(data))
+        except BaseException:
+            self.abort()
+            raise
+        self._done = True
+        return info
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._path.unlink(missing_ok=True)
+
+    def __enter__(self) -> "Upload":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._done:
+            self.abort()
+
+
+class AdapterStore:
+    """Thread-safe: uploads stream in parallel; publishing and deleting take one lock."""
+
+    def __init__(self, root: Path, base: BaseModelShape, limits: AdapterLimits) -> None:
+        self.root, self.base, self.limits = Path(root), base, limits
+        for sub in ("adapters", "tmp", "trash", "quarantine"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------ writes
+
+    def begin_upload(self, tenant: str, name: str, declared_size: int, sha256: str | None = None,
+                     expected_kind: AdapterKind | None = None) -> Upload:
+        """Start a streaming upload. InvalidArgument for bad names/size/sha256; ResourceExhausted over the limit."""
+        validate_name(tenant, "tenant name")
+        validate_name(name, "adapter name")
+        if sha256 is not None:
+            validate_sha256(sha256)
+        if not isinstance(declared_size, int) or isinstance(declared_size, bool) or declared_size < 1:
+            raise InvalidArgument(f"declared upload size must be a positive integer, got {declared_size!r}")
+        if declared_size > self.limits.max_archive_bytes:
+            raise ResourceExhausted(f"upload is {declared_size} bytes; the limit is {self.limits.max_archive_bytes}")
+        return Upload(self, tenant, name, declared_size, sha256, expected_kind)
+
+    def put(self, tenant: str, name: str, archive: bytes, sha256: str | None = None,
+            expected_kind: AdapterKind | None = None) -> AdapterInfo:
+        """The whole archive at once; same checks as begin_upload + commit."""
+        with self.begin_upload(tenant, name, len(archive), sha256, expected_kind) as up:
+            up.write(archive)
+            return up.commit()
+
+    def _publish(self, part: Path, tenant: str, name: str, kind: AdapterKind, sha256: str,
+                 size: int) -> AdapterInfo:
+        stage = self.root / "tmp" / f"{uuid.uuid4().hex}.d"
+        stage.mkdir()
+        try:
+            os.rename(part, stage / ARCHIVE)
+            with self._lock:
+                name_dir = self._name_dir(tenant, name)
+                self._make_dirs(name_dir)
+                version = self._next_version(name_dir)
+                info = AdapterInfo(tenant, name, version, kind, sha256, size, time.time())
+                meta = {"kind": kind.value, "sha256": sha256, "size": size, "created": info.created,
+                        "version": version}
+                _write_synced(stage / META, json.dumps(meta).encode())
+                _fsync_dir(stage)
+                os.rename(stage, name_dir / f"v{version}")
+                _fsync_dir(name_dir)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        return info
+
+    def _make_dirs(self, path: Path) -> None:
+        missing = [p for p in (path.parent, path) if not p.exists()]
+        for p in missing:
+            p.mkdir(exist_ok=True)
+            _fsync_dir(p.parent)
+
+    def _next_version(self, name_dir: Path) -> int:
+        return max([*self._dir_versions(name_dir), self._read_hwm(name_dir)]) + 1
+
+    def _read_hwm(self, name_dir: Path) -> int:
+        try:
+            text = (name_dir / HWM).read_text()[:12]
+        except FileNotFoundError:
+            return 0
+        return int(text) if VERSION_RE.fullmatch(text) else 0
+
+    def _write_hwm(self, name_dir: Path, version: int) -> None:
+        tmp = self.root / "tmp" / f"{uuid.uuid4().hex}.hwm"
+        _write_synced(tmp, str(version).encode())
+        os.replace(tmp, name_dir / HWM)
+        _fsync_dir(name_dir)
+
+    def delete(self, tenant: str, name: str) -> DeletedAdapter:
+        """Remove every version of a name from the store (moved to trash/ until purge()). NotFound if none."""
+        name_dir = self._name_dir(tenant, name)
+        with self._lock:
+            versions = tuple(self._dir_versions(name_dir))
+            if not versions:
+                raise NotFound(f"adapter {name!r} not found")
+            high = max(versions[-1], self._read_hwm(name_dir))
+            trash = self.root / "trash" / uuid.uuid4().hex
+            os.rename(name_dir, trash)
+            name_dir.mkdir()
+            self._write_hwm(name_dir, high)
+            _fsync_dir(name_dir.parent)
+        return DeletedAdapter(tenant, name, versions, trash)
+
+    def purge(self, deleted: DeletedAdapter) -> None:
+        """Free the disk space of a deleted adapter once nothing uses it any more."""
+        shutil.rmtree(deleted.trash, ignore_errors=True)
+
+    # ------------------------------------------------------------ reads
+
+    def _name_dir(self, tenant: str, name: str) -> Path:
+        return self.root / "adapters" / validate_name(tenant, "tenant name") / validate_name(name, "adapter name")
+
+    @staticmethod
+    def _dir_versions(name_dir: Path) -> list[int]:
+        if not _is_real_dir(name_dir):
+            return []
+        return sorted(int(p.name[1:]) for p in name_dir.iterdir()
+                      if p.name.startswith("v") and VERSION_RE.fullmatch(p.name[1:]) and _is_real_dir(p))
+
+    def versions(self, tenant: str, name: str) -> list[int]:
+        return self._dir_versions(self._name_dir(tenant, name))
+
+    def tenants(self) -> list[str]:
+        return sorted(p.name for p in (self.root / "adapters").iterdir() if _is_store_dir(p))
+
+    def info(self, tenant: str, name: str, version: int) -> AdapterInfo:
+        """Metadata of one stored version (not re-verified). NotFound if absent."""
+        path = self._name_dir(tenant, name) / f"v{version}"
+        if not (path / META).is_file():
+            raise NotFound(f"adapter {name}@{version} not found")
+        return self._read_meta(path, tenant, name)
+
+    def _read_meta(self, vdir: Path, tenant: str, name: str) -> AdapterInfo:
+        version = int(vdir.name[1:])
+        try:
+            with open(vdir / META, "rb") as f:
+                meta = load_json_object(f.read(4096), f"{vdir.name}/{META}")
+        except FileNotFoundError:  # deleted or purged meanwhile
+            raise NotFound(f"adapter {name}@{version} not found") from None
+        if meta.get("version") != version:
+            raise DataLoss(f"{META} of {name}@{version} names version {meta.get('version')!r}")
+        try:
+            return AdapterInfo(tenant, name, version, AdapterKind(meta["kind"]), str(meta["sha256"]),
+                               int(meta["size"]), float(meta["created"]))
+        except (KeyError, ValueError, TypeError) as e:
+            raise DataLoss(f"{META} of {name}@{version} is malformed ({e})") from None
+
+    def list(self, tenant: str) -> list[AdapterInfo]:
+        """Every stored version of the tenant's adapters, by name then version."""
+        tenant_dir = self.root / "adapters" / validate_name(tenant, "tenant name")
+        if not _is_real_dir(tenant_dir):
+            return []
+        return [self.info(tenant, p.name, v) for p in sorted(tenant_dir.iterdir()) if _is_store_dir(p)
+                for v in self._dir_versions(p)]
+
+    def usage(self, tenant: str) -> TenantUsage:
+        infos = self.list(tenant)
+        return TenantUsage(len({i.name for i in infos}), len(infos), sum(i.size for i in infos))
+
+    def load(self, tenant: str, name: str, version: int) -> AdapterWeights:
+        """Read, verify (sha256 vs meta -> DataLoss) and parse one version. NotFound if absent."""
+        info = self.info(tenant, name, version)
+        return self._load_dir(self._name_dir(tenant, name) / f"v{version}", info)
+
+    def load_deleted(self, deleted: DeletedAdapter, version: int) -> AdapterWeights:
+        """A version of a deleted adapter, for requests that resolved it before the delete."""
+        if version not in deleted.versions:
+            raise NotFound(f"adapter {deleted.name}@{version} not found")
+        vdir = deleted.trash / f"v{version}"
+        return self._load_dir(vdir, self._read_meta(vdir, deleted.tenant, deleted.name))
+
+    def _load_dir(self, vdir: Path, info: AdapterInfo) -> AdapterWeights:
+        try:
+            with open(vdir / ARCHIVE, "rb") as f:
+                data = f.read(self.limits.max_archive_bytes + 1)
+        except FileNotFoundError:  # deleted or purged meanwhile
+            raise NotFound(f"adapter {info.name}@{info.version} not found") from None
+        if len(data) != info.size:
+            raise DataLoss(f"stored adapter {info.key} is {len(data)} bytes; its metadata says {info.size}")
+        check_sha256(data, info.sha256)
+        return parse_upload(data, self.base, self.limits, info.kind)
+
+    # ------------------------------------------------------------ start-up
+
+    def scan(self) -> ScanReport:
+        """Empty tmp/ and trash/, re-verify every version; quarantine the corrupt, serve the rest."""
+        for sub in ("tmp", "trash"):
+            for p in (self.root / sub).iterdir():
+                if _is_real_dir(p):
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+        served: list[AdapterInfo] = []
+        quarantined: list[tuple[str, str]] = []
+        unfit: list[tuple[str, str]] = []
+        for path, reason, info in self._walk():
+            rel = str(path.relative_to(self.root))
+            if info is not None:
+                served.append(info)
+            elif isinstance(reason, FailedPrecondition):
+                log.warning("adapter %s does not fit this base model, not served: %s", rel, reason)
+                unfit.append((rel, str(reason)))
+            else:
+                self._quarantine(path, str(reason))
+                quarantined.append((rel, str(reason)))
+        return ScanReport(tuple(served), tuple(quarantined), tuple(unfit))
+
+    def _walk(self):
+        """Yield (path, error | None, AdapterInfo | None) for every entry under adapters/."""
+        for tenant_dir in sorted((self.root / "adapters").iterdir()):
+            if not _is_store_dir(tenant_dir):
+                yield tenant_dir, InvalidArgument("unexpected entry in the store"), None
+                continue
+            for name_dir in sorted(tenant_dir.iterdir()):
+                yield from self._walk_name(tenant_dir.name, name_dir)
+
+    def _walk_name(self, tenant: str, name_dir: Path):
+        if not _is_store_dir(name_dir):
+            yield name_dir, InvalidArgument("unexpected entry in the store"), None
+            return
+        for vdir in sorted(name_dir.iterdir()):
+            if vdir.name == HWM:
+                continue
+            if not (vdir.name.startswith("v") and VERSION_RE.fullmatch(vdir.name[1:]) and _is_real_dir(vdir)):
+                yield vdir, InvalidArgument("unexpected entry in the store"), None
+                continue
+            try:
+                info = self._read_meta(vdir, tenant, name_dir.name)
+                self._load_dir(vdir, info)
+            except (LoraFleetError, OSError) as e:
+                yield vdir, e, None
+                continue
+            yield vdir, None, info
+
+    def _quarantine(self, path: Path, reason: str) -> None:
+        rel = path.relative_to(self.root / "adapters")
+        target = self.root / "quarantine" / f"{str(rel).replace(os.sep, '__')}.{time.time_ns()}"
+        os.rename(path, target)
+        log.warning("quarantined adapter %s -> %s: %s", rel, target.relative_to(self.root), reason)

@@ -1,0 +1,499 @@
+"""Every check on an untrusted adapter upload, before any of it is kept or used.
+
+Status policy (one rule each, the same everywhere):
+  malformed input (bad zip, bad JSON, unknown peft_type / tensor name, wrong dtype, NaN/Inf,
+  config that disagrees with its own tensors, unsupported PEFT feature)    -> InvalidArgument
+  well-formed but does not fit the base model (shapes, layer index, dims)   -> FailedPrecondition
+  over a configured limit (archive/config/tensor bytes, tensor count, rank,
+  virtual tokens)                                                           -> ResourceExhausted
+  bytes whose sha256 differs from the one declared or stored                -> DataLoss
+
+Order: archive size -> sha256 -> zip directory (members, declared sizes; formats.read_archive) ->
+capped reads -> config JSON (size, schema) -> safetensors header (length, entry count, dtypes,
+offsets) -> names, shapes, ranks vs base model -> only then `safetensors.torch.load` -> float32 ->
+finite. No pickle, never torch.load.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import struct
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load as load_safetensors
+
+from server.adapters import formats
+from server.adapters.formats import AdapterKind, AdapterWeights, BaseModelShape, TensorSlot
+from server.errors import DataLoss, FailedPrecondition, InvalidArgument, ResourceExhausted
+
+MiB = 1 << 20
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}", re.ASCII)
+VERSION_RE = re.compile(r"[1-9][0-9]{0,8}", re.ASCII)
+SHA256_RE = re.compile(r"[0-9a-f]{64}", re.ASCII)
+DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+_PATTERN_RE = re.compile(r"[A-Za-z0-9_.|()\[\]^$?*+\\-]{1,128}", re.ASCII)
+_MAX_PATTERNS = 64
+_UNSUPPORTED_LORA = ("use_dora", "lora_bias", "fan_in_fan_out", "alora_invocation_tokens", "use_qalora",
+                     "layer_replication", "target_parameters", "trainable_token_indices", "use_bdlora",
+                     "arrow_config", "kasa_config", "velora_config", "monteclora_config", "megatron_config")
+
+
+@dataclass(frozen=True)
+class AdapterLimits:
+    max_rank: int = 64  # LoRA r (every module) and bottleneck size
+    max_archive_bytes: int = 256 * MiB  # the zip as uploaded, and the safetensors member unpacked
+    max_config_bytes: int = 64 * 1024  # adapter_config.json unpacked
+    max_tensors: int = 2048
+    max_total_bytes: int = 512 * MiB  # all tensors once converted to float32
+    max_virtual_tokens: int = 128  # prefix / prompt tuning length
+    max_labels: int = 1024  # rows of a classification head
+
+
+def validate_name(name: object, what: str = "name") -> str:
+    """Adapter or tenant name: [a-z0-9][a-z0-9._-]{0,63}, ASCII; InvalidArgument otherwise."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        shown = repr(name)[:80]
+        raise InvalidArgument(f"invalid {what} {shown}: must be 1-64 characters of a-z 0-9 . _ -, "
+                              "starting with a letter or digit")
+    return name
+
+
+def parse_ref(ref: object) -> tuple[str, int | None]:
+    """'name' -> (name, None); 'name@N' -> (name, N) with N a positive integer."""
+    if not isinstance(ref, str):
+        raise InvalidArgument("adapter reference must be a string 'name' or 'name@N'")
+    name, at, version = ref.partition("@")
+    validate_name(name, "adapter name")
+    if not at:
+        return name, None
+    if not VERSION_RE.fullmatch(version):
+        raise InvalidArgument(f"invalid adapter version {version[:20]!r} in {ref[:80]!r}: "
+                              "expected name@N with N a positive integer")
+    return name, int(version)
+
+
+def validate_sha256(sha256: object) -> str:
+    if not isinstance(sha256, str) or not SHA256_RE.fullmatch(sha256):
+        raise InvalidArgument("sha256 must be 64 lowercase hex digits")
+    return sha256
+
+
+def check_sha256(data: bytes, sha256: str | None) -> str:
+    """sha256 of `data`; DataLoss if an expected digest is given and differs."""
+    digest = hashlib.sha256(data).hexdigest()
+    if sha256 is not None and digest != validate_sha256(sha256):
+        raise DataLoss(f"sha256 mismatch: declared {sha256}, received bytes hash to {digest}")
+    return digest
+
+
+# ---------------------------------------------------------------- JSON
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise InvalidArgument("JSON object has duplicate keys")
+    return out
+
+
+def _reject_constant(name: str) -> None:
+    raise InvalidArgument(f"JSON contains {name}, which is not valid JSON")
+
+
+def load_json_object(data: bytes, what: str) -> dict:
+    try:
+        value = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates,
+                           parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:  # bad UTF-8 / JSON, ints over 4300 digits, deep nesting
+        raise InvalidArgument(f"{what} is not valid UTF-8 JSON ({str(e)[:120]})") from None
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+# ---------------------------------------------------------------- safetensors header
+
+@dataclass(frozen=True)
+class TensorHeader:
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # offset into the data section
+    end: int
+
+
+def read_safetensors_header(data: bytes, limits: AdapterLimits) -> dict[str, TensorHeader]:
+    """Parse and check the header ourselves: length, entries, dtypes, offsets vs dtype x shape."""
+    if len(data) < 8:
+        raise InvalidArgument(f"{formats.WEIGHTS_FILE} is {len(data)} bytes, too short for safetensors")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > len(data) - 8:
+        raise InvalidArgument(f"safetensors header claims {header_len} bytes but the file has {len(data) - 8} "
+                              "after the length field (truncated, or not a safetensors file)")
+    header_cap = 4096 + 512 * limits.max_tensors
+    if header_len > header_cap:
+        raise ResourceExhausted(f"safetensors header is {header_len} bytes; the limit is {header_cap}")
+    raw = load_json_object(data[8:8 + header_len], "safetensors header")
+    meta = raw.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise InvalidArgument("safetensors __metadata__ must map strings to strings")
+    if len(raw) > limits.max_tensors:
+        raise ResourceExhausted(f"adapter has {len(raw)} tensors; the limit is {limits.max_tensors}")
+    entries = {name: _header_entry(name, value) for name, value in raw.items()}
+    _check_offsets(entries, len(data) - 8 - header_len)
+    return entries
+
+
+def _header_entry(name: str, value: object) -> TensorHeader:
+    bad = f"safetensors entry {name[:100]!r} "
+    if not isinstance(value, dict) or set(value) != {"dtype", "shape", "data_offsets"}:
+        raise InvalidArgument(bad + "must hold exactly dtype, shape and data_offsets")
+    dtype, shape, offsets = value["dtype"], value["shape"], value["data_offsets"]
+    if dtype not in DTYPES:
+        raise InvalidArgument(bad + f"has dtype {str(dtype)[:10]}; accepted: {', '.join(DTYPES)}")
+    if not (isinstance(shape, list) and len(shape) <= 4 and all(_is_count(d) for d in shape)):
+        raise InvalidArgument(bad + "has an invalid shape (expected up to 4 non-negative integers)")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        raise InvalidArgument(bad + "has invalid data_offsets (expected [begin, end])")
+    return TensorHeader(dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 53
+
+
+def _check_offsets(entries: dict[str, TensorHeader], data_len: int) -> None:
+    position = 0
+    for name, e in sorted(entries.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
+        if e.begin != position:
+            raise InvalidArgument(f"safetensors entry {name[:100]!r} starts at {e.begin}, expected {position}: "
+                                  "offsets overlap or leave gaps")
+        if e.end - e.begin != math.prod(e.shape) * DTYPES[e.dtype]:
+            raise InvalidArgument(f"safetensors entry {name[:100]!r} spans {e.end - e.begin} bytes but "
+                                  f"{e.dtype} x {list(e.shape)} needs {math.prod(e.shape) * DTYPES[e.dtype]}")
+        position = e.end
+    if position != data_len:
+        raise InvalidArgument(f"safetensors data section is {data_len} bytes but the tensors cover {position}")
+
+
+# ---------------------------------------------------------------- adapter_config.json schema
+
+_MISSING = object()
+_TYPES = {
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "number": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), "a number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "str_list": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
+    "str_or_list": (lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
+                    "a string or a list of strings"),
+    "dict": (lambda v: isinstance(v, dict), "an object"),
+}
+
+
+def _field(cfg: dict, key: str, kind: str, default: object = _MISSING) -> object:
+    """cfg[key] checked against a type; a missing or null field gives `default` (required if none)."""
+    value = cfg.get(key)
+    if value is None:
+        if default is _MISSING:
+            raise InvalidArgument(f"adapter_config.json needs field {key!r}")
+        return default
+    ok, what = _TYPES[kind]
+    if not ok(value):
+        raise InvalidArgument(f"adapter_config.json field {key!r} must be {what}, got {type(value).__name__}")
+    return value
+
+
+def _count(cfg: dict, key: str, limit: int, what: str, default: object = _MISSING) -> int:
+    value = _field(cfg, key, "int", default)
+    if value < 1:
+        raise InvalidArgument(f"adapter_config.json field {key!r} must be at least 1, got {value}")
+    if value > limit:
+        raise ResourceExhausted(f"{what} {value} is above the limit of {limit}")
+    return value
+
+
+def _equal(cfg: dict, key: str, expected: int, what: str) -> None:
+    value = _field(cfg, key, "int")
+    if value != expected:
+        raise FailedPrecondition(f"adapter_config.json {key} is {value} but the base model's {what} is {expected}")
+
+
+def check_config(cfg: dict, base: BaseModelShape, limits: AdapterLimits,
+                 expected_kind: AdapterKind | None = None) -> AdapterKind:
+    """Schema-check adapter_config.json for its peft_type and the base model; returns the kind."""
+    peft_type = cfg.get("peft_type")
+    supported = ", ".join(k.value for k in AdapterKind)
+    if not isinstance(peft_type, str) or peft_type not in AdapterKind.__members__:
+        raise InvalidArgument(f"unsupported peft_type {str(peft_type)[:40]!r}; supported: {supported}")
+    kind = AdapterKind(peft_type)
+    if expected_kind is not None and kind is not expected_kind:
+        raise InvalidArgument(f"upload declares kind {expected_kind.value} but adapter_config.json says {kind.value}")
+    task_type = _field(cfg, "task_type", "str", "CAUSAL_LM")
+    if task_type not in ("CAUSAL_LM", "SEQ_CLS"):
+        raise InvalidArgument(f"unsupported task_type {task_type[:40]!r}; supported: CAUSAL_LM, SEQ_CLS")
+    _field(cfg, "modules_to_save", "str_list", [])
+    labels = _field(_field(cfg, formats.LABELS_KEY, "dict", {}), "labels", "str_list", [])
+    if len(labels) > limits.max_labels or any(not 0 < len(x) <= 64 for x in labels):
+        raise InvalidArgument(f"lorafleet.labels: at most {limits.max_labels} names of 1-64 characters")
+    _CONFIG_CHECKS[kind](cfg, base, limits)
+    return kind
+
+
+def _check_lora_config(cfg: dict, base: BaseModelShape, limits: AdapterLimits) -> None:
+    _count(cfg, "r", limits.max_rank, "LoRA rank r")
+    _field(cfg, "lora_alpha", "number", 8)
+    _field(cfg, "use_rslora", "bool", False)
+    _field(cfg, "target_modules", "str_or_list", [])
+    if _field(cfg, "bias", "str", "none") != "none":
+        raise InvalidArgument(f"LoRA bias={cfg['bias'][:20]!r} is not supported; use bias='none'")
+    for key in _UNSUPPORTED_LORA:
+        if cfg.get(key):
+            raise InvalidArgument(f"LoRA option {key} is not supported; it must be unset or false")
+    ranks = _field(cfg, "rank_pattern", "dict", {})
+    alphas = _field(cfg, "alpha_pattern", "dict", {})
+    if len(ranks) + len(alphas) > _MAX_PATTERNS:
+        raise InvalidArgument(f"rank_pattern and alpha_pattern hold {len(ranks) + len(alphas)} keys; "
+                              f"the limit is {_MAX_PATTERNS}")
+    for key in [*ranks, *alphas]:
+        _check_pattern_key(key)
+    for key in ranks:
+        _count(ranks, key, limits.max_rank, f"LoRA rank_pattern[{key!r}]")
+    for key in alphas:
+        _field(alphas, key, "number")
+
+
+def _check_pattern_key(key: str) -> None:
+    """rank/alpha_pattern keys are regexes: allow a small subset that cannot backtrack badly."""
+    if (not _PATTERN_RE.fullmatch(key) or re.search(r"\)[*+]|\\[1-9]", key)
+            or len(re.findall(r"[*+]", key)) > 1):
+        raise InvalidArgument(f"pattern key {key[:80]!r} is not accepted: up to 128 characters of "
+                              "A-Z a-z 0-9 _ . | ( ) [ ] ^ $ ? * + \\ -, at most one * or +, none after ')'")
+    try:
+        re.compile(key)
+    except re.error as e:
+        raise InvalidArgument(f"pattern key {key[:80]!r} is not a valid regex ({e})") from None
+
+
+def _check_ia3_config(cfg: dict, base: BaseModelShape, limits: AdapterLimits) -> None:
+    _field(cfg, "target_modules", "str_or_list", [])
+    _field(cfg, "feedforward_modules", "str_or_list", [])
+    if cfg.get("fan_in_fan_out"):
+        raise InvalidArgument("IA3 option fan_in_fan_out is not supported; it must be unset or false")
+
+
+def _check_prompt_learning(cfg: dict, limits: AdapterLimits) -> None:
+    _count(cfg, "num_virtual_tokens", limits.max_virtual_tokens, "num_virtual_tokens")
+    if _field(cfg, "num_transformer_submodules", "int", 1) != 1:
+        raise FailedPrecondition("num_transformer_submodules must be 1: the base model is decoder-only")
+
+
+def _check_prefix_config(cfg: dict, base: BaseModelShape, limits: AdapterLimits) -> None:
+    _check_prompt_learning(cfg, limits)
+    _equal(cfg, "num_layers", base.num_layers, "number of layers")
+    _equal(cfg, "num_attention_heads", base.num_kv_heads, "number of key/value heads")
+    _equal(cfg, "token_dim", base.num_kv_heads * base.head_dim, "num_kv_heads * head_dim")
+
+
+def _check_prompt_config(cfg: dict, base: BaseModelShape, limits: AdapterLimits) -> None:
+    _check_prompt_learning(cfg, limits)
+    _equal(cfg, "token_dim", base.hidden_size, "hidden size")
+
+
+def _check_bottleneck_config(cfg: dict, base: BaseModelShape, limits: AdapterLimits) -> None:
+    if _field(cfg, "format_version", "int", 1) != 1:
+        raise InvalidArgument(f"bottleneck format_version {cfg['format_version']} is not supported; expected 1")
+    _count(cfg, "bottleneck_size", limits.max_rank, "bottleneck_size")
+    if _field(cfg, "activation", "str") not in formats.ACTIVATIONS:
+        raise InvalidArgument(f"bottleneck activation {cfg['activation'][:20]!r} is not one of "
+                              f"{', '.join(formats.ACTIVATIONS)}")
+    places = _field(cfg, "placement", "str_list")
+    if not places or len(set(places)) != len(places) or not set(places) <= set(formats.PLACES):
+        raise InvalidArgument("bottleneck placement must be a non-empty list of distinct 'attn' / 'mlp'")
+    _equal(cfg, "base_model_hidden_size", base.hidden_size, "hidden size")
+    if cfg.get("base_model_num_layers") is not None:
+        _equal(cfg, "base_model_num_layers", base.num_layers, "number of layers")
+
+
+_CONFIG_CHECKS = {AdapterKind.LORA: _check_lora_config, AdapterKind.IA3: _check_ia3_config,
+                  AdapterKind.PREFIX_TUNING: _check_prefix_config, AdapterKind.PROMPT_TUNING: _check_prompt_config,
+                  AdapterKind.BOTTLENECK: _check_bottleneck_config}
+
+
+# ---------------------------------------------------------------- tensor names and shapes
+
+_EXAMPLE = {AdapterKind.LORA: "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+            AdapterKind.IA3: "base_model.model.model.layers.0.self_attn.k_proj.ia3_l",
+            AdapterKind.BOTTLENECK: "layers.0.attn_adapter.down.weight",
+            AdapterKind.PREFIX_TUNING: formats.PROMPT_KEY, AdapterKind.PROMPT_TUNING: formats.PROMPT_KEY}
+Groups = dict[tuple[int, str], dict[str, tuple[str, tuple[int, ...]]]]  # (layer, module) -> part -> (name, shape)
+
+
+def _want(name: str, shape: tuple[int, ...], expected: tuple[int, ...]) -> None:
+    if shape != expected:
+        raise FailedPrecondition(f"tensor {name} has shape {list(shape)}; the base model needs {list(expected)}")
+
+
+def check_tensors(kind: AdapterKind, cfg: dict, header: dict[str, TensorHeader], base: BaseModelShape,
+                  limits: AdapterLimits) -> None:
+    """Every name known for `kind`, every shape fits the base model and the config; before any load."""
+    f32_bytes = sum(math.prod(h.shape) * 4 for h in header.values())
+    if f32_bytes > limits.max_total_bytes:
+        raise ResourceExhausted(f"adapter tensors take {f32_bytes} bytes as float32; the limit is "
+                                f"{limits.max_total_bytes}")
+    groups: Groups = {}
+    for name, h in header.items():
+        slot = formats.parse_tensor_name(kind, name)
+        if slot is None:
+            raise InvalidArgument(f"unexpected tensor {name[:100]!r} for a {kind.value} adapter; "
+                                  f"names look like {_EXAMPLE[kind]}")
+        if slot.layer >= base.num_layers:
+            raise FailedPrecondition(f"tensor {name} is for layer {slot.layer}; the base model has "
+                                     f"{base.num_layers} layers")
+        groups.setdefault(_group_key(slot), {})[slot.part] = (name, h.shape)
+    head = groups.pop((-1, "head"), None)
+    if head:
+        _check_head(cfg, head, base, limits)
+    if not groups:
+        raise InvalidArgument(f"{formats.WEIGHTS_FILE} holds no {kind.value} tensors")
+    _TENSOR_CHECKS[kind](cfg, groups, base, limits)
+
+
+def _group_key(slot: TensorSlot) -> tuple[int, str]:
+    return (-1, slot.role) if slot.layer < 0 else (slot.layer, slot.module)
+
+
+def _check_head(cfg: dict, parts: dict, base: BaseModelShape, limits: AdapterLimits) -> None:
+    if "weight" not in parts:
+        raise InvalidArgument("classification head has score.bias but no score.weight")
+    name, shape = parts["weight"]
+    if len(shape) != 2 or shape[1] != base.hidden_size or shape[0] < 1:
+        raise FailedPrecondition(f"tensor {name} has shape {list(shape)}; the base model needs "
+                                 f"[num_labels, {base.hidden_size}]")
+    if shape[0] > limits.max_labels:
+        raise ResourceExhausted(f"classification head has {shape[0]} labels; the limit is {limits.max_labels}")
+    if "bias" in parts:
+        _want(*parts["bias"], (shape[0],))
+    labels = (cfg.get(formats.LABELS_KEY) or {}).get("labels")
+    if labels and len(labels) != shape[0]:
+        raise InvalidArgument(f"lorafleet.labels names {len(labels)} labels but the head has {shape[0]} rows")
+
+
+def _matches_module_list(targets: object, path: str, dotted: bool) -> bool:
+    """PEFT's list matching (target_modules: exact or '.'-suffix; feedforward_modules: plain suffix)."""
+    if not isinstance(targets, list):
+        return True  # a regex string: the tensor names are the truth
+    return any(path == t or path.endswith(("." if dotted else "") + t) for t in targets)
+
+
+def _check_lora_tensors(cfg: dict, groups: Groups, base: BaseModelShape, limits: AdapterLimits) -> None:
+    for (layer, module), parts in groups.items():
+        if set(parts) != {"A", "B"}:
+            raise InvalidArgument(f"layer {layer} {module}: lora_A and lora_B must both be present")
+        (a_name, a), (b_name, b) = parts["A"], parts["B"]
+        d_in, d_out = base.linear_dims(module)
+        if len(a) != 2 or a[1] != d_in:
+            raise FailedPrecondition(f"tensor {a_name} has shape {list(a)}; the base model needs [r, {d_in}]")
+        r = a[0]
+        if r > limits.max_rank:
+            raise ResourceExhausted(f"tensor {a_name} has rank {r}; the limit is {limits.max_rank}")
+        if len(b) != 2 or b[1] != r:
+            raise InvalidArgument(f"tensor {b_name} has shape {list(b)}: its rank does not match lora_A's {r}")
+        _want(b_name, b, (d_out, r))
+        expected_r, _ = formats.lora_rank_alpha(cfg, layer, module)
+        if r != expected_r:
+            raise InvalidArgument(f"tensor {a_name} has rank {r} but adapter_config.json gives {expected_r}")
+        if not _matches_module_list(cfg.get("target_modules"), formats.module_path(layer, module), True):
+            raise InvalidArgument(f"tensor {a_name} is for {module}, which target_modules does not list")
+
+
+def _check_ia3_tensors(cfg: dict, groups: Groups, base: BaseModelShape, limits: AdapterLimits) -> None:
+    for (layer, module), parts in groups.items():
+        name, shape = parts[""]
+        d_in, d_out = base.linear_dims(module)
+        if shape not in ((d_out, 1), (1, d_in)):
+            raise FailedPrecondition(f"tensor {name} has shape {list(shape)}; the base model needs "
+                                     f"[{d_out}, 1] (output scale) or [1, {d_in}] (feedforward input scale)")
+        on_input = shape == (1, d_in)
+        path = formats.module_path(layer, module)
+        if isinstance(cfg.get("feedforward_modules"), list) and on_input != _matches_module_list(
+                cfg["feedforward_modules"], path, False):
+            raise InvalidArgument(f"tensor {name} has shape {list(shape)}, which disagrees with "
+                                  "feedforward_modules in adapter_config.json")
+
+
+def _check_prompt_tensor(cfg: dict, groups: Groups, width: int) -> None:
+    name, shape = groups[(-1, "prompt")][""]
+    n = cfg["num_virtual_tokens"]
+    if len(shape) != 2 or shape[0] != n:
+        raise InvalidArgument(f"tensor {name} has shape {list(shape)}; num_virtual_tokens says {n} rows")
+    _want(name, shape, (n, width))
+
+
+def _check_prefix_tensors(cfg: dict, groups: Groups, base: BaseModelShape, limits: AdapterLimits) -> None:
+    _check_prompt_tensor(cfg, groups, base.num_layers * 2 * base.num_kv_heads * base.head_dim)
+
+
+def _check_prompt_tensors(cfg: dict, groups: Groups, base: BaseModelShape, limits: AdapterLimits) -> None:
+    _check_prompt_tensor(cfg, groups, base.hidden_size)
+
+
+def _check_bottleneck_tensors(cfg: dict, groups: Groups, base: BaseModelShape, limits: AdapterLimits) -> None:
+    r, hidden = cfg["bottleneck_size"], base.hidden_size
+    for (layer, place), parts in groups.items():
+        if place not in cfg["placement"]:
+            raise InvalidArgument(f"layer {layer} has a {place} adapter but placement is {cfg['placement']}")
+        if not {"down.weight", "up.weight"} <= set(parts):
+            raise InvalidArgument(f"layer {layer} {place} adapter needs down.weight and up.weight")
+        down_name, down = parts["down.weight"]
+        if len(down) != 2 or down[0] != r:
+            raise InvalidArgument(f"tensor {down_name} has shape {list(down)}; bottleneck_size is {r}")
+        expected = {"down.weight": (r, hidden), "down.bias": (r,), "up.weight": (hidden, r), "up.bias": (hidden,)}
+        for part, (name, shape) in parts.items():
+            _want(name, shape, expected[part])
+
+
+_TENSOR_CHECKS = {AdapterKind.LORA: _check_lora_tensors, AdapterKind.IA3: _check_ia3_tensors,
+                  AdapterKind.PREFIX_TUNING: _check_prefix_tensors, AdapterKind.PROMPT_TUNING: _check_prompt_tensors,
+                  AdapterKind.BOTTLENECK: _check_bottleneck_tensors}
+
+
+# ---------------------------------------------------------------- entry points
+
+def load_tensors(weights: bytes) -> dict[str, torch.Tensor]:
+    """safetensors bytes (header already checked) -> float32 CPU tensors; NaN/Inf rejected."""
+    try:
+        raw = load_safetensors(weights)
+    except Exception as e:  # the checked header makes this unlikely; never let it escape as INTERNAL
+        raise InvalidArgument(f"{formats.WEIGHTS_FILE} could not be read ({str(e)[:120]})") from None
+    out = {}
+    for name, t in raw.items():
+        t = t.to(torch.float32).contiguous()  # F64 values beyond float32 range become Inf and are rejected
+        if not bool(torch.isfinite(t).all()):
+            raise InvalidArgument(f"tensor {name} contains NaN or Inf")
+        out[name] = t
+    return out
+
+
+def parse_files(config_bytes: bytes, weights: bytes, base: BaseModelShape, limits: AdapterLimits,
+                expected_kind: AdapterKind | None = None) -> AdapterWeights:
+    """Validate and parse adapter_config.json + adapter_model.safetensors bytes."""
+    if len(config_bytes) > limits.max_config_bytes:
+        raise ResourceExhausted(f"{formats.CONFIG_FILE} is {len(config_bytes)} bytes; "
+                                f"the limit is {limits.max_config_bytes}")
+    cfg = load_json_object(config_bytes, formats.CONFIG_FILE)
+    kind = check_config(cfg, base, limits, expected_kind)
+    header = read_safetensors_header(weights, limits)
+    check_tensors(kind, cfg, header, base, limits)
+    return formats.assemble(kind, cfg, load_tensors(weights), base)
+
+
+def parse_upload(archive: bytes, base: BaseModelShape, limits: AdapterLimits,
+                 expected_kind: AdapterKind | None = None, sha256: str | None = None) -> AdapterWeights:
+    """Validate and parse an uploaded ZIP archive (see formats.make_archive)."""
+    if len(archive) > limits.max_archive_bytes:
+        raise ResourceExhausted(f"archive is {len(archive)} bytes; the limit is {limits.max_archive_bytes}")
+    check_sha256(archive, sha256)
+    config_bytes, weights = formats.read_archive(archive, limits.max_config_bytes, limits.max_archive_bytes)
+    return parse_files(config_bytes, weights, base, limits, expected_kind)

@@ -1,0 +1,249 @@
+"""The durable store: atomic versions, streaming uploads that leave nothing on failure, quarantine."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+
+import pytest
+import torch
+
+from server.adapters import store as store_mod
+from server.adapters.formats import AdapterKind
+from server.adapters.store import AdapterStore
+from server.adapters.validate import AdapterLimits
+from server.errors import DataLoss, InvalidArgument, NotFound, ResourceExhausted
+from tests.unit.adapter_fixtures import BASE, LIMITS, bottleneck_archive, hostile_corpus, peft_archive, tree
+
+CORPUS = hostile_corpus()
+
+
+@pytest.fixture
+def store(tmp_path):
+    return AdapterStore(tmp_path / "store", BASE, LIMITS)
+
+
+def test_put_writes_layout_and_loads_back(store):
+    archive = peft_archive("lora")
+    info = store.put("acme", "summarizer", archive)
+    assert (info.tenant, info.name, info.version, info.kind) == ("acme", "summarizer", 1, AdapterKind.LORA)
+    assert info.sha256 == hashlib.sha256(archive).hexdigest() and info.size == len(archive)
+    assert info.key == "acme/summarizer@1"
+    vdir = store.root / "adapters" / "acme" / "summarizer" / "v1"
+    assert (vdir / "adapter.zip").read_bytes() == archive
+    meta = json.loads((vdir / "meta.json").read_text())
+    assert meta == {"kind": "LORA", "sha256": info.sha256, "size": len(archive), "created": info.created,
+                    "version": 1}
+    w = store.load("acme", "summarizer", 1)
+    assert torch.equal(w.lora[(0, "q_proj")].A, store.load("acme", "summarizer", 1).lora[(0, "q_proj")].A)
+    assert store.info("acme", "summarizer", 1) == info
+    assert tree(store.root / "tmp") == [] and tree(store.root / "trash") == []
+
+
+def test_streaming_upload_and_versions(store):
+    archive = peft_archive("ia3")
+    for expected_version in (1, 2, 3):
+        with store.begin_upload("acme", "tone", len(archive), hashlib.sha256(archive).hexdigest()) as up:
+            for i in range(0, len(archive), 777):
+                up.write(archive[i:i + 777])
+            assert up.commit().version == expected_version
+    assert store.versions("acme", "tone") == [1, 2, 3]
+    assert [i.version for i in store.list("acme")] == [1, 2, 3]
+    assert store.usage("acme") == store_mod.TenantUsage(adapters=1, versions=3, bytes=3 * len(archive))
+    assert store.usage("nobody") == store_mod.TenantUsage(0, 0, 0)
+
+
+def test_chunk_past_declared_size_fails_fast(store):
+    archive = peft_archive("lora")
+    before = tree(store.root)
+    with pytest.raises(ResourceExhausted, match="declared size of 100"):
+        with store.begin_upload("acme", "x", 100) as up:
+            up.write(archive[:60])
+            up.write(archive[60:120])  # fails here, not at commit
+            pytest.fail("write past the declared size was accepted")
+    assert tree(store.root) == before
+
+
+def test_upload_size_limits_checked_up_front(store):
+    small = AdapterStore(store.root, BASE, AdapterLimits(max_archive_bytes=1000))
+    with pytest.raises(ResourceExhausted, match="the limit is 1000"):
+        small.begin_upload("acme", "x", 1001)
+    for bad in (0, -1, True, "10"):
+        with pytest.raises(InvalidArgument):
+            store.begin_upload("acme", "x", bad)
+    with pytest.raises(InvalidArgument, match="sha256"):
+        store.begin_upload("acme", "x", 10, "abc")
+    assert tree(store.root) == []
+
+
+def test_short_upload_and_sha_mismatch_leave_nothing(store):
+    archive = peft_archive("prompt")
+    with pytest.raises(InvalidArgument, match=f"after 10 of {len(archive)}"):
+        with store.begin_upload("acme", "x", len(archive)) as up:
+            up.write(archive[:10])
+            up.commit()
+    with pytest.raises(DataLoss, match="sha256 mismatch"):
+        store.put("acme", "x", archive, sha256="0" * 64)
+    assert tree(store.root) == [] and store.versions("acme", "x") == []
+
+
+@pytest.mark.parametrize("case", CORPUS, ids=[c[0] for c in CORPUS])
+def test_hostile_upload_leaves_store_unchanged(tmp_path, case):
+    case_id, build, exc, limits, match = case
+    AdapterStore(tmp_path, BASE, LIMITS).put("acme", "good", peft_archive("prompt"))
+    store = AdapterStore(tmp_path, BASE, limits)
+    before = tree(tmp_path)
+    with pytest.raises(exc) as info:
+        store.put("acme", "good", build(), sha256="0" * 64 if case_id == "sha256-mismatch" else None)
+    assert type(info.value) is exc and match in str(info.value)
+    assert tree(tmp_path) == before and store.versions("acme", "good") == [1]
+
+
+@pytest.mark.parametrize("tenant, name", [("acme", "../evil"), ("../acme", "x"), ("acme", "a/b"), ("Acme", "x"),
+                                          ("acme", "\u0430"), ("acme", ""), ("acme", "x" * 65), ("", "x"),
+                                          ("acme", ".."), ("acme", "/etc")])
+def test_bad_names_rejected_before_any_path_is_built(tmp_path, tenant, name):
+    store = AdapterStore(tmp_path / "s", BASE, LIMITS)
+    with pytest.raises(InvalidArgument):
+        store.put(tenant, name, peft_archive("prompt"))
+    with pytest.raises(InvalidArgument):
+        store.load(tenant, name, 1)
+    assert tree(tmp_path) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+
+
+def test_failed_commit_cleans_up_without_a_with_block(store):
+    archive = peft_archive("lora")[:-40]  # truncated: fails validation inside commit()
+    up = store.begin_upload("acme", "x", len(archive))
+    up.write(archive)
+    with pytest.raises(InvalidArgument):
+        up.commit()
+    assert tree(store.root) == []
+    with pytest.raises(Exception, match="already committed or aborted"):
+        up.write(b"more")
+
+
+def test_exception_after_partial_write_leaves_nothing(store):
+    archive = peft_archive("lora")
+    with pytest.raises(RuntimeError, match="client went away"):
+        with store.begin_upload("acme", "x", len(archive)) as up:
+            up.write(archive[: len(archive) // 2])
+            assert len(tree(store.root / "tmp")) == 1  # the partial file exists meanwhile
+            raise RuntimeError("client went away")
+    assert tree(store.root) == []
+
+
+@pytest.mark.parametrize("fail_at", ["rename", "fsync"])
+def test_crash_while_publishing_leaves_nothing(store, monkeypatch, fail_at):
+    real_rename, real_fsync, calls = os.rename, os.fsync, []
+
+    def rename(src, dst):
+        if str(dst).endswith("v1"):
+            raise OSError("disk gone")
+        return real_rename(src, dst)
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) == 2:  # after the archive's own fsync, during the staged version
+            raise OSError("disk gone")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(store_mod.os, fail_at, rename if fail_at == "rename" else fsync)
+    with pytest.raises(OSError, match="disk gone"):
+        store.put("acme", "x", peft_archive("lora"))
+    monkeypatch.undo()
+    assert tree(store.root) == [] and store.versions("acme", "x") == []
+    assert store.put("acme", "x", peft_archive("lora")).version == 1
+
+
+def test_killed_upload_leftovers_removed_at_scan(store):
+    store.put("acme", "kept", peft_archive("prompt"))
+    up = store.begin_upload("acme", "x", 10_000)  # the process "dies" mid-upload: no commit, no abort
+    up.write(b"\x00" * 5000)
+    (store.root / "tmp" / "dead.d").mkdir()
+    (store.root / "tmp" / "dead.d" / "adapter.zip").write_bytes(b"partial")
+    restarted = AdapterStore(store.root, BASE, LIMITS)
+    report = restarted.scan()
+    assert [i.key for i in report.served] == ["acme/kept@1"] and report.quarantined == ()
+    assert tree(store.root / "tmp") == []
+
+
+def test_scan_quarantines_corrupt_and_serves_the_rest(store, caplog):
+    store.put("acme", "a", peft_archive("lora"))
+    store.put("acme", "a", peft_archive("ia3"))
+    store.put("acme", "b", peft_archive("prompt"))
+    store.put("beta", "c", bottleneck_archive())
+    flipped = store.root / "adapters" / "acme" / "a" / "v1" / "adapter.zip"
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    (store.root / "adapters" / "beta" / "c" / "v1" / "meta.json").write_text("{not json")
+    (store.root / "adapters" / "acme" / "stray.txt").write_text("?")
+    with caplog.at_level(logging.WARNING, logger="server.adapters.store"):
+        report = AdapterStore(store.root, BASE, LIMITS).scan()
+    assert sorted(i.key for i in report.served) == ["acme/a@2", "acme/b@1"]
+    assert sorted(p for p, _ in report.quarantined) == ["adapters/acme/a/v1", "adapters/acme/stray.txt",
+                                                        "adapters/beta/c/v1"]
+    assert any("sha256 mismatch" in reason for _, reason in report.quarantined)
+    assert sum("quarantined adapter" in r.message for r in caplog.records if r.levelno == logging.WARNING) == 3
+    assert store.versions("acme", "a") == [2] and store.versions("beta", "c") == []
+    assert len(list((store.root / "quarantine").iterdir())) == 3
+    assert store.load("acme", "a", 2).kind is AdapterKind.IA3
+    assert store.put("acme", "a", peft_archive("lora")).version == 3
+
+
+def test_scan_leaves_adapters_for_another_base_in_place(store, caplog):
+    store.put("acme", "a", peft_archive("prompt"))
+    other = AdapterStore(store.root, BASE.__class__(**{**BASE.__dict__, "hidden_size": 128}), LIMITS)
+    report = other.scan()
+    assert report.served == () and report.quarantined == () and [p for p, _ in report.unfit] == ["adapters/acme/a/v1"]
+    assert store.versions("acme", "a") == [1]
+
+
+def test_load_detects_tampering(store):
+    store.put("acme", "a", peft_archive("prompt"))
+    path = store.root / "adapters" / "acme" / "a" / "v1" / "adapter.zip"
+    data = bytearray(path.read_bytes())
+    data[-30] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataLoss, match="sha256 mismatch"):
+        store.load("acme", "a", 1)
+    path.write_bytes(bytes(data[:-1]))
+    with pytest.raises(DataLoss, match="bytes; its metadata says"):
+        store.load("acme", "a", 1)
+    with pytest.raises(NotFound):
+        store.load("acme", "a", 2)
+
+
+def test_delete_keeps_version_numbers_and_trash_until_purge(store):
+    store.put("acme", "a", peft_archive("prompt"))
+    store.put("acme", "a", peft_archive("prompt"))
+    deleted = store.delete("acme", "a")
+    assert deleted.versions == (1, 2) and store.versions("acme", "a") == [] and store.list("acme") == []
+    with pytest.raises(NotFound):
+        store.load("acme", "a", 1)
+    assert store.load_deleted(deleted, 2).kind is AdapterKind.PROMPT_TUNING
+    with pytest.raises(NotFound):
+        store.delete("acme", "a")
+    assert store.put("acme", "a", peft_archive("prompt")).version == 3  # never reuse a version number
+    store.purge(deleted)
+    assert not deleted.trash.exists()
+    assert AdapterStore(store.root, BASE, LIMITS).put("acme", "a", peft_archive("prompt")).version == 4
+
+
+def test_concurrent_uploads_get_distinct_versions(store):
+    archive, versions, errors = peft_archive("prompt"), [], []
+
+    def upload():
+        try:
+            versions.append(store.put("acme", "busy", archive).version)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=upload) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and sorted(versions) == [1, 2, 3, 4, 5, 6]

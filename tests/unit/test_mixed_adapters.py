@@ -1,0 +1,190 @@
+"""Mixed-adapter serving: every row of a mixed batch equals its solo run and PEFT's forward.
+
+The oracle for PEFT-format adapters is PEFT's own forward pass over the whole sequence at every
+step; for bottleneck adapters, the HF base with forward hooks. Every adapter changes the output.
+"""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from server.engine.engine import Engine
+from server.engine.sampling import SamplingParams
+from server.engine.sequence import FinishEvent, FinishReason, Sequence
+from tests.serving_fixtures import (KINDS, make_adapter, make_cls_adapter, oracle_greedy, serving,
+                                    upload)
+
+N_NEW = 6
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def out_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("peft-adapters")
+
+
+class Run:
+    def __init__(self, seq: Sequence):
+        self.seq, self.tokens, self.done, self.final = seq, [], threading.Event(), None
+        seq.logits_trace = []
+        seq.sink = self
+
+    def __call__(self, ev):
+        self.tokens.extend(ev.token_ids)
+        if isinstance(ev, FinishEvent):
+            self.final = ev
+            self.done.set()
+
+
+def start_engine(tiny_loaded, root, num_slots=8, max_batch=32):
+    registry, adapters = serving(tiny_loaded, root, num_slots=num_slots, max_rank=16)
+    eng = Engine(tiny_loaded, max_batch_size=max_batch, max_context_tokens=96, max_queued=512,
+                 max_prefill_tokens=512, adapters=adapters)
+    eng.start()
+    return registry, eng
+
+
+def submit(eng, registry, tenant, name, prompt, n=N_NEW, classify=False) -> Run:
+    ref = registry.resolve(tenant, name) if name else None
+    seq = Sequence("r", list(prompt), SamplingParams(max_new_tokens=n, ignore_eos=True), None,
+                   tenant=tenant, adapter=ref, classify=classify)
+    run = Run(seq)
+    eng.submit(seq)
+    return run
+
+
+def wait(runs):
+    for r in runs:
+        assert r.done.wait(60), "request did not finish"
+        assert r.final.reason != FinishReason.ERROR, r.final.error
+    return runs
+
+
+def prompts(k: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [[1] + torch.randint(3, 259, (3 + (5 * i) % 17,), generator=g).tolist() for i in range(k)]
+
+
+@pytest.fixture(scope="module")
+def mixed(tiny_loaded, tiny_model_dir, out_root, tmp_path_factory):
+    """One engine with one adapter of every kind uploaded for tenant 't'."""
+    registry, eng = start_engine(tiny_loaded, tmp_path_factory.mktemp("store"))
+    oracles = {}
+    for i, kind in enumerate(KINDS):
+        d, model = make_adapter(tiny_model_dir, out_root, kind, seed=i + 1)
+        upload(registry, "t", kind.replace("_", "-"), d)
+        oracles[kind] = model
+    yield registry, eng, oracles
+    eng.stop()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_kind_matches_peft_and_changes_output(mixed, tiny_model_dir, kind):
+    registry, eng, oracles = mixed
+    prompt = prompts(1, seed=3)[0]
+    ours = wait([submit(eng, registry, "t", kind.replace("_", "-"), prompt)])[0]
+    base = wait([submit(eng, registry, "t", None, prompt)])[0]
+    ref_logits, ref_tokens = oracle_greedy(oracles[kind], prompt, N_NEW)
+    assert rel(ours.seq.logits_trace[0], ref_logits) < 1e-4
+    assert ours.tokens == ref_tokens
+    assert rel(ours.seq.logits_trace[0], base.seq.logits_trace[0]) > 1e-2, "adapter must change the output"
+    if kind == "prefix":
+        assert ours.final.virtual_tokens > 0 and ours.final.prompt_tokens == len(prompt)
+    if kind == "prompt":
+        assert ours.final.virtual_tokens > 0 and ours.final.prompt_tokens == len(prompt)
+
+
+def test_mixed_batch_of_all_kinds_equals_solo_and_peft(mixed):
+    registry, eng, oracles = mixed
+    ps = prompts(len(KINDS) + 1, seed=5)
+    names = [k.replace("_", "-") for k in KINDS] + [None]
+    solo = [wait([submit(eng, registry, "t", n, p)])[0] for n, p in zip(names, ps)]
+    together = wait([submit(eng, registry, "t", n, p) for n, p in zip(names, ps)])
+    for kind, s, t, p in zip(list(KINDS) + [None], solo, together, ps):
+        assert t.tokens == s.tokens
+        assert rel(t.seq.logits_trace[0], s.seq.logits_trace[0]) < 1e-5
+        if kind:
+            ref_logits, ref_tokens = oracle_greedy(oracles[kind], p, N_NEW)
+            assert t.tokens == ref_tokens
+            assert rel(t.seq.logits_trace[0], ref_logits) < 1e-4
+
+
+def test_rows_join_and_leave_mid_batch(mixed):
+    registry, eng, _ = mixed
+    ps = prompts(12, seed=9)
+    names = [[k.replace("_", "-") for k in KINDS][i % len(KINDS)] if i % 4 else None for i in range(12)]
+    lens = [2 + (3 * i) % 9 for i in range(12)]
+    solo = [wait([submit(eng, registry, "t", n, p, k)])[0] for n, p, k in zip(names, ps, lens)]
+    first = [submit(eng, registry, "t", n, p, k) for n, p, k in list(zip(names, ps, lens))[:6]]
+    first[0].done.wait(30)                     # some rows are mid-decode when the rest join
+    second = [submit(eng, registry, "t", n, p, k) for n, p, k in list(zip(names, ps, lens))[6:]]
+    for s, t in zip(solo, wait(first + second)):
+        assert t.tokens == s.tokens
+
+
+def test_32_rows_over_32_adapters_of_every_kind(tiny_loaded, tiny_model_dir, out_root, tmp_path):
+    registry, eng = start_engine(tiny_loaded, tmp_path / "store", num_slots=32)
+    try:
+        names, oracles = [], []
+        for i in range(32):
+            kind = KINDS[i % len(KINDS)]
+            d, model = make_adapter(tiny_model_dir, out_root, kind, seed=100 + i)
+            upload(registry, f"tenant{i % 4}", f"a{i}", d)
+            names.append((f"tenant{i % 4}", f"a{i}"))
+            oracles.append(model)
+        ps = prompts(32, seed=11)
+        together = wait([submit(eng, registry, t, n, p) for (t, n), p in zip(names, ps)])
+        solo = [wait([submit(eng, registry, t, n, p)])[0] for (t, n), p in zip(names, ps)]
+        for i, (s, t) in enumerate(zip(solo, together)):
+            assert t.tokens == s.tokens, f"row {i} ({KINDS[i % len(KINDS)]}) differs from its solo run"
+            ref_logits, ref_tokens = oracle_greedy(oracles[i], ps[i], N_NEW)
+            assert t.tokens == ref_tokens, f"row {i} ({KINDS[i % len(KINDS)]}) differs from the oracle"
+    finally:
+        eng.stop()
+
+
+def test_few_slots_many_adapters_evicts_and_stays_exact(tiny_loaded, tiny_model_dir, out_root, tmp_path):
+    """2 device slots, 6 adapters in flight: requests wait for a slot, LRU evicts, outputs exact."""
+    registry, eng = start_engine(tiny_loaded, tmp_path / "store", num_slots=2)
+    try:
+        for i, kind in enumerate(KINDS):
+            upload(registry, "t", f"k{i}", make_adapter(tiny_model_dir, out_root, kind, seed=i + 1)[0])
+        ps = prompts(len(KINDS), seed=13)
+        together = wait([submit(eng, registry, "t", f"k{i}", p) for i, p in enumerate(ps)])
+        for i, (kind, t) in enumerate(zip(KINDS, together)):
+            _, model = make_adapter(tiny_model_dir, out_root, kind, seed=i + 1)
+            assert t.tokens == oracle_greedy(model, ps[i], N_NEW)[1]
+        stats = eng.adapters.cache.stats()
+        assert stats.device.evictions >= len(KINDS) - 2
+    finally:
+        eng.stop()
+
+
+def test_classification_matches_peft_and_shares_batches(mixed, tiny_model_dir, out_root):
+    registry, eng, _ = mixed
+    d, model = make_cls_adapter(tiny_model_dir, out_root, seed=7)
+    upload(registry, "t", "cls", d)
+    ps = prompts(4, seed=17)
+    gens = [submit(eng, registry, "t", "lora", p) for p in ps]
+    clss = [submit(eng, registry, "t", "cls", p, n=0, classify=True) for p in ps]
+    wait(gens + clss)
+    for p, c in zip(ps, clss):
+        with torch.no_grad():
+            ref = model(input_ids=torch.tensor([p])).logits[0].softmax(-1)
+        got = torch.tensor(c.final.probabilities)
+        assert torch.allclose(got, ref, rtol=1e-4, atol=1e-6)
+        assert c.final.prompt_tokens == len(p)
+    solo = [wait([submit(eng, registry, "t", "lora", p)])[0] for p in ps]
+    assert [g.tokens for g in gens] == [s.tokens for s in solo]
+
+
+def test_classify_without_head_fails_cleanly(mixed):
+    registry, eng, _ = mixed
+    run = submit(eng, registry, "t", "lora", prompts(1)[0], n=0, classify=True)
+    assert run.done.wait(30)
+    assert run.final.reason == FinishReason.ERROR and "classification head" in str(run.final.error)
