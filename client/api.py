@@ -55,11 +55,16 @@ class StreamPiece:
 
 class LoraFleetClient:
     def __init__(self, target: str, api_key: str | None = None, timeout: float | None = 120.0,
-                 channel: grpc.Channel | None = None, retries: int = 0, tls_ca: Path | None = None):
+                 channel: grpc.Channel | None = None, retries: int = 0, tls_ca: Path | None = None,
+                 tls_cert: Path | None = None, tls_key: Path | None = None):
         """`retries`: extra attempts, with jittered exponential backoff, on UNAVAILABLE and
-        RESOURCE_EXHAUSTED only (never for uploads). `tls_ca`: PEM root certificate for TLS."""
+        RESOURCE_EXHAUSTED only (never for uploads). `tls_ca`: PEM root certificate for TLS;
+        `tls_cert`/`tls_key`: the client certificate for mutual TLS."""
         if channel is None and tls_ca is not None:
-            channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(Path(tls_ca).read_bytes()))
+            creds = grpc.ssl_channel_credentials(
+                Path(tls_ca).read_bytes(), Path(tls_key).read_bytes() if tls_key else None,
+                Path(tls_cert).read_bytes() if tls_cert else None)
+            channel = grpc.secure_channel(target, creds)
         self.channel = channel or grpc.insecure_channel(target)
         self.retries = retries
         self.inference = pb_grpc.InferenceStub(self.channel)

@@ -23,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=120.0, help="seconds before a call is abandoned")
     p.add_argument("--retries", type=int, default=2, help="retries on UNAVAILABLE / RESOURCE_EXHAUSTED")
     p.add_argument("--tls-ca", type=Path, default=None, help="PEM root certificate: connect with TLS")
+    p.add_argument("--tls-cert", type=Path, default=None, help="PEM client certificate (mutual TLS)")
+    p.add_argument("--tls-key", type=Path, default=None, help="PEM key of --tls-cert")
     sub = p.add_subparsers(dest="command", required=True)
     fmt = argparse.ArgumentDefaultsHelpFormatter
     g = sub.add_parser("generate", help="generate a completion", formatter_class=fmt)
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 0
     with LoraFleetClient(args.server, api_key=args.api_key, timeout=args.timeout, retries=args.retries,
-                         tls_ca=args.tls_ca) as c:
+                         tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key) as c:
         try:
             if args.command == "info":
                 _show(c.server_info())

@@ -38,6 +38,9 @@ class ServerConfig:
     shutdown_grace_s: float = 10.0
     threads: int = 0                        # torch intra-op threads; 0 = torch's default
     api_keys: Path | None = None            # None = single tenant, loopback only
+    tls_cert: Path | None = None            # PEM server certificate (with --tls-key): serve TLS
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None       # PEM CA: require client certificates (mutual TLS)
     adapter_slots: int = 32                 # adapters resident on the device at once
     max_adapter_rank: int = 64
     max_adapter_bytes: int = 256 * 1024 * 1024   # one uploaded archive
@@ -95,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--api-keys", type=Path, default=None,
       help="JSON keys file (hashes of API keys -> tenant, role, quotas); reloaded on SIGHUP."
            " Without it the server is single-tenant and binds to loopback only")
+    a("--tls-cert", type=Path, default=None, help="PEM certificate chain: serve gRPC over TLS (needs --tls-key)")
+    a("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
+    a("--tls-client-ca", type=Path, default=None,
+      help="PEM CA bundle: require and verify client certificates (mutual TLS)")
     a("--adapter-slots", type=int, default=d.adapter_slots,
       help="adapters resident on the device at once (distinct adapters per step)")
     a("--max-adapter-rank", type=int, default=d.max_adapter_rank, help="largest LoRA r / bottleneck size")
@@ -130,6 +137,13 @@ def validate_config(cfg: ServerConfig) -> ServerConfig:
                         f"(got --host {cfg.host})")
     if cfg.api_keys is not None and not cfg.api_keys.is_file():
         problems.append(f"--api-keys {cfg.api_keys}: no such file (create one with `lorafleet keys create`)")
+    if (cfg.tls_cert is None) != (cfg.tls_key is None):
+        problems.append("--tls-cert and --tls-key go together")
+    if cfg.tls_client_ca is not None and cfg.tls_cert is None:
+        problems.append("--tls-client-ca needs --tls-cert/--tls-key")
+    for flag, path in (("--tls-cert", cfg.tls_cert), ("--tls-key", cfg.tls_key), ("--tls-client-ca", cfg.tls_client_ca)):
+        if path is not None and not path.is_file():
+            problems.append(f"{flag} {path}: no such file")
     if problems:
         raise SystemExit("lorafleet-server: " + "; ".join(problems))
     return cfg

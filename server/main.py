@@ -110,14 +110,27 @@ async def start(cfg: ServerConfig, loaded: LoadedModel) -> RunningServer:
     hs = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
     reflection.enable_server_reflection(SERVICES + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    port = server.add_secure_port(f"{cfg.host}:{cfg.port}", _tls(cfg)) if cfg.tls_cert \
+        else server.add_insecure_port(f"{cfg.host}:{cfg.port}")
     if port == 0:
         raise SystemExit(f"lorafleet-server: cannot bind {cfg.host}:{cfg.port}")
     await server.start()
     for name in ["", *SERVICES]:
         await hs.set(name, health_pb2.HealthCheckResponse.SERVING)
+    loop = asyncio.get_running_loop()
+
+    def not_serving() -> None:   # engine thread: hand over to the loop
+        for name in ["", *SERVICES]:
+            asyncio.run_coroutine_threadsafe(hs.set(name, health_pb2.HealthCheckResponse.NOT_SERVING), loop)
+    engine.on_crash.append(not_serving)
     mport = metrics.serve_metrics(cfg.metrics_port, cfg.host) if cfg.metrics_port >= 0 else None
     return RunningServer(server, port, mport, engine, hs, draining, auth)
+
+
+def _tls(cfg: ServerConfig) -> grpc.ServerCredentials:
+    ca = cfg.tls_client_ca.read_bytes() if cfg.tls_client_ca else None
+    return grpc.ssl_server_credentials([(cfg.tls_key.read_bytes(), cfg.tls_cert.read_bytes())],
+                                       root_certificates=ca, require_client_auth=ca is not None)
 
 
 class BackgroundServer:

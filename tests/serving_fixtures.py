@@ -10,12 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from server.adapters import formats
-from server.adapters.cache import AdapterCache
 from server.adapters.formats import BaseModelShape, BottleneckTarget, ClassificationHead
 from server.adapters.registry import AdapterRegistry
-from server.adapters.store import AdapterStore
-from server.adapters.validate import AdapterLimits
-from server.engine.adapter_slots import AdapterSlots
 from server.engine.engine import AdapterServing
 
 KINDS = ("lora", "lora_rs", "ia3", "bottleneck", "prefix", "prompt")
@@ -131,16 +127,13 @@ def oracle_greedy(model, prompt_ids: list[int], n: int) -> tuple[torch.Tensor, l
 
 def serving(loaded, root: Path, num_slots: int = 8, max_rank: int = 16,
             max_host_entries: int = 64) -> tuple[AdapterRegistry, AdapterServing]:
-    shape = BaseModelShape.from_hf_config(loaded.hf_config)
-    store = AdapterStore(Path(root), shape, AdapterLimits(max_rank=max_rank))
-    store.scan()
-    holder = {}
-    registry = AdapterRegistry(store, on_free=lambda key: holder["cache"].invalidate(key))
-    m = loaded.model
-    slots = AdapterSlots(m.args, num_slots, max_rank, m.device, m.dtype)
-    cache = AdapterCache(num_slots, max_host_entries, 1 << 30, registry.load, slots.write)
-    holder["cache"] = cache
-    return registry, AdapterServing(registry, cache, slots)
+    """The server's own adapter wiring (store -> registry -> slots <- cache) over `root`."""
+    from server.config import ServerConfig
+    from server.main import build_adapters
+    cfg = ServerConfig(data_dir=Path(root), adapter_slots=num_slots, max_adapter_rank=max_rank,
+                       host_adapters=max_host_entries)
+    _store, adapters = build_adapters(cfg, loaded)
+    return adapters.registry, adapters
 
 
 def upload(registry: AdapterRegistry, tenant: str, name: str, directory: Path):

@@ -23,7 +23,7 @@ from server.config import ServerConfig
 from server.engine.engine import Engine
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import Event, FinishEvent, FinishReason, Sequence
-from server.errors import InvalidArgument, ResourceExhausted, Unavailable
+from server.errors import InvalidArgument, LoraFleetError, ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
 VERSION = "0.1.0"
@@ -45,7 +45,7 @@ PB_TO_KIND = {v: k for k, v in KIND_TO_PB.items()}
 async def _abort(context: grpc.aio.ServicerContext, method: str, err: BaseException) -> None:
     code = status_of(err)
     metrics.REQUESTS.labels(method, code.name).inc()
-    if code == grpc.StatusCode.INTERNAL:
+    if code == grpc.StatusCode.INTERNAL and not isinstance(err, LoraFleetError):   # a bug
         log.error("%s failed", method, exc_info=err)
         await context.abort(code, f"internal error ({type(err).__name__}); the server log has details")
     await context.abort(code, str(err))

@@ -69,6 +69,7 @@ class AdapterSlots:
                    for _ in range(args.n_layers)]
         self.info: list[SlotInfo | None] = [None] * S
         self.ones_rank = torch.ones(S, dtype=torch.long, device=device)
+        self.lora_targets: list[frozenset[str]] = [frozenset()] * S   # targets a slot's LoRA touches
 
     # ------------------------------------------------------------------ writing a slot
     def write(self, slot: int, w: AdapterWeights) -> None:
@@ -104,6 +105,7 @@ class AdapterSlots:
                 for x in t:
                     x[slot].zero_()
         self.lora_rank[slot] = self.bn_rank[slot] = self.bn_act[slot] = 0
+        self.lora_targets[slot] = frozenset()
         self.info[slot] = None
 
     def _write_lora(self, slot: int, w: AdapterWeights) -> None:
@@ -118,6 +120,7 @@ class AdapterSlots:
             Bs[i][slot, :, :r] = t.B
             scales[i][slot] = t.scale
         self.lora_rank[slot] = rank
+        self.lora_targets[slot] = frozenset(modules[m][0] for _, m in w.lora)
 
     def _write_ia3(self, slot: int, w: AdapterWeights) -> None:
         q, kv = self.args.q_size, self.args.kv_size
@@ -162,12 +165,14 @@ class AdapterSlots:
                 return None
             return kernels.make_plan(torch.tensor(sl, dtype=torch.long, device=self.device), ranks)
 
+        lora_targets = frozenset().union(*(self.lora_targets[s] for s, k in zip(token_slots, kinds)
+                                           if k is AdapterKind.LORA))
         prompt = None
         if prompt_rows:
             rows = torch.tensor([r for r, _, _ in prompt_rows], dtype=torch.long, device=self.device)
             vals = torch.stack([self.info[s].prompt_embeds[i] for _, s, i in prompt_rows])
             prompt = (rows, vals)
-        return StepAdapters(self, plan(AdapterKind.LORA, self.lora_rank),
+        return StepAdapters(self, plan(AdapterKind.LORA, self.lora_rank), lora_targets,
                             plan(AdapterKind.IA3, self.ones_rank),
                             plan(AdapterKind.BOTTLENECK, self.bn_rank), prompt)
 
@@ -177,6 +182,7 @@ class StepAdapters:
     """The model's AdapterHooks for one step."""
     store: AdapterSlots
     lora: kernels.AdapterPlan | None
+    lora_targets: frozenset[str]          # targets some LoRA row of this step touches
     ia3: kernels.AdapterPlan | None
     bn: kernels.AdapterPlan | None
     prompt: tuple[torch.Tensor, torch.Tensor] | None   # rows [V], embeddings [V, dim]
@@ -194,7 +200,7 @@ class StepAdapters:
         return x
 
     def post_linear(self, layer: int, target: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.lora is not None:
+        if self.lora is not None and target in self.lora_targets:
             A, Bs, scales = self.store.lora[layer][target]
             if len(Bs) == 1:
                 kernels.lora(y, x, A, Bs[0], scales[0], self.lora)

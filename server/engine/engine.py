@@ -31,6 +31,10 @@ from server.model.loader import LoadedModel
 log = logging.getLogger(__name__)
 
 
+class EngineCrashed(LoraFleetError):
+    """The engine loop died of a bug: calls fail with INTERNAL (not in the status table)."""
+
+
 @dataclass(frozen=True)
 class AdapterServing:
     """What the engine needs to serve adapters: refs to release, the tiered cache, the slots."""
@@ -54,10 +58,15 @@ class Engine:
         self._pending_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="lorafleet-engine", daemon=True)
-        self.alive = True
+        self.crashed: BaseException | None = None
+        self.on_crash: list = []           # callables run (engine thread) when the loop dies of a bug
         self.steps = 0
 
     # ------------------------------------------------------------------ any thread
+    @property
+    def alive(self) -> bool:
+        return self.crashed is None and self._thread.is_alive()
+
     def start(self) -> None:
         self._thread.start()
 
@@ -68,8 +77,10 @@ class Engine:
 
     def submit(self, seq: Sequence) -> None:
         """Queue a sequence; ResourceExhausted at once when the queue is full."""
-        if not self.alive or self._stop.is_set():
-            raise Unavailable("the engine is not running (server shutting down or failed)")
+        if self.crashed is not None:
+            raise EngineCrashed(f"the engine failed ({type(self.crashed).__name__}); the server needs a restart")
+        if self._stop.is_set():
+            raise Unavailable("the server is shutting down; retry on another replica")
         with self._pending_lock:
             if self._pending >= self.max_queued:
                 raise ResourceExhausted(
@@ -91,10 +102,11 @@ class Engine:
                 work = self.scheduler.schedule()
                 if work:
                     self._step(work)
-        except BaseException:  # a bug: fail everything loudly rather than hang callers
+        except BaseException as e:  # a bug: fail everything loudly rather than hang callers
             log.exception("engine thread crashed")
-            self.alive = False
-            raise
+            self.crashed = e
+            for fn in self.on_crash:
+                fn()
         finally:
             self._fail_all()
 
@@ -247,7 +259,8 @@ class Engine:
         seq.sink(ev)
 
     def _fail_all(self) -> None:
-        err = Unavailable("the engine stopped before this request finished")
+        err = (EngineCrashed("the engine failed while this request ran") if self.crashed is not None
+               else Unavailable("the engine stopped before this request finished"))
         for seq in list(self.scheduler.waiting) + list(self.scheduler.running):
             self._finish(seq, seq.finish(FinishReason.ERROR, err))
         while True:

@@ -1,0 +1,80 @@
+"""Process lifecycle: SIGTERM drains a real server process; an engine crash turns health
+NOT_SERVING and fails calls with INTERNAL instead of hanging them."""
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from client import LoraFleetClient
+from client.pb.lorafleet.v1 import lorafleet_pb2 as pb
+from server.main import BackgroundServer
+from tests.integration.conftest import make_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_sigterm_drains_in_flight_and_exits_zero(tiny_model_dir, tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", "--model", str(tiny_model_dir), "--port", "0", "--metrics-port", "-1",
+         "--data-dir", str(tmp_path / "data"), "--max-new-tokens", "400", "--max-context-tokens", "512",
+         "--shutdown-grace-s", "20"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        port = None
+        deadline = time.monotonic() + 60
+        while port is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            m = re.search(r"on 127\.0\.0\.1:(\d+)", line)
+            port = int(m.group(1)) if m else None
+        assert port, "server did not print its address"
+        c = LoraFleetClient(f"127.0.0.1:{port}", timeout=60)
+        stream = c.inference.GenerateStream(c.request("drain me", max_new_tokens=400, ignore_eos=True))
+        first = next(stream)
+        proc.send_signal(signal.SIGTERM)
+        rest = list(stream)                         # the in-flight call finishes
+        assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
+        assert len(first.token_ids) + sum(len(m.token_ids) for m in rest) == 400
+        with pytest.raises(grpc.RpcError) as e:
+            c.generate("too late", max_new_tokens=2, timeout=5)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert proc.wait(30) == 0
+        out = proc.stdout.read()
+        assert "stopped" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_engine_crash_fails_calls_and_turns_health_not_serving(tiny_loaded, tmp_path):
+    cfg = make_config(tmp_path)
+    with BackgroundServer(cfg, tiny_loaded) as srv, LoraFleetClient(f"127.0.0.1:{srv.port}", timeout=30) as c:
+        assert c.generate("fine", max_new_tokens=2).completion_tokens >= 1
+
+        def boom():
+            raise RuntimeError("a bug in the scheduler")
+        srv.engine.scheduler.schedule = boom
+        with pytest.raises(grpc.RpcError) as e:
+            c.generate("crash", max_new_tokens=2)
+        assert e.value.code() == grpc.StatusCode.INTERNAL
+        health = health_pb2_grpc.HealthStub(c.channel)
+        deadline = time.monotonic() + 10
+        status = None
+        while time.monotonic() < deadline:
+            status = health.Check(health_pb2.HealthCheckRequest()).status
+            if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                break
+            time.sleep(0.05)
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.RpcError) as e:
+            c.generate("after", max_new_tokens=2)
+        assert e.value.code() == grpc.StatusCode.INTERNAL
+        assert "restart" in e.value.details()
+        assert not srv.engine.alive
