@@ -4,6 +4,7 @@
     with LoraFleetClient("127.0.0.1:50051") as c:
         print(c.generate("Hello", max_new_tokens=16).text)
 """
+from client.aio import AsyncLoraFleetClient
 from client.api import GenerateResult, LoraFleetClient, StreamPiece
 
-__all__ = ["LoraFleetClient", "GenerateResult", "StreamPiece"]
+__all__ = ["LoraFleetClient", "AsyncLoraFleetClient", "GenerateResult", "StreamPiece"]
