@@ -93,6 +93,7 @@ class RunningServer:
 
 
 async def start(cfg: ServerConfig, loaded: LoadedModel) -> RunningServer:
+    metrics.configure(cfg.metrics_per_tenant, cfg.metrics_max_tenants)
     store, adapters = build_adapters(cfg, loaded)
     engine = build_engine(cfg, loaded, adapters)
     engine.start()

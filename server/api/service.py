@@ -146,15 +146,20 @@ class InferenceService(pb_grpc.InferenceServicer):
         return self._sequence(principal, request.adapter, ids, params, rid, context)
 
     async def _events(self, seq: Sequence, events: asyncio.Queue) -> AsyncIterator[Event]:
+        code = "CANCELLED"
         try:
             while True:
                 ev = await events.get()
+                if isinstance(ev, FinishEvent):
+                    code = status_of(ev.error).name if ev.error is not None else "OK"
+                    metrics.TENANT_TOKENS.labels(metrics.tenant_label(seq.tenant), "prompt").inc(ev.prompt_tokens)
                 yield ev
                 if isinstance(ev, FinishEvent):
                     if ev.error is not None:
                         raise ev.error
                     return
         finally:
+            metrics.TENANT_REQUESTS.labels(metrics.tenant_label(seq.tenant), code).inc()
             self.limiter.done(seq)
             if not seq.finished:       # caller went away (cancel, deadline): free the slot now
                 seq.cancel()

@@ -58,6 +58,7 @@ class Engine:
         self._pending_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="lorafleet-engine", daemon=True)
+        self._last_cache_stats = None
         self.crashed: BaseException | None = None
         self.on_crash: list = []           # callables run (engine thread) when the loop dies of a bug
         self.steps = 0
@@ -133,6 +134,8 @@ class Engine:
 
     def _admit(self) -> None:
         admitted = self.scheduler.admit(self._make_ready)
+        if self.adapters is not None and self.scheduler.waiting or admitted:
+            self._export_cache_stats()
         if admitted:
             self._unpend(len(admitted))
         for seq in admitted:
@@ -167,6 +170,24 @@ class Engine:
             seq.error = FailedPrecondition(
                 f"adapter {seq.adapter.name!r} has no classification head; Classify needs one")
         return True
+
+    def _export_cache_stats(self) -> None:
+        """Turn the cache's cumulative counters into Prometheus increments (engine thread)."""
+        if self.adapters is None:
+            return
+        now = self.adapters.cache.stats()
+        last, self._last_cache_stats = self._last_cache_stats, now
+        for tier in ("device", "host"):
+            a, b = getattr(last, tier) if last else None, getattr(now, tier)
+            dh, dm = b.hits - (a.hits if a else 0), b.misses - (a.misses if a else 0)
+            de, ds = b.evictions - (a.evictions if a else 0), b.load_seconds - (a.load_seconds if a else 0.0)
+            metrics.ADAPTER_CACHE_HITS.labels(tier).inc(dh)
+            metrics.ADAPTER_CACHE_MISSES.labels(tier).inc(dm)
+            metrics.ADAPTER_EVICTIONS.labels(tier).inc(de)
+            for _ in range(dm):
+                metrics.ADAPTER_LOAD_SECONDS.labels(tier).observe(ds / dm)
+        metrics.ADAPTERS_RESIDENT.labels("device").set(now.resident_slots)
+        metrics.ADAPTERS_RESIDENT.labels("host").set(now.host_entries)
 
     def _write_prefix(self, seq: Sequence) -> None:
         prefix = self.adapters.slots.info[seq.adapter_slot].prefix_kv   # [L, 2, Hkv, n, hd]
@@ -217,6 +238,12 @@ class Engine:
         tokens = sample(logits, [s.row_state() for s in rows]) if rows else []
         metrics.BATCH_SIZE.observe(len(work))
         metrics.BATCH_TOKENS.observe(int(batch.input_ids.numel()))
+        metrics.BATCH_ADAPTERS.observe(len({w.seq.adapter_slot for w in work} - {None}))
+        per_tenant: dict[str, int] = {}
+        for seq in rows:
+            per_tenant[seq.tenant] = per_tenant.get(seq.tenant, 0) + 1
+        for tenant, n in per_tenant.items():
+            metrics.TENANT_TOKENS.labels(metrics.tenant_label(tenant), "generated").inc(n)
         metrics.GENERATED_TOKENS.inc(len(rows))
         metrics.PROMPT_TOKENS.inc(sum(len(w.token_ids) for w in work if w.first_pos < len(w.seq.prompt_ids)))
         for seq, tok in zip(rows, tokens):
