@@ -1,0 +1,94 @@
+"""How fast a new adapter becomes servable, in units of one decode step of a 32-row batch.
+
+  1. upload complete -> first token: after the store has committed a rank-16 LoRA (q/k/v/o),
+     a request naming it: disk -> host -> device slot, prefill, first token.
+  2. host tier -> device slot: copying an adapter already in host memory into a slot.
+Both are printed as ratios to one decode step (32 rows) of the default model, measured in the same run.
+
+    .venv/bin/python bench/adapter_load.py [--repeats 5]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.mixed_adapters import make_peft  # noqa: E402
+from server.adapters import formats  # noqa: E402
+from server.config import ServerConfig  # noqa: E402
+from server.engine.batch import Segment, make_forward_batch  # noqa: E402
+from server.engine.engine import Engine  # noqa: E402
+from server.engine.sampling import SamplingParams  # noqa: E402
+from server.engine.sequence import Sequence  # noqa: E402
+from server.main import build_adapters  # noqa: E402
+from server.model.default import ensure_default_model  # noqa: E402
+from server.model.loader import load_model  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="lorafleet-load-"))
+    base_dir = ensure_default_model(Path(tempfile.gettempdir()) / "lorafleet-bench", "default")
+    loaded = load_model(base_dir, torch.device("cpu"), torch.float32)
+    m = loaded.model
+    _store, serving = build_adapters(ServerConfig(data_dir=work / "store", adapter_slots=8, max_adapter_rank=16),
+                                     loaded)
+    engine = Engine(loaded, 32, 96, 64, 1024, adapters=serving)
+
+    # one decode step of 32 rows (the unit)
+    segs = [Segment(i, [7], 40, True) for i in range(32)]
+    batch = make_forward_batch(segs, m.device)
+    for _ in range(3):
+        m.forward(batch, engine.kv.layers)
+    steps = []
+    for _ in range(max(10, args.repeats * 4)):
+        t = time.perf_counter()
+        m.forward(batch, engine.kv.layers)
+        steps.append(time.perf_counter() - t)
+    step = statistics.median(steps)
+
+    engine.start()
+    archives = [formats.archive_dir(make_peft(base_dir, work / f"l{i}", "lora", i)) for i in range(args.repeats + 1)]
+    first_token = []
+    for i, archive in enumerate(archives):
+        info = serving.registry.put("bench", f"new{i}", archive)          # upload complete
+        got = threading.Event()
+        t0 = time.perf_counter()
+        ref = serving.registry.resolve("bench", f"new{i}")
+        engine.submit(Sequence("b", [1, 5, 6, 7, 8, 9, 10, 11], SamplingParams(max_new_tokens=1, ignore_eos=True),
+                               lambda ev: got.set(), tenant="bench", adapter=ref))
+        got.wait(60)
+        if i:                                                            # the first one warms up
+            first_token.append(time.perf_counter() - t0)
+        assert info.version == 1
+    engine.stop()
+
+    weights = serving.registry.load(f"bench/new0@1")
+    copies = []
+    for _ in range(max(10, args.repeats * 4)):
+        t = time.perf_counter()
+        serving.slots.write(7, weights)
+        copies.append(time.perf_counter() - t)
+    copy = statistics.median(copies)
+    ft = statistics.median(first_token)
+    print(f"default model ({m.args.dim} hidden, {m.args.n_layers} layers), rank-16 LoRA on q/k/v/o, "
+          f"{args.threads} threads")
+    print(f"one decode step, 32 rows          : {step * 1e3:8.2f} ms   (the unit)")
+    print(f"upload complete -> first token    : {ft * 1e3:8.2f} ms   = {ft / step:6.2f} decode steps")
+    print(f"host tier -> device slot (copy)   : {copy * 1e3:8.2f} ms   = {copy / step:6.2f} decode steps")
+
+
+if __name__ == "__main__":
+    main()
