@@ -8,13 +8,15 @@ ARGS ?=
 PROTO_SRC := proto/lorafleet/v1/lorafleet.proto
 PROTO_OUT := client/pb/lorafleet/v1/lorafleet_pb2.py
 
-.PHONY: setup proto serve test test-unit test-integration bench loadtest clean help
+.PHONY: setup setup-ops proto serve test test-unit test-integration bench loadtest demo clean help
 
 help:
 	@echo "make serve   start the server on the embedded default model (ARGS='--port 6000' passes flags)"
 	@echo "make test    install (first time) and run the whole test suite"
 	@echo "make bench   run the benchmarks (prints ratios against baselines measured in the same run)"
 	@echo "make proto   regenerate the gRPC stubs from proto/"
+	@echo "make loadtest  run locust against a fresh server (ARGS='--duration 30 --users 32')"
+	@echo "make setup-ops install Prometheus/promtool (Debian package) for the metrics tests"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +28,12 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# the real Prometheus server and promtool, for the scrape test (Debian's package)
+setup-ops:
+	@command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus; }
+
 $(PROTO_OUT): $(PROTO_SRC) $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iclient/pb=proto --python_out=. --pyi_out=. --grpc_python_out=. client/pb/lorafleet/v1/lorafleet.proto
 
@@ -34,18 +42,24 @@ proto: $(PROTO_OUT)
 serve: $(STAMP) $(PROTO_OUT)
 	$(PY) -m server $(ARGS)
 
-test: $(STAMP) $(PROTO_OUT)
+test: $(STAMP) $(PROTO_OUT) setup-ops
 	$(PY) -m pytest -q $(ARGS)
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit $(ARGS)
 
-test-integration: $(STAMP)
+test-integration: $(STAMP) setup-ops
 	$(PY) -m pytest -q tests/integration $(ARGS)
 
 bench: $(STAMP) $(PROTO_OUT)
 	$(PY) bench/engine_vs_hf.py
 	$(PY) bench/kernels.py
+	$(PY) bench/mixed_adapters.py
+	$(PY) bench/adapter_load.py
+	$(PY) bench/affinity_sim.py
+
+loadtest: $(STAMP) $(PROTO_OUT)
+	$(PY) loadtest/run.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -83,6 +83,7 @@ class RunningServer:
     health: health.aio.HealthServicer
     draining: Draining
     auth: Authenticator
+    metrics_http: object | None = None
 
     async def shutdown(self, grace: float) -> None:
         """Drain: health NOT_SERVING, new calls UNAVAILABLE, in-flight calls get `grace` s."""
@@ -90,6 +91,9 @@ class RunningServer:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         self.engine.stop()
+        if self.metrics_http is not None:
+            self.metrics_http.shutdown()
+            self.metrics_http.server_close()
 
 
 async def start(cfg: ServerConfig, loaded: LoadedModel) -> RunningServer:
@@ -124,8 +128,9 @@ async def start(cfg: ServerConfig, loaded: LoadedModel) -> RunningServer:
         for name in ["", *SERVICES]:
             asyncio.run_coroutine_threadsafe(hs.set(name, health_pb2.HealthCheckResponse.NOT_SERVING), loop)
     engine.on_crash.append(not_serving)
-    mport = metrics.serve_metrics(cfg.metrics_port, cfg.host) if cfg.metrics_port >= 0 else None
-    return RunningServer(server, port, mport, engine, hs, draining, auth)
+    http = metrics.serve_metrics(cfg.metrics_port, cfg.host) if cfg.metrics_port >= 0 else None
+    mport = http.server_address[1] if http else None
+    return RunningServer(server, port, mport, engine, hs, draining, auth, http)
 
 
 def _tls(cfg: ServerConfig) -> grpc.ServerCredentials:

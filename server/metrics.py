@@ -168,7 +168,8 @@ def tenant_label(tenant: str) -> str:
     return _tenants.label(tenant)
 
 
-def serve_metrics(port: int, host: str) -> int:
-    """Start the /metrics HTTP endpoint; returns the bound port (0 picks one)."""
+def serve_metrics(port: int, host: str):
+    """Start the /metrics HTTP endpoint (0 picks a port); returns the HTTP server
+    (`.server_address[1]` is the port, `.shutdown()` stops it)."""
     server, _thread = start_http_server(port, addr=host)
-    return server.server_address[1]
+    return server
