@@ -193,3 +193,26 @@ def test_drain_rejects_new_calls_with_unavailable(tiny_loaded, tmp_path):
         srv.draining.on = False
         bg.__exit__(None, None, None)
     assert not bg.thread.is_alive()
+
+
+def test_200_concurrent_calls_beyond_the_bound(tiny_loaded, tmp_path):
+    """200 calls at once against a queue of 16: the excess gets RESOURCE_EXHAUSTED (not
+    timeouts), the rest are served, and the server stays healthy and serves a burst afterwards."""
+    cfg = make_config(tmp_path, max_batch_size=4, max_queued_requests=16)
+    with BackgroundServer(cfg, tiny_loaded) as srv, LoraFleetClient(f"127.0.0.1:{srv.port}", timeout=120) as c:
+        def call(i):
+            try:
+                c.generate(f"burst {i}", max_new_tokens=8)
+                return grpc.StatusCode.OK
+            except grpc.RpcError as err:
+                return err.code()
+
+        with ThreadPoolExecutor(200) as ex:
+            got = list(ex.map(call, range(200)))
+        assert set(got) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, set(got)
+        assert got.count(grpc.StatusCode.RESOURCE_EXHAUSTED) > 0 and got.count(grpc.StatusCode.OK) >= 16
+        health = health_pb2_grpc.HealthStub(c.channel)
+        assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+        with ThreadPoolExecutor(8) as ex:
+            assert all(r.completion_tokens >= 1 for r in ex.map(lambda i: c.generate(f"after {i}", max_new_tokens=4),
+                                                                 range(8)))
