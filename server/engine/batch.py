@@ -54,5 +54,6 @@ def make_forward_batch(segments: list[Segment], device: torch.device) -> Forward
         decode_rows=lt([r for r, _ in decode]), decode_slots=lt(dec_slots),
         decode_mask=dec_mask[:, None, None, :],
         decode_slot_range=(dec_slots[0], len(dec_slots)) if consecutive else None,
+        decode_only=not prefill and bool(decode),
         prefill_rows=p_rows.to(device), prefill_valid=p_valid.to(device),
         prefill_slots=lt([s.slot for _, s in prefill]), prefill_mask=p_mask[:, None].to(device))

@@ -25,12 +25,16 @@ rows that have an adapter into two parts:
   one gather of x, one ``mm`` pair per slot on weight views with the exact
   rank, one index_add.
 
-Rank heterogeneity: bucketed rows are split by rank bucket, ``next_pow2(r_s)``
-(1, 2, 4, ..., r_max); a bucket runs with ``R`` = the largest true rank in it,
-so a rank-4 adapter never pays for a rank-64 neighbour. Inside a bucket, rank
-columns ``>= r_s`` (and pad rows) are zeroed by a precomputed mask after the
-shrink, so padded rank columns of the weights are never *used*, whatever
-finite values they hold. Segments use exactly ``r_s``.
+Rank heterogeneity: segments and the SGMV loop use exactly ``r_s``. Bucketed
+rows are split by rank bucket, ``next_pow2(r_s)`` (1, 2, 4, ..., r_max); a
+bucket runs with ``R`` = the largest true rank in it, so a rank-4 adapter
+does not pay for a rank-64 neighbour. Splitting only pays when it saves weight
+traffic: if slots of different ranks interleave in the stack, each bucket's
+view spans nearly all of it anyway, so the plan merges the buckets when the
+cost model says so (the adapter cache can keep rank classes in contiguous
+slot ranges to get the benefit). Inside a bucket, rank columns ``>= r_s`` (and
+pad rows) are zeroed by a precomputed mask after the shrink, so padded rank
+columns of the weights are never *used*, whatever finite values they hold.
 
 Dtypes: x, weights and y share one dtype; v (the rank-space activation) is
 kept in that dtype; scales are applied to v. Only the engine thread calls
@@ -50,10 +54,12 @@ import torch.nn.functional as F
 # Cost model, in units of one multiply-add of one padded row (per rank row and
 # per element of d); calibrated on the bench CPU (bench/kernels.py): reading
 # a weight element through a view ~ C_VIEW, gathering (copying) it ~ C_GATHER,
-# one Python-dispatched mm in the SGMV loop ~ LOOP_MM_COST (about 8 us there).
+# one Python-dispatched mm in the SGMV loop ~ LOOP_MM_COST (~10 us there, with
+# its share of the x gather and index_add).
 C_VIEW = 16
 C_GATHER = 96
-LOOP_MM_COST = 1 << 20
+LOOP_MM_COST = 1 << 21
+BUCKET_COST = 1 << 10  # per extra rank bucket (a second op sequence), per element of d
 MIN_SEGMENT = 32  # runs at least this long go to the segment (mm) path
 
 
@@ -100,6 +106,18 @@ def _layout(counts: np.ndarray, uniq: np.ndarray, mode: str | None) -> tuple[int
     if mode == "view" or (mode is None and view <= best[0]):
         return int(uniq[0]), lmax, view
     return -1, best[1], int(best[0])
+
+
+def _merge_buckets(rs: np.ndarray, cuts: list[int], ranks: np.ndarray, mode: str | None) -> bool:
+    """One bucket at the max rank is cheaper than rank buckets when slots of
+    different ranks interleave in the stack: each bucket's view would span
+    (and read) nearly all of it anyway. rs: [N] slots sorted by (bucket, slot)."""
+    def cost(sl: np.ndarray) -> int:
+        uniq, counts = np.unique(sl, return_counts=True)
+        return _layout(counts, uniq, mode)[2] * int(ranks[uniq].max())
+
+    split = sum(cost(rs[a:b]) for a, b in zip(cuts[:-1], cuts[1:]))
+    return cost(rs) <= split + (len(cuts) - 2) * BUCKET_COST
 
 
 def _bucket(rows: np.ndarray, slots: np.ndarray, ranks: np.ndarray, mode: str | None,
@@ -171,6 +189,9 @@ def make_plan(
     order = np.argsort(key * (S + 1) + rs, kind="stable")  # by (bucket, slot, row)
     rows, rs, key = rows[order], rs[order], key[order]
     cuts = [0, *(np.flatnonzero(key[1:] != key[:-1]) + 1).tolist(), rows.size]
+    if len(cuts) > 2 and _merge_buckets(rs, cuts, ranks, group_mode):
+        order = np.argsort(rs, kind="stable")  # one bucket, by (slot, row)
+        rows, rs, cuts = rows[order], rs[order], [0, rows.size]
     buckets = tuple(_bucket(rows[a:b], rs[a:b], ranks, group_mode, device)
                     for a, b in zip(cuts[:-1], cuts[1:]) if b > a)
     act_rows = np.flatnonzero(active)

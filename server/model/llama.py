@@ -57,6 +57,7 @@ class ForwardBatch:
     decode_slots: torch.Tensor       # [B] long, their KV slots
     decode_mask: torch.Tensor        # [B, 1, 1, Ld] bool, key j visible to decode row b
     decode_slot_range: tuple[int, int] | None  # (first, count) when decode_slots are consecutive
+    decode_only: bool                # every token is a decode row, rows 0..T-1 in order
     prefill_rows: torch.Tensor       # [P, Lq] long, token row of each chunk query (pads repeat a row)
     prefill_valid: torch.Tensor      # [P, Lq] bool, False on padding
     prefill_slots: torch.Tensor      # [P] long
@@ -105,6 +106,9 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [T, dim] normalised in float32 (as HF's LlamaRMSNorm), cast back, times w [dim]."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), w, eps)        # one fused op
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
 
@@ -184,9 +188,10 @@ class LlamaModel:
         for i, lw in enumerate(self.layers):
             x = rms_norm(h, lw.attn_norm, a.norm_eps)
             qkv = _linear(x, lw.wqkv, lw.bqkv, hooks, i, "qkv")            # [T, q + 2 kv]
-            q, k, v = qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1)
-            q = apply_rope(q.view(-1, a.n_heads, a.head_dim), cos, sin)     # [T, H, hd]
-            k = apply_rope(k.view(-1, a.n_kv_heads, a.head_dim), cos, sin)  # [T, Hkv, hd]
+            qk = qkv[:, :a.q_size + a.kv_size].view(-1, a.n_heads + a.n_kv_heads, a.head_dim)
+            qk = apply_rope(qk, cos, sin)                                   # [T, H + Hkv, hd], one pass
+            q, k = qk[:, :a.n_heads], qk[:, a.n_heads:]                     # [T, H, hd], [T, Hkv, hd]
+            v = qkv[:, a.q_size + a.kv_size:]
             kc, vc = kv[i]
             kc[batch.token_slots, :, batch.positions] = k
             vc[batch.token_slots, :, batch.positions] = v.view(-1, a.n_kv_heads, a.head_dim)
@@ -222,6 +227,10 @@ class LlamaModel:
                 ks, vs = kc[first:first + count, :, :n], vc[first:first + count, :, :n]
             else:
                 ks, vs = kc[batch.decode_slots, :, :n], vc[batch.decode_slots, :, :n]  # [B, Hkv, n, hd]
+            if batch.decode_only:                                          # rows are 0..T-1 in order
+                od = F.scaled_dot_product_attention(q.unsqueeze(2), ks, vs, attn_mask=batch.decode_mask,
+                                                    enable_gqa=gqa)
+                return od.reshape(T, H * hd)
             qd = q[batch.decode_rows].unsqueeze(2)                          # [B, H, 1, hd]
             od = F.scaled_dot_product_attention(qd, ks, vs, attn_mask=batch.decode_mask, enable_gqa=gqa)
             out[batch.decode_rows] = od.squeeze(2)
