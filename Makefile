@@ -15,6 +15,7 @@ help:
 	@echo "make test    install (first time) and run the whole test suite"
 	@echo "make bench   run the benchmarks (prints ratios against baselines measured in the same run)"
 	@echo "make proto   regenerate the gRPC stubs from proto/"
+	@echo "make demo    train two adapters for two tenants, serve both, send one mixed batch"
 	@echo "make loadtest  run locust against a fresh server (ARGS='--duration 30 --users 32')"
 	@echo "make setup-ops install Prometheus/promtool (Debian package) for the metrics tests"
 
@@ -60,6 +61,10 @@ bench: $(STAMP) $(PROTO_OUT)
 
 loadtest: $(STAMP) $(PROTO_OUT)
 	$(PY) loadtest/run.py $(ARGS)
+
+# trains two LoRA adapters on two synthetic tasks, serves both, sends one mixed batch (a few minutes)
+demo: $(STAMP) $(PROTO_OUT)
+	$(PY) trainer/examples/demo.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

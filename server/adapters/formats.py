@@ -82,7 +82,7 @@ _PEFT_MODULE = rf"base_model\.model\.model\.layers\.{_LAYER}\.(self_attn|mlp)\.(
 _LORA_RE = re.compile(_PEFT_MODULE + r"lora_(A|B)\.weight")
 _IA3_RE = re.compile(_PEFT_MODULE + r"ia3_l")
 _BOTTLENECK_RE = re.compile(rf"layers\.{_LAYER}\.(attn|mlp)_adapter\.(down|up)\.(weight|bias)")
-_HEAD_RE = {True: re.compile(r"base_model\.model\.score\.(weight|bias)"),
+_HEAD_RE = {True: re.compile(r"base_model\.(?:model\.)?score\.(weight|bias)"),  # prefix/prompt: base_model.score
             False: re.compile(r"score\.(weight|bias)")}
 
 
