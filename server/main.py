@@ -106,7 +106,9 @@ async def start(cfg: ServerConfig, loaded: LoadedModel) -> RunningServer:
     auth = Authenticator(cfg.api_keys, quotas)
     opts = [("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes)]
-    server = grpc.aio.server(options=opts, interceptors=[AuthInterceptor(auth)])
+    # a backstop below our own queue: excess calls are refused by gRPC before any Python handler runs
+    server = grpc.aio.server(options=opts, interceptors=[AuthInterceptor(auth)],
+                             maximum_concurrent_rpcs=cfg.max_queued_requests + cfg.max_batch_size + 64)
     draining = Draining()
     inference = InferenceService(cfg, engine, draining, auth, adapters.registry, TenantLimiter())
     pb_grpc.add_InferenceServicer_to_server(inference, server)
