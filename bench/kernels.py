@@ -1,6 +1,6 @@
 """Benchmark of the batched adapter kernels against per-adapter baselines (CPU).
 
-    .venv/bin/python bench/kernels.py [--quick]
+    .venv/bin/python bench/kernels.py [--quick] [--keep-freed-memory]
 
 fp32, torch threads = 2, one stacked adapter store of 64 slots. For each case
 it times, as medians of interleaved repeats in one run:
@@ -13,15 +13,20 @@ it times, as medians of interleaved repeats in one run:
   rows, ``B(A(x[rows])) * scale``, add back (row index lists precomputed,
   which flatters it: PEFT rebuilds them in every layer)
 * ``gather`` naive BGMV: gather a weight copy per token, then two bmm
+* ``read``   just streaming every slot's A and B once (``sum``), in the 64-adapter
+  cases: the memory-traffic floor of any exact fp32 kernel
 
 and prints ``lora/base`` (overhead) and ``loop/lora``, ``gather/lora``
-(speedups). The heterogeneous-rank cases (half the adapters rank 4, half 64)
-compare rank buckets with padding every row to r_max.
+(speedups), plus the path the plan chose. The heterogeneous-rank cases (half
+the adapters rank 4, half 64) compare rank buckets with padding every row to
+r_max. ``noise`` is p90/p10 of the base timings: on a shared machine, rerun
+when it is far above 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import statistics
 import sys
 import time
@@ -31,13 +36,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from server.kernels import lora, make_plan  # noqa: E402
+from server.kernels import lora, make_plan, torch_ops  # noqa: E402
 
 NUM_SLOTS = 64
 
 
 def timeit(fns: dict, reps: int) -> dict[str, float]:
-    """Median seconds of each fn, measured interleaved (fn1, fn2, ..., fn1, ...)."""
+    """Median seconds of each fn, measured interleaved (fn1, fn2, ..., fn1, ...);
+    key "noise": p90/p10 of the first fn (near 1.0 on a quiet machine)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(3):
         for fn in fns.values():
@@ -47,7 +53,9 @@ def timeit(fns: dict, reps: int) -> dict[str, float]:
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    first = sorted(next(iter(times.values())))
+    noise = first[int(0.9 * (len(first) - 1))] / first[int(0.1 * (len(first) - 1))]
+    return {k: statistics.median(v) for k, v in times.items()} | {"noise": noise}
 
 
 def make_slots(kind: str, n_adapters: int, gen: torch.Generator) -> torch.Tensor:
@@ -72,8 +80,18 @@ def gather_bmm(y, x, A, B, scale, slots) -> None:
     y += torch.bmm(v, Bg.transpose(1, 2)).squeeze(1)
 
 
+def path_of(plan, d: int) -> str:
+    """Which execution path the plan takes for a d x d lora (for the table)."""
+    names = ["segments"] * bool(plan.segments)
+    for bk in plan.buckets:
+        kind = "view" if bk.first_slot >= 0 else "gather"
+        names.append(f"r{bk.rank}:" + ("loop" if torch_ops._loop(plan, bk, 2 * d, 2) else f"{kind}-bmm"))
+    return ",".join(names)
+
+
 def run_case(d: int, kind: str, n_adapters: int, ranks: torch.Tensor, reps: int,
-             hetero: bool, gen: torch.Generator) -> dict[str, float]:
+             hetero: bool, gen: torch.Generator) -> tuple[dict[str, float], str]:
+    """Median seconds per method (interleaved) and the path our plan took."""
     r_max = int(ranks.max())
     slots = make_slots(kind, n_adapters, gen)
     T = slots.numel()
@@ -83,49 +101,76 @@ def run_case(d: int, kind: str, n_adapters: int, ranks: torch.Tensor, reps: int,
     y = torch.zeros(T, d)
     plan = make_plan(slots, ranks)
     fns = {"base": lambda: F.linear(x, W), "lora": lambda: lora(y, x, A, B, scale, plan)}
-    if hetero:
-        padded = make_plan(slots, ranks, rank_buckets=False)
+    if hetero:  # a rank-unaware kernel: every slot computed at r_max
+        padded = make_plan(slots, torch.full_like(ranks, r_max))
         fns["padded"] = lambda: lora(y, x, A, B, scale, padded)
     else:
         groups = [(s, int(ranks[s]), (slots == s).nonzero().flatten().tolist())
                   for s in slots.unique().tolist()]
         fns["loop"] = lambda: peft_loop(y, x, A, B, scale, groups)
-        fns["gather"] = lambda: gather_bmm(y, x, A, B, scale, slots)
+        if kind == "decode":  # per token weight copies: 2048 of them in prefill
+            fns["gather"] = lambda: gather_bmm(y, x, A, B, scale, slots)
+    if slots.unique().numel() == NUM_SLOTS:  # the floor: stream every A and B once
+        fns["read"] = lambda: (A.sum(), B.sum())
     fns["plan"] = lambda: make_plan(slots, ranks)
-    return timeit(fns, reps)
+    times = timeit(fns, reps)
+    return times, path_of(plan, d)
+
+
+def keep_freed_memory() -> None:
+    """glibc: serve big temporaries from the heap and never trim it, so a freed
+    1 MB activation is reused instead of page-faulted in again on every op (what
+    MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ or jemalloc/tcmalloc do)."""
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 32 << 20)
+    libc.mallopt(m_trim_threshold, 1 << 30)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="tune glibc malloc to reuse freed buffers (see keep_freed_memory)")
     args = ap.parse_args()
+    if args.keep_freed_memory:
+        keep_freed_memory()
     torch.set_num_threads(2)
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    reps = 15 if args.quick else 50
+    reps = 15 if args.quick else 40
     uniform = torch.full((NUM_SLOTS,), 16)
-    mixed = torch.tensor([4, 64] * (NUM_SLOTS // 2))  # slot parity decides rank
-    print(f"fp32 CPU, {torch.get_num_threads()} threads, {NUM_SLOTS} slots, median of {reps}")
-    print(f"{'case':<28}{'base ms':>9}{'lora ms':>9}{'plan us':>9}"
-          f"{'lora/base':>11}{'loop/lora':>11}{'gather/lora':>12}")
+    half = NUM_SLOTS // 2
+    mixed = {"interleaved": torch.tensor([4, 64] * half),  # slot parity decides rank
+             "grouped": torch.tensor([4] * half + [64] * half)}  # rank classes in slot ranges
+    print(f"fp32 CPU, {torch.get_num_threads()} threads, {NUM_SLOTS} slots, r=16, "
+          f"median of {reps} interleaved repeats (d=4096: fewer), "
+          f"malloc {'tuned' if args.keep_freed_memory else 'default'}")
+    head = f"{'case':<30}{'base ms':>9}{'lora ms':>9}{'plan us':>8}{'lora/base':>10}"
+    print(head + f"{'loop/lora':>10}{'gather/lora':>12}{'read/base':>10}{'noise':>6}  path")
     for d in (4096, 512):
         for kind, n in (("decode", 64), ("decode", 8), ("prefill", 8)):
-            t = run_case(d, kind, n, uniform, reps if d == 512 else reps // 2 + 1, False, gen)
-            label = f"d={d} {kind} T={64 if kind == 'decode' else 2048} {n} ad"
-            print(f"{label:<28}"
-                  f"{t['base'] * 1e3:9.3f}{t['lora'] * 1e3:9.3f}{t['plan'] * 1e6:9.0f}"
-                  f"{t['lora'] / t['base']:10.1%}{t['loop'] / t['lora']:10.1f}x"
-                  f"{t['gather'] / t['lora']:11.1f}x")
-    print(f"\nheterogeneous ranks (half 4, half 64): rank buckets vs padding to r_max=64")
-    print(f"{'case':<28}{'base ms':>9}{'bucket ms':>10}{'padded ms':>10}"
-          f"{'bucket/base':>12}{'padded/base':>12}{'padded/bucket':>14}")
+            n_reps = reps if d == 512 else max(5, reps // (4 if kind == "decode" else 8))
+            t, path = run_case(d, kind, n, uniform, n_reps, False, gen)
+            label = f"d={d} {kind} T={64 if kind == 'decode' else 2048} {n} adapters"
+            gather = f"{t['gather'] / t['lora']:11.1f}x" if "gather" in t else f"{'-':>12}"
+            read = f"{t['read'] / t['base']:10.1%}" if "read" in t else f"{'-':>10}"
+            print(f"{label:<30}{t['base'] * 1e3:9.3f}{t['lora'] * 1e3:9.3f}{t['plan'] * 1e6:8.0f}"
+                  f"{t['lora'] / t['base']:10.1%}{t['loop'] / t['lora']:9.1f}x{gather}"
+                  f"{read}{t['noise']:6.2f}  {path}")
+    print("\nheterogeneous ranks (half the adapters rank 4, half 64): ours vs every slot "
+          "at r_max=64;\nslots of the two ranks interleaved in the stack, or in two ranges")
+    print(f"{'case':<30}{'base ms':>9}{'lora ms':>9}{'plan us':>8}{'lora/base':>10}"
+          f"{'padded/base':>12}{'padded/lora':>12}{'noise':>6}  path")
     for d in (4096, 512):
-        for kind, n in (("decode", 64), ("prefill", 8)):
-            t = run_case(d, kind, n, mixed, reps if d == 512 else reps // 2 + 1, True, gen)
-            label = f"d={d} {kind} {n} ad"
-            print(f"{label:<28}{t['base'] * 1e3:9.3f}{t['lora'] * 1e3:10.3f}"
-                  f"{t['padded'] * 1e3:10.3f}{t['lora'] / t['base']:11.1%}"
-                  f"{t['padded'] / t['base']:11.1%}{t['padded'] / t['lora']:13.2f}x")
+        for kind, n, layout in (("decode", 64, "interleaved"), ("decode", 64, "grouped"),
+                                ("prefill", 8, "interleaved")):
+            n_reps = reps if d == 512 else max(5, reps // (4 if kind == "decode" else 8))
+            t, path = run_case(d, kind, n, mixed[layout], n_reps, True, gen)
+            label = f"d={d} {kind} {n} ad {layout[:5]}"
+            print(f"{label:<30}{t['base'] * 1e3:9.3f}{t['lora'] * 1e3:9.3f}{t['plan'] * 1e6:8.0f}"
+                  f"{t['lora'] / t['base']:10.1%}{t['padded'] / t['base']:12.1%}"
+                  f"{t['padded'] / t['lora']:11.2f}x{t['noise']:6.2f}  {path}")
 
 
 if __name__ == "__main__":

@@ -288,6 +288,21 @@ def _check(plan: AdapterPlan, *tensors: torch.Tensor) -> None:
             raise ValueError(f"batch has {t.shape[0]} rows, plan has {plan.num_tokens}")
 
 
+def _host(scale: torch.Tensor) -> list[float] | None:
+    """Scales as host floats on CPU (addmm's alpha saves one op per run); None on
+    GPU, where reading them would synchronise."""
+    return scale.tolist() if scale.device.type == "cpu" else None
+
+
+def _addmm_scaled(yr: torch.Tensor, vr: torch.Tensor, w_t: torch.Tensor, scale: torch.Tensor,
+                  host: list[float] | None, s: int) -> None:
+    """yr += scale[s] * vr @ w_t  (vr is a fresh tensor and may be scaled in place)."""
+    if host is None:
+        yr.addmm_(vr.mul_(scale[s]), w_t)
+    else:
+        yr.addmm_(vr, w_t, alpha=host[s])
+
+
 # ---------------------------------------------------------------- ops
 
 
@@ -326,8 +341,13 @@ def expand(
     _check(plan, y, v)
     d_out = y.shape[1]
 
+    host = _host(scale)
+
     def body(vr, yr, s, r):
-        yr.addmm_(vr[:, :r] * scale[s], B[s, :, :r].t())
+        if host is None:
+            yr.addmm_(vr[:, :r] * scale[s], B[s, :, :r].t())
+        else:
+            yr.addmm_(vr[:, :r], B[s, :, :r].t(), alpha=host[s])
 
     _runs(plan, v, y, d_out, 1, body)
     for bk in _bmm_buckets(plan, d_out, 1):
@@ -347,8 +367,10 @@ def lora(
     _check(plan, y, x)
     dims = x.shape[1] + y.shape[1]
 
+    host = _host(scale)
+
     def body(xr, yr, s, r):
-        yr.addmm_((xr @ A[s, :r].t()).mul_(scale[s]), B[s, :, :r].t())
+        _addmm_scaled(yr, xr @ A[s, :r].t(), B[s, :, :r].t(), scale, host, s)
 
     _runs(plan, x, y, dims, 2, body)
     for bk in _bmm_buckets(plan, dims, 2):
@@ -377,10 +399,12 @@ def lora_packed(
     targets = list(zip(B_list, scales, out_slices, strict=True))
     dims = n * x.shape[1] + sum(B.shape[1] for B in B_list)
 
+    hosts = [_host(scale) for scale in scales]
+
     def body(xr, yr, s, r):
         for i, (B, scale, cols) in enumerate(targets):
             vr = xr @ A_packed[s, i * r_max : i * r_max + r].t()
-            yr[:, cols].addmm_(vr.mul_(scale[s]), B[s, :, :r].t())
+            _addmm_scaled(yr[:, cols], vr, B[s, :, :r].t(), scale, hosts[i], s)
 
     _runs(plan, x, y, dims, 2 * n, body)
     for bk in _bmm_buckets(plan, dims, 2 * n):

@@ -37,13 +37,18 @@ def test_prefill_runs_become_segments_with_exact_ranks():
     assert plan.segments == ((0, 100, 2, 8), (100, 200, 0, 4), (200, 300, 3, 16), (300, 400, 1, 64))
 
 
-def test_rank_buckets_split_heterogeneous_ranks():
-    ranks = torch.tensor([4, 64] * 8)
-    slots = torch.randperm(16)
-    plan = K.make_plan(slots, ranks)
-    assert sorted(bk.rank for bk in plan.buckets) == [4, 64]
-    (padded,) = K.make_plan(slots, ranks, rank_buckets=False).buckets
+def test_rank_buckets_split_when_rank_classes_sit_in_slot_ranges():
+    grouped = torch.tensor([4] * 8 + [64] * 8)  # slots 0-7 rank 4, 8-15 rank 64
+    plan = K.make_plan(torch.randperm(16), grouped)
+    assert [(bk.rank, bk.first_slot, bk.num_groups) for bk in plan.buckets] == [(4, 0, 8), (64, 8, 8)]
+    (padded,) = K.make_plan(torch.randperm(16), grouped, rank_buckets=False).buckets
     assert padded.rank == 64 and padded.mask is not None
+
+
+def test_rank_buckets_merge_when_ranks_interleave_in_the_stack():
+    interleaved = torch.tensor([4, 64] * 8)  # both buckets would read all 16 slots
+    (bk,) = K.make_plan(torch.randperm(16), interleaved).buckets
+    assert bk.rank == 64 and bk.mask is not None
 
 
 def test_bucket_rank_is_largest_true_rank_not_power_of_two():
