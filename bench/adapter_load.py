@@ -28,7 +28,7 @@ from server.engine.batch import Segment, make_forward_batch  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
 from server.engine.sampling import SamplingParams  # noqa: E402
 from server.engine.sequence import Sequence  # noqa: E402
-from server.main import build_adapters  # noqa: E402
+from server.main import build_adapters, keep_freed_memory  # noqa: E402
 from server.model.default import ensure_default_model  # noqa: E402
 from server.model.loader import load_model  # noqa: E402
 
@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()                       # as the server does (server/main.py)
     work = Path(tempfile.mkdtemp(prefix="lorafleet-load-"))
     base_dir = ensure_default_model(Path(tempfile.gettempdir()) / "lorafleet-bench", "default")
     loaded = load_model(base_dir, torch.device("cpu"), torch.float32)

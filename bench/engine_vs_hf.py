@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from server.engine.engine import Engine  # noqa: E402
 from server.engine.sampling import SamplingParams  # noqa: E402
 from server.engine.sequence import FinishEvent, Sequence  # noqa: E402
+from server.main import keep_freed_memory  # noqa: E402
 from server.model.default import ensure_default_model  # noqa: E402
 from server.model.loader import load_model  # noqa: E402
 
@@ -63,6 +64,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()                       # as the server does (server/main.py)
     from transformers import LlamaForCausalLM
 
     model_dir = ensure_default_model(Path(tempfile.gettempdir()) / "lorafleet-bench", "default")

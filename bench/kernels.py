@@ -26,7 +26,6 @@ when it is far above 1.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import statistics
 import sys
 import time
@@ -117,23 +116,15 @@ def run_case(d: int, kind: str, n_adapters: int, ranks: torch.Tensor, reps: int,
     return times, path_of(plan, d)
 
 
-def keep_freed_memory() -> None:
-    """glibc: serve big temporaries from the heap and never trim it, so a freed
-    1 MB activation is reused instead of page-faulted in again on every op (what
-    MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ or jemalloc/tcmalloc do)."""
-    libc = ctypes.CDLL("libc.so.6")
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 32 << 20)
-    libc.mallopt(m_trim_threshold, 1 << 30)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
     ap.add_argument("--keep-freed-memory", action="store_true",
-                    help="tune glibc malloc to reuse freed buffers (see keep_freed_memory)")
+                    help="tune glibc malloc to reuse freed buffers, as the server does "
+                         "(server.main.keep_freed_memory)")
     args = ap.parse_args()
     if args.keep_freed_memory:
+        from server.main import keep_freed_memory
         keep_freed_memory()
     torch.set_num_threads(2)
     gen = torch.Generator().manual_seed(0)

@@ -31,7 +31,7 @@ from server.config import ServerConfig  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
 from server.engine.sampling import SamplingParams  # noqa: E402
 from server.engine.sequence import FinishEvent, Sequence  # noqa: E402
-from server.main import build_adapters  # noqa: E402
+from server.main import build_adapters, keep_freed_memory  # noqa: E402
 from server.model.default import ensure_default_model  # noqa: E402
 from server.model.loader import load_model  # noqa: E402
 
@@ -99,6 +99,7 @@ def main() -> None:
     ap.add_argument("--skip-128", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()                       # as the server does (server/main.py)
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 

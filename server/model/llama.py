@@ -75,11 +75,13 @@ class AdapterHooks(Protocol):
 
 @dataclass
 class LayerWeights:
-    wqkv: torch.Tensor               # [q_size + 2 * kv_size, dim]
+    """Linear weights are stored transposed, [d_in, d_out] contiguous: `x @ w` with small
+    decode batches runs ~1.5x faster on CPU BLAS than F.linear on HF's [d_out, d_in] layout."""
+    wqkv: torch.Tensor               # [dim, q_size + 2 * kv_size]
     bqkv: torch.Tensor | None        # [q_size + 2 * kv_size]
-    wo: torch.Tensor                 # [dim, q_size]
-    w_gate_up: torch.Tensor          # [2 * intermediate, dim]
-    w_down: torch.Tensor             # [dim, intermediate]
+    wo: torch.Tensor                 # [q_size, dim]
+    w_gate_up: torch.Tensor          # [dim, 2 * intermediate]
+    w_down: torch.Tensor             # [intermediate, dim]
     attn_norm: torch.Tensor          # [dim]
     mlp_norm: torch.Tensor           # [dim]
 
@@ -127,7 +129,7 @@ class LlamaModel:
         self.embed_tokens = embed    # [vocab, dim]
         self.layers = layers
         self.norm = norm             # [dim]
-        self.lm_head = lm_head       # [vocab, dim] (the embedding itself when tied)
+        self.lm_head_t = lm_head.T.contiguous()   # [dim, vocab] (a transposed copy when tied)
         self.device, self.dtype = embed.device, embed.dtype
         self._inv_freq = rope_inv_freq(args)
         self._cos = self._sin = torch.empty(0, args.head_dim, device=self.device)
@@ -140,6 +142,9 @@ class LlamaModel:
         def t(name: str) -> torch.Tensor:
             return w[name].to(device=device, dtype=dtype).contiguous()
 
+        def lin(*names: str) -> torch.Tensor:   # HF [d_out, d_in] pieces -> ours [d_in, sum d_out]
+            return torch.cat([t(n) for n in names]).T.contiguous()
+
         layers = []
         for i in range(args.n_layers):
             p = f"model.layers.{i}."
@@ -148,11 +153,11 @@ class LlamaModel:
             if args.qkv_bias:
                 bias = torch.cat([t(a + "q_proj.bias"), t(a + "k_proj.bias"), t(a + "v_proj.bias")])
             layers.append(LayerWeights(
-                wqkv=torch.cat([t(a + "q_proj.weight"), t(a + "k_proj.weight"), t(a + "v_proj.weight")]),
+                wqkv=lin(a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"),
                 bqkv=bias,
-                wo=t(a + "o_proj.weight"),
-                w_gate_up=torch.cat([t(p + "mlp.gate_proj.weight"), t(p + "mlp.up_proj.weight")]),
-                w_down=t(p + "mlp.down_proj.weight"),
+                wo=lin(a + "o_proj.weight"),
+                w_gate_up=lin(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
+                w_down=lin(p + "mlp.down_proj.weight"),
                 attn_norm=t(p + "input_layernorm.weight"),
                 mlp_norm=t(p + "post_attention_layernorm.weight"),
             ))
@@ -211,7 +216,7 @@ class LlamaModel:
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final hidden states [R, dim] -> logits [R, vocab]."""
-        return h @ self.lm_head.T
+        return h @ self.lm_head_t
 
     def _attention(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
                    batch: ForwardBatch) -> torch.Tensor:
@@ -244,10 +249,15 @@ class LlamaModel:
         return out.reshape(T, H * hd)
 
 
+def _matmul(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """x [T, d_in] @ w [d_in, d_out] (+ b [d_out])."""
+    return x @ w if b is None else torch.addmm(b, x, w)
+
+
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, hooks: AdapterHooks | None,
             layer: int, target: str) -> torch.Tensor:
     """Base linear plus the step's adapter deltas on it. x [T, d_in] -> [T, d_out]."""
     if hooks is None:
-        return F.linear(x, w, b)
+        return _matmul(x, w, b)
     x = hooks.pre_linear(layer, target, x)
-    return hooks.post_linear(layer, target, x, F.linear(x, w, b))
+    return hooks.post_linear(layer, target, x, _matmul(x, w, b))
