@@ -4,7 +4,9 @@ Every resident adapter occupies one slot `s` (the tiered cache decides which). A
 adapter in the form its kind needs:
 
   LoRA        per layer: packed q/k/v  A_qkv [S, 3r, d] + B_q/B_k/B_v, o, packed gate/up, down;
-              rank r_s per slot (modules of smaller rank are zero-padded up to r_s)
+              rank r_s per slot (modules of smaller rank are zero-padded up to r_s). B (and the
+              bottleneck's U) are stored transposed, [S, r, d_out] contiguous, and handed to the
+              kernels as [S, d_out, r] views: the expand bmm then reads contiguous rows.
   IA3         per layer: output scales of q/k/v (fused), o, gate/up (fused), down; input scales
               of o and down (PEFT's feedforward modules); 1 where the adapter has none
   Bottleneck  per layer and place (attn | mlp): D [S, r, d], U [S, d, r], biases, activation id
@@ -57,7 +59,7 @@ class AdapterSlots:
             return torch.ones(shape, device=device, dtype=dtype)
 
         self.lora_rank = torch.zeros(S, dtype=torch.long, device=device)
-        self.lora = [{t: (z(S, len(outs) * r, self.in_dims[t]), [z(S, o, r) for o in outs],
+        self.lora = [{t: (z(S, len(outs) * r, self.in_dims[t]), [z(S, r, o).transpose(1, 2) for o in outs],
                           [z(S) for _ in outs]) for t, outs in self.out_dims.items()}
                      for _ in range(args.n_layers)]
         self.ia3_out = [{t: ones(S, sum(outs)) for t, outs in self.out_dims.items()}
@@ -65,7 +67,7 @@ class AdapterSlots:
         self.ia3_in = [{t: ones(S, self.in_dims[t]) for t in ("o", "down")} for _ in range(args.n_layers)]
         self.bn_rank = torch.zeros(S, dtype=torch.long, device=device)
         self.bn_act = torch.zeros(S, dtype=torch.long, device=device)
-        self.bn = [{p: (z(S, r, d), z(S, d, r), z(S, r), z(S, d)) for p in ("attn", "mlp")}
+        self.bn = [{p: (z(S, r, d), z(S, r, d).transpose(1, 2), z(S, r), z(S, d)) for p in ("attn", "mlp")}
                    for _ in range(args.n_layers)]
         self.info: list[SlotInfo | None] = [None] * S
         self.ones_rank = torch.ones(S, dtype=torch.long, device=device)

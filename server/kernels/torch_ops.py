@@ -246,15 +246,20 @@ def _bucket_shrink(xs: torch.Tensor, A: torch.Tensor, bk: Bucket, off: int, R: i
 def _bucket_expand(y: torch.Tensor, vb: torch.Tensor, B: torch.Tensor, bk: Bucket,
                    bias: torch.Tensor | None = None) -> None:
     """y[gidx] += vb @ B_g[:, :, :R]^T (+ bias); vb [G, L, R] already scaled and
-    masked; bias [G, L|1, d_out] must be zero on pad rows."""
+    masked; bias [G, L|1, d_out] must be zero on pad rows. B may be a transposed
+    view of a contiguous [S, r_max, d_out] stack (the engine's layout): then the
+    bmm reads contiguous rows, ~3x faster on CPU than the [S, d_out, r_max] layout."""
     R, d_out = vb.shape[-1], B.shape[1]
+    Bt = B.transpose(1, 2)  # [S, r_max, d_out]
     if bk.first_slot >= 0:
-        W = B[bk.first_slot : bk.first_slot + bk.num_groups, :, :R]
+        Wt = Bt[bk.first_slot : bk.first_slot + bk.num_groups, :R]
+    elif Bt.is_contiguous():
+        Wt = Bt[:, :R].index_select(0, bk.group_slots)
     elif R == B.shape[-1] and B.is_contiguous():
-        W = B.flatten(1).index_select(0, bk.group_slots).view(-1, *B.shape[1:])
+        Wt = B.flatten(1).index_select(0, bk.group_slots).view(-1, *B.shape[1:]).transpose(1, 2)
     else:
-        W = B[:, :, :R].index_select(0, bk.group_slots)
-    out = torch.bmm(vb, W.transpose(1, 2))
+        Wt = B[:, :, :R].index_select(0, bk.group_slots).transpose(1, 2)
+    out = torch.bmm(vb, Wt)
     if bias is not None:
         out += bias
     y.index_add_(0, bk.gidx, out.view(-1, d_out))

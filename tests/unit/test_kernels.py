@@ -113,6 +113,12 @@ def laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:
     return t.clone()
 
 
+def engine_layout(B: torch.Tensor) -> torch.Tensor:
+    """The same [S, d_out, r] values as a transposed view of a contiguous [S, r, d_out]
+    stack: how server/engine/adapter_slots.py stores B and U."""
+    return B.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def assert_close(out: torch.Tensor, want: torch.Tensor, dtype: torch.dtype,
                  magnitude: torch.Tensor | None = None) -> None:
     """Norm-relative error and elementwise closeness within the dtype's tolerance.
@@ -185,6 +191,8 @@ def test_lora(device, data, d_in, d_out):
     S, T = c.ranks.numel(), c.slots.numel()
     x, y0 = c.randn(T, d_in), c.randn(T, d_out)
     A, B = c.stack(S, c.r_max, d_in, 1), c.stack(S, d_out, c.r_max, 2)
+    if data.draw(st.booleans()):
+        B = engine_layout(B)
     scale = c.randn(S) + 2.0
     y = laid_out(y0, c.layout)
     K.lora(y, laid_out(x, c.layout), A, B, scale, c.plan)
@@ -206,6 +214,8 @@ def test_lora_packed(device, data, d_in, d_outs, gap):
     x = c.randn(T, d_in)
     A_packed = torch.cat([c.stack(S, c.r_max, d_in, 1) for _ in range(n)], 1)
     B_list = [c.stack(S, d, c.r_max, 2) for d in d_outs]
+    if data.draw(st.booleans()):
+        B_list = [engine_layout(B) for B in B_list]
     scales = [c.randn(S) + 2.0 for _ in range(n)]
     offs = [sum(d_outs[:i]) + gap * (i + 1) for i in range(n + 1)]
     out_slices = [slice(offs[i], offs[i] + d_outs[i]) for i in range(n)]
@@ -232,6 +242,8 @@ def test_bottleneck(device, data, d, biases):
     c = data.draw(cases(device))
     S, T = c.ranks.numel(), c.slots.numel()
     D, U = c.stack(S, c.r_max, d, 1), c.stack(S, d, c.r_max, 2)
+    if data.draw(st.booleans()):
+        U = engine_layout(U)
     bd = c.randn(S, c.r_max) if biases else None  # padded columns of bd: garbage
     bu = c.randn(S, d) if biases else None
     act = torch.randint(0, 3, (S,), generator=c.gen).to(device)
