@@ -204,15 +204,23 @@ class InferenceService(pb_grpc.InferenceServicer):
         idss = [requests.prompt_ids(t, self.tokenizer, self.cfg, 0) for t in request.texts]
         self.limiter.check(principal, len(idss))
         params = SamplingParams(max_new_tokens=0)
-        subs = [self._sequence(principal, request.adapter, ids, params, rid, context, classify=True)
-                for ids in idss]
-        results = []
-        for seq, events in subs:
-            async for ev in self._events(seq, events):
-                pass
-            scores = [pb.LabelScore(label=lbl, probability=p) for lbl, p in zip(ev.labels, ev.probabilities)]
-            top = max(scores, key=lambda s: s.probability).label
-            results.append(pb.Classification(scores=scores, top_label=top, prompt_tokens=ev.prompt_tokens))
+        subs: list[tuple[Sequence, asyncio.Queue]] = []
+        try:
+            for ids in idss:
+                subs.append(self._sequence(principal, request.adapter, ids, params, rid, context, classify=True))
+            results = []
+            for seq, events in subs:
+                async for ev in self._events(seq, events):
+                    pass
+                scores = [pb.LabelScore(label=lbl, probability=p) for lbl, p in zip(ev.labels, ev.probabilities)]
+                top = max(scores, key=lambda s: s.probability).label
+                results.append(pb.Classification(scores=scores, top_label=top, prompt_tokens=ev.prompt_tokens))
+        finally:   # a failure or cancellation part-way must not leave the other texts running
+            for seq, _ in subs:
+                if not seq.finished:
+                    seq.cancel()
+                self.limiter.done(seq)
+            self.engine.wake()
         return pb.ClassifyResponse(results=results, request_id=rid)
 
     @unary("GetServerInfo")

@@ -78,3 +78,23 @@ def test_engine_crash_fails_calls_and_turns_health_not_serving(tiny_loaded, tmp_
         assert e.value.code() == grpc.StatusCode.INTERNAL
         assert "restart" in e.value.details()
         assert not srv.engine.alive
+
+
+def test_classify_failing_part_way_leaks_nothing(tiny_loaded, tiny_model_dir, tmp_path):
+    """A Classify batch refused part-way (queue full at its 3rd text) cancels the texts already
+    submitted and releases their quota and adapter pins."""
+    from tests.serving_fixtures import make_cls_adapter
+    cfg = make_config(tmp_path, max_batch_size=1, max_queued_requests=2)
+    d, _ = make_cls_adapter(tiny_model_dir, tmp_path / "peft", seed=31)
+    with BackgroundServer(cfg, tiny_loaded) as srv, LoraFleetClient(f"127.0.0.1:{srv.port}", timeout=30) as c:
+        c.upload_adapter(d, "cls")
+        with pytest.raises(grpc.RpcError) as e:
+            c.classify(["a", "b", "c", "d", "e"], adapter="cls")
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        deadline = time.monotonic() + 10
+        while srv.engine.scheduler.has_work() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not srv.engine.scheduler.has_work()
+        registry = srv.engine.adapters.registry
+        assert registry.in_flight("default/cls@1") == 0
+        assert len(c.classify(["a", "b"], adapter="cls")) == 2
