@@ -56,10 +56,12 @@ class StreamPiece:
 class LoraFleetClient:
     def __init__(self, target: str, api_key: str | None = None, timeout: float | None = 120.0,
                  channel: grpc.Channel | None = None, retries: int = 0, tls_ca: Path | None = None,
-                 tls_cert: Path | None = None, tls_key: Path | None = None):
+                 tls_cert: Path | None = None, tls_key: Path | None = None, tenant: str | None = None):
         """`retries`: extra attempts, with jittered exponential backoff, on UNAVAILABLE and
         RESOURCE_EXHAUSTED only (never for uploads). `tls_ca`: PEM root certificate for TLS;
-        `tls_cert`/`tls_key`: the client certificate for mutual TLS."""
+        `tls_cert`/`tls_key`: the client certificate for mutual TLS. `tenant`: sent as the
+        `x-tenant` header so a tenant-hashing load balancer keeps the tenant on few replicas
+        (routing only: the server derives the tenant from the API key)."""
         if channel is None and tls_ca is not None:
             creds = grpc.ssl_channel_credentials(
                 Path(tls_ca).read_bytes(), Path(tls_key).read_bytes() if tls_key else None,
@@ -70,7 +72,8 @@ class LoraFleetClient:
         self.inference = pb_grpc.InferenceStub(self.channel)
         self.adapters = pb_grpc.AdaptersStub(self.channel)
         self.timeout = timeout
-        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self.metadata = ((("authorization", f"Bearer {api_key}"),) if api_key else ()) + \
+            ((("x-tenant", tenant),) if tenant else ())
 
     def __enter__(self) -> "LoraFleetClient":
         return self

@@ -60,3 +60,10 @@ def test_cli_walkthrough(server, tiny_model_dir, tmp_path):
     assert r.returncode == 0 and r.stdout.startswith("lf_")
     assert json.loads(keys.read_text())["keys"][0]["tenant"] == "acme"
     assert r.stdout.strip() not in keys.read_text()          # only the hash is stored
+
+
+def test_tenant_routing_header_is_sent_and_harmless(server):
+    from client import LoraFleetClient
+    with LoraFleetClient(f"127.0.0.1:{server.port}", tenant="acme", timeout=30) as c:
+        assert ("x-tenant", "acme") in c.metadata
+        assert c.generate("routed", max_new_tokens=2).completion_tokens >= 1
