@@ -81,8 +81,10 @@ def main() -> None:
     run_hf(hf, prompts[:4], 4)
     ours, theirs = [], []
     for _ in range(args.repeats):                # interleaved
+        time.sleep(0.5)   # HF runs on this thread, the engine on its own: let the other OpenMP pool go idle
         t, our_tokens = run_engine(engine, prompts, args.new_tokens)
         ours.append(t)
+        time.sleep(0.5)
         t, hf_tokens = run_hf(hf, prompts, args.new_tokens)
         theirs.append(t)
     engine.stop()

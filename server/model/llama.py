@@ -190,6 +190,8 @@ class LlamaModel:
         if hooks is not None:
             h = hooks.embed(h)
         cos, sin = self.rope(batch.positions)
+        decode_bias = torch.zeros(batch.decode_mask.shape, dtype=torch.float32,
+                                  device=h.device).masked_fill_(~batch.decode_mask, float("-inf"))
         for i, lw in enumerate(self.layers):
             x = rms_norm(h, lw.attn_norm, a.norm_eps)
             qkv = _linear(x, lw.wqkv, lw.bqkv, hooks, i, "qkv")            # [T, q + 2 kv]
@@ -200,7 +202,7 @@ class LlamaModel:
             kc, vc = kv[i]
             kc[batch.token_slots, :, batch.positions] = k
             vc[batch.token_slots, :, batch.positions] = v.view(-1, a.n_kv_heads, a.head_dim)
-            attn = self._attention(q, kc, vc, batch)                      # [T, H * hd]
+            attn = self._attention(q, kc, vc, batch, decode_bias)         # [T, H * hd]
             o = _linear(attn, lw.wo, None, hooks, i, "o")
             if hooks is not None:
                 o = hooks.block_out(i, "attn", o)
@@ -219,7 +221,7 @@ class LlamaModel:
         return h @ self.lm_head_t
 
     def _attention(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
-                   batch: ForwardBatch) -> torch.Tensor:
+                   batch: ForwardBatch, decode_bias: torch.Tensor) -> torch.Tensor:
         """q [T, H, hd] -> [T, H * hd]; every token attends to its slot's cache up to itself.
         kc, vc: [slots, kv_heads, max_len, hd]."""
         T, H, hd = q.shape
@@ -232,13 +234,11 @@ class LlamaModel:
                 ks, vs = kc[first:first + count, :, :n], vc[first:first + count, :, :n]
             else:
                 ks, vs = kc[batch.decode_slots, :, :n], vc[batch.decode_slots, :, :n]  # [B, Hkv, n, hd]
+            qd = q if batch.decode_only else q[batch.decode_rows]           # [B, H, hd]
+            od = _decode_attention(qd, ks, vs, decode_bias)                 # [B, H * hd]
             if batch.decode_only:                                          # rows are 0..T-1 in order
-                od = F.scaled_dot_product_attention(q.unsqueeze(2), ks, vs, attn_mask=batch.decode_mask,
-                                                    enable_gqa=gqa)
-                return od.reshape(T, H * hd)
-            qd = q[batch.decode_rows].unsqueeze(2)                          # [B, H, 1, hd]
-            od = F.scaled_dot_product_attention(qd, ks, vs, attn_mask=batch.decode_mask, enable_gqa=gqa)
-            out[batch.decode_rows] = od.squeeze(2)
+                return od
+            out[batch.decode_rows] = od.view(-1, H, hd)
         if batch.prefill_rows.numel():
             n = batch.prefill_mask.shape[-1]
             ks, vs = kc[batch.prefill_slots, :, :n], vc[batch.prefill_slots, :, :n]   # [P, Hkv, n, hd]
@@ -247,6 +247,17 @@ class LlamaModel:
             valid = batch.prefill_valid
             out[batch.prefill_rows[valid]] = op.transpose(1, 2)[valid]
         return out.reshape(T, H * hd)
+
+
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """One query per row: q [B, H, hd], k/v [B, Hkv, n, hd], bias [B, 1, 1, n] (0 or -inf)
+    -> [B, H * hd]. Query heads h*G..h*G+G-1 share kv head h (HF's repeat_kv order). Two small
+    batched matmuls beat SDPA's kernel at these shapes on CPU; softmax in float32."""
+    B, H, hd = q.shape
+    Hkv = k.shape[1]
+    s = torch.matmul(q.view(B, Hkv, H // Hkv, hd), k.transpose(-1, -2)).float()   # [B, Hkv, G, n]
+    p = (s * hd ** -0.5 + bias).softmax(-1).to(v.dtype)
+    return torch.matmul(p, v).reshape(B, H * hd)
 
 
 def _matmul(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
