@@ -112,3 +112,21 @@ def test_loader_refuses_pickle_only_dirs(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(ModelLoadError, match="model_type"):
         load_model(tmp_path, CPU, torch.float32)
+
+
+def test_bfloat16_forward_tracks_float32(tiny_model_dir, tiny_loaded):
+    """The GPU default dtype, exercised on CPU: bf16 logits within bf16 tolerance of fp32."""
+    bf = load_model(tiny_model_dir, CPU, torch.bfloat16)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 259, (n,), generator=g).tolist() for n in (3, 11)]
+    segs = [Segment(slot=i, token_ids=p, first_pos=0, want_logits=True) for i, p in enumerate(prompts)]
+    kv32 = KVCache(tiny_loaded.model.args, 2, 32, CPU, torch.float32)
+    kv16 = KVCache(bf.model.args, 2, 32, CPU, torch.bfloat16)
+    want = tiny_loaded.model.forward(make_forward_batch(segs, CPU), kv32.layers)
+    got = bf.model.forward(make_forward_batch(segs, CPU), kv16.layers)
+    assert got.dtype == torch.bfloat16
+    assert rel(got.float(), want) < 2e-2
+    dec = [Segment(slot=i, token_ids=[7], first_pos=len(p), want_logits=True) for i, p in enumerate(prompts)]
+    want = tiny_loaded.model.forward(make_forward_batch(dec, CPU), kv32.layers)
+    got = bf.model.forward(make_forward_batch(dec, CPU), kv16.layers)
+    assert rel(got.float(), want) < 3e-2
