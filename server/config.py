@@ -51,6 +51,7 @@ class ServerConfig:
     tenant_max_adapter_bytes: int = 2 * 1024 ** 3
     tenant_max_concurrent: int = 64
     tenant_max_queued: int = 256
+    rescan_interval_s: float = 0.0          # > 0: follow a store shared with other replicas
     metrics_per_tenant: bool = False        # per-tenant request/token series
     metrics_max_tenants: int = 50           # distinct tenant label values; the rest count as "other"
 
@@ -117,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--tenant-max-concurrent", type=int, default=d.tenant_max_concurrent,
       help="default quota: requests in flight")
     a("--tenant-max-queued", type=int, default=d.tenant_max_queued, help="default quota: requests queued")
+    a("--rescan-interval-s", type=float, default=d.rescan_interval_s,
+      help="re-read --data-dir this often to serve adapters other replicas uploaded to a shared"
+           " store (and drop ones they deleted); 0 = off")
     a("--metrics-per-tenant", action="store_true", help="export per-tenant request and token counters")
     a("--metrics-max-tenants", type=int, default=d.metrics_max_tenants,
       help="cap on distinct tenant label values (the rest are counted as 'other')")

@@ -6,7 +6,7 @@ import logging
 import signal
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import torch
@@ -97,10 +97,13 @@ class RunningServer:
     draining: Draining
     auth: Authenticator
     metrics_http: object | None = None
+    background: list = field(default_factory=list)     # asyncio tasks to cancel at shutdown
 
     async def shutdown(self, grace: float) -> None:
         """Drain: health NOT_SERVING, new calls UNAVAILABLE, in-flight calls get `grace` s."""
         self.draining.on = True
+        for task in self.background:
+            task.cancel()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         self.engine.stop()
@@ -145,7 +148,23 @@ async def start(cfg: ServerConfig, loaded: LoadedModel) -> RunningServer:
     engine.on_crash.append(not_serving)
     http = metrics.serve_metrics(cfg.metrics_port, cfg.host) if cfg.metrics_port >= 0 else None
     mport = http.server_address[1] if http else None
-    return RunningServer(server, port, mport, engine, hs, draining, auth, http)
+    running = RunningServer(server, port, mport, engine, hs, draining, auth, http)
+    if cfg.rescan_interval_s > 0:
+        running.background.append(asyncio.create_task(_rescan(adapters.registry, cfg.rescan_interval_s)))
+    return running
+
+
+async def _rescan(registry: AdapterRegistry, interval: float) -> None:
+    """Follow a store shared by several replicas (see --rescan-interval-s)."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            added, dropped = await asyncio.to_thread(registry.refresh)
+        except Exception:  # noqa: BLE001 - keep serving what we have
+            log.exception("adapter store rescan failed")
+            continue
+        if added or dropped:
+            log.info("adapter store rescan: %d versions added, %d dropped", added, dropped)
 
 
 def _tls(cfg: ServerConfig) -> grpc.ServerCredentials:

@@ -12,6 +12,7 @@ the store's purge run outside the registry lock, on whichever thread dropped the
 """
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -20,6 +21,8 @@ from server.adapters.formats import AdapterKind, AdapterWeights
 from server.adapters.store import AdapterInfo, AdapterStore, DeletedAdapter, Upload
 from server.adapters.validate import VERSION_RE, parse_ref, validate_name
 from server.errors import InvalidArgument, NotFound
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,33 @@ class AdapterRegistry:
         with self._lock:
             if info.version in self._store.versions(info.tenant, info.name):
                 self._add(info)
+
+    def refresh(self) -> tuple[int, int]:
+        """Follow a store shared with other replicas: serve versions they wrote, hide names they
+        deleted. Returns (versions added, versions dropped). New versions are verified on their
+        first load (sha256 and full validation), like every load."""
+        on_disk: dict[str, AdapterInfo] = {}
+        for tenant in self._store.tenants():
+            try:
+                on_disk.update((i.key, i) for i in self._store.list(tenant))
+            except Exception as e:  # noqa: BLE001 - one unreadable tenant must not stop the rest
+                log.warning("rescan: skipping tenant %s: %s", tenant, e)
+        with self._lock:
+            known = {i.key for names in self._index.values() for vs in names.values() for i in vs.values()}
+            added = [i for k, i in on_disk.items() if k not in known and k not in self._deleted]
+            for info in added:
+                self._add(info)
+            gone = [k for k in known if k not in on_disk]
+            for key in gone:
+                tenant, name, version = parse_key(key)
+                versions = self._index[tenant][name]
+                del versions[version]
+                if not versions:
+                    del self._index[tenant][name]
+            free_now = [k for k in gone if not self._refs.get(k)]
+        for key in free_now:
+            self._free(key, None)
+        return len(added), len(gone)
 
     def _add(self, info: AdapterInfo) -> None:
         self._index.setdefault(info.tenant, {}).setdefault(info.name, {})[info.version] = info

@@ -98,3 +98,42 @@ def test_classify_failing_part_way_leaks_nothing(tiny_loaded, tiny_model_dir, tm
         registry = srv.engine.adapters.registry
         assert registry.in_flight("default/cls@1") == 0
         assert len(c.classify(["a", "b"], adapter="cls")) == 2
+
+
+def test_replicas_sharing_a_store_follow_uploads_and_deletes(tiny_loaded, tiny_model_dir, tmp_path):
+    from tests.serving_fixtures import make_adapter
+    d, _ = make_adapter(tiny_model_dir, tmp_path / "peft", "lora", seed=41)
+    shared = tmp_path / "shared-store"
+    cfg = make_config(tmp_path, data_dir=shared, rescan_interval_s=0.1)
+    with BackgroundServer(cfg, tiny_loaded) as a, BackgroundServer(cfg, tiny_loaded) as b, \
+            LoraFleetClient(f"127.0.0.1:{a.port}", timeout=30) as ca, \
+            LoraFleetClient(f"127.0.0.1:{b.port}", timeout=30) as cb:
+        ca.upload_adapter(d, "everywhere")
+        want = ca.generate("replica", max_new_tokens=6, adapter="everywhere").token_ids
+
+        def until(fn, timeout=10.0):
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    return fn()
+                except grpc.RpcError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+
+        assert until(lambda: cb.generate("replica", max_new_tokens=6, adapter="everywhere")).token_ids == want
+        ca.delete_adapter("everywhere")
+
+        def gone():
+            cb.generate("replica", max_new_tokens=2, adapter="everywhere")
+            raise AssertionError("still served")
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                gone()
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.NOT_FOUND
+                break
+            except AssertionError:
+                assert time.monotonic() < deadline, "replica b kept serving a deleted adapter"
+                time.sleep(0.05)
