@@ -62,7 +62,12 @@ def load(cfg: ServerConfig) -> LoadedModel:
         torch.set_num_threads(cfg.threads)
     model_dir = cfg.model_dir or ensure_default_model(cfg.cache_dir, cfg.default_model)
     device, dtype = pick_device(cfg)
-    return load_model(model_dir, device, dtype)
+    loaded = load_model(model_dir, device, dtype)
+    window = loaded.hf_config.get("sliding_window")
+    if loaded.hf_config.get("use_sliding_window", True) and window and window < cfg.max_context_tokens:
+        raise ModelLoadError(f"{model_dir}: sliding-window attention ({window} tokens) is not implemented; "
+                             f"use --max-context-tokens {window} or less")
+    return loaded
 
 
 def build_adapters(cfg: ServerConfig, loaded: LoadedModel) -> tuple[AdapterStore, AdapterServing]:

@@ -130,3 +130,31 @@ def test_bfloat16_forward_tracks_float32(tiny_model_dir, tiny_loaded):
     want = tiny_loaded.model.forward(make_forward_batch(dec, CPU), kv32.layers)
     got = bf.model.forward(make_forward_batch(dec, CPU), kv16.layers)
     assert rel(got.float(), want) < 3e-2
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_other_families_match_hf(family, tmp_path):
+    """Qwen2 (q/k/v biases) and Mistral directories load through the same loader and match HF."""
+    import transformers
+    small = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=120)
+    if family == "qwen2":
+        cfg, cls = transformers.Qwen2Config(**small), transformers.Qwen2ForCausalLM
+    else:
+        cfg, cls = transformers.MistralConfig(**small, sliding_window=4096), transformers.MistralForCausalLM
+    torch.manual_seed(7)
+    hf = cls(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.2)
+    hf.save_pretrained(tmp_path)
+    from server.model.default import build_tokenizer
+    build_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    loaded = load_model(tmp_path, CPU, torch.float32)
+    assert loaded.model.args.qkv_bias == (family == "qwen2")
+    ids = torch.randint(0, 120, (30,), generator=torch.Generator().manual_seed(8)).tolist()
+    kv = KVCache(loaded.model.args, 1, 64, CPU, torch.float32)
+    ours = loaded.model.forward(make_forward_batch([Segment(0, ids, 0, True)], CPU), kv.layers)
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0, -1]
+    assert rel(ours[0], ref) < 1e-4
