@@ -139,6 +139,7 @@ class InferenceService(pb_grpc.InferenceServicer):
     def _submit(self, request: pb.GenerateRequest, context) -> tuple[Sequence, asyncio.Queue]:
         self.draining.check()
         principal = self.auth.principal(context.invocation_metadata())
+        self.engine.check_capacity()
         params = requests.sampling_params(request.params, self.cfg)
         rid = requests.request_id(request.request_id) or uuid.uuid4().hex
         ids = requests.prompt_ids(request.prompt, self.tokenizer, self.cfg, params.max_new_tokens)

@@ -76,6 +76,12 @@ class Engine:
         self._inbox.put(None)
         self._thread.join(timeout)
 
+    def check_capacity(self) -> None:
+        """Cheap early refusal (before any tokenizing) when the queue is already full;
+        submit() re-checks under the lock."""
+        if self._pending >= self.max_queued:
+            raise ResourceExhausted(f"the server queue is full ({self.max_queued} requests waiting); retry later")
+
     def submit(self, seq: Sequence) -> None:
         """Queue a sequence; ResourceExhausted at once when the queue is full."""
         if self.crashed is not None:
