@@ -42,9 +42,16 @@ KIND_TO_PB = {AdapterKind.LORA: pb.ADAPTER_KIND_LORA, AdapterKind.IA3: pb.ADAPTE
 PB_TO_KIND = {v: k for k, v in KIND_TO_PB.items()}
 
 
+OVERLOAD_DELAY_S = 0.05
+
+
 async def _abort(context: grpc.aio.ServicerContext, method: str, err: BaseException) -> None:
     code = status_of(err)
     metrics.REQUESTS.labels(method, code.name).inc()
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        # Server-side back-off: a client that retries at once cannot turn rejections into a busy
+        # loop that starves the engine thread (GIL and CPU); the answer stays quick and explicit.
+        await asyncio.sleep(OVERLOAD_DELAY_S)
     if code == grpc.StatusCode.INTERNAL and not isinstance(err, LoraFleetError):   # a bug
         log.error("%s failed", method, exc_info=err)
         await context.abort(code, f"internal error ({type(err).__name__}); the server log has details")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -171,12 +172,12 @@ def test_hot_swap_under_traffic(cluster, tiny_model_dir, adapters_dir):
     for t in threads:
         t.start()
     while len(results) < 3:
-        pass
+        time.sleep(0.01)
     assert c["a"].upload_adapter(d2, "swap").version == 2
     v2 = c["a"].generate("swap me", max_new_tokens=8, adapter="swap@2").token_ids
     n_at_swap = len(results)
     while len(results) < n_at_swap + 6:
-        pass
+        time.sleep(0.01)
     stop.set()
     for t in threads:
         t.join(30)
