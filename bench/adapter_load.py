@@ -76,7 +76,7 @@ def main() -> None:
         assert info.version == 1
     engine.stop()
 
-    weights = serving.registry.load(f"bench/new0@1")
+    weights = serving.registry.load("bench/new0@1")
     copies = []
     for _ in range(max(10, args.repeats * 4)):
         t = time.perf_counter()

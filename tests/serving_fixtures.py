@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from server.adapters import formats
-from server.adapters.formats import BaseModelShape, BottleneckTarget, ClassificationHead
+from server.adapters.formats import BaseModelShape, BottleneckTarget
 from server.adapters.registry import AdapterRegistry
 from server.engine.engine import AdapterServing
 

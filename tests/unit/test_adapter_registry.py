@@ -106,7 +106,6 @@ def _first_value(weights) -> float:
 def test_hot_swap_under_concurrent_resolves(store):
     reg = AdapterRegistry(store)
     versions = {reg.put("acme", "hot", bottleneck_archive(seed=0)).version: 0}
-    expected = {0: _first_value(reg.load("acme/hot@1"))}
     stop, errors, seen = threading.Event(), [], []
 
     def request_loop():
