@@ -150,7 +150,8 @@ def validate_config(cfg: ServerConfig) -> ServerConfig:
         problems.append("--tls-cert and --tls-key go together")
     if cfg.tls_client_ca is not None and cfg.tls_cert is None:
         problems.append("--tls-client-ca needs --tls-cert/--tls-key")
-    for flag, path in (("--tls-cert", cfg.tls_cert), ("--tls-key", cfg.tls_key), ("--tls-client-ca", cfg.tls_client_ca)):
+    tls_files = (("--tls-cert", cfg.tls_cert), ("--tls-key", cfg.tls_key), ("--tls-client-ca", cfg.tls_client_ca))
+    for flag, path in tls_files:
         if path is not None and not path.is_file():
             problems.append(f"{flag} {path}: no such file")
     if problems:
