@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from server.adapters.formats import AdapterKind, AdapterWeights, BaseModelShape
-from server.adapters.validate import (NAME_RE, VERSION_RE, AdapterLimits, check_sha256, load_json_object,
-                                      parse_upload, validate_name, validate_sha256)
+from server.adapters.safe_io import load_json_object
+from server.adapters.validate import (NAME_RE, VERSION_RE, AdapterLimits, check_sha256, parse_upload,
+                                      validate_name, validate_sha256)
 from server.errors import DataLoss, FailedPrecondition, InvalidArgument, LoraFleetError, NotFound, ResourceExhausted
 
 log = logging.getLogger(__name__)

@@ -16,24 +16,19 @@ finite. No pickle, never torch.load.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
-import struct
 from dataclasses import dataclass
-
-import torch
-from safetensors.torch import load as load_safetensors
 
 from server.adapters import formats
 from server.adapters.formats import AdapterKind, AdapterWeights, BaseModelShape, TensorSlot
+from server.adapters.safe_io import TensorHeader, load_json_object, load_tensors, read_safetensors_header
 from server.errors import DataLoss, FailedPrecondition, InvalidArgument, ResourceExhausted
 
 MiB = 1 << 20
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}", re.ASCII)
 VERSION_RE = re.compile(r"[1-9][0-9]{0,8}", re.ASCII)
 SHA256_RE = re.compile(r"[0-9a-f]{64}", re.ASCII)
-DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
 _PATTERN_RE = re.compile(r"[A-Za-z0-9_.|()\[\]^$?*+\\-]{1,128}", re.ASCII)
 _MAX_PATTERNS = 64
 _UNSUPPORTED_LORA = ("use_dora", "lora_bias", "fan_in_fan_out", "alora_invocation_tokens", "use_qalora",
@@ -87,94 +82,6 @@ def check_sha256(data: bytes, sha256: str | None) -> str:
     if sha256 is not None and digest != validate_sha256(sha256):
         raise DataLoss(f"sha256 mismatch: declared {sha256}, received bytes hash to {digest}")
     return digest
-
-
-# ---------------------------------------------------------------- JSON
-
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        raise InvalidArgument("JSON object has duplicate keys")
-    return out
-
-
-def _reject_constant(name: str) -> None:
-    raise InvalidArgument(f"JSON contains {name}, which is not valid JSON")
-
-
-def load_json_object(data: bytes, what: str) -> dict:
-    try:
-        value = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates,
-                           parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as e:  # bad UTF-8 / JSON, ints over 4300 digits, deep nesting
-        raise InvalidArgument(f"{what} is not valid UTF-8 JSON ({str(e)[:120]})") from None
-    if not isinstance(value, dict):
-        raise InvalidArgument(f"{what} must be a JSON object, got {type(value).__name__}")
-    return value
-
-
-# ---------------------------------------------------------------- safetensors header
-
-@dataclass(frozen=True)
-class TensorHeader:
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int  # offset into the data section
-    end: int
-
-
-def read_safetensors_header(data: bytes, limits: AdapterLimits) -> dict[str, TensorHeader]:
-    """Parse and check the header ourselves: length, entries, dtypes, offsets vs dtype x shape."""
-    if len(data) < 8:
-        raise InvalidArgument(f"{formats.WEIGHTS_FILE} is {len(data)} bytes, too short for safetensors")
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > len(data) - 8:
-        raise InvalidArgument(f"safetensors header claims {header_len} bytes but the file has {len(data) - 8} "
-                              "after the length field (truncated, or not a safetensors file)")
-    header_cap = 4096 + 512 * limits.max_tensors
-    if header_len > header_cap:
-        raise ResourceExhausted(f"safetensors header is {header_len} bytes; the limit is {header_cap}")
-    raw = load_json_object(data[8:8 + header_len], "safetensors header")
-    meta = raw.pop("__metadata__", None)
-    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
-        raise InvalidArgument("safetensors __metadata__ must map strings to strings")
-    if len(raw) > limits.max_tensors:
-        raise ResourceExhausted(f"adapter has {len(raw)} tensors; the limit is {limits.max_tensors}")
-    entries = {name: _header_entry(name, value) for name, value in raw.items()}
-    _check_offsets(entries, len(data) - 8 - header_len)
-    return entries
-
-
-def _header_entry(name: str, value: object) -> TensorHeader:
-    bad = f"safetensors entry {name[:100]!r} "
-    if not isinstance(value, dict) or set(value) != {"dtype", "shape", "data_offsets"}:
-        raise InvalidArgument(bad + "must hold exactly dtype, shape and data_offsets")
-    dtype, shape, offsets = value["dtype"], value["shape"], value["data_offsets"]
-    if dtype not in DTYPES:
-        raise InvalidArgument(bad + f"has dtype {str(dtype)[:10]}; accepted: {', '.join(DTYPES)}")
-    if not (isinstance(shape, list) and len(shape) <= 4 and all(_is_count(d) for d in shape)):
-        raise InvalidArgument(bad + "has an invalid shape (expected up to 4 non-negative integers)")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
-        raise InvalidArgument(bad + "has invalid data_offsets (expected [begin, end])")
-    return TensorHeader(dtype, tuple(shape), offsets[0], offsets[1])
-
-
-def _is_count(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 53
-
-
-def _check_offsets(entries: dict[str, TensorHeader], data_len: int) -> None:
-    position = 0
-    for name, e in sorted(entries.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
-        if e.begin != position:
-            raise InvalidArgument(f"safetensors entry {name[:100]!r} starts at {e.begin}, expected {position}: "
-                                  "offsets overlap or leave gaps")
-        if e.end - e.begin != math.prod(e.shape) * DTYPES[e.dtype]:
-            raise InvalidArgument(f"safetensors entry {name[:100]!r} spans {e.end - e.begin} bytes but "
-                                  f"{e.dtype} x {list(e.shape)} needs {math.prod(e.shape) * DTYPES[e.dtype]}")
-        position = e.end
-    if position != data_len:
-        raise InvalidArgument(f"safetensors data section is {data_len} bytes but the tensors cover {position}")
 
 
 # ---------------------------------------------------------------- adapter_config.json schema
@@ -461,21 +368,6 @@ _TENSOR_CHECKS = {AdapterKind.LORA: _check_lora_tensors, AdapterKind.IA3: _check
 
 # ---------------------------------------------------------------- entry points
 
-def load_tensors(weights: bytes) -> dict[str, torch.Tensor]:
-    """safetensors bytes (header already checked) -> float32 CPU tensors; NaN/Inf rejected."""
-    try:
-        raw = load_safetensors(weights)
-    except Exception as e:  # the checked header makes this unlikely; never let it escape as INTERNAL
-        raise InvalidArgument(f"{formats.WEIGHTS_FILE} could not be read ({str(e)[:120]})") from None
-    out = {}
-    for name, t in raw.items():
-        t = t.to(torch.float32).contiguous()  # F64 values beyond float32 range become Inf and are rejected
-        if not bool(torch.isfinite(t).all()):
-            raise InvalidArgument(f"tensor {name} contains NaN or Inf")
-        out[name] = t
-    return out
-
-
 def parse_files(config_bytes: bytes, weights: bytes, base: BaseModelShape, limits: AdapterLimits,
                 expected_kind: AdapterKind | None = None) -> AdapterWeights:
     """Validate and parse adapter_config.json + adapter_model.safetensors bytes."""
@@ -484,7 +376,7 @@ def parse_files(config_bytes: bytes, weights: bytes, base: BaseModelShape, limit
                                 f"the limit is {limits.max_config_bytes}")
     cfg = load_json_object(config_bytes, formats.CONFIG_FILE)
     kind = check_config(cfg, base, limits, expected_kind)
-    header = read_safetensors_header(weights, limits)
+    header = read_safetensors_header(weights, limits.max_tensors)
     check_tensors(kind, cfg, header, base, limits)
     return formats.assemble(kind, cfg, load_tensors(weights), base)
 

@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server.adapters import formats, validate
+from server.adapters import formats, safe_io, validate
 from server.adapters.formats import AdapterKind
 from server.adapters.validate import AdapterLimits, parse_ref, validate_name
 from server.errors import DataLoss, FailedPrecondition, InvalidArgument, LoraFleetError, ResourceExhausted
@@ -247,15 +247,15 @@ def test_header_rules():
     ]
     for header in bad_headers:
         with pytest.raises(InvalidArgument):
-            validate.read_safetensors_header(raw_safetensors(header, bytes(8)), LIMITS)
-    assert validate.read_safetensors_header(raw_safetensors({"__metadata__": {"k": "v"}, "a": ok}, bytes(8)),
-                                            LIMITS)["a"].shape == (2,)
+            safe_io.read_safetensors_header(raw_safetensors(header, bytes(8)), LIMITS.max_tensors)
+    assert safe_io.read_safetensors_header(raw_safetensors({"__metadata__": {"k": "v"}, "a": ok}, bytes(8)),
+                                            LIMITS.max_tensors)["a"].shape == (2,)
     padded = raw_safetensors({"a": ok}, bytes(8)).replace(b"}}", b"}}" + b" " * 6000, 1)
     padded = (len(padded) - 16).to_bytes(8, "little") + padded[8:]
     with pytest.raises(ResourceExhausted, match="header is"):
-        validate.read_safetensors_header(padded, AdapterLimits(max_tensors=2))
+        safe_io.read_safetensors_header(padded, AdapterLimits(max_tensors=2).max_tensors)
     with pytest.raises(InvalidArgument, match="too short"):
-        validate.read_safetensors_header(b"\x01\x00", LIMITS)
+        safe_io.read_safetensors_header(b"\x01\x00", LIMITS.max_tensors)
 
 
 # ---------------------------------------------------------------- fuzz
@@ -288,7 +288,7 @@ _json = st.recursive(st.none() | st.booleans() | st.integers(-2, 2**64) | st.flo
        st.binary(max_size=40))
 def test_random_safetensors_headers_fail_only_with_domain_errors(header, payload):
     try:
-        validate.read_safetensors_header(raw_safetensors(header, payload), LIMITS)
+        safe_io.read_safetensors_header(raw_safetensors(header, payload), LIMITS.max_tensors)
     except LoraFleetError:
         pass
     cfg = json.dumps({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}).encode()
