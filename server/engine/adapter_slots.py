@@ -29,8 +29,9 @@ from server.errors import FailedPrecondition
 from server.model.llama import ModelArgs
 
 ACT_ID = {"relu": 0, "gelu": 1, "silu": 2}
-IA3_OUT = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o",
-           "gate_proj": "gate_up", "up_proj": "gate_up", "down_proj": "down"}
+# each Llama linear -> (fused target of the forward, its position in that target's output)
+MODULE_TARGET = {"q_proj": ("qkv", 0), "k_proj": ("qkv", 1), "v_proj": ("qkv", 2), "o_proj": ("o", 0),
+                 "gate_proj": ("gate_up", 0), "up_proj": ("gate_up", 1), "down_proj": ("down", 0)}
 IA3_IN = {"o_proj": "o", "down_proj": "down"}
 
 
@@ -51,6 +52,9 @@ class AdapterSlots:
         q, kv = args.q_size, args.kv_size
         self.out_dims = {"qkv": (q, kv, kv), "o": (d,), "gate_up": (f, f), "down": (d,)}
         self.in_dims = {"qkv": d, "o": q, "gate_up": d, "down": f}
+        starts = {t: [sum(outs[:i]) for i in range(len(outs))] for t, outs in self.out_dims.items()}
+        self.out_slices = {t: [slice(a, a + o) for a, o in zip(starts[t], outs)]   # columns of each
+                           for t, outs in self.out_dims.items()}                      # part of a fused output
 
         def z(*shape: int) -> torch.Tensor:
             return torch.zeros(shape, device=device, dtype=dtype)
@@ -111,23 +115,18 @@ class AdapterSlots:
         self.info[slot] = None
 
     def _write_lora(self, slot: int, w: AdapterWeights) -> None:
-        modules = {"q_proj": ("qkv", 0), "k_proj": ("qkv", 1), "v_proj": ("qkv", 2), "o_proj": ("o", 0),
-                   "gate_proj": ("gate_up", 0), "up_proj": ("gate_up", 1), "down_proj": ("down", 0)}
         rank = max(t.A.shape[0] for t in w.lora.values())
         for (layer, module), t in w.lora.items():
-            target, i = modules[module]
+            target, i = MODULE_TARGET[module]
             A, Bs, scales = self.lora[layer][target]
             r = t.A.shape[0]
             A[slot, i * self.r:i * self.r + r] = t.A
             Bs[i][slot, :, :r] = t.B
             scales[i][slot] = t.scale
         self.lora_rank[slot] = rank
-        self.lora_targets[slot] = frozenset(modules[m][0] for _, m in w.lora)
+        self.lora_targets[slot] = frozenset(MODULE_TARGET[m][0] for _, m in w.lora)
 
     def _write_ia3(self, slot: int, w: AdapterWeights) -> None:
-        q, kv = self.args.q_size, self.args.kv_size
-        f = self.args.intermediate_size
-        offsets = {"q_proj": 0, "k_proj": q, "v_proj": q + kv, "gate_proj": 0, "up_proj": f}
         for (layer, module), t in w.ia3.items():
             if t.on_input:
                 if module not in IA3_IN:
@@ -136,8 +135,8 @@ class AdapterSlots:
                         f"only, not {module}")
                 self.ia3_in[layer][IA3_IN[module]][slot] = t.vec
             else:
-                off = offsets.get(module, 0)
-                self.ia3_out[layer][IA3_OUT[module]][slot, off:off + t.vec.numel()] = t.vec
+                target, i = MODULE_TARGET[module]
+                self.ia3_out[layer][target][slot, self.out_slices[target][i]] = t.vec
 
     def _write_bottleneck(self, slot: int, w: AdapterWeights) -> None:
         acts = {t.activation for t in w.bottleneck.values()}
@@ -207,10 +206,7 @@ class StepAdapters:
             if len(Bs) == 1:
                 kernels.lora(y, x, A, Bs[0], scales[0], self.lora)
             else:
-                outs = self.store.out_dims[target]
-                starts = [sum(outs[:i]) for i in range(len(outs))]
-                slices = [slice(a, a + o) for a, o in zip(starts, outs)]
-                kernels.lora_packed(y, x, A, Bs, scales, slices, self.lora)
+                kernels.lora_packed(y, x, A, Bs, scales, self.store.out_slices[target], self.lora)
         if self.ia3 is not None:
             kernels.ia3(y, self.store.ia3_out[layer][target], self.ia3)
         return y

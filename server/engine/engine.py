@@ -140,7 +140,7 @@ class Engine:
 
     def _admit(self) -> None:
         admitted = self.scheduler.admit(self._make_ready)
-        if self.adapters is not None and self.scheduler.waiting or admitted:
+        if self.scheduler.waiting or admitted:   # the cache was consulted
             self._export_cache_stats()
         if admitted:
             self._unpend(len(admitted))
