@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 PROTO_SRC := proto/lorafleet/v1/lorafleet.proto
-PROTO_OUT := client/pb/lorafleet/v1/lorafleet_pb2.py
+PROTO_OUT := proto/lorafleet/v1/lorafleet_pb2.py
 
 .PHONY: setup setup-ops proto serve test test-unit test-integration bench loadtest demo clean help
 
@@ -36,7 +36,7 @@ setup-ops:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus; }
 
 $(PROTO_OUT): $(PROTO_SRC) $(STAMP)
-	$(PY) -m grpc_tools.protoc -Iclient/pb=proto --python_out=. --pyi_out=. --grpc_python_out=. client/pb/lorafleet/v1/lorafleet.proto
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto --grpc_python_out=proto $(PROTO_SRC)
 
 proto: $(PROTO_OUT)
 

@@ -8,6 +8,7 @@ Both are printed as ratios to one decode step (32 rows) of the default model, me
     .venv/bin/python bench/adapter_load.py [--repeats 5]
 """
 from __future__ import annotations
+from lorafleet.archive import archive_dir
 
 import argparse
 import statistics
@@ -22,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.mixed_adapters import make_peft  # noqa: E402
+from server.adapters.refs import parse_tenant_ref
 from server.adapters import formats  # noqa: E402
 from server.config import ServerConfig  # noqa: E402
 from server.engine.batch import Segment, make_forward_batch  # noqa: E402
@@ -61,15 +63,15 @@ def main() -> None:
     step = statistics.median(steps)
 
     engine.start()
-    archives = [formats.archive_dir(make_peft(base_dir, work / f"l{i}", "lora", i)) for i in range(args.repeats + 1)]
+    archives = [archive_dir(make_peft(base_dir, work / f"l{i}", "lora", i)) for i in range(args.repeats + 1)]
     first_token = []
     for i, archive in enumerate(archives):
         info = serving.registry.put("bench", f"new{i}", archive)          # upload complete
         got = threading.Event()
         t0 = time.perf_counter()
-        ref = serving.registry.resolve("bench", f"new{i}")
+        ref = serving.registry.resolve(parse_tenant_ref("bench", f"new{i}"))
         engine.submit(Sequence("b", [1, 5, 6, 7, 8, 9, 10, 11], SamplingParams(max_new_tokens=1, ignore_eos=True),
-                               lambda ev: got.set(), tenant="bench", adapter=ref))
+                               lambda ev: got.set(), tenant="bench"), ref)
         got.wait(60)
         if i:                                                            # the first one warms up
             first_token.append(time.perf_counter() - t0)

@@ -11,6 +11,7 @@ Prints (c)/(a), (d)/(a), (c)/(e) (targets: (c)/(a) >= 0.85, (c)/(e) >= 2.0), and
     .venv/bin/python bench/mixed_adapters.py [--repeats 3] [--skip-128]
 """
 from __future__ import annotations
+from lorafleet.archive import archive_dir
 
 import argparse
 import json
@@ -25,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from server.adapters.refs import parse_tenant_ref
 from server.adapters import formats  # noqa: E402
 from server.adapters.formats import BaseModelShape, BottleneckTarget  # noqa: E402
 from server.config import ServerConfig  # noqa: E402
@@ -74,10 +76,10 @@ def run(engine: Engine, registry, prompts, adapters: list[str | None], n: int) -
     done = threading.Semaphore(0)
     t0 = time.perf_counter()
     for p, a in zip(prompts, adapters):
-        ref = registry.resolve(TENANT, a) if a else None
+        ref = registry.resolve(parse_tenant_ref(TENANT, a)) if a else None
         sink = (lambda ev: done.release() if isinstance(ev, FinishEvent) else None)
         engine.submit(Sequence("b", p, SamplingParams(max_new_tokens=n, ignore_eos=True), sink,
-                               tenant=TENANT, adapter=ref))
+                               tenant=TENANT), ref)
     for _ in prompts:
         done.acquire()
     return time.perf_counter() - t0
@@ -113,12 +115,12 @@ def main() -> None:
     print(f"building {n_adapters} LoRA + 32 mixed adapters on {base_dir.name} ...", flush=True)
     lora_dirs = [make_peft(base_dir, work / f"lora{i}", "lora", i) for i in range(n_adapters)]
     for i, d in enumerate(lora_dirs):
-        reg.put(TENANT, f"lora{i}", formats.archive_dir(d))
+        reg.put(TENANT, f"lora{i}", archive_dir(d))
     kinds = ["lora", "ia3", "bottleneck", "prefix", "prompt"]
     for i in range(32):
         k = kinds[i % len(kinds)]
         d = make_bottleneck(base_dir, work / f"m{i}", i) if k == "bottleneck" else make_peft(base_dir, work / f"m{i}", k, 1000 + i)
-        reg.put(TENANT, f"mix{i}", formats.archive_dir(d))
+        reg.put(TENANT, f"mix{i}", archive_dir(d))
     engine = Engine(loaded, max_batch_size=32, max_context_tokens=96, max_queued=1024, max_prefill_tokens=1024,
                     adapters=serving)
     engine.start()

@@ -2,30 +2,31 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import random
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 import grpc
 
-from client.api import (CHUNK, FINISH_NAMES, RETRYABLE, GenerateResult, LoraFleetClient, StreamPiece,
-                        adapter_archive)
-from client.pb.lorafleet.v1 import lorafleet_pb2 as pb
-from client.pb.lorafleet.v1 import lorafleet_pb2_grpc as pb_grpc
+from client.common import (GenerateResult, StreamPiece, backoff_seconds, call_metadata, classifications,
+                           credentials, generate_request, generate_result, should_retry, stream_piece,
+                           upload_messages)
+from lorafleet.v1 import lorafleet_pb2 as pb
+from lorafleet.v1 import lorafleet_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 
 
 class AsyncLoraFleetClient:
     def __init__(self, target: str, api_key: str | None = None, timeout: float | None = 120.0,
-                 retries: int = 0, tls_ca: Path | None = None):
-        creds = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes()) if tls_ca else None
+                 retries: int = 0, tls_ca: Path | None = None, tls_cert: Path | None = None,
+                 tls_key: Path | None = None, tenant: str | None = None):
+        """The arguments of LoraFleetClient (see there)."""
+        creds = credentials(tls_ca, tls_cert, tls_key)
         self.channel = grpc.aio.secure_channel(target, creds) if creds else grpc.aio.insecure_channel(target)
         self.inference = pb_grpc.InferenceStub(self.channel)
         self.adapters = pb_grpc.AdaptersStub(self.channel)
         self.timeout, self.retries = timeout, retries
-        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self.metadata = call_metadata(api_key, tenant)
 
     async def __aenter__(self) -> "AsyncLoraFleetClient":
         return self
@@ -37,65 +38,52 @@ class AsyncLoraFleetClient:
         await self.channel.close()
 
     async def _retry(self, call: Callable[[], Awaitable[T]]) -> T:
-        for attempt in range(self.retries + 1):
+        attempt = 0
+        while True:
             try:
                 return await call()
             except grpc.aio.AioRpcError as e:
-                if e.code() not in RETRYABLE or attempt == self.retries:
+                if not should_retry(e, attempt, self.retries):
                     raise
-                await asyncio.sleep(min(5.0, 0.1 * 2 ** attempt) * (0.5 + random.random()))
-        raise AssertionError("unreachable")
+                await asyncio.sleep(backoff_seconds(attempt))
+                attempt += 1
 
-    async def generate(self, prompt: str, **kw) -> GenerateResult:
-        timeout = kw.pop("timeout", self.timeout)
-        req = LoraFleetClient.request(prompt, **kw)
-        r = await self._retry(lambda: self.inference.Generate(req, timeout=timeout, metadata=self.metadata))
-        return GenerateResult(r.text, list(r.token_ids), FINISH_NAMES[r.finish_reason],
-                              r.usage.prompt_tokens, r.usage.completion_tokens, r.request_id)
+    def _kw(self, timeout: float | None) -> dict:
+        return {"timeout": timeout or self.timeout, "metadata": self.metadata}
 
-    async def generate_stream(self, prompt: str, **kw) -> AsyncIterator[StreamPiece]:
-        timeout = kw.pop("timeout", self.timeout)
-        call = self.inference.GenerateStream(LoraFleetClient.request(prompt, **kw), timeout=timeout,
-                                             metadata=self.metadata)
-        async for m in call:
-            yield StreamPiece(m.text, list(m.token_ids), FINISH_NAMES[m.finish_reason] if m.finish_reason else None)
+    async def generate(self, prompt: str, timeout: float | None = None, **kw) -> GenerateResult:
+        req = generate_request(prompt, **kw)
+        return generate_result(await self._retry(lambda: self.inference.Generate(req, **self._kw(timeout))))
 
-    async def classify(self, texts: list[str], adapter: str) -> list[dict]:
-        r = await self._retry(lambda: self.inference.Classify(pb.ClassifyRequest(texts=texts, adapter=adapter),
-                                                              timeout=self.timeout, metadata=self.metadata))
-        return [{"label": c.top_label, "scores": {s.label: s.probability for s in c.scores}} for c in r.results]
+    async def generate_stream(self, prompt: str, timeout: float | None = None, **kw) -> AsyncIterator[StreamPiece]:
+        async for m in self.inference.GenerateStream(generate_request(prompt, **kw), **self._kw(timeout)):
+            yield stream_piece(m)
+
+    async def classify(self, texts: list[str], adapter: str, timeout: float | None = None) -> list[dict]:
+        req = pb.ClassifyRequest(texts=texts, adapter=adapter)
+        return classifications(await self._retry(lambda: self.inference.Classify(req, **self._kw(timeout))))
 
     async def server_info(self) -> pb.ServerInfo:
-        return await self.inference.GetServerInfo(pb.GetServerInfoRequest(), timeout=self.timeout,
-                                                  metadata=self.metadata)
+        return await self.inference.GetServerInfo(pb.GetServerInfoRequest(), **self._kw(None))
 
-    async def upload_adapter(self, directory: Path, name: str, shared: bool = False) -> pb.AdapterInfo:
-        data = adapter_archive(Path(directory))
-        meta = pb.UploadMetadata(name=name, sha256=hashlib.sha256(data).hexdigest(), total_bytes=len(data),
-                                 shared=shared)
-
-        async def parts():
-            yield pb.UploadAdapterRequest(metadata=meta)
-            for i in range(0, len(data), CHUNK):
-                yield pb.UploadAdapterRequest(chunk=data[i:i + CHUNK])
-
-        return await self.adapters.UploadAdapter(parts(), timeout=self.timeout, metadata=self.metadata)
+    async def upload_adapter(self, directory: Path, name: str, shared: bool = False,
+                             kind: str | None = None, timeout: float | None = None) -> pb.AdapterInfo:
+        msgs = upload_messages(directory, name, shared, kind)
+        return await self.adapters.UploadAdapter(iter(msgs), **self._kw(timeout))
 
     async def list_adapters(self, page_size: int = 100) -> list[pb.AdapterInfo]:
         out, token = [], ""
         while True:
             r = await self.adapters.ListAdapters(pb.ListAdaptersRequest(page_size=page_size, page_token=token),
-                                                 timeout=self.timeout, metadata=self.metadata)
+                                                 **self._kw(None))
             out.extend(r.adapters)
             token = r.next_page_token
             if not token:
                 return out
 
     async def get_adapter(self, name: str) -> pb.AdapterInfo:
-        return await self.adapters.GetAdapter(pb.GetAdapterRequest(name=name), timeout=self.timeout,
-                                              metadata=self.metadata)
+        return await self.adapters.GetAdapter(pb.GetAdapterRequest(name=name), **self._kw(None))
 
     async def delete_adapter(self, name: str) -> list[int]:
-        r = await self.adapters.DeleteAdapter(pb.DeleteAdapterRequest(name=name), timeout=self.timeout,
-                                              metadata=self.metadata)
+        r = await self.adapters.DeleteAdapter(pb.DeleteAdapterRequest(name=name), **self._kw(None))
         return list(r.deleted_versions)

@@ -1,7 +1,9 @@
-"""`lorafleet`: the command line for a lorafleet server (and `lorafleet train`, `lorafleet keys`)."""
+"""`lorafleet`: the command line for a lorafleet server. Imports only grpcio, protobuf and the
+wire contract; `lorafleet train` hands over to the trainer in its own process (torch lives there)."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -10,12 +12,13 @@ from pathlib import Path
 import grpc
 from google.protobuf import json_format
 
-from client.api import KIND_NAMES, LoraFleetClient
+from client.api import LoraFleetClient
+from client.common import KIND_NAMES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lorafleet", description="Talk to a lorafleet server, train adapters, "
-                                "manage API keys.")
+    p = argparse.ArgumentParser(prog="lorafleet", description="Talk to a lorafleet server; train adapters "
+                                "(`lorafleet train --help`). API keys: `lorafleet-server keys create`.")
     p.add_argument("--server", default=os.environ.get("LORAFLEET_SERVER", "127.0.0.1:50051"),
                    help="host:port of the server (env LORAFLEET_SERVER)")
     p.add_argument("--api-key", default=os.environ.get("LORAFLEET_API_KEY"),
@@ -53,12 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
     ad = asub.add_parser("delete", help="delete every version of an adapter")
     ad.add_argument("name")
     sub.add_parser("info", help="show the served model and the server's limits")
-    k = sub.add_parser("keys", help="manage the server's API keys file")
-    ksub = k.add_subparsers(dest="action", required=True)
-    kc = ksub.add_parser("create", help="add a key for a tenant and print it (shown only this once)")
-    kc.add_argument("--tenant", required=True, help="tenant name: [a-z0-9][a-z0-9._-]{0,63}")
-    kc.add_argument("--admin", action="store_true", help="admin role (shared adapters)")
-    kc.add_argument("--file", type=Path, required=True, help="the keys file (created if missing)")
     sub.add_parser("train", help="train an adapter (see `lorafleet train --help`)", add_help=False)
     return p
 
@@ -98,17 +95,11 @@ def _adapters(c: LoraFleetClient, args) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
-        from trainer.cli import main as train_main
-        return train_main(argv[1:])
+        if importlib.util.find_spec("trainer") is None:
+            print("lorafleet: the trainer is not installed here (pip install lorafleet, with torch)", file=sys.stderr)
+            return 1
+        os.execv(sys.executable, [sys.executable, "-m", "trainer", *argv[1:]])
     args = build_parser().parse_args(argv)
-    if args.command == "keys":
-        from server.api.auth import create_key
-        key = create_key(args.file, args.tenant, args.admin)
-        print(key)
-        print(f"[added tenant {args.tenant!r}{' (admin)' if args.admin else ''} to {args.file}; "
-              f"this key is not stored anywhere and will not be shown again; send SIGHUP to reload]",
-              file=sys.stderr)
-        return 0
     with LoraFleetClient(args.server, api_key=args.api_key, timeout=args.timeout, retries=args.retries,
                          tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key) as c:
         try:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import grpc
 
-from client.pb.lorafleet.v1 import lorafleet_pb2 as pb
-from client.pb.lorafleet.v1 import lorafleet_pb2_grpc as pb_grpc
+from lorafleet.v1 import lorafleet_pb2 as pb
+from lorafleet.v1 import lorafleet_pb2_grpc as pb_grpc
 from loadtest.traffic import LABELS, Tenant, lora_archive, upload_messages
 
 ADAPTER = "a0"

@@ -25,7 +25,7 @@ grpc_gevent.init_gevent()
 import grpc  # noqa: E402 - after init_gevent
 from locust import User  # noqa: E402
 
-from client.pb.lorafleet.v1 import lorafleet_pb2_grpc as pb_grpc  # noqa: E402
+from lorafleet.v1 import lorafleet_pb2_grpc as pb_grpc  # noqa: E402
 
 
 class GrpcFailure(Exception):

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: c
 import grpc  # noqa: E402
 from locust import events, task  # noqa: E402
 
-from client.pb.lorafleet.v1 import lorafleet_pb2 as pb  # noqa: E402
+from lorafleet.v1 import lorafleet_pb2 as pb  # noqa: E402
 from loadtest.grpc_user import GrpcUser  # noqa: E402
 from loadtest.traffic import (LABELS, Tenant, Zipf, load_adapters_file, lora_archive, prompt,  # noqa: E402
                               synthetic_tenants, upload_messages)

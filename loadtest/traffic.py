@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from client.pb.lorafleet.v1 import lorafleet_pb2 as pb
+from lorafleet.v1 import lorafleet_pb2 as pb
 
 LABELS = ("negative", "neutral", "positive")   # the classification head of load-test adapters
 WORDS = ("adapter tenant slot segment shrink expand prefill decode batch token cache queue model "

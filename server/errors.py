@@ -1,4 +1,4 @@
-"""Domain errors. Each maps to exactly one gRPC status code in `server/api/errors.py`.
+"""Domain errors. Each maps to exactly one gRPC status code in `server/api/common.py`.
 
 Raise the most specific class; the message is shown to the caller verbatim, so it
 must say what was wrong and, where there is one, what the limit is.
@@ -44,3 +44,24 @@ class Unavailable(LoraFleetError):
 
 class DataLoss(LoraFleetError):
     """Stored data failed verification (-> DATA_LOSS)."""
+
+
+class DeadlineExceeded(LoraFleetError):
+    """The caller's deadline passed before the request finished."""
+
+
+class QuotaExceeded(ResourceExhausted):
+    """A per-tenant quota (not a server-wide limit) refused the call."""
+
+    def __init__(self, message: str, subject: str, quota: str) -> None:
+        super().__init__(message)
+        self.subject = subject        # e.g. "tenant:acme"
+        self.quota = quota            # the quota's name, e.g. "max_adapters"
+
+
+class InvalidField(InvalidArgument):
+    """One request field is wrong (reported as a google.rpc.BadRequest field violation)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field

@@ -13,8 +13,8 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from client.pb.lorafleet.v1 import lorafleet_pb2 as pb
-from client.pb.lorafleet.v1 import lorafleet_pb2_grpc as pb_grpc
+from lorafleet.v1 import lorafleet_pb2 as pb
+from lorafleet.v1 import lorafleet_pb2_grpc as pb_grpc
 from server import metrics
 from server.adapters.cache import AdapterCache
 from server.adapters.formats import BaseModelShape
@@ -22,7 +22,7 @@ from server.adapters.registry import AdapterRegistry
 from server.adapters.store import AdapterStore
 from server.adapters.validate import AdapterLimits
 from server.api.adapters_service import AdaptersService
-from server.api.auth import Authenticator, AuthInterceptor, Quotas
+from server.api.auth import Authenticator, AuthInterceptor, Quotas, keys_main
 from server.api.service import Draining, InferenceService, TenantLimiter
 from server.config import ServerConfig, config_from_args
 from server.engine.adapter_slots import AdapterSlots
@@ -78,12 +78,10 @@ def build_adapters(cfg: ServerConfig, loaded: LoadedModel) -> tuple[AdapterStore
     report = store.scan()
     log.info("adapter store %s: %d versions served, %d quarantined", cfg.data_dir, len(report.served),
              len(report.quarantined))
-    cache_box: list[AdapterCache] = []
-    registry = AdapterRegistry(store, report.served, on_free=lambda key: cache_box[0].invalidate(key))
+    registry = AdapterRegistry(store, report.served)
     m = loaded.model
     slots = AdapterSlots(m.args, cfg.adapter_slots, cfg.max_adapter_rank, m.device, m.dtype)
     cache = AdapterCache(cfg.adapter_slots, cfg.host_adapters, cfg.host_adapter_bytes, registry.load, slots.write)
-    cache_box.append(cache)
     return store, AdapterServing(registry, cache, slots)
 
 
@@ -131,10 +129,10 @@ async def start(cfg: ServerConfig, loaded: LoadedModel) -> RunningServer:
     server = grpc.aio.server(options=opts, interceptors=[AuthInterceptor(auth)],
                              maximum_concurrent_rpcs=cfg.max_queued_requests + cfg.max_batch_size + 64)
     draining = Draining()
-    inference = InferenceService(cfg, engine, draining, auth, adapters.registry, TenantLimiter())
+    inference = InferenceService(cfg, engine, draining, auth, adapters.registry, TenantLimiter(engine))
     pb_grpc.add_InferenceServicer_to_server(inference, server)
     pb_grpc.add_AdaptersServicer_to_server(
-        AdaptersService(cfg, auth, adapters.registry, store, adapters.cache, draining), server)
+        AdaptersService(cfg, auth, adapters.registry, store, engine, draining), server)
     hs = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
     reflection.enable_server_reflection(SERVICES + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)
@@ -222,6 +220,9 @@ async def serve(cfg: ServerConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["keys"]:
+        sys.exit(keys_main(argv[1:]))
     cfg = config_from_args(argv)
     keep_freed_memory()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

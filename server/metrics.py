@@ -6,12 +6,12 @@ default model on two cores takes tens of ms) and GPU speeds (a decode step takes
 Labels are bounded sets: never an adapter name or request id; a tenant only through
 `tenant_label()`, which caps the number of distinct values.
 
-Requests (observed by server/api/service.py):
+Requests (observed by the servicers through server/api/common.py):
   lorafleet_requests_total{method,code}           counter  gRPC calls finished; code = grpc.StatusCode name
   lorafleet_tenant_requests_total{tenant,code}    counter  the same per tenant (see tenant_label)
   lorafleet_tenant_tokens_total{tenant,kind}      counter  tokens per tenant; kind = prompt | generated
 
-Engine (observed by server/engine/engine.py):
+Engine (the engine thread reports through record_step / record_load / record_finish / record_cache):
   lorafleet_time_to_first_token_seconds           hist     arrival to first generated token
   lorafleet_time_per_output_token_seconds         hist     mean gap between a request's output tokens
   lorafleet_e2e_request_latency_seconds           hist     arrival to last token
@@ -28,7 +28,7 @@ Engine (observed by server/engine/engine.py):
   lorafleet_finished_requests_total{reason}       counter  sequences finished; reason = length | stop |
                                                            eos | cancelled | error
 
-Adapters (observed by server/adapters/cache.py and the upload servicer); tier = device | host:
+Adapters (the engine's cache statistics through record_cache, and the upload servicer); tier = device | host:
   lorafleet_adapter_cache_hits_total{tier}        counter  adapter found resident in the tier
   lorafleet_adapter_cache_misses_total{tier}      counter  adapter had to be loaded into the tier
   lorafleet_adapter_evictions_total{tier}         counter  adapters evicted from the tier (LRU)
@@ -173,3 +173,47 @@ def serve_metrics(port: int, host: str):
     (`.server_address[1]` is the port, `.shutdown()` stops it)."""
     server, _thread = start_http_server(port, addr=host)
     return server
+
+
+def record_step(stats) -> None:
+    """Export one engine step's `StepStats` (engine thread)."""
+    BATCH_SIZE.observe(stats.rows)
+    BATCH_TOKENS.observe(stats.tokens)
+    BATCH_ADAPTERS.observe(stats.distinct_adapters)
+    PROMPT_TOKENS.inc(stats.prompt_tokens)
+    GENERATED_TOKENS.inc(sum(stats.generated.values()))
+    for tenant, n in stats.generated.items():
+        TENANT_TOKENS.labels(tenant_label(tenant), "generated").inc(n)
+    for seconds in stats.first_token_seconds:
+        TIME_TO_FIRST_TOKEN.observe(seconds)
+
+
+def record_load(running: int, waiting: int, kv_usage: float) -> None:
+    """The engine's gauges, set after every loop iteration (idle ones too)."""
+    RUNNING.set(running)
+    WAITING.set(waiting)
+    KV_CACHE_USAGE.set(kv_usage)
+
+
+def record_finish(reason: str, e2e_seconds: float, per_token_seconds: float | None) -> None:
+    FINISHED.labels(reason).inc()
+    E2E_LATENCY.observe(e2e_seconds)
+    if per_token_seconds is not None:
+        TIME_PER_OUTPUT_TOKEN.observe(per_token_seconds)
+
+
+def record_cache(last, now) -> None:
+    """Turn the adapter cache's cumulative `CacheStats` into increments (engine thread)."""
+    for tier in TIERS:
+        before, after = (getattr(last, tier) if last else None), getattr(now, tier)
+        hits = after.hits - (before.hits if before else 0)
+        misses = after.misses - (before.misses if before else 0)
+        evictions = after.evictions - (before.evictions if before else 0)
+        seconds = after.load_seconds - (before.load_seconds if before else 0.0)
+        ADAPTER_CACHE_HITS.labels(tier).inc(hits)
+        ADAPTER_CACHE_MISSES.labels(tier).inc(misses)
+        ADAPTER_EVICTIONS.labels(tier).inc(evictions)
+        for _ in range(misses):
+            ADAPTER_LOAD_SECONDS.labels(tier).observe(seconds / misses)
+    ADAPTERS_RESIDENT.labels("device").set(now.resident_slots)
+    ADAPTERS_RESIDENT.labels("host").set(now.host_entries)

@@ -1,6 +1,7 @@
 """Adapters for the engine tests: made by the real `peft` (and our bottleneck writer) on the
 tiny embedded base, with non-zero weights, plus the oracles that run them without our engine."""
 from __future__ import annotations
+from lorafleet.archive import archive_dir
 
 import functools
 import json
@@ -137,4 +138,4 @@ def serving(loaded, root: Path, num_slots: int = 8, max_rank: int = 16,
 
 
 def upload(registry: AdapterRegistry, tenant: str, name: str, directory: Path):
-    return registry.put(tenant, name, formats.archive_dir(directory))
+    return registry.put(tenant, name, archive_dir(directory))

@@ -1,7 +1,8 @@
 """Tiered adapter cache: device slots <- host memory <- disk, LRU with pinning.
 
-Generic over what a slot holds: the cache only decides *which* adapter sits in *which* slot and
-calls `write_slot(slot, weights)` to copy one in (the kernels own the stacked device tensors).
+An LRU index owned by the engine thread: the cache only decides *which* adapter sits in *which*
+device slot and calls `write_slot(slot, weights)` to copy one in (the engine's `AdapterSlots` own
+the stacked device tensors).
 
   acquire(key) -> slot   device hit: pin and return the slot.
                          miss: take a free slot or evict the least recently used UNPINNED one,
@@ -10,16 +11,14 @@ calls `write_slot(slot, weights)` to copy one in (the kernels own the stacked de
                          Every slot pinned: return None at once (never blocks); the scheduler
                          keeps the request queued and retries after some release().
   release(key)           unpin once; an unpinned adapter stays resident until evicted.
-  invalidate(key)        any thread (the registry's on_free after a delete): the key is dropped
-                         from both tiers at the engine thread's next call, or at its last release
-                         if it is pinned then.
+  invalidate(key)        a version was deleted (the engine drains the registry's `freed` queue):
+                         dropped from both tiers now, or at its last release if it is pinned.
+  residency()            key -> 'device' | 'host', a snapshot other threads may read once published.
 
-Threading: acquire, release, process_invalidations and stats belong to the engine thread only;
-invalidate may be called from any thread (it only queues the key under a small lock).
+Threading: every method belongs to the engine thread; nothing here takes a lock.
 """
 from __future__ import annotations
 
-import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -78,8 +77,6 @@ class AdapterCache(Generic[K]):
         self._host: OrderedDict[K, AdapterWeights] = OrderedDict()  # least recently used first
         self._host_bytes = 0
         self._doomed: set[K] = set()  # invalidated while pinned: dropped at the last release
-        self._pending: set[K] = set()  # invalidations from other threads
-        self._pending_lock = threading.Lock()
         self._device, self._host_counters = _Counters(), _Counters()
         self._no_slot_free = 0
         self._invalidations = 0
@@ -92,7 +89,6 @@ class AdapterCache(Generic[K]):
         Raises what load_from_disk raises (NotFound, DataLoss, ...), ResourceExhausted if the
         adapter is bigger than the whole host tier, and what write_slot raises (the slot is then free).
         """
-        self.process_invalidations()
         slot = self._resident.get(key)
         if slot is not None:
             self._device.hits += 1
@@ -126,28 +122,24 @@ class AdapterCache(Generic[K]):
             if key in self._doomed:
                 self._doomed.discard(key)
                 self._drop(key)
-        self.process_invalidations()
 
-    def process_invalidations(self) -> None:
-        """Apply invalidations queued by other threads (called by acquire/release; the engine may call it each step)."""
-        with self._pending_lock:
-            pending, self._pending = self._pending, set()
-        for key in pending:
-            self._invalidations += 1
-            self._host_drop(key)
-            if key in self._pins:
-                self._doomed.add(key)
-            else:
-                self._drop(key)
+    def invalidate(self, key: K) -> None:
+        """Forget `key` (a deleted version): now, or at its last release while it is pinned."""
+        self._invalidations += 1
+        self._host_drop(key)
+        if key in self._pins:
+            self._doomed.add(key)
+        else:
+            self._drop(key)
 
     def slot_of(self, key: K) -> int | None:
         return self._resident.get(key)
 
-    def tier_of(self, key: K) -> str:
-        """'device', 'host' or 'disk' (a read-only peek; safe enough from any thread for display)."""
-        if key in self._resident:
-            return "device"
-        return "host" if key in self._host else "disk"
+    def residency(self) -> dict[K, str]:
+        """key -> 'device' or 'host' for every cached adapter (absent: on disk only)."""
+        out = {key: "host" for key in self._host}
+        out.update((key, "device") for key in self._resident)
+        return out
 
     def stats(self) -> CacheStats:
         return CacheStats(
@@ -155,13 +147,6 @@ class AdapterCache(Generic[K]):
             no_slot_free=self._no_slot_free, invalidations=self._invalidations,
             resident_slots=len(self._resident), pinned_slots=len(self._pins),
             host_entries=len(self._host), host_bytes=self._host_bytes)
-
-    # ------------------------------------------------------------ any thread
-
-    def invalidate(self, key: K) -> None:
-        """Forget `key` (deleted adapter). Safe from any thread; applied by the engine thread."""
-        with self._pending_lock:
-            self._pending.add(key)
 
     # ------------------------------------------------------------ internals
 

@@ -4,8 +4,7 @@ Every adapter travels as two files, `adapter_config.json` and `adapter_model.saf
 is an object whose `peft_type` names the kind. Tensors may be F16, BF16, F32 or F64; they are held
 as float32 on CPU.
 
-Upload container: one ZIP archive with exactly two top-level members, adapter_config.json and
-adapter_model.safetensors, each stored or deflated, not encrypted (`make_archive`, `read_archive`).
+Upload container: `lorafleet.archive` (a ZIP of exactly these two files).
 
 PEFT formats (as `peft` 0.21 `save_pretrained` writes them, adapter name stripped)
 -----------------------------------------------------------------------------------
@@ -52,12 +51,9 @@ Functions here trust their input: call them on what `validate.parse_upload` has 
 from __future__ import annotations
 
 import enum
-import io
 import json
 import math
 import re
-import zipfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -65,10 +61,9 @@ from typing import NamedTuple
 import torch
 from safetensors.torch import save as save_safetensors
 
-from server.errors import InvalidArgument, ResourceExhausted
+from lorafleet.archive import CONFIG_FILE, WEIGHTS_FILE
+from server.errors import InvalidArgument
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 ACTIVATIONS = ("relu", "gelu", "silu")
 PLACES = ("attn", "mlp")
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -323,62 +318,3 @@ def write_bottleneck(directory: Path, targets: dict[tuple[int, str], BottleneckT
     directory.mkdir(parents=True, exist_ok=True)
     (directory / CONFIG_FILE).write_bytes(config_bytes)
     (directory / WEIGHTS_FILE).write_bytes(weights)
-
-
-def read_archive(archive: bytes, max_config_bytes: int, max_weights_bytes: int) -> tuple[bytes, bytes]:
-    """(config bytes, safetensors bytes) from an untrusted upload ZIP.
-
-    Exactly the two members at top level (no extra, missing, duplicate, directory, '../' or absolute
-    names), not encrypted, stored or deflated only; declared sizes are checked against the caps
-    before reading, and reads stop at cap + 1 bytes whatever the headers claim (zip bombs).
-    """
-    try:
-        with zipfile.ZipFile(io.BytesIO(archive)) as zf:
-            infos = zf.infolist()
-            _check_members(infos)
-            caps = {CONFIG_FILE: max_config_bytes, WEIGHTS_FILE: max_weights_bytes}
-            out = {info.filename: _read_member(zf, info, caps[info.filename]) for info in infos}
-    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, ValueError) as e:
-        raise InvalidArgument(f"archive is not a readable ZIP file ({e})") from None
-    return out[CONFIG_FILE], out[WEIGHTS_FILE]
-
-
-def _check_members(infos: list[zipfile.ZipInfo]) -> None:
-    names = [i.filename for i in infos]
-    if sorted(names) != [CONFIG_FILE, WEIGHTS_FILE]:
-        shown = ", ".join(repr(n[:80]) for n in names[:5]) + (" ..." if len(names) > 5 else "")
-        raise InvalidArgument(f"archive must hold exactly {CONFIG_FILE} and {WEIGHTS_FILE} at top level; "
-                              f"it holds {len(names)} members: {shown}")
-    for info in infos:
-        if info.flag_bits & 0x1:
-            raise InvalidArgument(f"archive member {info.filename} is encrypted")
-        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-            raise InvalidArgument(f"archive member {info.filename} uses compression method "
-                                  f"{info.compress_type}; only stored (0) and deflated (8) are accepted")
-
-
-def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, cap: int) -> bytes:
-    if info.file_size > cap:
-        raise ResourceExhausted(f"{info.filename} unpacks to {info.file_size} bytes; the limit is {cap}")
-    with zf.open(info) as f:
-        data = f.read(cap + 1)  # hard cap: the declared size may lie
-    if len(data) > cap:
-        raise ResourceExhausted(f"{info.filename} unpacks to more than {cap} bytes (the limit)")
-    if len(data) != info.file_size:
-        raise InvalidArgument(f"{info.filename} holds {len(data)} bytes but declares {info.file_size}")
-    return data
-
-
-def make_archive(config_bytes: bytes, weights: bytes) -> bytes:
-    """The upload container: a ZIP with exactly adapter_config.json and adapter_model.safetensors."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr(CONFIG_FILE, config_bytes)
-        zf.writestr(WEIGHTS_FILE, weights)
-    return buf.getvalue()
-
-
-def archive_dir(directory: Path) -> bytes:
-    """Zip an adapter directory (as PEFT's save_pretrained or write_bottleneck left it) for upload."""
-    directory = Path(directory)
-    return make_archive((directory / CONFIG_FILE).read_bytes(), (directory / WEIGHTS_FILE).read_bytes())

@@ -4,47 +4,39 @@ A request resolves "name" (latest version) or "name@N" (pinned) to an `AdapterRe
 admission, and keeps it to the end: an upload that completes later becomes the latest for requests
 resolved after it (hot swap), while holders of the old ref keep the old version. Deleting an
 adapter hides it at once (new resolves get NotFound); requests holding a ref finish on it, and
-when the last ref of a deleted version is released, `on_free(key)` is called (e.g. the cache's
-`invalidate`) and the files are purged.
+when the last ref of a deleted version is released, its key is put on `freed` (a queue the engine
+drains to drop the version from its adapter cache) and the files are purged.
 
-Thread-safe: gRPC threads resolve, upload and delete; the engine thread releases. `on_free` and
-the store's purge run outside the registry lock, on whichever thread dropped the last ref.
+Thread-safe: gRPC threads resolve, upload and delete; the engine thread releases. The store's
+purge runs outside the registry lock, on whichever thread dropped the last ref.
 """
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Iterable
 
 from server.adapters.formats import AdapterKind, AdapterWeights
 from server.adapters.store import AdapterInfo, AdapterStore, DeletedAdapter, Upload
-from server.adapters.validate import VERSION_RE, parse_ref, validate_name
-from server.errors import InvalidArgument, NotFound
+from server.adapters.refs import AdapterKey, TenantRef, validate_name
+from server.errors import NotFound
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class AdapterRef:
-    """One pinned adapter version held by a request; `key` is "tenant/name@version"."""
+    """One pinned adapter version held by a request (released exactly once, by the engine)."""
 
-    tenant: str
-    name: str
-    version: int
+    key: AdapterKey
     kind: AdapterKind
-    key: str
+    display: str                   # how the caller named it, for messages ('shared/x', 'x@2')
 
-
-def parse_key(key: str) -> tuple[str, str, int]:
-    """'tenant/name@N' -> (tenant, name, N); InvalidArgument otherwise."""
-    tenant, _, rest = key.partition("/")
-    name, _, version = rest.partition("@")
-    validate_name(tenant, "tenant name")
-    validate_name(name, "adapter name")
-    if not VERSION_RE.fullmatch(version):
-        raise InvalidArgument(f"invalid adapter key {key[:140]!r}: expected tenant/name@N")
-    return tenant, name, int(version)
+    @property
+    def version(self) -> int:
+        return self.key.version
 
 
 class RegistryUpload:
@@ -72,15 +64,14 @@ class RegistryUpload:
 
 
 class AdapterRegistry:
-    def __init__(self, store: AdapterStore, infos: Iterable[AdapterInfo] | None = None,
-                 on_free: Callable[[str], None] | None = None) -> None:
+    def __init__(self, store: AdapterStore, infos: Iterable[AdapterInfo] | None = None) -> None:
         """`infos`: the versions to serve, normally `store.scan().served`; default: everything stored."""
         self._store = store
-        self._on_free = on_free
-        self._lock = threading.Lock()
+        self.freed: queue.SimpleQueue[AdapterKey] = queue.SimpleQueue()  # drained by the engine thread
+        self._lock = threading.RLock()
         self._index: dict[str, dict[str, dict[int, AdapterInfo]]] = {}  # tenant -> name -> version -> info
-        self._refs: dict[str, int] = {}  # key -> in-flight count
-        self._deleted: dict[str, DeletedAdapter] = {}  # deleted keys still referenced
+        self._refs: dict[AdapterKey, int] = {}  # key -> in-flight count
+        self._deleted: dict[AdapterKey, DeletedAdapter] = {}  # deleted keys still referenced
         if infos is None:
             infos = [i for t in store.tenants() for i in store.list(t)]
         for info in infos:
@@ -88,20 +79,13 @@ class AdapterRegistry:
 
     # ------------------------------------------------------------ requests
 
-    def resolve(self, tenant: str, ref: str) -> AdapterRef:
-        """Pin 'name' (latest) or 'name@N' for one request. InvalidArgument, or NotFound (for any
-        name this tenant cannot see: the message never tells whether another tenant has it)."""
-        validate_name(tenant, "tenant name")
-        name, version = parse_ref(ref)
+    def resolve(self, ref: TenantRef) -> AdapterRef:
+        """Pin 'name' (latest) or 'name@N' in a namespace for one request. NotFound for any name
+        the caller cannot see (the message never tells whether another tenant has it)."""
         with self._lock:
-            versions = self._index.get(tenant, {}).get(name, {})
-            if version is None and versions:
-                version = max(versions)
-            info = versions.get(version) if version is not None else None
-            if info is None:
-                raise NotFound(f"adapter {ref!r} not found")
+            info = self.info(ref)
             self._refs[info.key] = self._refs.get(info.key, 0) + 1
-        return AdapterRef(tenant, name, info.version, info.kind, info.key)
+        return AdapterRef(info.key, info.kind, ref.display)
 
     def release(self, ref: AdapterRef) -> None:
         """Drop one in-flight use. ValueError if the ref is not held (a bug in the caller)."""
@@ -118,13 +102,13 @@ class AdapterRegistry:
         if deleted is not None:
             self._free(ref.key, deleted if purge else None)
 
-    def in_flight(self, key: str) -> int:
+    def in_flight(self, key: AdapterKey) -> int:
         with self._lock:
             return self._refs.get(key, 0)
 
-    def load(self, key: str) -> AdapterWeights:
+    def load(self, key: AdapterKey) -> AdapterWeights:
         """Weights for a key, deleted-but-held versions included: the cache's `load_from_disk`."""
-        tenant, name, version = parse_key(key)
+        tenant, name, version = key.tenant, key.name, key.version
         with self._lock:
             deleted = self._deleted.get(key)
         if deleted is not None:
@@ -162,7 +146,7 @@ class AdapterRegistry:
         """Follow a store shared with other replicas: serve versions they wrote, hide names they
         deleted. Returns (versions added, versions dropped). New versions are verified on their
         first load (sha256 and full validation), like every load."""
-        on_disk: dict[str, AdapterInfo] = {}
+        on_disk: dict[AdapterKey, AdapterInfo] = {}
         for tenant in self._store.tenants():
             try:
                 on_disk.update((i.key, i) for i in self._store.list(tenant))
@@ -175,11 +159,10 @@ class AdapterRegistry:
                 self._add(info)
             gone = [k for k in known if k not in on_disk]
             for key in gone:
-                tenant, name, version = parse_key(key)
-                versions = self._index[tenant][name]
-                del versions[version]
+                versions = self._index[key.tenant][key.name]
+                del versions[key.version]
                 if not versions:
-                    del self._index[tenant][name]
+                    del self._index[key.tenant][key.name]
             free_now = [k for k in gone if not self._refs.get(k)]
         for key in free_now:
             self._free(key, None)
@@ -199,7 +182,7 @@ class AdapterRegistry:
             del self._index[tenant][name]
             free_now = []
             for version in deleted.versions:
-                key = f"{tenant}/{name}@{version}"
+                key = AdapterKey(tenant, name, version)
                 if self._refs.get(key):
                     self._deleted[key] = deleted
                 else:
@@ -211,9 +194,8 @@ class AdapterRegistry:
             self._store.purge(deleted)
         return deleted.versions
 
-    def _free(self, key: str, purge: DeletedAdapter | None) -> None:
-        if self._on_free is not None:
-            self._on_free(key)
+    def _free(self, key: AdapterKey, purge: DeletedAdapter | None) -> None:
+        self.freed.put(key)
         if purge is not None:
             self._store.purge(purge)
 
@@ -224,11 +206,12 @@ class AdapterRegistry:
             names = self._index.get(tenant, {})
             return [names[n][v] for n in sorted(names) for v in sorted(names[n])]
 
-    def latest(self, tenant: str, name: str) -> AdapterInfo:
-        validate_name(tenant, "tenant name")
-        validate_name(name, "adapter name")
+    def info(self, ref: TenantRef) -> AdapterInfo:
+        """The served version `ref` names (latest when unpinned), without pinning it."""
         with self._lock:
-            versions = self._index.get(tenant, {}).get(name)
-            if not versions:
-                raise NotFound(f"adapter {name!r} not found")
-            return versions[max(versions)]
+            versions = self._index.get(ref.tenant, {}).get(ref.name, {})
+            version = max(versions) if ref.version is None and versions else ref.version
+            info = versions.get(version) if version is not None else None
+            if info is None:
+                raise NotFound(f"adapter {ref.display!r} not found")
+            return info

@@ -28,6 +28,7 @@ from typing import BinaryIO
 
 from server.adapters.formats import AdapterKind, AdapterWeights, BaseModelShape
 from server.adapters.safe_io import load_json_object
+from server.adapters.refs import AdapterKey
 from server.adapters.validate import (NAME_RE, VERSION_RE, AdapterLimits, check_sha256, parse_upload,
                                       validate_name, validate_sha256)
 from server.errors import DataLoss, FailedPrecondition, InvalidArgument, LoraFleetError, NotFound, ResourceExhausted
@@ -47,8 +48,8 @@ class AdapterInfo:
     created: float  # unix time
 
     @property
-    def key(self) -> str:
-        return f"{self.tenant}/{self.name}@{self.version}"
+    def key(self) -> AdapterKey:
+        return AdapterKey(self.tenant, self.name, self.version)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ Status policy (one rule each, the same everywhere):
   virtual tokens)                                                           -> ResourceExhausted
   bytes whose sha256 differs from the one declared or stored                -> DataLoss
 
-Order: archive size -> sha256 -> zip directory (members, declared sizes; formats.read_archive) ->
+Order: archive size -> sha256 -> zip directory (members, declared sizes; lorafleet.archive.read_archive) ->
 capped reads -> config JSON (size, schema) -> safetensors header (length, entry count, dtypes,
 offsets) -> names, shapes, ranks vs base model -> only then `safetensors.torch.load` -> float32 ->
 finite. No pickle, never torch.load.
@@ -22,12 +22,12 @@ from dataclasses import dataclass
 
 from server.adapters import formats
 from server.adapters.formats import AdapterKind, AdapterWeights, BaseModelShape, TensorSlot
+from lorafleet.archive import ArchiveError, ArchiveTooLarge, read_archive
+from server.adapters.refs import NAME_RE, VERSION_RE, parse_ref, validate_name  # noqa: F401 - re-exported for the store
 from server.adapters.safe_io import TensorHeader, load_json_object, load_tensors, read_safetensors_header
 from server.errors import DataLoss, FailedPrecondition, InvalidArgument, ResourceExhausted
 
 MiB = 1 << 20
-NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}", re.ASCII)
-VERSION_RE = re.compile(r"[1-9][0-9]{0,8}", re.ASCII)
 SHA256_RE = re.compile(r"[0-9a-f]{64}", re.ASCII)
 _PATTERN_RE = re.compile(r"[A-Za-z0-9_.|()\[\]^$?*+\\-]{1,128}", re.ASCII)
 _MAX_PATTERNS = 64
@@ -47,33 +47,11 @@ class AdapterLimits:
     max_labels: int = 1024  # rows of a classification head
 
 
-def validate_name(name: object, what: str = "name") -> str:
-    """Adapter or tenant name: [a-z0-9][a-z0-9._-]{0,63}, ASCII; InvalidArgument otherwise."""
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        shown = repr(name)[:80]
-        raise InvalidArgument(f"invalid {what} {shown}: must be 1-64 characters of a-z 0-9 . _ -, "
-                              "starting with a letter or digit")
-    return name
-
-
-def parse_ref(ref: object) -> tuple[str, int | None]:
-    """'name' -> (name, None); 'name@N' -> (name, N) with N a positive integer."""
-    if not isinstance(ref, str):
-        raise InvalidArgument("adapter reference must be a string 'name' or 'name@N'")
-    name, at, version = ref.partition("@")
-    validate_name(name, "adapter name")
-    if not at:
-        return name, None
-    if not VERSION_RE.fullmatch(version):
-        raise InvalidArgument(f"invalid adapter version {version[:20]!r} in {ref[:80]!r}: "
-                              "expected name@N with N a positive integer")
-    return name, int(version)
-
-
 def validate_sha256(sha256: object) -> str:
-    if not isinstance(sha256, str) or not SHA256_RE.fullmatch(sha256):
-        raise InvalidArgument("sha256 must be 64 lowercase hex digits")
-    return sha256
+    """64 hex digits, either case; returned lowercase."""
+    if not isinstance(sha256, str) or not SHA256_RE.fullmatch(sha256.lower()):
+        raise InvalidArgument("sha256 must be 64 hex digits")
+    return sha256.lower()
 
 
 def check_sha256(data: bytes, sha256: str | None) -> str:
@@ -383,9 +361,14 @@ def parse_files(config_bytes: bytes, weights: bytes, base: BaseModelShape, limit
 
 def parse_upload(archive: bytes, base: BaseModelShape, limits: AdapterLimits,
                  expected_kind: AdapterKind | None = None, sha256: str | None = None) -> AdapterWeights:
-    """Validate and parse an uploaded ZIP archive (see formats.make_archive)."""
+    """Validate and parse an uploaded ZIP archive (see lorafleet.archive.make_archive)."""
     if len(archive) > limits.max_archive_bytes:
         raise ResourceExhausted(f"archive is {len(archive)} bytes; the limit is {limits.max_archive_bytes}")
     check_sha256(archive, sha256)
-    config_bytes, weights = formats.read_archive(archive, limits.max_config_bytes, limits.max_archive_bytes)
+    try:
+        config_bytes, weights = read_archive(archive, limits.max_config_bytes, limits.max_archive_bytes)
+    except ArchiveTooLarge as e:
+        raise ResourceExhausted(str(e)) from None
+    except ArchiveError as e:
+        raise InvalidArgument(str(e)) from None
     return parse_files(config_bytes, weights, base, limits, expected_kind)

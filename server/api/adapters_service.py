@@ -1,54 +1,63 @@
-"""gRPC servicer for adapter management: upload (client streaming), list, get, delete."""
+"""The Adapters servicer: upload (client streaming), list, get, delete. The registry and store
+do the work; residency comes from the engine's published snapshot."""
 from __future__ import annotations
 
 import asyncio
 
-import grpc
-
-from client.pb.lorafleet.v1 import lorafleet_pb2 as pb
-from client.pb.lorafleet.v1 import lorafleet_pb2_grpc as pb_grpc
+from lorafleet.v1 import lorafleet_pb2 as pb
+from lorafleet.v1 import lorafleet_pb2_grpc as pb_grpc
 from server import metrics
-from server.adapters.cache import AdapterCache
+from server.adapters.refs import SHARED_TENANT, TenantRef, parse_tenant_ref
 from server.adapters.registry import AdapterRegistry
 from server.adapters.store import AdapterInfo, AdapterStore
-from server.adapters.validate import validate_name
-from server.api.auth import SHARED_TENANT, Authenticator, Principal
-from server.api.errors import status_of
-from server.api.service import KIND_TO_PB, PB_TO_KIND, Draining, _abort, unary
+from server.adapters.formats import AdapterWeights
+from server.api import requests
+from server.api.auth import Authenticator, Principal
+from server.api.common import status_of, unary
+from server.api.service import Draining
 from server.config import ServerConfig
-from server.errors import InvalidArgument, PermissionDenied, ResourceExhausted
+from server.engine.engine import Engine
+from server.errors import InvalidArgument, PermissionDenied, QuotaExceeded, ResourceExhausted
 
 MAX_PAGE = 500
 UPLOAD_OUTCOME = {"INVALID_ARGUMENT": "invalid", "FAILED_PRECONDITION": "invalid",
                   "RESOURCE_EXHAUSTED": "too_large", "DATA_LOSS": "checksum"}
 
 
-def _namespace(principal: Principal, name: str, write: bool) -> tuple[str, str]:
-    """(tenant, name) for 'name' or 'shared/name'; writing to shared needs an admin key."""
-    if name.startswith(SHARED_TENANT + "/"):
-        if write and not principal.admin:
-            raise PermissionDenied("only admin keys may change shared adapters")
-        return SHARED_TENANT, validate_name(name[len(SHARED_TENANT) + 1:], "adapter name")
-    return principal.tenant, validate_name(name, "adapter name")
+def _count_failed_upload(err: BaseException) -> None:
+    outcome = "quota" if isinstance(err, QuotaExceeded) else UPLOAD_OUTCOME.get(status_of(err).name, "error")
+    metrics.UPLOADS.labels(outcome).inc()
+
+
+def _namespace(principal: Principal, ref: str, write: bool) -> TenantRef:
+    """'name[@N]' or 'shared/name[@N]' in the caller's view; changing shared needs an admin key."""
+    target = parse_tenant_ref(principal.tenant, ref)
+    if write and target.tenant == SHARED_TENANT and not principal.admin:
+        raise PermissionDenied("only admin keys may change shared adapters")
+    return target
+
+
+def _targets(w: AdapterWeights) -> list[str]:
+    return sorted({m for _, m in (*w.lora, *w.ia3, *w.bottleneck)})
 
 
 class AdaptersService(pb_grpc.AdaptersServicer):
     def __init__(self, cfg: ServerConfig, auth: Authenticator, registry: AdapterRegistry,
-                 store: AdapterStore, cache: AdapterCache, draining: Draining):
+                 store: AdapterStore, engine: Engine, draining: Draining):
         self.cfg, self.auth, self.registry, self.store = cfg, auth, registry, store
-        self.cache, self.draining = cache, draining
+        self.engine, self.draining = engine, draining
 
     def _info(self, info: AdapterInfo, detail: bool = False) -> pb.AdapterInfo:
         shared = info.tenant == SHARED_TENANT
         msg = pb.AdapterInfo(
             name=(f"{SHARED_TENANT}/" if shared else "") + info.name, version=info.version,
-            kind=KIND_TO_PB[info.kind], size_bytes=info.size, sha256=info.sha256,
+            kind=requests.kind_to_pb(info.kind), size_bytes=info.size, sha256=info.sha256,
             created_unix=int(info.created), versions=self.store.versions(info.tenant, info.name),
-            resident_tier=self.cache.tier_of(info.key), shared=shared)
+            resident_tier=self.engine.residency.get(info.key, "disk"), shared=shared)
         if detail:
             w = self.registry.load(info.key)
             msg.rank = w.rank
-            msg.targets.extend(sorted({m for _, m in (*w.lora, *w.ia3, *w.bottleneck)}))
+            msg.targets.extend(_targets(w))
             if w.head is not None:
                 msg.labels.extend(w.head.labels)
         return msg
@@ -61,26 +70,15 @@ class AdaptersService(pb_grpc.AdaptersServicer):
             return
         usage, q = self.store.usage(tenant), principal.quotas
         if name not in {i.name for i in self.registry.list(tenant)} and usage.adapters >= q.max_adapters:
-            raise ResourceExhausted(f"tenant {tenant!r} stores {usage.adapters} adapters; "
-                                    f"quota max_adapters={q.max_adapters}")
+            raise QuotaExceeded(f"tenant {tenant!r} stores {usage.adapters} adapters; "
+                                f"quota max_adapters={q.max_adapters}", f"tenant:{tenant}", "max_adapters")
         if usage.bytes + size > q.max_adapter_bytes:
-            raise ResourceExhausted(f"tenant {tenant!r} stores {usage.bytes} bytes; this upload of {size} "
-                                    f"would pass quota max_adapter_bytes={q.max_adapter_bytes}")
+            raise QuotaExceeded(f"tenant {tenant!r} stores {usage.bytes} bytes; this upload of {size} "
+                                f"would pass quota max_adapter_bytes={q.max_adapter_bytes}",
+                                f"tenant:{tenant}", "max_adapter_bytes")
 
+    @unary("UploadAdapter", on_error=_count_failed_upload)
     async def UploadAdapter(self, request_iterator, context):
-        try:
-            resp = await self._upload(request_iterator, context)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as err:  # noqa: BLE001 - counted by outcome, then mapped by `unary`
-            outcome = "quota" if "quota" in str(err) else UPLOAD_OUTCOME.get(status_of(err).name, "error")
-            metrics.UPLOADS.labels(outcome).inc()
-            await _abort(context, "UploadAdapter", err)
-        metrics.UPLOADS.labels("ok").inc()
-        metrics.REQUESTS.labels("UploadAdapter", "OK").inc()
-        return resp
-
-    async def _upload(self, request_iterator, context) -> pb.AdapterInfo:
         self.draining.check()
         principal = self.auth.principal(context.invocation_metadata())
         first = None
@@ -90,13 +88,14 @@ class AdaptersService(pb_grpc.AdaptersServicer):
         if first is None or not first.HasField("metadata"):
             raise InvalidArgument("the first UploadAdapter message must carry metadata (name, total_bytes)")
         m = first.metadata
-        name = (f"{SHARED_TENANT}/" if m.shared else "") + m.name
-        tenant, bare = _namespace(principal, name, write=True)
+        if "@" in m.name:
+            raise InvalidArgument("metadata.name names an adapter, not a version: drop the '@N'")
+        target = _namespace(principal, (f"{SHARED_TENANT}/" if m.shared else "") + m.name, write=True)
         if m.total_bytes == 0:
             raise InvalidArgument("metadata.total_bytes must be the archive's size in bytes")
-        self._check_quota(tenant, bare, m.total_bytes, principal)
-        kind = PB_TO_KIND.get(m.kind)
-        up = self.registry.begin_upload(tenant, bare, m.total_bytes, m.sha256 or None, kind)
+        kind = requests.adapter_kind(m.kind)
+        self._check_quota(target.tenant, target.name, m.total_bytes, principal)
+        up = self.registry.begin_upload(target.tenant, target.name, m.total_bytes, m.sha256 or None, kind)
         try:
             async for msg in request_iterator:
                 if not msg.HasField("chunk"):
@@ -106,7 +105,8 @@ class AdaptersService(pb_grpc.AdaptersServicer):
         except BaseException:
             up.abort()
             raise
-        return self._info(info)
+        metrics.UPLOADS.labels("ok").inc()
+        return await asyncio.to_thread(self._info, info, True)
 
     @unary("ListAdapters")
     async def ListAdapters(self, request, context):
@@ -132,14 +132,17 @@ class AdaptersService(pb_grpc.AdaptersServicer):
     @unary("GetAdapter")
     async def GetAdapter(self, request, context):
         principal = self.auth.principal(context.invocation_metadata())
-        tenant, name = _namespace(principal, request.name, write=False)
-        info = self.registry.latest(tenant, name)
+        target = _namespace(principal, request.name, write=False)
+        info = self.registry.info(target)
         return await asyncio.to_thread(self._info, info, True)
 
     @unary("DeleteAdapter")
     async def DeleteAdapter(self, request, context):
         self.draining.check()
         principal = self.auth.principal(context.invocation_metadata())
-        tenant, name = _namespace(principal, request.name, write=True)
-        versions = await asyncio.to_thread(self.registry.delete, tenant, name)
+        target = _namespace(principal, request.name, write=True)
+        if target.version is not None:
+            raise InvalidArgument(f"DeleteAdapter removes every version of a name; "
+                                  f"send {target.display.split('@')[0]!r} without '@{target.version}'")
+        versions = await asyncio.to_thread(self.registry.delete, target.tenant, target.name)
         return pb.DeleteAdapterResponse(deleted_versions=list(versions))

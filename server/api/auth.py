@@ -6,47 +6,56 @@ The keys file (`--api-keys FILE`, JSON) holds only sha256 hashes of keys:
                "quotas": {"max_adapters": 20, "max_adapter_bytes": 1073741824,
                           "max_concurrent_requests": 16, "max_queued_requests": 64}}]}
 
-role is "tenant" or "admin" (admins may publish shared adapters and act on any tenant's
-behalf). `lorafleet keys create` adds an entry and prints the key once. The file is re-read on
-SIGHUP without dropping traffic (a bad file keeps the old table and logs why). With no keys
-file the server is single-tenant (tenant "default", admin) and refuses to bind beyond loopback.
+role is "tenant" or "admin" (admins may publish shared adapters). Quotas left out take the
+server's defaults (`--tenant-max-*`). `lorafleet-server keys create` adds an entry and prints the
+key once. The file is re-read on SIGHUP without dropping traffic: a bad file, or one with no keys
+at all (which would lock every caller out), keeps the old table and logs why at ERROR. With no
+keys file the server is single-tenant (tenant "default", admin) and refuses to bind beyond loopback.
+
+A call carries exactly one `authorization: Bearer <key>` header (the scheme is case-insensitive,
+RFC 7235); two authorization headers are refused rather than guessed between.
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import hashlib
 import hmac
 import json
 import logging
 import secrets
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
-from server.adapters.validate import validate_name
+from server.adapters.refs import SHARED_TENANT, validate_name
 from server.errors import InvalidArgument, Unauthenticated
 
 log = logging.getLogger(__name__)
 SINGLE_TENANT = "default"
-SHARED_TENANT = "shared"
 EXEMPT_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
-QUOTA_KEYS = ("max_adapters", "max_adapter_bytes", "max_concurrent_requests", "max_queued_requests")
 MAX_KEYS_FILE_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
 class Quotas:
-    max_adapters: int = 100
-    max_adapter_bytes: int = 2 << 30
-    max_concurrent_requests: int = 64
-    max_queued_requests: int = 256
+    """Per-tenant limits; the defaults come from ServerConfig (--tenant-max-*)."""
+    max_adapters: int
+    max_adapter_bytes: int
+    max_concurrent_requests: int
+    max_queued_requests: int
+
+
+QUOTA_KEYS = tuple(f.name for f in dataclasses.fields(Quotas))
 
 
 @dataclass(frozen=True)
 class Principal:
     tenant: str
     admin: bool
-    quotas: Quotas = field(default_factory=Quotas)
+    quotas: Quotas
 
 
 def hash_key(key: str) -> str:
@@ -96,6 +105,14 @@ def create_key(path: Path, tenant: str, admin: bool) -> str:
     return key
 
 
+def bearer_token(value: object) -> str:
+    """The key of an 'authorization: Bearer <key>' value ('' when it is not one)."""
+    if not isinstance(value, str):
+        return ""
+    scheme, _, token = value.strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
 class Authenticator:
     """Maps a call's `authorization: Bearer <key>` metadata to a Principal."""
 
@@ -114,18 +131,25 @@ class Authenticator:
         if self.keys_file is None:
             return
         try:
-            self._table = parse_keys_file(self.keys_file, self.defaults)
-            log.info("reloaded %d API keys from %s", len(self._table), self.keys_file)
+            table = parse_keys_file(self.keys_file, self.defaults)
         except (OSError, InvalidArgument) as e:
             log.error("keeping the old API keys: %s", e)
+            return
+        if not table and self._table:
+            log.error("keeping the old %d API keys: %s now holds no keys, which would lock every caller "
+                      "out (to revoke every key, stop the server)", len(self._table), self.keys_file)
+            return
+        self._table = table
+        log.info("reloaded %d API keys from %s", len(table), self.keys_file)
 
     def principal(self, metadata) -> Principal:
         if self.single_tenant:
             return Principal(SINGLE_TENANT, True, self.defaults)
-        token = ""
-        for k, v in metadata or ():
-            if k == "authorization" and isinstance(v, str) and v.startswith("Bearer "):
-                token = v[len("Bearer "):].strip()
+        values = [v for k, v in metadata or () if k == "authorization"]
+        if len(values) > 1:
+            raise Unauthenticated("send exactly one 'authorization' header (this call has "
+                                  f"{len(values)})")
+        token = bearer_token(values[0]) if values else ""
         if not token:
             raise Unauthenticated("missing API key: send 'authorization: Bearer <key>' metadata")
         digest = hash_key(token)
@@ -156,7 +180,28 @@ def _deny(message: str) -> grpc.RpcMethodHandler:
     async def abort(request, context):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    async def abort_stream(request_iterator, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
     return grpc.unary_unary_rpc_method_handler(abort)
+
+
+def keys_main(argv: list[str]) -> int:
+    """`lorafleet-server keys create --tenant NAME --file KEYS.json [--admin]`."""
+    p = argparse.ArgumentParser(prog="lorafleet-server keys", description="Manage the server's API keys file.")
+    sub = p.add_subparsers(dest="action", required=True)
+    c = sub.add_parser("create", help="add a key for a tenant and print it (shown only this once)")
+    c.add_argument("--tenant", required=True, help="tenant name: [a-z0-9][a-z0-9._-]{0,63}")
+    c.add_argument("--admin", action="store_true", help="admin role (may publish shared adapters)")
+    c.add_argument("--file", type=Path, required=True, help="the keys file (created if missing)")
+    args = p.parse_args(argv)
+    if args.tenant == SHARED_TENANT:
+        print(f"lorafleet-server: tenant name {SHARED_TENANT!r} is reserved for shared adapters", file=sys.stderr)
+        return 2
+    try:
+        key = create_key(args.file, args.tenant, args.admin)
+    except (InvalidArgument, OSError, ValueError) as e:
+        print(f"lorafleet-server: {e}", file=sys.stderr)
+        return 2
+    print(key)
+    print(f"[added tenant {args.tenant!r}{' (admin)' if args.admin else ''} to {args.file}; this key is "
+          "not stored anywhere and will not be shown again; send SIGHUP to the server to reload]",
+          file=sys.stderr)
+    return 0

@@ -1,15 +1,18 @@
-"""Proto requests -> validated domain values. Every field is hostile until checked here;
-each rejection is an InvalidArgument that names the field and the limit."""
+"""Proto <-> domain: requests become validated domain values (every field is hostile until
+checked here; each rejection is an InvalidField naming the field and the limit), and domain
+enums become their proto spelling."""
 from __future__ import annotations
 
 import math
 
 from tokenizers import Tokenizer
 
-from client.pb.lorafleet.v1 import lorafleet_pb2 as pb
+from lorafleet.v1 import lorafleet_pb2 as pb
+from server.adapters.formats import AdapterKind
 from server.config import ServerConfig
 from server.engine.sampling import SamplingParams
-from server.errors import InvalidArgument
+from server.engine.sequence import FinishReason
+from server.errors import InvalidField
 
 MAX_REQUEST_ID_CHARS = 128
 
@@ -17,20 +20,20 @@ MAX_REQUEST_ID_CHARS = 128
 def sampling_params(p: pb.SamplingParams, cfg: ServerConfig) -> SamplingParams:
     def finite(name: str, v: float, lo: float, hi: float) -> float:
         if not math.isfinite(v) or not lo <= v <= hi:
-            raise InvalidArgument(f"params.{name}={v} is out of range [{lo}, {hi}]")
+            raise InvalidField(f"params.{name}", f"params.{name}={v} is out of range [{lo}, {hi}]")
         return float(v)
 
     n = p.max_new_tokens or cfg.default_new_tokens
     if n > cfg.max_new_tokens:
-        raise InvalidArgument(f"params.max_new_tokens={n} exceeds this server's limit of {cfg.max_new_tokens}")
+        raise InvalidField("params.max_new_tokens", f"params.max_new_tokens={n} exceeds this server's limit of {cfg.max_new_tokens}")
     if len(p.stop) > cfg.max_stop_strings:
-        raise InvalidArgument(f"params.stop has {len(p.stop)} strings; at most {cfg.max_stop_strings} allowed")
+        raise InvalidField("params.stop", f"params.stop has {len(p.stop)} strings; at most {cfg.max_stop_strings} allowed")
     for s in p.stop:
         if not s or len(s) > cfg.max_stop_string_chars:
-            raise InvalidArgument(
-                f"params.stop strings must be 1..{cfg.max_stop_string_chars} characters (got {len(s)})")
+            raise InvalidField(
+                "params.stop", f"params.stop strings must be 1..{cfg.max_stop_string_chars} characters (got {len(s)})")
     if p.top_k > 100_000:
-        raise InvalidArgument(f"params.top_k={p.top_k} is out of range [0, 100000]")
+        raise InvalidField("params.top_k", f"params.top_k={p.top_k} is out of range [0, 100000]")
     return SamplingParams(
         max_new_tokens=n,
         temperature=finite("temperature", p.temperature, 0.0, 100.0),
@@ -45,23 +48,44 @@ def sampling_params(p: pb.SamplingParams, cfg: ServerConfig) -> SamplingParams:
 
 def request_id(rid: str) -> str:
     if len(rid) > MAX_REQUEST_ID_CHARS or not rid.isprintable():
-        raise InvalidArgument(f"request_id must be at most {MAX_REQUEST_ID_CHARS} printable characters")
+        raise InvalidField("request_id", f"request_id must be at most {MAX_REQUEST_ID_CHARS} printable characters")
     return rid
 
 
-def prompt_ids(prompt: str, tokenizer: Tokenizer, cfg: ServerConfig, max_new_tokens: int) -> list[int]:
+def prompt_ids(prompt: str, tokenizer: Tokenizer, cfg: ServerConfig, max_new_tokens: int,
+               field: str = "prompt") -> list[int]:
     if not prompt:
-        raise InvalidArgument("prompt is empty")
+        raise InvalidField(field, f"{field} is empty")
     # bytes before tokens: a prompt can never be shorter in tokens than in bytes / 64
     if len(prompt) > cfg.max_prompt_tokens * 64:
-        raise InvalidArgument(f"prompt is {len(prompt)} characters; far above the limit of "
+        raise InvalidField(field, f"{field} is {len(prompt)} characters; far above the limit of "
                               f"{cfg.max_prompt_tokens} tokens")
     ids = tokenizer.encode(prompt).ids
     if len(ids) > cfg.max_prompt_tokens:
-        raise InvalidArgument(f"prompt is {len(ids)} tokens; this server accepts at most "
+        raise InvalidField(field, f"{field} is {len(ids)} tokens; this server accepts at most "
                               f"{cfg.max_prompt_tokens} (context {cfg.max_context_tokens} tokens)")
     if len(ids) + max_new_tokens > cfg.max_context_tokens:
-        raise InvalidArgument(
-            f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context of "
+        raise InvalidField(
+            field, f"{field} ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context of "
             f"{cfg.max_context_tokens} tokens; shorten the prompt or ask for fewer tokens")
     return ids
+
+
+def adapter_kind(value: int) -> AdapterKind | None:
+    """UploadMetadata.kind -> the expected kind (None: unspecified, any kind)."""
+    if value == pb.ADAPTER_KIND_UNSPECIFIED:
+        return None
+    name = pb.AdapterKind.Name(value) if value in pb.AdapterKind.values() else ""
+    kind = AdapterKind.__members__.get(name.removeprefix("ADAPTER_KIND_"))
+    if kind is None:
+        raise InvalidField("metadata.kind", f"metadata.kind={value} is not an adapter kind this server knows "
+                           f"({', '.join(k.value for k in AdapterKind)})")
+    return kind
+
+
+def kind_to_pb(kind: AdapterKind) -> int:
+    return pb.AdapterKind.Value("ADAPTER_KIND_" + kind.value)
+
+
+def finish_to_pb(reason: FinishReason) -> int:
+    return pb.FinishReason.Value("FINISH_REASON_" + reason.name)

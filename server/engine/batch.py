@@ -10,7 +10,7 @@ from server.model.llama import ForwardBatch
 
 @dataclass(frozen=True)
 class Segment:
-    slot: int                 # KV slot of the sequence
+    kv_slot: int              # KV slot of the sequence
     token_ids: list[int]      # tokens to run this step (1 for decode, a chunk for prefill)
     first_pos: int            # position of token_ids[0] in the sequence (after virtual tokens)
     want_logits: bool         # return logits for the last token
@@ -23,16 +23,16 @@ def make_forward_batch(segments: list[Segment], device: torch.device) -> Forward
         row, n = len(ids), len(s.token_ids)
         ids.extend(s.token_ids)
         pos.extend(range(s.first_pos, s.first_pos + n))
-        slots.extend([s.slot] * n)
+        slots.extend([s.kv_slot] * n)
         if s.want_logits:
             logit_rows.append(row + n - 1)
         (decode if n == 1 else prefill).append((row, s))
 
-    def lt(xs) -> torch.Tensor:
+    def longs(xs: list[int]) -> torch.Tensor:
         return torch.tensor(xs, dtype=torch.long, device=device)
 
-    dec_slots = [s.slot for _, s in decode]
-    dec_lens = lt([s.first_pos + 1 for _, s in decode])
+    dec_slots = [s.kv_slot for _, s in decode]
+    dec_lens = longs([s.first_pos + 1 for _, s in decode])
     consecutive = bool(decode) and dec_slots == list(range(dec_slots[0], dec_slots[0] + len(dec_slots)))
     dec_mask = torch.arange(int(dec_lens.max()) if decode else 0, device=device) < dec_lens[:, None]
 
@@ -50,10 +50,10 @@ def make_forward_batch(segments: list[Segment], device: torch.device) -> Forward
     p_mask = torch.arange(lk)[None, None, :] <= p_qpos[:, :, None]   # [P, Lq, Lk]
 
     return ForwardBatch(
-        input_ids=lt(ids), positions=lt(pos), token_slots=lt(slots), logit_rows=lt(logit_rows),
-        decode_rows=lt([r for r, _ in decode]), decode_slots=lt(dec_slots),
+        input_ids=longs(ids), positions=longs(pos), token_slots=longs(slots), logit_rows=longs(logit_rows),
+        decode_rows=longs([r for r, _ in decode]), decode_slots=longs(dec_slots),
         decode_mask=dec_mask[:, None, None, :],
         decode_slot_range=(dec_slots[0], len(dec_slots)) if consecutive else None,
         decode_only=not prefill and bool(decode),
         prefill_rows=p_rows.to(device), prefill_valid=p_valid.to(device),
-        prefill_slots=lt([s.slot for _, s in prefill]), prefill_mask=p_mask[:, None].to(device))
+        prefill_slots=longs([s.kv_slot for _, s in prefill]), prefill_mask=p_mask[:, None].to(device))

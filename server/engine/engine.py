@@ -1,9 +1,12 @@
-"""The engine thread: owns the model, the KV cache and the step loop.
+"""The engine thread: owns the model, the KV cache, the adapter slots and cache, and the step loop.
 
-    admit -> schedule -> forward -> sample -> emit
+    admit -> schedule -> run (forward) -> sample -> emit
 
-Other threads talk to it only through `submit()` (a thread-safe inbox) and
-`Sequence.cancel()`. Every step's batch description is built once and passed to the model.
+Other threads talk to it only through `submit()` (a thread-safe inbox, which takes ownership of
+the sequence and of its pinned adapter) and `Sequence.cancel()` (which wakes the loop). Versions
+the registry frees arrive on its `freed` queue, which the loop drains. Every step's batch
+description is built once and passed to the model; a step returns `StepStats`, which
+`metrics.record_step` exports.
 """
 from __future__ import annotations
 
@@ -11,21 +14,23 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 import torch
 
 from server import metrics
 from server.adapters.cache import AdapterCache
-from server.adapters.registry import AdapterRegistry
+from server.adapters.refs import AdapterKey
+from server.adapters.registry import AdapterRef, AdapterRegistry
 from server.engine.adapter_slots import AdapterSlots
 from server.engine.batch import Segment, make_forward_batch
 from server.engine.kv_cache import KVCache
 from server.engine.sampling import sample
 from server.engine.scheduler import Scheduled, Scheduler
 from server.engine.sequence import FinishEvent, FinishReason, Sequence
-from server.errors import (FailedPrecondition, InvalidArgument, LoraFleetError, ResourceExhausted,
-                           Unavailable)
+from server.errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument, LoraFleetError,
+                           ResourceExhausted, Unavailable)
 from server.model.loader import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -37,10 +42,22 @@ class EngineCrashed(LoraFleetError):
 
 @dataclass(frozen=True)
 class AdapterServing:
-    """What the engine needs to serve adapters: refs to release, the tiered cache, the slots."""
+    """What the engine needs to serve adapters: the registry (pins to release, freed versions to
+    drop), the LRU index of what is cached where, and the device slots it fills."""
     registry: AdapterRegistry
     cache: AdapterCache
     slots: AdapterSlots
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one step did, for metrics."""
+    rows: int                                  # sequences in the step
+    tokens: int                                # tokens through the forward pass
+    prompt_tokens: int                         # of which prompt (prefill) tokens
+    distinct_adapters: int
+    generated: dict[str, int] = field(default_factory=dict)     # tenant -> tokens sampled
+    first_token_seconds: tuple[float, ...] = ()                  # arrival -> first token, per row
 
 
 class Engine:
@@ -54,11 +71,12 @@ class Engine:
         self.scheduler = Scheduler(self.kv, max_batch_size, max_prefill_tokens)
         self.max_queued = max_queued
         self._inbox: queue.SimpleQueue[Sequence | None] = queue.SimpleQueue()
-        self._pending = 0                  # submitted, not yet admitted (inbox + waiting)
+        self._pending: Counter[str] = Counter()   # tenant -> submitted, not yet admitted
         self._pending_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="lorafleet-engine", daemon=True)
         self._last_cache_stats = None
+        self.residency: dict[AdapterKey, str] = {}   # published snapshot: key -> 'device' | 'host'
         self.crashed: BaseException | None = None
         self.on_crash: list = []           # callables run (engine thread) when the loop dies of a bug
         self.steps = 0
@@ -76,27 +94,41 @@ class Engine:
         self._inbox.put(None)
         self._thread.join(timeout)
 
+    def queued(self, tenant: str | None = None) -> int:
+        """Requests submitted and not yet admitted (for one tenant, or all)."""
+        with self._pending_lock:
+            return self._pending[tenant] if tenant is not None else sum(self._pending.values())
+
     def check_capacity(self) -> None:
         """Cheap early refusal (before any tokenizing) when the queue is already full;
         submit() re-checks under the lock."""
-        if self._pending >= self.max_queued:
+        if self.queued() >= self.max_queued:
             raise ResourceExhausted(f"the server queue is full ({self.max_queued} requests waiting); retry later")
 
-    def submit(self, seq: Sequence) -> None:
-        """Queue a sequence; ResourceExhausted at once when the queue is full."""
-        if self.crashed is not None:
-            raise EngineCrashed(f"the engine failed ({type(self.crashed).__name__}); the server needs a restart")
-        if self._stop.is_set():
-            raise Unavailable("the server is shutting down; retry on another replica")
-        with self._pending_lock:
-            if self._pending >= self.max_queued:
-                raise ResourceExhausted(
-                    f"the server queue is full ({self.max_queued} requests waiting); retry later")
-            self._pending += 1
+    def submit(self, seq: Sequence, adapter: AdapterRef | None = None) -> None:
+        """Queue a sequence, taking ownership of its pinned adapter: from here on the engine
+        releases the pin on every path, this one included when it refuses (queue full,
+        shutting down, crashed)."""
+        try:
+            if self.crashed is not None:
+                raise EngineCrashed(f"the engine failed ({type(self.crashed).__name__}); the server needs a restart")
+            if self._stop.is_set():
+                raise Unavailable("the server is shutting down; retry on another replica")
+            with self._pending_lock:
+                if sum(self._pending.values()) >= self.max_queued:
+                    raise ResourceExhausted(
+                        f"the server queue is full ({self.max_queued} requests waiting); retry later")
+                self._pending[seq.tenant] += 1
+        except BaseException:
+            if adapter is not None and self.adapters is not None:
+                self.adapters.registry.release(adapter)
+            raise
+        seq.adapter = adapter
+        seq.bind_engine(self.wake)
         self._inbox.put(seq)
 
     def wake(self) -> None:
-        """Make a blocked engine loop look at its state (after a cancel)."""
+        """Make a blocked engine loop look at its state (a cancel)."""
         self._inbox.put(None)
 
     # ------------------------------------------------------------------ engine thread
@@ -104,11 +136,15 @@ class Engine:
         try:
             while not self._stop.is_set():
                 self._drain_inbox(block=not self.scheduler.has_work())
+                self._drop_freed()
                 self._reap()
                 self._admit()
                 work = self.scheduler.schedule()
                 if work:
-                    self._step(work)
+                    stats = self._step(work)
+                    if stats is not None:
+                        metrics.record_step(stats)
+                metrics.record_load(len(self.scheduler.running), len(self.scheduler.waiting), self.kv.usage)
         except BaseException as e:  # a bug: fail everything loudly rather than hang callers
             log.exception("engine thread crashed")
             self.crashed = e
@@ -126,24 +162,46 @@ class Engine:
                 item = self._inbox.get_nowait()
         except queue.Empty:
             pass
-        metrics.WAITING.set(len(self.scheduler.waiting))
 
-    def _unpend(self, n: int) -> None:
+    def _drop_freed(self) -> None:
+        """Versions the registry no longer serves leave the cache (or do at their last release)."""
+        if self.adapters is None:
+            return
+        changed = False
+        while True:
+            try:
+                key = self.adapters.registry.freed.get_nowait()
+            except queue.Empty:
+                break
+            self.adapters.cache.invalidate(key)
+            changed = True
+        if changed:
+            self._export_cache_stats()
+
+    def _unpend(self, seqs: list[Sequence]) -> None:
         with self._pending_lock:
-            self._pending -= n
+            for seq in seqs:
+                self._pending[seq.tenant] -= 1
+                if not self._pending[seq.tenant]:
+                    del self._pending[seq.tenant]
 
     def _reap(self) -> None:
-        for seq in self.scheduler.expired():
-            if seq.slot is None:
-                self._unpend(1)
-            self._finish(seq, seq.finish(FinishReason.CANCELLED))
+        now = time.monotonic()
+        for seq in self.scheduler.expired(now):
+            if seq.kv_slot is None:
+                self._unpend([seq])
+            if seq.cancelled:
+                self._finish(seq, seq.finish(FinishReason.CANCELLED))
+            else:
+                err = DeadlineExceeded(f"the request's deadline passed after {len(seq.output_ids)} "
+                                       f"generated tokens ({now - seq.arrival:.3f} s after arrival)")
+                self._finish(seq, seq.finish(FinishReason.CANCELLED, err))
 
     def _admit(self) -> None:
         admitted = self.scheduler.admit(self._make_ready)
         if self.scheduler.waiting or admitted:   # the cache was consulted
             self._export_cache_stats()
-        if admitted:
-            self._unpend(len(admitted))
+        self._unpend(admitted)
         for seq in admitted:
             metrics.QUEUE_WAIT.observe(seq.admitted_at - seq.arrival)
             if seq.error is not None:
@@ -174,33 +232,24 @@ class Engine:
                 f"({seq.params.max_new_tokens}) exceeds the context of {self.kv.max_len} tokens")
         elif seq.classify and info.head is None:
             seq.error = FailedPrecondition(
-                f"adapter {seq.adapter.name!r} has no classification head; Classify needs one")
+                f"adapter {seq.adapter.display!r} has no classification head; Classify needs one")
         return True
 
     def _export_cache_stats(self) -> None:
-        """Turn the cache's cumulative counters into Prometheus increments (engine thread)."""
+        """Cache counters to metrics, and a fresh residency snapshot for other threads to read."""
         if self.adapters is None:
             return
         now = self.adapters.cache.stats()
-        last, self._last_cache_stats = self._last_cache_stats, now
-        for tier in ("device", "host"):
-            a, b = getattr(last, tier) if last else None, getattr(now, tier)
-            dh, dm = b.hits - (a.hits if a else 0), b.misses - (a.misses if a else 0)
-            de, ds = b.evictions - (a.evictions if a else 0), b.load_seconds - (a.load_seconds if a else 0.0)
-            metrics.ADAPTER_CACHE_HITS.labels(tier).inc(dh)
-            metrics.ADAPTER_CACHE_MISSES.labels(tier).inc(dm)
-            metrics.ADAPTER_EVICTIONS.labels(tier).inc(de)
-            for _ in range(dm):
-                metrics.ADAPTER_LOAD_SECONDS.labels(tier).observe(ds / dm)
-        metrics.ADAPTERS_RESIDENT.labels("device").set(now.resident_slots)
-        metrics.ADAPTERS_RESIDENT.labels("host").set(now.host_entries)
+        metrics.record_cache(self._last_cache_stats, now)
+        self._last_cache_stats = now
+        self.residency = self.adapters.cache.residency()     # replaced, never mutated
 
     def _write_prefix(self, seq: Sequence) -> None:
         prefix = self.adapters.slots.info[seq.adapter_slot].prefix_kv   # [L, 2, Hkv, n, hd]
         n = prefix.shape[3]
         for layer, (kc, vc) in enumerate(self.kv.layers):
-            kc[seq.slot, :, :n] = prefix[layer, 0]
-            vc[seq.slot, :, :n] = prefix[layer, 1]
+            kc[seq.kv_slot, :, :n] = prefix[layer, 0]
+            vc[seq.kv_slot, :, :n] = prefix[layer, 1]
 
     def _hooks(self, work: list[Scheduled]):
         """The step's adapter hooks, or None when no row carries an adapter."""
@@ -216,8 +265,32 @@ class Engine:
                 token_slots.append(slot)
         return self.adapters.slots.step(token_slots, prompt_rows)
 
-    def _step(self, work: list[Scheduled]) -> None:
-        segs = [Segment(w.seq.slot, w.token_ids, w.first_pos, w.want_logits) for w in work]
+    # ---- one step: run -> sample -> emit
+    def _step(self, work: list[Scheduled]) -> StepStats | None:
+        hidden = self._run(work)
+        if hidden is None:
+            return None
+        self.steps += 1
+        rows = [w.seq for w in work if w.want_logits]
+        classified = [(seq, h) for seq, h in zip(rows, hidden) if seq.classify]
+        generating = [(seq, h) for seq, h in zip(rows, hidden) if not seq.classify]
+        for seq, h in classified:
+            labels, probs = self._classify(seq, h)
+            self._finish(seq, seq.finish(FinishReason.STOP, probabilities=probs, labels=labels))
+        seqs = [seq for seq, _ in generating]
+        tokens = self._sample(seqs, torch.stack([h for _, h in generating])) if generating else []
+        first_token = tuple(time.monotonic() - s.arrival for s in seqs if s.first_token_at is None)
+        self._emit(seqs, tokens)
+        return StepStats(
+            rows=len(work), tokens=sum(len(w.token_ids) for w in work),
+            prompt_tokens=sum(len(w.token_ids) for w in work if w.first_pos < len(w.seq.prompt_ids)),
+            distinct_adapters=len({w.seq.adapter_slot for w in work} - {None}),
+            generated=dict(Counter(s.tenant for s in seqs)), first_token_seconds=first_token)
+
+    def _run(self, work: list[Scheduled]) -> torch.Tensor | None:
+        """The forward pass: hidden states [rows wanting logits, dim], or None when it failed
+        (its sequences are failed; the server goes on)."""
+        segs = [Segment(w.seq.kv_slot, w.token_ids, w.first_pos, w.want_logits) for w in work]
         batch = make_forward_batch(segs, self.model.device)
         try:
             hidden = self.model.forward(batch, self.kv.layers, self._hooks(work), return_hidden=True)
@@ -226,44 +299,27 @@ class Engine:
             err = LoraFleetError(f"internal error during the forward pass: {type(e).__name__}")
             for w in work:
                 self._finish(w.seq, w.seq.finish(FinishReason.ERROR, err))
-            return
-        self.steps += 1
+            return None
         for w in work:
             w.seq.num_computed = w.first_pos + len(w.token_ids)
-        rows = [w.seq for w in work if w.want_logits]
-        gen = [i for i, s in enumerate(rows) if not s.classify]
-        for i, seq in enumerate(rows):
-            if seq.classify:
-                labels, probs = self._classify(seq, hidden[i])
-                self._finish(seq, seq.finish(FinishReason.STOP, probabilities=probs, labels=labels))
-        rows = [rows[i] for i in gen]
-        logits = self.model.logits(hidden[gen])
-        for seq, row in zip(rows, logits):
+        return hidden
+
+    def _sample(self, seqs: list[Sequence], hidden: torch.Tensor) -> list[int]:
+        """Next token per row from hidden states [rows, dim] (a row's `logits_trace`, when set,
+        records its logits: tests compare them with the oracle)."""
+        logits = self.model.logits(hidden)
+        for seq, row in zip(seqs, logits):
             if seq.logits_trace is not None:
                 seq.logits_trace.append(row.float().cpu().clone())
-        tokens = sample(logits, [s.row_state() for s in rows]) if rows else []
-        metrics.BATCH_SIZE.observe(len(work))
-        metrics.BATCH_TOKENS.observe(int(batch.input_ids.numel()))
-        metrics.BATCH_ADAPTERS.observe(len({w.seq.adapter_slot for w in work} - {None}))
-        per_tenant: dict[str, int] = {}
-        for seq in rows:
-            per_tenant[seq.tenant] = per_tenant.get(seq.tenant, 0) + 1
-        for tenant, n in per_tenant.items():
-            metrics.TENANT_TOKENS.labels(metrics.tenant_label(tenant), "generated").inc(n)
-        metrics.GENERATED_TOKENS.inc(len(rows))
-        metrics.PROMPT_TOKENS.inc(sum(len(w.token_ids) for w in work if w.first_pos < len(w.seq.prompt_ids)))
-        for seq, tok in zip(rows, tokens):
-            if seq.first_token_at is None:
-                metrics.TIME_TO_FIRST_TOKEN.observe(time.monotonic() - seq.arrival)
+        return sample(logits, [s.row_state() for s in seqs])
+
+    def _emit(self, seqs: list[Sequence], tokens: list[int]) -> None:
+        for seq, tok in zip(seqs, tokens):
             ev = seq.append_token(tok, self.loaded.tokenizer, self.loaded.eos_ids)
-            if ev is None:
-                continue
             if isinstance(ev, FinishEvent):
                 self._finish(seq, ev)
-            else:
+            elif ev is not None:
                 seq.sink(ev)
-        metrics.RUNNING.set(len(self.scheduler.running))
-        metrics.KV_CACHE_USAGE.set(self.kv.usage)
 
     def _classify(self, seq: Sequence, h: torch.Tensor) -> tuple[tuple[str, ...], list[float]]:
         """Label names and probabilities from the adapter's head on the last token's hidden state [dim]."""
@@ -285,10 +341,9 @@ class Engine:
         self.scheduler.remove(seq)
         self._release_adapter(seq)
         now = time.monotonic()
-        metrics.FINISHED.labels(ev.reason.value).inc()
-        metrics.E2E_LATENCY.observe(now - seq.arrival)
-        if seq.first_token_at is not None and len(seq.output_ids) > 1:
-            metrics.TIME_PER_OUTPUT_TOKEN.observe((now - seq.first_token_at) / (len(seq.output_ids) - 1))
+        n = len(seq.output_ids)
+        per_token = (now - seq.first_token_at) / (n - 1) if seq.first_token_at is not None and n > 1 else None
+        metrics.record_finish(ev.reason.value, now - seq.arrival, per_token)
         seq.sink(ev)
 
     def _fail_all(self) -> None:

@@ -90,18 +90,20 @@ class Scheduler:
 
     def remove(self, seq: Sequence) -> None:
         """Take a sequence out (finished, cancelled or failed) and free its slot at once."""
-        if seq.slot is not None:
+        if seq.kv_slot is not None:
             self.running.remove(seq)
-            self.slots.release(seq.slot)
-            seq.slot = None
+            self.slots.release(seq.kv_slot)
+            seq.kv_slot = None
         else:
             self.waiting.remove(seq)
 
     def admit(self, make_ready: Callable[[Sequence], bool] = lambda s: True) -> list[Sequence]:
         """Move waiting sequences into free KV slots in fair order. `make_ready(seq)` makes
         the sequence's adapter resident (False: not possible now; the sequence keeps waiting)."""
-        admitted = []
+        admitted, now = [], time.monotonic()
         for seq in self.waiting.rounds():
+            if seq.cancelled or (seq.deadline is not None and now > seq.deadline):
+                continue                      # reaped before the next step; never admitted
             if len(self.running) >= self.max_batch_size:
                 break
             slot = self.slots.allocate()
@@ -112,7 +114,7 @@ class Scheduler:
                 continue
             self.waiting.remove(seq)
             self.waiting.rotate(seq.tenant)
-            seq.slot, seq.admitted_at = slot, time.monotonic()
+            seq.kv_slot, seq.admitted_at = slot, now
             self.running.append(seq)
             admitted.append(seq)
         return admitted
@@ -121,7 +123,7 @@ class Scheduler:
         """This step's work: one token for every decoding sequence, then prefill chunks
         within the prefill token budget, in admission order."""
         out, budget = [], self.max_prefill_tokens
-        for seq in sorted(self.running, key=lambda s: s.slot):   # consecutive slots: no KV gather
+        for seq in sorted(self.running, key=lambda s: s.kv_slot):   # consecutive slots: no KV gather
             if not seq.in_prefill:
                 ids, pos = seq.next_tokens(1)
                 out.append(Scheduled(seq, ids, pos, True))

@@ -1,6 +1,6 @@
 """One request's state, owned by the engine thread once submitted.
 
-Other threads may only call `cancel()`. Text is detokenized incrementally; a stop string
+Other threads may only call `cancel()`, which wakes the engine that owns the sequence. Text is detokenized incrementally; a stop string
 ends generation before it, and text that could still become a stop string (or an
 incomplete UTF-8 character) is held back until it cannot.
 """
@@ -9,13 +9,16 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from tokenizers import Tokenizer
 
 from server.engine.sampling import RowState, SamplingParams
 from server.errors import LoraFleetError
+
+if TYPE_CHECKING:
+    from server.adapters.registry import AdapterRef
 
 
 class FinishReason(enum.Enum):
@@ -51,14 +54,14 @@ Event = TokenEvent | FinishEvent
 class Sequence:
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                  sink: Callable[[Event], None], deadline: float | None = None, tenant: str = "",
-                 adapter: object | None = None, classify: bool = False):
+                 classify: bool = False):
         self.request_id = request_id
         self.prompt_ids = prompt_ids          # prompt-tuning placeholders first, once attached
         self.params = params
         self.sink = sink                      # thread-safe; called from the engine thread
         self.deadline = deadline              # time.monotonic() value, or None
         self.tenant = tenant
-        self.adapter = adapter                # a pinned AdapterRef (has .key), or None
+        self.adapter: AdapterRef | None = None   # the pinned version; set and released by the engine
         self.classify = classify              # prefill only; finish with label probabilities
         self.kv_offset = 0                    # prefix-tuning positions ahead of the prompt
         self.virtual_tokens = 0               # prompt-tuning placeholders at the start of prompt_ids
@@ -68,11 +71,12 @@ class Sequence:
         self.arrival = time.monotonic()
         self.admitted_at: float | None = None
         self.first_token_at: float | None = None
-        self.slot: int | None = None
+        self.kv_slot: int | None = None       # KV cache slot while admitted
         self.num_computed = 0                 # tokens whose K/V are in the cache
         self.output_ids: list[int] = []
         self.finished = False
         self._cancelled = False
+        self._wake: Callable[[], None] | None = None   # the owning engine's wake(), set at submit
         self._text = ""                       # detokenized output so far
         self._sent_chars = 0
         self._sent_ids = 0
@@ -83,7 +87,13 @@ class Sequence:
 
     # ---- any thread
     def cancel(self) -> None:
+        """Stop this request (caller gone, or a batch mate failed); the engine frees its slot."""
         self._cancelled = True
+        if self._wake is not None:
+            self._wake()
+
+    def bind_engine(self, wake: Callable[[], None]) -> None:
+        self._wake = wake
 
     @property
     def cancelled(self) -> bool:

@@ -6,7 +6,7 @@ import grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from client.pb.lorafleet.v1 import lorafleet_pb2 as pb
+from lorafleet.v1 import lorafleet_pb2 as pb
 
 BAD = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

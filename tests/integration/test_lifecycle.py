@@ -14,7 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client import LoraFleetClient
-from client.pb.lorafleet.v1 import lorafleet_pb2 as pb
+from lorafleet.v1 import lorafleet_pb2 as pb
 from server.main import BackgroundServer
 from tests.integration.conftest import make_config
 

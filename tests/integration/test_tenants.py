@@ -1,6 +1,7 @@
 """Multi-tenant serving over real gRPC: keys, isolation, shared adapters, quotas, uploads,
 hot swap and delete under traffic, classification."""
 from __future__ import annotations
+from lorafleet.archive import archive_dir
 
 import hashlib
 import json
@@ -13,8 +14,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client import LoraFleetClient
-from client.api import adapter_archive
-from client.pb.lorafleet.v1 import lorafleet_pb2 as pb
+
+from lorafleet.v1 import lorafleet_pb2 as pb
 from server.api.auth import create_key
 from server.main import BackgroundServer
 from tests.integration.conftest import make_config
@@ -128,7 +129,7 @@ def _upload_raw(client: LoraFleetClient, name: str, data: bytes, declared: int |
 
 def test_hostile_uploads_rejected_and_store_unchanged(cluster, tiny_model_dir, adapters_dir):
     _, c = cluster
-    good = adapter_archive(make_adapter(tiny_model_dir, adapters_dir, "lora", seed=4)[0])
+    good = archive_dir(make_adapter(tiny_model_dir, adapters_dir, "lora", seed=4)[0])
     before = [a.name for a in c["b"].list_adapters()]
     cases = [
         ("garbage", b"\x80\x04 not a zip at all" * 10, None, "", grpc.StatusCode.INVALID_ARGUMENT),

@@ -5,6 +5,7 @@ get_peft_model), so a parse that drops or misplaces a tensor changes the numbers
 test process (lru_cache) under one temp directory; nothing is downloaded.
 """
 from __future__ import annotations
+from lorafleet.archive import archive_dir, make_archive
 
 import functools
 import io
@@ -87,7 +88,7 @@ def peft_adapter(variant: str):
 
 
 def peft_archive(variant: str) -> bytes:
-    return formats.archive_dir(peft_adapter(variant)[0])
+    return archive_dir(peft_adapter(variant)[0])
 
 
 def bottleneck_targets(seed: int = 0, size: int = 8, activation: str = "gelu",
@@ -107,7 +108,7 @@ def bottleneck_head(seed: int = 0) -> ClassificationHead:
 
 
 def bottleneck_archive(seed: int = 0, **kwargs) -> bytes:
-    return formats.make_archive(*formats.bottleneck_files(bottleneck_targets(seed, **kwargs), BASE))
+    return make_archive(*formats.bottleneck_files(bottleneck_targets(seed, **kwargs), BASE))
 
 
 def zip_bytes(members: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED) -> bytes:
@@ -138,7 +139,7 @@ def with_config(archive: bytes, **changes) -> bytes:
             cfg.pop(key, None)
         else:
             cfg[key] = value
-    return formats.make_archive(json.dumps(cfg).encode(), weights)
+    return make_archive(json.dumps(cfg).encode(), weights)
 
 
 def with_tensors(archive: bytes, edit) -> bytes:
@@ -146,7 +147,7 @@ def with_tensors(archive: bytes, edit) -> bytes:
     from safetensors.torch import load, save
 
     cfg_bytes, weights = split_archive(archive)
-    return formats.make_archive(cfg_bytes, save(edit(dict(load(weights)))))
+    return make_archive(cfg_bytes, save(edit(dict(load(weights)))))
 
 
 def tree(root: Path) -> list[str]:
@@ -215,7 +216,7 @@ def _duplicate_member_zip() -> bytes:
 
 
 def _weights(data: bytes) -> bytes:
-    return formats.make_archive(_lora_config(), data)
+    return make_archive(_lora_config(), data)
 
 
 def hostile_corpus():
@@ -252,11 +253,11 @@ def hostile_corpus():
          limit, "unpacks to 2097152 bytes", small)
     case("zip-bomb-lying-size", lambda: patch_zip(
         zip_bytes({config: b" " * (1 << 20) + b"{}", weights: _lora_weights()}), config, size=100), bad, "Bad CRC")
-    case("oversized-json", lambda: formats.make_archive(b'{"pad": "' + b"x" * 70_000 + b'"}', _lora_weights()),
+    case("oversized-json", lambda: make_archive(b'{"pad": "' + b"x" * 70_000 + b'"}', _lora_weights()),
          limit, "the limit is 65536")
-    case("json-not-object", lambda: formats.make_archive(b"[1, 2]", _lora_weights()), bad, "must be a JSON object")
-    case("json-deep-nesting", lambda: formats.make_archive(b"[" * 60_000, _lora_weights()), bad, "recursion")
-    case("json-not-utf8", lambda: formats.make_archive(b'{"peft_type": "\xff"}', _lora_weights()), bad, "utf-8")
+    case("json-not-object", lambda: make_archive(b"[1, 2]", _lora_weights()), bad, "must be a JSON object")
+    case("json-deep-nesting", lambda: make_archive(b"[" * 60_000, _lora_weights()), bad, "recursion")
+    case("json-not-utf8", lambda: make_archive(b'{"peft_type": "\xff"}', _lora_weights()), bad, "utf-8")
     case("unknown-peft-type", lambda: with_config(lora("lora"), peft_type="LOHA"), bad, "unsupported peft_type 'LOHA'")
     case("pickle-renamed", lambda: _weights(_pickle_bytes(legacy=False)), bad, "not a safetensors file")
     case("legacy-pickle-renamed", lambda: _weights(_pickle_bytes(legacy=True)), bad, "not a safetensors file")

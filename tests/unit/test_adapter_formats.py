@@ -1,6 +1,7 @@
 """Round trips: files written by the real `peft` (and by our bottleneck writer) parse into
 AdapterWeights whose numbers reproduce what PEFT itself computes."""
 from __future__ import annotations
+from lorafleet.archive import archive_dir, make_archive
 
 import json
 import math
@@ -161,7 +162,7 @@ def test_bottleneck_writer_round_trip(tmp_path):
                    "placement": ["attn", "mlp"], "base_model_hidden_size": 64, "base_model_num_layers": 2,
                    "lorafleet": {"labels": ["neg", "pos"]}}
     assert "layers.1.mlp_adapter.up.weight" in load((tmp_path / formats.WEIGHTS_FILE).read_bytes())
-    w = parse(formats.archive_dir(tmp_path), expected_kind=AdapterKind.BOTTLENECK)
+    w = parse(archive_dir(tmp_path), expected_kind=AdapterKind.BOTTLENECK)
     assert set(w.bottleneck) == set(targets) and w.rank == 8
     for key, t in targets.items():
         got = w.bottleneck[key]
@@ -173,7 +174,7 @@ def test_bottleneck_writer_round_trip(tmp_path):
 
 def test_bottleneck_single_place_subset_of_layers():
     targets = {k: v for k, v in bottleneck_targets(places=("mlp",)).items() if k[0] == 1}
-    w = parse(formats.make_archive(*formats.bottleneck_files(targets, BASE)))
+    w = parse(make_archive(*formats.bottleneck_files(targets, BASE)))
     assert set(w.bottleneck) == {(1, "mlp")} and w.config["placement"] == ["mlp"]
 
 
@@ -207,7 +208,7 @@ def test_prefix_tensor_layout_by_hand():
 
 def test_archive_dir_matches_make_archive():
     directory, _ = peft_adapter("prompt")
-    cfg, weights = split_archive(formats.archive_dir(directory))
+    cfg, weights = split_archive(archive_dir(directory))
     assert cfg == (directory / formats.CONFIG_FILE).read_bytes()
     assert weights == (directory / formats.WEIGHTS_FILE).read_bytes()
     assert save(load(weights)) is not None

@@ -30,7 +30,7 @@ def test_put_writes_layout_and_loads_back(store):
     info = store.put("acme", "summarizer", archive)
     assert (info.tenant, info.name, info.version, info.kind) == ("acme", "summarizer", 1, AdapterKind.LORA)
     assert info.sha256 == hashlib.sha256(archive).hexdigest() and info.size == len(archive)
-    assert info.key == "acme/summarizer@1"
+    assert str(info.key) == "acme/summarizer@1"
     vdir = store.root / "adapters" / "acme" / "summarizer" / "v1"
     assert (vdir / "adapter.zip").read_bytes() == archive
     meta = json.loads((vdir / "meta.json").read_text())
@@ -165,7 +165,7 @@ def test_killed_upload_leftovers_removed_at_scan(store):
     (store.root / "tmp" / "dead.d" / "adapter.zip").write_bytes(b"partial")
     restarted = AdapterStore(store.root, BASE, LIMITS)
     report = restarted.scan()
-    assert [i.key for i in report.served] == ["acme/kept@1"] and report.quarantined == ()
+    assert [str(i.key) for i in report.served] == ["acme/kept@1"] and report.quarantined == ()
     assert tree(store.root / "tmp") == []
 
 
@@ -182,7 +182,7 @@ def test_scan_quarantines_corrupt_and_serves_the_rest(store, caplog):
     (store.root / "adapters" / "acme" / "stray.txt").write_text("?")
     with caplog.at_level(logging.WARNING, logger="server.adapters.store"):
         report = AdapterStore(store.root, BASE, LIMITS).scan()
-    assert sorted(i.key for i in report.served) == ["acme/a@2", "acme/b@1"]
+    assert sorted(str(i.key) for i in report.served) == ["acme/a@2", "acme/b@1"]
     assert sorted(p for p, _ in report.quarantined) == ["adapters/acme/a/v1", "adapters/acme/stray.txt",
                                                         "adapters/beta/c/v1"]
     assert any("sha256 mismatch" in reason for _, reason in report.quarantined)

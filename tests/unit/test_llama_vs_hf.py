@@ -28,7 +28,7 @@ def test_prefill_logits_match_hf(tiny_model_dir, tiny_loaded):
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 259, (n,), generator=g).tolist() for n in (1, 5, 17)]
     kv = KVCache(tiny_loaded.model.args, 4, 64, CPU, torch.float32)
-    segs = [Segment(slot=i, token_ids=p, first_pos=0, want_logits=True) for i, p in enumerate(prompts)]
+    segs = [Segment(kv_slot=i, token_ids=p, first_pos=0, want_logits=True) for i, p in enumerate(prompts)]
     ours = tiny_loaded.model.forward(make_forward_batch(segs, CPU), kv.layers)
     for i, p in enumerate(prompts):
         ref = hf(torch.tensor([p])).logits[0, -1]
@@ -119,14 +119,14 @@ def test_bfloat16_forward_tracks_float32(tiny_model_dir, tiny_loaded):
     bf = load_model(tiny_model_dir, CPU, torch.bfloat16)
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 259, (n,), generator=g).tolist() for n in (3, 11)]
-    segs = [Segment(slot=i, token_ids=p, first_pos=0, want_logits=True) for i, p in enumerate(prompts)]
+    segs = [Segment(kv_slot=i, token_ids=p, first_pos=0, want_logits=True) for i, p in enumerate(prompts)]
     kv32 = KVCache(tiny_loaded.model.args, 2, 32, CPU, torch.float32)
     kv16 = KVCache(bf.model.args, 2, 32, CPU, torch.bfloat16)
     want = tiny_loaded.model.forward(make_forward_batch(segs, CPU), kv32.layers)
     got = bf.model.forward(make_forward_batch(segs, CPU), kv16.layers)
     assert got.dtype == torch.bfloat16
     assert rel(got.float(), want) < 2e-2
-    dec = [Segment(slot=i, token_ids=[7], first_pos=len(p), want_logits=True) for i, p in enumerate(prompts)]
+    dec = [Segment(kv_slot=i, token_ids=[7], first_pos=len(p), want_logits=True) for i, p in enumerate(prompts)]
     want = tiny_loaded.model.forward(make_forward_batch(dec, CPU), kv32.layers)
     got = bf.model.forward(make_forward_batch(dec, CPU), kv16.layers)
     assert rel(got.float(), want) < 3e-2

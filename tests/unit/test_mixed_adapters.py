@@ -10,6 +10,7 @@ import threading
 import pytest
 import torch
 
+from server.adapters.refs import parse_tenant_ref
 from server.engine.engine import Engine
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import FinishEvent, FinishReason, Sequence
@@ -50,11 +51,11 @@ def start_engine(tiny_loaded, root, num_slots=8, max_batch=32):
 
 
 def submit(eng, registry, tenant, name, prompt, n=N_NEW, classify=False) -> Run:
-    ref = registry.resolve(tenant, name) if name else None
+    ref = registry.resolve(parse_tenant_ref(tenant, name)) if name else None
     seq = Sequence("r", list(prompt), SamplingParams(max_new_tokens=n, ignore_eos=True), None,
-                   tenant=tenant, adapter=ref, classify=classify)
+                   tenant=tenant, classify=classify)
     run = Run(seq)
-    eng.submit(seq)
+    eng.submit(seq, ref)
     return run
 
 

@@ -80,7 +80,7 @@ def test_admission_bounded_by_slots_and_finished_rows_free_them():
     assert s.admit() == [a, b]
     assert list(s.waiting) == [c]
     s.remove(a)
-    assert a.slot is None
+    assert a.kv_slot is None
     assert s.admit() == [c]
 
 

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from client.pb.lorafleet.v1 import lorafleet_pb2 as client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2
+from lorafleet.v1 import lorafleet_pb2 as lorafleet_dot_v1_dot_lorafleet__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in client/pb/lorafleet/v1/lorafleet_pb2_grpc.py depends on'
+        + ' but the generated code in lorafleet/v1/lorafleet_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -38,23 +38,23 @@ class InferenceStub:
         """
         self.Generate = channel.unary_unary(
                 '/lorafleet.v1.Inference/Generate',
-                request_serializer=client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.GenerateResponse.FromString,
+                request_serializer=lorafleet_dot_v1_dot_lorafleet__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=lorafleet_dot_v1_dot_lorafleet__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.GenerateStream = channel.unary_stream(
                 '/lorafleet.v1.Inference/GenerateStream',
-                request_serializer=client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.GenerateStreamResponse.FromString,
+                request_serializer=lorafleet_dot_v1_dot_lorafleet__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=lorafleet_dot_v1_dot_lorafleet__pb2.GenerateStreamResponse.FromString,
                 _registered_method=True)
         self.Classify = channel.unary_unary(
                 '/lorafleet.v1.Inference/Classify',
-                request_serializer=client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.ClassifyRequest.SerializeToString,
-                response_deserializer=client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.ClassifyResponse.FromString,
+                request_serializer=lorafleet_dot_v1_dot_lorafleet__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=lorafleet_dot_v1_dot_lorafleet__pb2.ClassifyResponse.FromString,
                 _registered_method=True)
         self.GetServerInfo = channel.unary_unary(
                 '/lorafleet.v1.Inference/GetServerInfo',
-                request_serializer=client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.GetServerInfoRequest.SerializeToString,
-                response_deserializer=client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.ServerInfo.FromString,
+                request_serializer=lorafleet_dot_v1_dot_lorafleet__pb2.GetServerInfoRequest.SerializeToString,
+                response_deserializer=lorafleet_dot_v1_dot_lorafleet__pb2.ServerInfo.FromString,
                 _registered_method=True)
 
 
@@ -97,23 +97,23 @@ def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_unary_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.GenerateRequest.FromString,
-                    response_serializer=client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=lorafleet_dot_v1_dot_lorafleet__pb2.GenerateRequest.FromString,
+                    response_serializer=lorafleet_dot_v1_dot_lorafleet__pb2.GenerateResponse.SerializeToString,
             ),
             'GenerateStream': grpc.unary_stream_rpc_method_handler(
                     servicer.GenerateStream,
-                    request_deserializer=client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.GenerateRequest.FromString,
-                    response_serializer=client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.GenerateStreamResponse.SerializeToString,
+                    request_deserializer=lorafleet_dot_v1_dot_lorafleet__pb2.GenerateRequest.FromString,
+                    response_serializer=lorafleet_dot_v1_dot_lorafleet__pb2.GenerateStreamResponse.SerializeToString,
             ),
             'Classify': grpc.unary_unary_rpc_method_handler(
                     servicer.Classify,
-                    request_deserializer=client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.ClassifyRequest.FromString,
-                    response_serializer=client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.ClassifyResponse.SerializeToString,
+                    request_deserializer=lorafleet_dot_v1_dot_lorafleet__pb2.ClassifyRequest.FromString,
+                    response_serializer=lorafleet_dot_v1_dot_lorafleet__pb2.ClassifyResponse.SerializeToString,
             ),
             'GetServerInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetServerInfo,
-                    request_deserializer=client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.GetServerInfoRequest.FromString,
-                    response_serializer=client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.ServerInfo.SerializeToString,
+                    request_deserializer=lorafleet_dot_v1_dot_lorafleet__pb2.GetServerInfoRequest.FromString,
+                    response_serializer=lorafleet_dot_v1_dot_lorafleet__pb2.ServerInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -143,8 +143,8 @@ class Inference:
             request,
             target,
             '/lorafleet.v1.Inference/Generate',
-            client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.GenerateRequest.SerializeToString,
-            client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.GenerateResponse.FromString,
+            lorafleet_dot_v1_dot_lorafleet__pb2.GenerateRequest.SerializeToString,
+            lorafleet_dot_v1_dot_lorafleet__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -170,8 +170,8 @@ class Inference:
             request,
             target,
             '/lorafleet.v1.Inference/GenerateStream',
-            client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.GenerateRequest.SerializeToString,
-            client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.GenerateStreamResponse.FromString,
+            lorafleet_dot_v1_dot_lorafleet__pb2.GenerateRequest.SerializeToString,
+            lorafleet_dot_v1_dot_lorafleet__pb2.GenerateStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -197,8 +197,8 @@ class Inference:
             request,
             target,
             '/lorafleet.v1.Inference/Classify',
-            client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.ClassifyRequest.SerializeToString,
-            client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.ClassifyResponse.FromString,
+            lorafleet_dot_v1_dot_lorafleet__pb2.ClassifyRequest.SerializeToString,
+            lorafleet_dot_v1_dot_lorafleet__pb2.ClassifyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -224,8 +224,8 @@ class Inference:
             request,
             target,
             '/lorafleet.v1.Inference/GetServerInfo',
-            client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.GetServerInfoRequest.SerializeToString,
-            client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.ServerInfo.FromString,
+            lorafleet_dot_v1_dot_lorafleet__pb2.GetServerInfoRequest.SerializeToString,
+            lorafleet_dot_v1_dot_lorafleet__pb2.ServerInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -250,23 +250,23 @@ class AdaptersStub:
         """
         self.UploadAdapter = channel.stream_unary(
                 '/lorafleet.v1.Adapters/UploadAdapter',
-                request_serializer=client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.UploadAdapterRequest.SerializeToString,
-                response_deserializer=client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.AdapterInfo.FromString,
+                request_serializer=lorafleet_dot_v1_dot_lorafleet__pb2.UploadAdapterRequest.SerializeToString,
+                response_deserializer=lorafleet_dot_v1_dot_lorafleet__pb2.AdapterInfo.FromString,
                 _registered_method=True)
         self.ListAdapters = channel.unary_unary(
                 '/lorafleet.v1.Adapters/ListAdapters',
-                request_serializer=client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.ListAdaptersRequest.SerializeToString,
-                response_deserializer=client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.ListAdaptersResponse.FromString,
+                request_serializer=lorafleet_dot_v1_dot_lorafleet__pb2.ListAdaptersRequest.SerializeToString,
+                response_deserializer=lorafleet_dot_v1_dot_lorafleet__pb2.ListAdaptersResponse.FromString,
                 _registered_method=True)
         self.GetAdapter = channel.unary_unary(
                 '/lorafleet.v1.Adapters/GetAdapter',
-                request_serializer=client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.GetAdapterRequest.SerializeToString,
-                response_deserializer=client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.AdapterInfo.FromString,
+                request_serializer=lorafleet_dot_v1_dot_lorafleet__pb2.GetAdapterRequest.SerializeToString,
+                response_deserializer=lorafleet_dot_v1_dot_lorafleet__pb2.AdapterInfo.FromString,
                 _registered_method=True)
         self.DeleteAdapter = channel.unary_unary(
                 '/lorafleet.v1.Adapters/DeleteAdapter',
-                request_serializer=client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.DeleteAdapterRequest.SerializeToString,
-                response_deserializer=client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.DeleteAdapterResponse.FromString,
+                request_serializer=lorafleet_dot_v1_dot_lorafleet__pb2.DeleteAdapterRequest.SerializeToString,
+                response_deserializer=lorafleet_dot_v1_dot_lorafleet__pb2.DeleteAdapterResponse.FromString,
                 _registered_method=True)
 
 
@@ -305,23 +305,23 @@ def add_AdaptersServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'UploadAdapter': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadAdapter,
-                    request_deserializer=client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.UploadAdapterRequest.FromString,
-                    response_serializer=client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.AdapterInfo.SerializeToString,
+                    request_deserializer=lorafleet_dot_v1_dot_lorafleet__pb2.UploadAdapterRequest.FromString,
+                    response_serializer=lorafleet_dot_v1_dot_lorafleet__pb2.AdapterInfo.SerializeToString,
             ),
             'ListAdapters': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAdapters,
-                    request_deserializer=client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.ListAdaptersRequest.FromString,
-                    response_serializer=client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.ListAdaptersResponse.SerializeToString,
+                    request_deserializer=lorafleet_dot_v1_dot_lorafleet__pb2.ListAdaptersRequest.FromString,
+                    response_serializer=lorafleet_dot_v1_dot_lorafleet__pb2.ListAdaptersResponse.SerializeToString,
             ),
             'GetAdapter': grpc.unary_unary_rpc_method_handler(
                     servicer.GetAdapter,
-                    request_deserializer=client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.GetAdapterRequest.FromString,
-                    response_serializer=client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.AdapterInfo.SerializeToString,
+                    request_deserializer=lorafleet_dot_v1_dot_lorafleet__pb2.GetAdapterRequest.FromString,
+                    response_serializer=lorafleet_dot_v1_dot_lorafleet__pb2.AdapterInfo.SerializeToString,
             ),
             'DeleteAdapter': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteAdapter,
-                    request_deserializer=client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.DeleteAdapterRequest.FromString,
-                    response_serializer=client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.DeleteAdapterResponse.SerializeToString,
+                    request_deserializer=lorafleet_dot_v1_dot_lorafleet__pb2.DeleteAdapterRequest.FromString,
+                    response_serializer=lorafleet_dot_v1_dot_lorafleet__pb2.DeleteAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -351,8 +351,8 @@ class Adapters:
             request_iterator,
             target,
             '/lorafleet.v1.Adapters/UploadAdapter',
-            client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.UploadAdapterRequest.SerializeToString,
-            client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.AdapterInfo.FromString,
+            lorafleet_dot_v1_dot_lorafleet__pb2.UploadAdapterRequest.SerializeToString,
+            lorafleet_dot_v1_dot_lorafleet__pb2.AdapterInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -378,8 +378,8 @@ class Adapters:
             request,
             target,
             '/lorafleet.v1.Adapters/ListAdapters',
-            client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.ListAdaptersRequest.SerializeToString,
-            client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.ListAdaptersResponse.FromString,
+            lorafleet_dot_v1_dot_lorafleet__pb2.ListAdaptersRequest.SerializeToString,
+            lorafleet_dot_v1_dot_lorafleet__pb2.ListAdaptersResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -405,8 +405,8 @@ class Adapters:
             request,
             target,
             '/lorafleet.v1.Adapters/GetAdapter',
-            client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.GetAdapterRequest.SerializeToString,
-            client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.AdapterInfo.FromString,
+            lorafleet_dot_v1_dot_lorafleet__pb2.GetAdapterRequest.SerializeToString,
+            lorafleet_dot_v1_dot_lorafleet__pb2.AdapterInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -432,8 +432,8 @@ class Adapters:
             request,
             target,
             '/lorafleet.v1.Adapters/DeleteAdapter',
-            client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.DeleteAdapterRequest.SerializeToString,
-            client_dot_pb_dot_lorafleet_dot_v1_dot_lorafleet__pb2.DeleteAdapterResponse.FromString,
+            lorafleet_dot_v1_dot_lorafleet__pb2.DeleteAdapterRequest.SerializeToString,
+            lorafleet_dot_v1_dot_lorafleet__pb2.DeleteAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,116 @@
+"""What every servicer shares: the one table from domain errors to gRPC status codes (with
+`google.rpc` rich details), and the handler decorators that apply it and count the call.
+
+Only bugs become INTERNAL (logged with a traceback, never shown to the caller).
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from typing import AsyncIterator, Awaitable, Callable
+
+import grpc
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from server import errors as e
+from server import metrics
+
+log = logging.getLogger(__name__)
+OVERLOAD_DELAY_S = 0.05
+
+STATUS: dict[type[e.LoraFleetError], grpc.StatusCode] = {
+    e.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    e.NotFound: grpc.StatusCode.NOT_FOUND,
+    e.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    e.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    e.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    e.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    e.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    e.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    e.DataLoss: grpc.StatusCode.DATA_LOSS,
+    e.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+
+def status_of(err: BaseException) -> grpc.StatusCode:
+    for cls in type(err).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+def is_bug(err: BaseException) -> bool:
+    return status_of(err) == grpc.StatusCode.INTERNAL and not isinstance(err, e.LoraFleetError)
+
+
+def rich_status(err: BaseException) -> status_pb2.Status:
+    """google.rpc.Status for a domain error: QuotaFailure for quotas, BadRequest for a field."""
+    code = status_of(err)
+    message = (f"internal error ({type(err).__name__}); the server log has details" if is_bug(err)
+               else str(err))
+    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message)
+    detail = None
+    if isinstance(err, e.QuotaExceeded):
+        detail = error_details_pb2.QuotaFailure(violations=[
+            error_details_pb2.QuotaFailure.Violation(subject=err.subject, description=str(err))])
+    elif isinstance(err, e.InvalidField):
+        detail = error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=err.field, description=str(err))])
+    if detail is not None:
+        status.details.add().Pack(detail)
+    return status
+
+
+async def abort(context: grpc.aio.ServicerContext, method: str, err: BaseException) -> None:
+    """End the call with the status of `err` (never returns)."""
+    code = status_of(err)
+    metrics.REQUESTS.labels(method, code.name).inc()
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        # Server-side back-off: a client that retries at once cannot turn rejections into a busy
+        # loop that starves the engine thread (GIL and CPU); the answer stays quick and explicit.
+        await asyncio.sleep(OVERLOAD_DELAY_S)
+    if is_bug(err):
+        log.error("%s failed", method, exc_info=err)
+    await context.abort_with_status(rpc_status.to_status(rich_status(err)))
+
+
+PASS_THROUGH = (asyncio.CancelledError, grpc.aio.AbortError)
+
+
+def unary(method: str, on_error: Callable[[BaseException], None] | None = None):
+    """For a unary-response handler (unary or client-streaming request): map domain errors to
+    status codes and count the call. `on_error(err)` runs first on a failure (e.g. a metric)."""
+    def wrap(fn: Callable[..., Awaitable]):
+        @functools.wraps(fn)
+        async def handler(self, request, context):
+            try:
+                resp = await fn(self, request, context)
+            except PASS_THROUGH:
+                raise
+            except Exception as err:  # noqa: BLE001 - mapped to a status, bugs to INTERNAL
+                if on_error is not None:
+                    on_error(err)
+                await abort(context, method, err)
+            metrics.REQUESTS.labels(method, "OK").inc()
+            return resp
+        return handler
+    return wrap
+
+
+def streaming(method: str):
+    """The same for a server-streaming handler (an async generator)."""
+    def wrap(fn: Callable[..., AsyncIterator]):
+        @functools.wraps(fn)
+        async def handler(self, request, context):
+            try:
+                async for msg in fn(self, request, context):
+                    yield msg
+            except PASS_THROUGH:
+                raise
+            except Exception as err:  # noqa: BLE001
+                await abort(context, method, err)
+            metrics.REQUESTS.labels(method, "OK").inc()
+        return handler
+    return wrap
