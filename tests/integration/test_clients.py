@@ -55,11 +55,22 @@ def test_cli_walkthrough(server, tiny_model_dir, tmp_path):
     assert r.returncode == 1 and "NOT_FOUND" in r.stderr
     r = cli("--server", addr, "adapters", "delete", "cli-ia3")
     assert r.returncode == 0 and "deleted versions: 1" in r.stdout
+
+
+def server_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "server", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_keys_are_a_server_command(tmp_path):
     keys = tmp_path / "keys.json"
-    r = cli("keys", "create", "--tenant", "acme", "--file", str(keys))
-    assert r.returncode == 0 and r.stdout.startswith("lf_")
+    r = server_cli("keys", "create", "--tenant", "acme", "--file", str(keys))
+    assert r.returncode == 0 and r.stdout.startswith("lf_"), r.stderr
     assert json.loads(keys.read_text())["keys"][0]["tenant"] == "acme"
     assert r.stdout.strip() not in keys.read_text()          # only the hash is stored
+    r = server_cli("keys", "create", "--tenant", "A", "--file", str(keys))   # a name the rule refuses
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "a-z 0-9" in r.stderr
+    r = server_cli("keys", "create", "--tenant", "shared", "--file", str(keys))
+    assert r.returncode == 2 and "reserved" in r.stderr
 
 
 def test_tenant_routing_header_is_sent_and_harmless(server):

@@ -141,7 +141,7 @@ def test_deadline_propagates_into_the_engine(server, client, monkeypatch):
     sequences and frees their slots: tests/unit/test_engine.py)."""
     seen = []
     real = server.engine.submit
-    monkeypatch.setattr(server.engine, "submit", lambda seq: (seen.append(seq), real(seq)))
+    monkeypatch.setattr(server.engine, "submit", lambda seq, ref=None: (seen.append(seq), real(seq, ref)))
     t0 = time.monotonic()
     client.generate("deadline", max_new_tokens=2, timeout=7.0)
     assert len(seen) == 1 and seen[0].deadline is not None
