@@ -7,7 +7,7 @@ from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 import grpc
 
-from client.common import (GenerateResult, StreamPiece, backoff_seconds, call_metadata, classifications,
+from client.common import (DEFAULT, GenerateResult, StreamPiece, backoff_seconds, call_metadata, classifications,
                            credentials, generate_request, generate_result, should_retry, stream_piece,
                            upload_messages)
 from lorafleet.v1 import lorafleet_pb2 as pb
@@ -48,26 +48,27 @@ class AsyncLoraFleetClient:
                 await asyncio.sleep(backoff_seconds(attempt))
                 attempt += 1
 
-    def _kw(self, timeout: float | None) -> dict:
-        return {"timeout": timeout or self.timeout, "metadata": self.metadata}
+    def _kw(self, timeout: float | None | object = DEFAULT) -> dict:
+        """Call options: `timeout` None = no deadline; left out = the client's default."""
+        return {"timeout": self.timeout if timeout is DEFAULT else timeout, "metadata": self.metadata}
 
-    async def generate(self, prompt: str, timeout: float | None = None, **kw) -> GenerateResult:
+    async def generate(self, prompt: str, timeout: float | None | object = DEFAULT, **kw) -> GenerateResult:
         req = generate_request(prompt, **kw)
         return generate_result(await self._retry(lambda: self.inference.Generate(req, **self._kw(timeout))))
 
-    async def generate_stream(self, prompt: str, timeout: float | None = None, **kw) -> AsyncIterator[StreamPiece]:
+    async def generate_stream(self, prompt: str, timeout: float | None | object = DEFAULT, **kw) -> AsyncIterator[StreamPiece]:
         async for m in self.inference.GenerateStream(generate_request(prompt, **kw), **self._kw(timeout)):
             yield stream_piece(m)
 
-    async def classify(self, texts: list[str], adapter: str, timeout: float | None = None) -> list[dict]:
+    async def classify(self, texts: list[str], adapter: str, timeout: float | None | object = DEFAULT) -> list[dict]:
         req = pb.ClassifyRequest(texts=texts, adapter=adapter)
         return classifications(await self._retry(lambda: self.inference.Classify(req, **self._kw(timeout))))
 
     async def server_info(self) -> pb.ServerInfo:
-        return await self.inference.GetServerInfo(pb.GetServerInfoRequest(), **self._kw(None))
+        return await self.inference.GetServerInfo(pb.GetServerInfoRequest(), **self._kw())
 
     async def upload_adapter(self, directory: Path, name: str, shared: bool = False,
-                             kind: str | None = None, timeout: float | None = None) -> pb.AdapterInfo:
+                             kind: str | None = None, timeout: float | None | object = DEFAULT) -> pb.AdapterInfo:
         msgs = upload_messages(directory, name, shared, kind)
         return await self.adapters.UploadAdapter(iter(msgs), **self._kw(timeout))
 
@@ -75,15 +76,15 @@ class AsyncLoraFleetClient:
         out, token = [], ""
         while True:
             r = await self.adapters.ListAdapters(pb.ListAdaptersRequest(page_size=page_size, page_token=token),
-                                                 **self._kw(None))
+                                                 **self._kw())
             out.extend(r.adapters)
             token = r.next_page_token
             if not token:
                 return out
 
     async def get_adapter(self, name: str) -> pb.AdapterInfo:
-        return await self.adapters.GetAdapter(pb.GetAdapterRequest(name=name), **self._kw(None))
+        return await self.adapters.GetAdapter(pb.GetAdapterRequest(name=name), **self._kw())
 
     async def delete_adapter(self, name: str) -> list[int]:
-        r = await self.adapters.DeleteAdapter(pb.DeleteAdapterRequest(name=name), **self._kw(None))
+        r = await self.adapters.DeleteAdapter(pb.DeleteAdapterRequest(name=name), **self._kw())
         return list(r.deleted_versions)

@@ -7,7 +7,7 @@ from typing import Callable, Iterator, TypeVar
 
 import grpc
 
-from client.common import (GenerateResult, StreamPiece, backoff_seconds, call_metadata, classifications,
+from client.common import (DEFAULT, GenerateResult, StreamPiece, backoff_seconds, call_metadata, classifications,
                            credentials, generate_request, generate_result, should_retry, stream_piece,
                            upload_messages)
 from lorafleet.v1 import lorafleet_pb2 as pb
@@ -54,27 +54,28 @@ class LoraFleetClient:
                 time.sleep(backoff_seconds(attempt))
                 attempt += 1
 
-    def _kw(self, timeout: float | None) -> dict:
-        return {"timeout": timeout or self.timeout, "metadata": self.metadata}
+    def _kw(self, timeout: float | None | object = DEFAULT) -> dict:
+        """Call options: `timeout` None = no deadline; left out = the client's default."""
+        return {"timeout": self.timeout if timeout is DEFAULT else timeout, "metadata": self.metadata}
 
-    def generate(self, prompt: str, timeout: float | None = None, **kw) -> GenerateResult:
+    def generate(self, prompt: str, timeout: float | None | object = DEFAULT, **kw) -> GenerateResult:
         req = generate_request(prompt, **kw)
         return generate_result(self._retry(lambda: self.inference.Generate(req, **self._kw(timeout))))
 
-    def generate_stream(self, prompt: str, timeout: float | None = None, **kw) -> Iterator[StreamPiece]:
+    def generate_stream(self, prompt: str, timeout: float | None | object = DEFAULT, **kw) -> Iterator[StreamPiece]:
         for m in self.inference.GenerateStream(generate_request(prompt, **kw), **self._kw(timeout)):
             yield stream_piece(m)
 
     def server_info(self) -> pb.ServerInfo:
-        return self.inference.GetServerInfo(pb.GetServerInfoRequest(), **self._kw(None))
+        return self.inference.GetServerInfo(pb.GetServerInfoRequest(), **self._kw())
 
-    def classify(self, texts: list[str], adapter: str, timeout: float | None = None) -> list[dict]:
+    def classify(self, texts: list[str], adapter: str, timeout: float | None | object = DEFAULT) -> list[dict]:
         """[{"label": top label, "scores": {label: probability}}] per text."""
         req = pb.ClassifyRequest(texts=texts, adapter=adapter)
         return classifications(self._retry(lambda: self.inference.Classify(req, **self._kw(timeout))))
 
     def upload_adapter(self, directory: Path, name: str, shared: bool = False,
-                       kind: str | None = None, timeout: float | None = None) -> pb.AdapterInfo:
+                       kind: str | None = None, timeout: float | None | object = DEFAULT) -> pb.AdapterInfo:
         """Upload a PEFT or lorafleet adapter directory under `name` (a new version if it exists)."""
         return self.adapters.UploadAdapter(iter(upload_messages(directory, name, shared, kind)), **self._kw(timeout))
 
@@ -82,14 +83,14 @@ class LoraFleetClient:
         out, token = [], ""
         while True:
             r = self.adapters.ListAdapters(pb.ListAdaptersRequest(page_size=page_size, page_token=token),
-                                           **self._kw(None))
+                                           **self._kw())
             out.extend(r.adapters)
             token = r.next_page_token
             if not token:
                 return out
 
     def get_adapter(self, name: str) -> pb.AdapterInfo:
-        return self.adapters.GetAdapter(pb.GetAdapterRequest(name=name), **self._kw(None))
+        return self.adapters.GetAdapter(pb.GetAdapterRequest(name=name), **self._kw())
 
     def delete_adapter(self, name: str) -> list[int]:
-        return list(self.adapters.DeleteAdapter(pb.DeleteAdapterRequest(name=name), **self._kw(None)).deleted_versions)
+        return list(self.adapters.DeleteAdapter(pb.DeleteAdapterRequest(name=name), **self._kw()).deleted_versions)

@@ -16,6 +16,7 @@ FINISH_NAMES = {v: k.removeprefix("FINISH_REASON_").lower() for k, v in pb.Finis
 KIND_NAMES = {v: k.removeprefix("ADAPTER_KIND_").lower() for k, v in pb.AdapterKind.items()}
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 CHUNK = 1 << 20
+DEFAULT = object()      # "argument not given": use the client's default timeout
 
 
 @dataclass(frozen=True)
