@@ -8,7 +8,7 @@ ARGS ?=
 PROTO_SRC := proto/lorafleet/v1/lorafleet.proto
 PROTO_OUT := proto/lorafleet/v1/lorafleet_pb2.py
 
-.PHONY: setup setup-ops proto serve test test-unit test-integration bench loadtest demo clean help
+.PHONY: setup setup-ops proto serve test test-unit test-integration bench loadtest demo clean help gpu-wheels gpu-check
 
 help:
 	@echo "make serve   start the server on the embedded default model (ARGS='--port 6000' passes flags)"
@@ -18,13 +18,15 @@ help:
 	@echo "make demo    train two adapters for two tenants, serve both, send one mixed batch"
 	@echo "make loadtest  run locust against a fresh server (ARGS='--duration 30 --users 32')"
 	@echo "make setup-ops install Prometheus/promtool (Debian package) for the metrics tests"
+	@echo "make gpu-wheels  (with a network) fetch the wheels a GPU machine without one lacks into $(GPU_WHEELS)/"
+	@echo "make gpu-check   (on the GPU machine) kernels, parity and benches on CUDA; report in \$$OUT or gpu-report/"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and pinned: the CPU wheel of 2.13.0 is what every other package then accepts
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,gpu]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -66,5 +68,28 @@ loadtest: $(STAMP) $(PROTO_OUT)
 demo: $(STAMP) $(PROTO_OUT)
 	$(PY) trainer/examples/demo.py $(ARGS)
 
+# The GPU check runs on a machine with one NVIDIA GPU and no network, with that machine's own
+# python3 (torch 2.11 CUDA, triton 3.6, transformers, peft, pytest, hypothesis already there).
+# gpu-wheels (here, with a network) fetches what it lacks as pure-Python wheels for its Python;
+# gpu-check installs them from $(GPU_WHEELS)/ into $(GPU_SITE)/ (no index) and runs one script.
+GPU_PY ?= python3
+GPU_PY_VERSION ?= 3.12
+GPU_WHEELS := .gpu-wheels
+GPU_SITE := .gpu-site
+GPU_WHEEL_REQS := grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1
+
+gpu-wheels:
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PY_VERSION) \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+	  -d $(GPU_WHEELS) $(GPU_WHEEL_REQS)
+	ls $(GPU_WHEELS)
+
+gpu-check:
+	rm -rf $(GPU_SITE)
+	if ls $(GPU_WHEELS)/*.whl >/dev/null 2>&1; then $(GPU_PY) -m pip install --quiet --no-index --no-deps \
+	  --no-compile --target $(GPU_SITE) $(GPU_WHEELS)/*.whl; fi
+	PYTHONPATH=$(CURDIR):$(CURDIR)/$(GPU_SITE) PYTHONUNBUFFERED=1 $(GPU_PY) bench/gpu_check.py $(ARGS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis $(GPU_SITE) gpu-report

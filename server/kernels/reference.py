@@ -1,9 +1,11 @@
 """Reference batched adapter ops: plain Python loops over rows, in float32.
 
-This module is *the definition* of every op in ``server.kernels``; the fast
-paths (``torch_ops``, ``triton_ops``) are tested against it. Every op upcasts
-its inputs to float32, loops over the rows of the batch one at a time and casts
-the result back to the dtype of its output tensor. It is slow on purpose.
+This module is *the definition* of every op in ``server.kernels`` and the only
+place its contract is written (the signatures alone are in ``contract.py``);
+the fast paths (``torch_ops``, ``triton_ops``) say "see reference.<op>" and are
+tested against it. Every op upcasts its inputs to float32, loops over the rows
+of the batch one at a time and casts the result back to the dtype of its
+output tensor. It is slow on purpose.
 
 Common conventions (shared by all implementations):
 
@@ -11,6 +13,8 @@ Common conventions (shared by all implementations):
 * ``plan.slot_ranks[s]`` is slot s's true rank ``r_s`` (1 <= r_s <= r_max).
   Only the first ``r_s`` rank rows of ``A``/``D`` and rank columns of
   ``B``/``U``/``v`` are read; the padded ones may hold any finite values.
+* ``shrink`` writes exact zeros in rows with slot -1 and in rank columns
+  ``>= r_s``.
 * ``expand``, ``lora``, ``lora_packed``, ``bottleneck`` and ``ia3`` update their
   output tensor IN PLACE (any strided view works, e.g. a column slice of a
   packed q/k/v output) and return None. Rows with slot -1 are left untouched
@@ -20,14 +24,13 @@ Common conventions (shared by all implementations):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:  # only .slots and .slot_ranks are read here
-    from server.kernels.torch_ops import AdapterPlan
+from server.kernels.plan import AdapterPlan  # only .slots and .slot_ranks are read here
 
+NAME = "reference"
 ACTIVATIONS = {0: F.relu, 1: F.gelu, 2: F.silu}  # act id -> fn (gelu: exact erf)
 
 

@@ -1,205 +1,23 @@
 """Batched adapter ops in plain torch (CPU and GPU): many adapters, one pass.
 
-Semantics are those of ``server.kernels.reference`` (read its docstring for the
-conventions: slot -1, true ranks, in-place outputs). This module adds the plan.
-
-The plan (``make_plan``) is built once per forward step and shared by every op
-of every layer, so all sorting/grouping is paid once per step. It splits the
-rows that have an adapter into two parts:
-
-* **segments** (SGMV): maximal runs of >= ``min_segment`` consecutive rows with
-  the same slot (prefill chunks). Each is one ``mm`` on views of x and y with
-  the slot's exact rank: no copies, no padding.
-* **buckets** (BGMV-style padded bmm) for everything else (decode tokens in any
-  slot order, short runs). Rows are grouped by slot into ``G`` groups of ``L``
-  rows (pad positions point at a real row and are multiplied by an exact zero)
-  and run as one ``bmm`` for shrink and one for expand. Weights are taken
-  either as a *view* of the contiguous slot range ``[lo, lo + G)`` of the
-  stack (no copy; inactive slots in the range cost a read), or *gathered*
-  per group (a copy, but only active slots; a hot slot may be split into
-  several groups so one popular adapter does not pad everyone to its count).
-  A small cost model in ``make_plan`` picks view vs gather and ``L``. When the
-  weights are big, the weight traffic a padded bmm wastes (inactive slots in a
-  view, copies, padded ranks) costs more than Python dispatch, so each op
-  (knowing d) may run a bucket as SGMV over its rows sorted by slot instead:
-  one gather of x, one ``mm`` pair per slot on weight views with the exact
-  rank, one index_add.
-
-Rank heterogeneity: segments and the SGMV loop use exactly ``r_s``. Bucketed
-rows are split by rank bucket, ``next_pow2(r_s)`` (1, 2, 4, ..., r_max); a
-bucket runs with ``R`` = the largest true rank in it, so a rank-4 adapter
-does not pay for a rank-64 neighbour. Splitting only pays when it saves weight
-traffic: if slots of different ranks interleave in the stack, each bucket's
-view spans nearly all of it anyway, so the plan merges the buckets when the
-cost model says so (the adapter cache can keep rank classes in contiguous
-slot ranges to get the benefit). Inside a bucket, rank columns ``>= r_s`` (and
-pad rows) are zeroed by a precomputed mask after the shrink, so padded rank
-columns of the weights are never *used*, whatever finite values they hold.
-
-Dtypes: x, weights and y share one dtype; v (the rank-space activation) is
-kept in that dtype; scales are applied to v. Only the engine thread calls
-these, and no op keeps state between calls.
+Semantics: ``server.kernels.reference`` (the only copy of each op's contract).
+How rows are batched (segments, view/gather buckets, rank buckets, the SGMV
+loop) is decided once per step by ``server.kernels.plan.make_plan``; this
+module executes a plan. Dtypes: x, weights and y share one dtype; v (the
+rank-space activation) is kept in that dtype; scales are applied to v. Only
+the engine thread calls these, and no op keeps state between calls.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-# Cost model, in units of one multiply-add of one padded row (per rank row and
-# per element of d); calibrated on the bench CPU (bench/kernels.py): reading
-# a weight element through a view ~ C_VIEW, gathering (copying) it ~ C_GATHER,
-# one Python-dispatched mm in the SGMV loop ~ LOOP_MM_COST (~10 us there, with
-# its share of the x gather and index_add).
-C_VIEW = 16
-C_GATHER = 96
-LOOP_MM_COST = 1 << 21
-BUCKET_COST = 1 << 10  # per extra rank bucket (a second op sequence), per element of d
-MIN_SEGMENT = 32  # runs at least this long go to the segment (mm) path
+from server.kernels.plan import LOOP_MM_COST, AdapterPlan, Bucket
 
-
-@dataclass(frozen=True)
-class Bucket:
-    """Bucketed rows of one rank bucket, laid out as G groups of L rows."""
-
-    rank: int  # R: largest true rank in the bucket (columns used)
-    num_groups: int  # G
-    group_len: int  # L
-    first_slot: int  # view mode: groups are slots [first_slot, first_slot+G); -1: gather
-    runs: tuple[tuple[int, int, int, int], ...]  # (start, end, slot, rank) within rows
-    bmm_cost: int  # cost model units per element of d, padded bmm layout
-    loop_cost: int  # same, SGMV loop over runs (excluding dispatch)
-    group_slots: torch.Tensor  # [G] slot of each group
-    gidx: torch.Tensor  # [G*L] token row of each padded position
-    mask: torch.Tensor | None  # [G, L, R] float32 1/0 (pad rows, cols >= r_s); None: dense
-    pos: torch.Tensor  # [N_b] padded positions that hold real rows
-    rows: torch.Tensor  # [N_b] their token rows, sorted by slot
-
-
-@dataclass(frozen=True)
-class AdapterPlan:
-    """Row -> slot layout of one forward step; see the module docstring."""
-
-    num_tokens: int  # T
-    slots: torch.Tensor  # [T] long, -1 = no adapter (device)
-    slot_ranks: torch.Tensor  # [S] long (device)
-    segments: tuple[tuple[int, int, int, int], ...]  # (start, end, slot, rank) runs
-    buckets: tuple[Bucket, ...]
-    active_rows: torch.Tensor  # [N] rows with an adapter
-    active_slots: torch.Tensor  # [N] their slots
-    loop: bool | None = None  # buckets as SGMV loop: None = cost model per op
-
-
-def _layout(counts: np.ndarray, uniq: np.ndarray, mode: str | None) -> tuple[int, int, int]:
-    """Pick view vs gather and the group length L; returns (first_slot or -1, L, cost / R)."""
-    lmax = int(counts.max())
-    span = int(uniq[-1]) - int(uniq[0]) + 1
-    view = span * (C_VIEW + lmax)
-    best = (math.inf, lmax)
-    for L in sorted({lmax} | {1 << k for k in range(lmax.bit_length())}):
-        best = min(best, (int(((counts + L - 1) // L).sum()) * (C_GATHER + L), L))
-    if mode == "view" or (mode is None and view <= best[0]):
-        return int(uniq[0]), lmax, view
-    return -1, best[1], int(best[0])
-
-
-def _merge_buckets(rs: np.ndarray, cuts: list[int], ranks: np.ndarray, mode: str | None) -> bool:
-    """One bucket at the max rank is cheaper than rank buckets when slots of
-    different ranks interleave in the stack: each bucket's view would span
-    (and read) nearly all of it anyway. rs: [N] slots sorted by (bucket, slot)."""
-    def cost(sl: np.ndarray) -> int:
-        uniq, counts = np.unique(sl, return_counts=True)
-        return _layout(counts, uniq, mode)[2] * int(ranks[uniq].max())
-
-    split = sum(cost(rs[a:b]) for a, b in zip(cuts[:-1], cuts[1:]))
-    return cost(rs) <= split + (len(cuts) - 2) * BUCKET_COST
-
-
-def _bucket(rows: np.ndarray, slots: np.ndarray, ranks: np.ndarray, mode: str | None,
-            device: torch.device) -> Bucket:
-    """rows/slots: [N_b] sorted by (slot, row); ranks: [S]."""
-    uniq, first, counts = np.unique(slots, return_index=True, return_counts=True)
-    first_slot, L, cost = _layout(counts, uniq, mode)
-    within = np.arange(rows.size) - np.repeat(first, counts)
-    if first_slot >= 0:
-        G = int(uniq[-1]) - first_slot + 1
-        group = slots - first_slot
-        group_slots = np.arange(first_slot, first_slot + G)
-    else:
-        chunks = (counts + L - 1) // L
-        G = int(chunks.sum())
-        group = np.repeat(np.cumsum(chunks) - chunks, counts) + within // L
-        group_slots = np.repeat(uniq, chunks)
-    pos = group * L + within % L
-    gidx = np.full(G * L, rows[0], dtype=np.int64)
-    gidx[pos] = rows
-    row_rank = np.zeros(G * L, dtype=np.int64)
-    row_rank[pos] = ranks[slots]
-    R = int(row_rank.max())
-    mask = None
-    if rows.size != G * L or (row_rank != R).any():
-        mask = (np.arange(R)[None, :] < row_rank[:, None]).astype(np.float32).reshape(G, L, R)
-    ends = np.cumsum(counts).tolist()
-    runs = tuple((e - c, e, sl, int(ranks[sl])) for e, c, sl in zip(ends, counts.tolist(), uniq.tolist()))
-    loop_cost = int((ranks[uniq] * (C_VIEW + counts)).sum())
-    dev = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
-    return Bucket(R, G, L, first_slot, runs, cost * R, loop_cost,
-                  dev(group_slots), dev(gidx), None if mask is None else dev(mask),
-                  dev(pos), dev(rows))
-
-
-def make_plan(
-    slots: torch.Tensor,  # [T] long, -1 = no adapter
-    slot_ranks: torch.Tensor,  # [S] long, true rank of each slot
-    *,
-    min_segment: int = MIN_SEGMENT,
-    rank_buckets: bool = True,
-    group_mode: str | None = None,  # None: cost model; "view" | "gather": forced
-    loop: bool | None = None,  # None: cost model per op; True/False: force SGMV loop / bmm
-) -> AdapterPlan:
-    """Build the per-step plan (host-side numpy work on a copy of ``slots``)."""
-    if group_mode not in (None, "view", "gather"):
-        raise ValueError(f"group_mode must be None, 'view' or 'gather', not {group_mode!r}")
-    device = slots.device
-    s = slots.detach().cpu().numpy().astype(np.int64)
-    ranks = slot_ranks.detach().cpu().numpy().astype(np.int64)
-    T, S = s.size, ranks.size
-    active = s >= 0
-    if (s >= S).any() or (ranks[s[active]] < 1).any():
-        raise ValueError("slot out of range, or a row's slot has rank < 1")
-    segments: list[tuple[int, int, int, int]] = []
-    bucketed = active.copy()
-    if T:
-        starts = np.flatnonzero(np.concatenate(([True], s[1:] != s[:-1])))
-        lens = np.diff(starts, append=T)
-        long_run = (s[starts] >= 0) & (lens >= min_segment)
-        for a, n in zip(starts[long_run].tolist(), lens[long_run].tolist()):
-            segments.append((a, a + n, int(s[a]), int(ranks[s[a]])))
-        bucketed &= ~np.repeat(long_run, lens)
-    rows = np.flatnonzero(bucketed)
-    rs = s[rows]
-    key = np.zeros_like(rs)
-    if rank_buckets and rows.size:  # next power of two of the rank
-        key = np.left_shift(1, np.ceil(np.log2(ranks[rs])).astype(np.int64))
-    order = np.argsort(key * (S + 1) + rs, kind="stable")  # by (bucket, slot, row)
-    rows, rs, key = rows[order], rs[order], key[order]
-    cuts = [0, *(np.flatnonzero(key[1:] != key[:-1]) + 1).tolist(), rows.size]
-    if len(cuts) > 2 and _merge_buckets(rs, cuts, ranks, group_mode):
-        order = np.argsort(rs, kind="stable")  # one bucket, by (slot, row)
-        rows, rs, cuts = rows[order], rs[order], [0, rows.size]
-    buckets = tuple(_bucket(rows[a:b], rs[a:b], ranks, group_mode, device)
-                    for a, b in zip(cuts[:-1], cuts[1:]) if b > a)
-    act_rows = np.flatnonzero(active)
-    return AdapterPlan(T, slots.to(torch.long).contiguous(),
-                       slot_ranks.to(device, torch.long).contiguous(), tuple(segments), buckets,
-                       torch.from_numpy(act_rows).to(device),
-                       torch.from_numpy(s[act_rows]).to(device), loop)
-
+NAME = "torch"
 
 # ---------------------------------------------------------------- execution helpers
 
@@ -316,9 +134,7 @@ def shrink(
     A: torch.Tensor,  # [num_slots, r_max, d_in]
     plan: AdapterPlan,
 ) -> torch.Tensor:  # [num_tokens, r_max], dtype of x
-    """for t: s = slots[t]; v[t] = 0; if s >= 0: v[t, :r_s] = A[s, :r_s] @ x[t]
-
-    Rows with slot -1 and rank columns >= r_s are exactly zero."""
+    """See reference.shrink."""
     _check(plan, x)
     v = x.new_zeros(x.shape[0], A.shape[1])
     d_in = x.shape[1]
@@ -342,7 +158,7 @@ def expand(
     scale: torch.Tensor,  # [num_slots]
     plan: AdapterPlan,
 ) -> None:
-    """for t: s = slots[t]; if s >= 0: y[t] += scale[s] * B[s, :, :r_s] @ v[t, :r_s]"""
+    """See reference.expand."""
     _check(plan, y, v)
     d_out = y.shape[1]
 
@@ -367,8 +183,7 @@ def lora(
     scale: torch.Tensor,  # [num_slots]
     plan: AdapterPlan,
 ) -> None:
-    """for t: s = slots[t]; if s >= 0:
-    y[t] += scale[s] * B[s, :, :r_s] @ (A[s, :r_s] @ x[t])"""
+    """See reference.lora."""
     _check(plan, y, x)
     dims = x.shape[1] + y.shape[1]
 
@@ -392,12 +207,8 @@ def lora_packed(
     out_slices: Sequence[slice],  # n_targets column slices of y, width d_out_i
     plan: AdapterPlan,
 ) -> None:
-    """r_max = A_packed.shape[1] // n_targets; target i owns rank rows
-    [i*r_max, (i+1)*r_max) of A_packed. for t: s = slots[t]; if s >= 0: for i:
-    y[t, out_slices[i]] += scales[i][s] * B_i[s, :, :r_s] @ (A_packed[s, i*r_max:][:r_s] @ x[t])
-
-    One gather of x and (when a bucket has R == r_max) one shrink for all
-    targets; columns of y outside out_slices are untouched."""
+    """See reference.lora_packed. One gather of x and, when a bucket has
+    R == r_max, one shrink for all targets."""
     _check(plan, y, x)
     n = len(B_list)
     r_max = A_packed.shape[1] // n
@@ -432,10 +243,8 @@ def bottleneck(
     act: torch.Tensor,  # [num_slots] int: 0=relu, 1=gelu (erf), 2=silu
     plan: AdapterPlan,
 ) -> None:
-    """for t: s = slots[t]; if s >= 0:
-    z = act_s(D[s, :r_s] @ h[t] + bd[s, :r_s]); h[t] += U[s, :, :r_s] @ z + bu[s]
-
-    In place; each row's delta is computed from the old h before h is written."""
+    """See reference.bottleneck. Each row's delta is computed from the old h
+    before h is written."""
     _check(plan, h)
     dims = 2 * h.shape[1]
 
@@ -470,7 +279,7 @@ def ia3(
     vec: torch.Tensor,  # [num_slots, d]
     plan: AdapterPlan,
 ) -> None:
-    """for t: s = slots[t]; if s >= 0: y[t] *= vec[s]"""
+    """See reference.ia3."""
     _check(plan, y)
     rows = plan.active_rows
     if rows.numel():

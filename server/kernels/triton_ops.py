@@ -1,100 +1,179 @@
-"""Triton CUDA kernels for the batched adapter ops (BGMV: one program per row).
+"""Triton kernels for the LoRA ops: SGMV tiles and a split-K shrink.
 
-UNTESTED ON HARDWARE. This module was written without a GPU and without
-triton installed; it has never been compiled or run. ``server.kernels``
-imports it only when the tensors are on CUDA and ``triton`` is importable, and
-``tests/unit/test_kernels*.py`` run every property test on CUDA too when a GPU
-is present, so the first GPU CI run is its first real test.
+Semantics: ``server.kernels.reference``. Status (issue 17): every test run
+executes these kernels on CPU tensors under ``TRITON_INTERPRET=1``
+(tests/unit/test_kernels_triton.py); ``make gpu-check`` compiles and tests them
+on CUDA but has not yet run on a GPU, so ``--kernels auto`` does not pick this
+module: only ``--kernels triton`` does.
 
-Semantics are those of ``server.kernels.reference``. Design (punica's BGMV):
+Design (punica's SGMV, with split-K from its shrink):
 
-* ``shrink``: grid ``(T,)``; program t reads ``s = slots[t]`` and
-  ``r = slot_ranks[s]`` and computes ``v[t, :r] = A[s, :r] @ x[t]`` over d_in
-  in blocks of ``BLOCK_K``, accumulating in float32. Rows with ``s = -1`` get
-  ``r = 0``: every weight load is masked off (no weight traffic), v[t] = 0.
-  Rank columns ``>= r`` are masked, so padded ranks are never read.
-* ``expand``: grid ``(T, cdiv(d_out, BLOCK_N))``; each program owns one row
-  and one block of output columns, so ``y`` is updated without atomics:
-  ``y[t, n] += scale[s] * sum_j B[s, n, j] * v[t, j]`` for ``j < r``; rows with
-  ``s = -1`` are not written at all (bit-identical).
-* Arbitrary strides everywhere (column slices of a packed output, transposed
-  x), so ``lora_packed`` passes views per target.
-* Prefill-shaped plans (only long segments, no bucketed rows) go to the
-  ``torch_ops`` segment path: one cuBLAS GEMM per segment beats a per-row
-  matvec there. ``bottleneck`` and ``ia3`` use the ``torch_ops`` paths.
+* The plan's ``tiles`` give each program up to ``TILE_ROWS`` rows of ONE slot
+  (rows sorted by slot), so a slot's A/B blocks are read once per tile, not
+  once per row: 64 rows of one popular adapter read its weights 4 times.
+  Rows with slot -1 are in no tile: never read, never written.
+* ``shrink``: grid ``(n_tiles, split_k)``; program (i, k) computes
+  ``x[rows, K_k] @ A[s, :R, K_k]^T`` over its share ``K_k`` of d_in into an
+  fp32 partial ``part[k, rows]``; one torch ``sum`` adds the split_k partials
+  (deterministic, no atomics). split_k grows when tiles are few and d_in is
+  large, so a decode step with few adapters still fills the GPU.
+* ``expand``: grid ``(n_tiles, cdiv(d_out, BLOCK_N))``; each program owns its
+  rows x BLOCK_N columns of y, so y is updated without atomics.
+* Rank: columns ``>= r_s`` of A, B and v are masked on load (never read; a
+  packed A masks per target: column c is used iff ``c % r_max < r_s``).
+* bf16 in, fp32 accumulate: ``tl.dot`` on the input dtype into an fp32
+  accumulator; fp32 inputs use ``input_precision="ieee"`` (no TF32). ``lora``
+  keeps v in fp32 between shrink and expand, as the reference does; expand
+  casts it to B's dtype for the dot.
+* Any strides (transposed x, column slices of a fused y, the engine's
+  transposed B). ``bottleneck`` and ``ia3`` are ``torch_ops``'.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cache
 
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
 
 from server.kernels import torch_ops
-from server.kernels.torch_ops import AdapterPlan
+from server.kernels.plan import TILE_ROWS, AdapterPlan
 
+NAME = "triton"
+INTERPRETED = bool(knobs.runtime.interpret)  # kernels below were built for the interpreter
 bottleneck = torch_ops.bottleneck
 ia3 = torch_ops.ia3
-BLOCK_K = 128  # shrink: d_in block
-BLOCK_N = 64  # expand: d_out block per program
+
+
+@cache
+def _target_programs(device: torch.device) -> int:
+    """How many programs fill the device: split_k is raised towards this."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 8  # interpreter: few programs, but enough that tests exercise split_k > 1
+
+
+def _blocks(device: torch.device) -> tuple[int, int]:
+    """(BLOCK_K, BLOCK_N). Smaller under the interpreter so that small test
+    shapes still cross block boundaries; same code either way."""
+    return (64, 64) if device.type == "cuda" else (32, 32)
+
+
+def _dot_f32(dtype: torch.dtype) -> bool:
+    """Dot in float32 ("ieee", no TF32) for fp32 inputs, and under the
+    interpreter for all: its tl.dot multiplies bf16 bit patterns
+    (triton-lang/triton#11584, "not supported yet"; its docs say to upcast).
+    Compiled, bf16 inputs go to the tensor cores with an fp32 accumulator."""
+    return dtype == torch.float32 or INTERPRETED
 
 
 @triton.jit
-def _shrink_kernel(x_ptr, a_ptr, v_ptr, slots_ptr, ranks_ptr, d_in, r_max,
-                   sx_t, sx_k, sa_s, sa_r, sa_k, sv_t, sv_r,
-                   BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
-    s = tl.load(slots_ptr + t).to(tl.int64)
-    s_safe = tl.maximum(s, 0)
-    rank = tl.where(s >= 0, tl.load(ranks_ptr + s_safe), 0)
+def _shrink_kernel(x_ptr, a_ptr, part_ptr, rows_ptr, tiles_ptr, ranks_ptr,
+                   d_in, k_per_split, r_group, width,
+                   sx_t, sx_k, sa_s, sa_r, sa_k, sp_k, sp_t, sp_r,
+                   BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                   FP32: tl.constexpr):
+    tile = tl.program_id(0)
+    split = tl.program_id(1)
+    start = tl.load(tiles_ptr + tile * 3)
+    end = tl.load(tiles_ptr + tile * 3 + 1)
+    s = tl.load(tiles_ptr + tile * 3 + 2)
+    rank = tl.load(ranks_ptr + s)
+    offs_m = start + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < end
+    rows = tl.load(rows_ptr + offs_m, mask=m_ok, other=0)
     offs_r = tl.arange(0, BLOCK_R)
-    r_ok = offs_r < rank
-    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for k0 in range(0, d_in, BLOCK_K):
+    r_ok = (offs_r < width) & (offs_r % r_group < rank)
+    k_lo = split * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, d_in)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < d_in
-        xk = tl.load(x_ptr + t * sx_t + offs_k * sx_k, mask=k_ok & (rank > 0), other=0.0)
-        a = tl.load(a_ptr + s_safe * sa_s + offs_r[:, None] * sa_r + offs_k[None, :] * sa_k,
-                    mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-        acc += tl.sum(a.to(tl.float32) * xk.to(tl.float32)[None, :], axis=1)
-    tl.store(v_ptr + t * sv_t + offs_r * sv_r, acc.to(v_ptr.dtype.element_ty), mask=offs_r < r_max)
+        k_ok = offs_k < k_hi
+        xt = tl.load(x_ptr + rows[:, None] * sx_t + offs_k[None, :] * sx_k,
+                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+        at = tl.load(a_ptr + s * sa_s + offs_r[None, :] * sa_r + offs_k[:, None] * sa_k,
+                     mask=r_ok[None, :] & k_ok[:, None], other=0.0)  # [BLOCK_K, BLOCK_R]
+        if FP32:
+            acc = tl.dot(xt.to(tl.float32), at.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xt, at.to(xt.dtype), acc)
+    out = part_ptr + split * sp_k + rows[:, None] * sp_t + offs_r[None, :] * sp_r
+    tl.store(out, acc, mask=m_ok[:, None] & (offs_r < width)[None, :])
 
 
 @triton.jit
-def _expand_kernel(y_ptr, v_ptr, b_ptr, scale_ptr, slots_ptr, ranks_ptr, d_out,
+def _expand_kernel(y_ptr, v_ptr, b_ptr, scale_ptr, rows_ptr, tiles_ptr, ranks_ptr, d_out,
                    sy_t, sy_n, sv_t, sv_r, sb_s, sb_n, sb_r, ss,
-                   BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
+                   BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                   FP32: tl.constexpr):
+    tile = tl.program_id(0)
     pid_n = tl.program_id(1)
-    s = tl.load(slots_ptr + t).to(tl.int64)
-    s_safe = tl.maximum(s, 0)
-    rank = tl.where(s >= 0, tl.load(ranks_ptr + s_safe), 0)
+    start = tl.load(tiles_ptr + tile * 3)
+    end = tl.load(tiles_ptr + tile * 3 + 1)
+    s = tl.load(tiles_ptr + tile * 3 + 2)
+    rank = tl.load(ranks_ptr + s)
+    offs_m = start + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < end
+    rows = tl.load(rows_ptr + offs_m, mask=m_ok, other=0)
     offs_r = tl.arange(0, BLOCK_R)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     r_ok = offs_r < rank
-    n_ok = (offs_n < d_out) & (s >= 0)
-    vt = tl.load(v_ptr + t * sv_t + offs_r * sv_r, mask=r_ok, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + s_safe * sb_s + offs_n[:, None] * sb_n + offs_r[None, :] * sb_r,
-                mask=n_ok[:, None] & r_ok[None, :], other=0.0)
-    sc = tl.load(scale_ptr + s_safe * ss).to(tl.float32)
-    out = tl.sum(b.to(tl.float32) * vt[None, :], axis=1) * sc
-    y_ptrs = y_ptr + t * sy_t + offs_n * sy_n
-    y = tl.load(y_ptrs, mask=n_ok, other=0.0).to(tl.float32)
-    tl.store(y_ptrs, (y + out).to(y_ptr.dtype.element_ty), mask=n_ok)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < d_out
+    vt = tl.load(v_ptr + rows[:, None] * sv_t + offs_r[None, :] * sv_r,
+                 mask=m_ok[:, None] & r_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_R]
+    bt = tl.load(b_ptr + s * sb_s + offs_r[:, None] * sb_r + offs_n[None, :] * sb_n,
+                 mask=r_ok[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
+    if FP32:
+        acc = tl.dot(vt.to(tl.float32), bt.to(tl.float32), input_precision="ieee")
+    else:
+        acc = tl.dot(vt.to(bt.dtype), bt, out_dtype=tl.float32)
+    acc = acc * tl.load(scale_ptr + s * ss).to(tl.float32)
+    y_ptrs = y_ptr + rows[:, None] * sy_t + offs_n[None, :] * sy_n
+    ok = m_ok[:, None] & n_ok[None, :]
+    y = tl.load(y_ptrs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, (y + acc).to(y_ptr.dtype.element_ty), mask=ok)
 
 
-def _shrink_into(v: torch.Tensor, x: torch.Tensor, A: torch.Tensor, plan: AdapterPlan) -> None:
-    """v [T, r_max] (any dtype) <- shrink of x [T, d_in] by A [S, r_max, d_in] (a view is fine)."""
+def _split_k(n_tiles: int, d_in: int, block_k: int, device: torch.device) -> int:
+    """Slices of d_in per tile: enough programs to fill the device, each
+    slice a whole number of blocks. Returns k_per_split (a multiple of block_k)."""
+    blocks = triton.cdiv(d_in, block_k)
+    split = max(1, min(blocks, _target_programs(device) // max(1, n_tiles)))
+    return triton.cdiv(blocks, split) * block_k
+
+
+def _shrink_f32(x: torch.Tensor, A: torch.Tensor, plan: AdapterPlan, n_groups: int = 1
+                ) -> torch.Tensor:  # [num_tokens, A.shape[1]] float32
+    """x [T, d_in], A [S, width, d_in] with width = n_groups * r_group: the
+    shrink of every group (target) of a packed A in one launch, in float32."""
     T, d_in = x.shape
-    if T == 0:
-        return
-    _shrink_kernel[(T,)](
-        x, A, v, plan.slots, plan.slot_ranks, d_in, A.shape[1],
-        x.stride(0), x.stride(1), A.stride(0), A.stride(1), A.stride(2), v.stride(0), v.stride(1),
-        BLOCK_R=triton.next_power_of_2(A.shape[1]), BLOCK_K=BLOCK_K,
+    width = A.shape[1]
+    n_tiles = plan.tiles.shape[0]
+    if n_tiles == 0 or d_in == 0:
+        return torch.zeros(T, width, dtype=torch.float32, device=x.device)
+    block_k, _ = _blocks(x.device)
+    k_per_split = _split_k(n_tiles, d_in, block_k, x.device)
+    split = triton.cdiv(d_in, k_per_split)
+    part = torch.zeros(split, T, width, dtype=torch.float32, device=x.device)
+    _shrink_kernel[(n_tiles, split)](
+        x, A, part, plan.sorted_rows, plan.tiles, plan.slot_ranks,
+        d_in, k_per_split, width // n_groups, width,
+        x.stride(0), x.stride(1), A.stride(0), A.stride(1), A.stride(2),
+        part.stride(0), part.stride(1), part.stride(2),
+        BLOCK_M=TILE_ROWS, BLOCK_R=max(16, triton.next_power_of_2(width)), BLOCK_K=block_k,
+        FP32=_dot_f32(x.dtype),
     )
+    return part[0] if split == 1 else part.sum(0)
+
+
+def _check(plan: AdapterPlan, *tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.shape[0] != plan.num_tokens:
+            raise ValueError(f"batch has {t.shape[0]} rows, plan has {plan.num_tokens}")
 
 
 def shrink(
@@ -102,10 +181,9 @@ def shrink(
     A: torch.Tensor,  # [num_slots, r_max, d_in]
     plan: AdapterPlan,
 ) -> torch.Tensor:  # [num_tokens, r_max], dtype of x
-    """for t: s = slots[t]; v[t] = 0; if s >= 0: v[t, :r_s] = A[s, :r_s] @ x[t]"""
-    v = x.new_empty(x.shape[0], A.shape[1])
-    _shrink_into(v, x, A, plan)
-    return v
+    """See reference.shrink."""
+    _check(plan, x)
+    return _shrink_f32(x, A, plan).to(x.dtype)
 
 
 def expand(
@@ -115,16 +193,18 @@ def expand(
     scale: torch.Tensor,  # [num_slots]
     plan: AdapterPlan,
 ) -> None:
-    """for t: s = slots[t]; if s >= 0: y[t] += scale[s] * B[s, :, :r_s] @ v[t, :r_s]"""
-    T, d_out = y.shape
-    if T == 0:
+    """See reference.expand."""
+    _check(plan, y, v)
+    n_tiles, d_out = plan.tiles.shape[0], y.shape[1]
+    if n_tiles == 0 or d_out == 0:
         return
-    grid = (T, triton.cdiv(d_out, BLOCK_N))
-    _expand_kernel[grid](
-        y, v, B, scale, plan.slots, plan.slot_ranks, d_out,
+    _, block_n = _blocks(y.device)
+    _expand_kernel[(n_tiles, triton.cdiv(d_out, block_n))](
+        y, v, B, scale, plan.sorted_rows, plan.tiles, plan.slot_ranks, d_out,
         y.stride(0), y.stride(1), v.stride(0), v.stride(1),
         B.stride(0), B.stride(1), B.stride(2), scale.stride(0),
-        BLOCK_R=triton.next_power_of_2(B.shape[2]), BLOCK_N=BLOCK_N,
+        BLOCK_M=TILE_ROWS, BLOCK_R=max(16, triton.next_power_of_2(B.shape[2])),
+        BLOCK_N=block_n, FP32=_dot_f32(B.dtype),
     )
 
 
@@ -136,14 +216,10 @@ def lora(
     scale: torch.Tensor,  # [num_slots]
     plan: AdapterPlan,
 ) -> None:
-    """for t: s = slots[t]; if s >= 0:
-    y[t] += scale[s] * B[s, :, :r_s] @ (A[s, :r_s] @ x[t])   (v kept in float32)"""
-    if not plan.buckets:  # prefill-shaped (or empty): GEMM per segment
-        torch_ops.lora(y, x, A, B, scale, plan)
-        return
-    v = torch.empty(x.shape[0], A.shape[1], dtype=torch.float32, device=x.device)
-    _shrink_into(v, x, A, plan)
-    expand(y, v, B, scale, plan)
+    """See reference.lora. v stays float32 between the two kernels."""
+    _check(plan, y, x)
+    if plan.tiles.shape[0]:
+        expand(y, _shrink_f32(x, A, plan), B, scale, plan)
 
 
 def lora_packed(
@@ -155,15 +231,13 @@ def lora_packed(
     out_slices: Sequence[slice],  # n_targets column slices of y, width d_out_i
     plan: AdapterPlan,
 ) -> None:
-    """Per target i: lora(y[:, out_slices[i]], x, A_packed[:, i*r_max:(i+1)*r_max],
-    B_list[i], scales[i], plan) -- see reference.lora_packed."""
-    if not plan.buckets:
-        torch_ops.lora_packed(y, x, A_packed, B_list, scales, out_slices, plan)
+    """See reference.lora_packed. One shrink launch for all targets, then one
+    expand per target into its column slice of y."""
+    _check(plan, y, x)
+    if not plan.tiles.shape[0]:
         return
     n = len(B_list)
     r_max = A_packed.shape[1] // n
-    v = torch.empty(x.shape[0], n * r_max, dtype=torch.float32, device=x.device)
+    v = _shrink_f32(x, A_packed, plan, n_groups=n)  # [T, n * r_max]
     for i, (B, scale, cols) in enumerate(zip(B_list, scales, out_slices, strict=True)):
-        rows = slice(i * r_max, (i + 1) * r_max)
-        _shrink_into(v[:, rows], x, A_packed[:, rows], plan)
-        expand(y[:, cols], v[:, rows], B, scale, plan)
+        expand(y[:, cols], v[:, i * r_max : (i + 1) * r_max], B, scale, plan)

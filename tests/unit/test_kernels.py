@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import server.kernels as K
 from server.kernels import reference as ref
-from server.kernels import torch_ops
+from server.kernels.plan import MIN_SEGMENT
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -70,15 +70,18 @@ def _slot_pattern(gen: torch.Generator, pattern: str, n: int, S: int) -> torch.T
     raise AssertionError(pattern)
 
 
+BATCHES = (0, 1, 2, 3, 5, 8, 13, 31, 40, 64, 70)
+
+
 @st.composite
-def cases(draw, device: str) -> Case:
+def cases(draw, device: str, batches: tuple[int, ...] = BATCHES) -> Case:
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     S = draw(st.integers(1, 9))
     r_max = draw(st.integers(1, 64))
     ranks = torch.randint(1, r_max + 1, (S,), generator=gen)
     if draw(st.booleans()):  # rank classes in slot ranges, as the cache lays them out
         ranks = ranks.sort().values
-    T = draw(st.sampled_from([0, 1, 2, 3, 5, 8, 13, 31, 40, 64, 70]))
+    T = draw(st.sampled_from(batches))
     pattern = draw(st.sampled_from(PATTERNS))
     if draw(st.booleans()):  # prefill-shaped: contiguous runs, one slot each
         lens = torch.randint(1, max(2, T // 2 + 1), (T + 1,), generator=gen)
@@ -90,7 +93,7 @@ def cases(draw, device: str) -> Case:
         slots = torch.where(torch.rand(T, generator=gen) < 0.3, -1, slots)
     plan = K.make_plan(
         slots.to(device), ranks.to(device),
-        min_segment=draw(st.sampled_from([1, 4, torch_ops.MIN_SEGMENT, 10**9])),
+        min_segment=draw(st.sampled_from([1, 4, MIN_SEGMENT, 10**9])),
         rank_buckets=draw(st.booleans()),
         group_mode=draw(st.sampled_from([None, "view", "gather"])),
         loop=draw(st.sampled_from([None, True, False])),  # SGMV loop vs padded bmm
@@ -148,33 +151,29 @@ def assert_untouched_rows(out: torch.Tensor, before: torch.Tensor, slots: torch.
 
 
 # ---------------------------------------------------------------- properties
+# check_<op>(ops, data, c, ...) runs one drawn case through backend module `ops`
+# (server.kernels dispatch here; triton_ops in test_kernels_triton.py).
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@SETTINGS
-@given(data=st.data(), d_in=dims)
-def test_shrink(device, data, d_in):
-    c = data.draw(cases(device))
+def check_shrink(ops, data, c: Case, d_in: int) -> None:
     S = c.ranks.numel()
     x, A = c.randn(c.slots.numel(), d_in), c.stack(S, c.r_max, d_in, rank_dim=1)
-    v = K.shrink(laid_out(x, c.layout), A, c.plan)
+    v = ops.shrink(laid_out(x, c.layout), A, c.plan)
     assert v.shape == (c.slots.numel(), c.r_max) and v.dtype == c.dtype
     assert_close(v, ref.shrink(x, A, c.plan), c.dtype, run_abs(ref.shrink, x, A, c.plan))
     assert not v[(c.slots == -1).to(v.device)].any(), "rows without adapter must be zero"
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@SETTINGS
-@given(data=st.data(), d_out=dims)
-def test_expand(device, data, d_out):
-    c = data.draw(cases(device))
+def check_expand(ops, data, c: Case, d_out: int) -> None:
     S, T = c.ranks.numel(), c.slots.numel()
     v = c.randn(T, c.r_max)  # padded rank columns of v are garbage too
     B, scale = c.stack(S, d_out, c.r_max, rank_dim=2), c.randn(S) + 2.0
+    if data.draw(st.booleans()):
+        B = engine_layout(B)
     y0 = c.randn(T, d_out)
     y = laid_out(y0, c.layout)
     base = y._base
-    K.expand(y, v, B, scale, c.plan)
+    ops.expand(y, v, B, scale, c.plan)
     want = y0.clone()
     ref.expand(want, v, B, scale, c.plan)
     assert_close(y, want, c.dtype, run_abs(ref.expand, y0.clone(), v, B, scale, c.plan))
@@ -183,11 +182,7 @@ def test_expand(device, data, d_out):
         assert torch.equal(base[:, 0::2], torch.zeros_like(base[:, 0::2]))
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@SETTINGS
-@given(data=st.data(), d_in=dims, d_out=dims)
-def test_lora(device, data, d_in, d_out):
-    c = data.draw(cases(device))
+def check_lora(ops, data, c: Case, d_in: int, d_out: int) -> None:
     S, T = c.ranks.numel(), c.slots.numel()
     x, y0 = c.randn(T, d_in), c.randn(T, d_out)
     A, B = c.stack(S, c.r_max, d_in, 1), c.stack(S, d_out, c.r_max, 2)
@@ -195,21 +190,16 @@ def test_lora(device, data, d_in, d_out):
         B = engine_layout(B)
     scale = c.randn(S) + 2.0
     y = laid_out(y0, c.layout)
-    K.lora(y, laid_out(x, c.layout), A, B, scale, c.plan)
+    ops.lora(y, laid_out(x, c.layout), A, B, scale, c.plan)
     want = y0.clone()
     ref.lora(want, x, A, B, scale, c.plan)
     assert_close(y, want, c.dtype, run_abs(ref.lora, y0.clone(), x, A, B, scale, c.plan))
     assert_untouched_rows(y, y0, c.slots)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@SETTINGS
-@given(data=st.data(), d_in=dims, d_outs=st.lists(dims, min_size=1, max_size=3),
-       gap=st.integers(0, 3))
-def test_lora_packed(device, data, d_in, d_outs, gap):
+def check_lora_packed(ops, data, c: Case, d_in: int, d_outs: list[int], gap: int) -> None:
     """q/k/v-style: one packed A, one B per target, each writing its own column
     slice of a fused output with `gap` foreign columns between slices."""
-    c = data.draw(cases(device))
     S, T, n = c.ranks.numel(), c.slots.numel(), len(d_outs)
     x = c.randn(T, d_in)
     A_packed = torch.cat([c.stack(S, c.r_max, d_in, 1) for _ in range(n)], 1)
@@ -221,7 +211,7 @@ def test_lora_packed(device, data, d_in, d_outs, gap):
     out_slices = [slice(offs[i], offs[i] + d_outs[i]) for i in range(n)]
     y0 = c.randn(T, offs[-1] + gap)
     y = laid_out(y0, c.layout)
-    K.lora_packed(y, laid_out(x, c.layout), A_packed, B_list, scales, out_slices, c.plan)
+    ops.lora_packed(y, laid_out(x, c.layout), A_packed, B_list, scales, out_slices, c.plan)
     want = y0.clone()
     ref.lora_packed(want, x, A_packed, B_list, scales, out_slices, c.plan)
     mag = y0.abs()
@@ -233,6 +223,35 @@ def test_lora_packed(device, data, d_in, d_outs, gap):
     for sl in out_slices:
         foreign[sl] = False
     assert torch.equal(y[:, foreign], y0[:, foreign]), "columns outside out_slices changed"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@SETTINGS
+@given(data=st.data(), d_in=dims)
+def test_shrink(device, data, d_in):
+    check_shrink(K, data, data.draw(cases(device)), d_in)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@SETTINGS
+@given(data=st.data(), d_out=dims)
+def test_expand(device, data, d_out):
+    check_expand(K, data, data.draw(cases(device)), d_out)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@SETTINGS
+@given(data=st.data(), d_in=dims, d_out=dims)
+def test_lora(device, data, d_in, d_out):
+    check_lora(K, data, data.draw(cases(device)), d_in, d_out)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@SETTINGS
+@given(data=st.data(), d_in=dims, d_outs=st.lists(dims, min_size=1, max_size=3),
+       gap=st.integers(0, 3))
+def test_lora_packed(device, data, d_in, d_outs, gap):
+    check_lora_packed(K, data, data.draw(cases(device)), d_in, d_outs, gap)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -3,12 +3,15 @@ kernel property tests can fail (a wrong scale or using padded ranks is caught)."
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
 import server.kernels as K
 from server.kernels import reference as ref
 from server.kernels import torch_ops
+from server.kernels.contract import OPS, KernelBackend
 from tests.unit.test_kernels import assert_close, run_abs
 
 
@@ -96,10 +99,36 @@ def test_make_plan_rejects_unknown_mode_and_ops_reject_wrong_batch():
 
 def test_dispatch_is_decided_per_device_and_exports_the_contract():
     assert K.backend(torch.device("cpu")) is torch_ops
+    assert K.backend_name(torch.device("cpu")) == "torch"
     assert K.reference is ref
     for name in ["make_plan", "AdapterPlan", "shrink", "expand", "lora", "lora_packed",
                  "bottleneck", "ia3"]:
         assert name in K.__all__ and callable(getattr(K, name))
+
+
+@pytest.mark.parametrize("module", [ref, torch_ops, K])
+def test_every_backend_has_the_contract_signatures(module):
+    for op in OPS:
+        want = list(inspect.signature(getattr(KernelBackend, op)).parameters)[1:]  # no self
+        assert list(inspect.signature(getattr(module, op)).parameters) == want, op
+
+
+def test_auto_means_torch_ops_until_a_gpu_run_has_passed():
+    for dev in ("cpu", "cuda"):
+        assert K.select_backend(torch.device(dev), "auto") is torch_ops
+        assert K.select_backend(torch.device(dev), "torch") is torch_ops
+    with pytest.raises(ValueError):
+        K.select_backend(torch.device("cpu"), "fast")
+    with pytest.raises(ValueError):
+        K.configure("fast")
+
+
+def test_configure_changes_the_backend_in_use():
+    try:
+        K.configure("torch")
+        assert K.backend_name(torch.device("cpu")) == "torch"
+    finally:
+        K.configure("auto")
 
 
 def test_ops_update_the_given_tensor_in_place():
