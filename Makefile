@@ -76,7 +76,7 @@ GPU_PY ?= python3
 GPU_PY_VERSION ?= 3.12
 GPU_WHEELS := .gpu-wheels
 GPU_SITE := .gpu-site
-GPU_WHEEL_REQS := grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1
+GPU_WHEEL_REQS := grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 grpcio-status==1.85.1 googleapis-common-protos==1.76.0
 
 gpu-wheels:
 	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
@@ -89,7 +89,7 @@ gpu-check:
 	rm -rf $(GPU_SITE)
 	if ls $(GPU_WHEELS)/*.whl >/dev/null 2>&1; then $(GPU_PY) -m pip install --quiet --no-index --no-deps \
 	  --no-compile --target $(GPU_SITE) $(GPU_WHEELS)/*.whl; fi
-	PYTHONPATH=$(CURDIR):$(CURDIR)/$(GPU_SITE) PYTHONUNBUFFERED=1 $(GPU_PY) bench/gpu_check.py $(ARGS)
+	PYTHONPATH=$(CURDIR):$(CURDIR)/proto:$(CURDIR)/$(GPU_SITE) PYTHONUNBUFFERED=1 $(GPU_PY) bench/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis $(GPU_SITE) gpu-report

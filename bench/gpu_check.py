@@ -40,6 +40,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "proto"))     # the wire-contract package `lorafleet`
 
 SMOL = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
             num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
@@ -99,7 +100,7 @@ def parity(args: argparse.Namespace, dtype: torch.dtype) -> dict:
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 259, (n,), generator=g).tolist() for n in (1, 5, 17, 40)]
     kv = KVCache(model.args, len(prompts), 128, dev, dtype)
-    segs = [Segment(slot=i, token_ids=p, first_pos=0, want_logits=True) for i, p in enumerate(prompts)]
+    segs = [Segment(kv_slot=i, token_ids=p, first_pos=0, want_logits=True) for i, p in enumerate(prompts)]
     with torch.inference_mode():
         ours = model.forward(make_forward_batch(segs, dev), kv.layers).float()
         errs = []
