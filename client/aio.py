@@ -7,8 +7,8 @@ from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 import grpc
 
-from client.common import (DEFAULT, GenerateResult, StreamPiece, backoff_seconds, call_metadata, classifications,
-                           credentials, generate_request, generate_result, should_retry, stream_piece,
+from client.common import (DEFAULT, GenerateResult, Message, StreamPiece, backoff_seconds, call_metadata,
+                           classifications, credentials, generate_request, generate_result, should_retry, stream_piece,
                            upload_messages)
 from lorafleet.v1 import lorafleet_pb2 as pb
 from lorafleet.v1 import lorafleet_pb2_grpc as pb_grpc
@@ -59,6 +59,15 @@ class AsyncLoraFleetClient:
     async def generate_stream(self, prompt: str, timeout: float | None | object = DEFAULT, **kw) -> AsyncIterator[StreamPiece]:
         async for m in self.inference.GenerateStream(generate_request(prompt, **kw), **self._kw(timeout)):
             yield stream_piece(m)
+
+    async def chat(self, messages: list[Message], timeout: float | None | object = DEFAULT, **kw) -> GenerateResult:
+        """The assistant's reply to a conversation (see LoraFleetClient.chat)."""
+        return await self.generate("", timeout=timeout, messages=messages, **kw)
+
+    async def chat_stream(self, messages: list[Message], timeout: float | None | object = DEFAULT,
+                          **kw) -> AsyncIterator[StreamPiece]:
+        async for piece in self.generate_stream("", timeout=timeout, messages=messages, **kw):
+            yield piece
 
     async def classify(self, texts: list[str], adapter: str, timeout: float | None | object = DEFAULT) -> list[dict]:
         req = pb.ClassifyRequest(texts=texts, adapter=adapter)

@@ -7,8 +7,8 @@ from typing import Callable, Iterator, TypeVar
 
 import grpc
 
-from client.common import (DEFAULT, GenerateResult, StreamPiece, backoff_seconds, call_metadata, classifications,
-                           credentials, generate_request, generate_result, should_retry, stream_piece,
+from client.common import (DEFAULT, GenerateResult, Message, StreamPiece, backoff_seconds, call_metadata,
+                           classifications, credentials, generate_request, generate_result, should_retry, stream_piece,
                            upload_messages)
 from lorafleet.v1 import lorafleet_pb2 as pb
 from lorafleet.v1 import lorafleet_pb2_grpc as pb_grpc
@@ -65,6 +65,16 @@ class LoraFleetClient:
     def generate_stream(self, prompt: str, timeout: float | None | object = DEFAULT, **kw) -> Iterator[StreamPiece]:
         for m in self.inference.GenerateStream(generate_request(prompt, **kw), **self._kw(timeout)):
             yield stream_piece(m)
+
+    def chat(self, messages: list[Message], timeout: float | None | object = DEFAULT, **kw) -> GenerateResult:
+        """The assistant's reply to a conversation: `messages` are {"role", "content"} dicts or
+        (role, content) pairs, rendered by the model's own chat template on the server; the other
+        keywords are generate()'s (adapter, max_new_tokens, temperature, ...)."""
+        return self.generate("", timeout=timeout, messages=messages, **kw)
+
+    def chat_stream(self, messages: list[Message], timeout: float | None | object = DEFAULT,
+                    **kw) -> Iterator[StreamPiece]:
+        return self.generate_stream("", timeout=timeout, messages=messages, **kw)
 
     def server_info(self) -> pb.ServerInfo:
         return self.inference.GetServerInfo(pb.GetServerInfoRequest(), **self._kw())

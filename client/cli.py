@@ -41,6 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--repetition-penalty", type=float, default=0.0, help="0 or 1 = off")
     g.add_argument("--stream", action="store_true", help="print text as it is generated")
+    ch = sub.add_parser("chat", help="chat with the model (interactive; --message for one turn in scripts)",
+                        formatter_class=fmt)
+    ch.add_argument("--message", action="append", default=[],
+                    help="send this user message, print the reply and exit (repeat for several turns of the"
+                         " user side); without it: an interactive chat that keeps the conversation")
+    ch.add_argument("--system", default="", help="a system message put first")
+    ch.add_argument("--adapter", default="", help="adapter name, name@version or shared/name; empty = base model")
+    ch.add_argument("--max-new-tokens", type=int, default=0, help="0 = the server's default")
+    ch.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ch.add_argument("--seed", type=int, default=0, help="0 = the server picks one")
     c = sub.add_parser("classify", help="classify texts with an adapter that has a classification head")
     c.add_argument("--adapter", required=True, help="adapter name (must carry a head)")
     c.add_argument("texts", nargs="+", help="texts to classify")
@@ -81,6 +91,39 @@ def _generate(c: LoraFleetClient, args) -> None:
           file=sys.stderr)
 
 
+def _reply(c: LoraFleetClient, history: list[tuple[str, str]], args) -> str:
+    """Stream one assistant reply to stdout; returns its text."""
+    parts = []
+    for piece in c.chat_stream(history, adapter=args.adapter, max_new_tokens=args.max_new_tokens,
+                               temperature=args.temperature, seed=args.seed):
+        sys.stdout.write(piece.text)
+        sys.stdout.flush()
+        parts.append(piece.text)
+    print()
+    return "".join(parts)
+
+
+def _chat(c: LoraFleetClient, args) -> None:
+    history = [("system", args.system)] if args.system else []
+    if args.message:
+        for text in args.message:
+            history.append(("user", text))
+            history.append(("assistant", _reply(c, history, args)))
+        return
+    print("[chat: an empty line or Ctrl-D ends it]", file=sys.stderr)
+    while True:
+        try:
+            text = input("you> ").strip()
+        except EOFError:
+            print()
+            return
+        if not text:
+            return
+        history.append(("user", text))
+        sys.stdout.write("assistant> ")
+        history.append(("assistant", _reply(c, history, args)))
+
+
 def _adapters(c: LoraFleetClient, args) -> None:
     if args.action == "list":
         for a in c.list_adapters():
@@ -107,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                 _show(c.server_info())
             elif args.command == "generate":
                 _generate(c, args)
+            elif args.command == "chat":
+                _chat(c, args)
             elif args.command == "classify":
                 print(json.dumps(c.classify(args.texts, args.adapter), indent=2))
             elif args.command == "upload":

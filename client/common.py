@@ -36,12 +36,24 @@ class StreamPiece:
     finish_reason: str | None   # set on the last piece only
 
 
-def generate_request(prompt: str, adapter: str = "", max_new_tokens: int = 0, temperature: float = 0.0,
+Message = dict | tuple   # {"role": ..., "content": ...} or (role, content)
+
+
+def chat_messages(messages: list[Message]) -> list[pb.ChatMessage]:
+    out = []
+    for m in messages:
+        role, content = (m["role"], m["content"]) if isinstance(m, dict) else m
+        out.append(pb.ChatMessage(role=role, content=content))
+    return out
+
+
+def generate_request(prompt: str = "", adapter: str = "", max_new_tokens: int = 0, temperature: float = 0.0,
                      top_p: float = 0.0, top_k: int = 0, seed: int = 0, stop: list[str] | None = None,
-                     repetition_penalty: float = 0.0, ignore_eos: bool = False,
-                     request_id: str = "") -> pb.GenerateRequest:
+                     repetition_penalty: float = 0.0, ignore_eos: bool = False, request_id: str = "",
+                     messages: list[Message] | None = None) -> pb.GenerateRequest:
+    """A GenerateRequest for a prompt, or (with `messages`) for a chat."""
     return pb.GenerateRequest(
-        prompt=prompt, adapter=adapter, request_id=request_id,
+        prompt=prompt, adapter=adapter, request_id=request_id, messages=chat_messages(messages or []),
         params=pb.SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                  top_k=top_k, seed=seed, stop=stop or [],
                                  repetition_penalty=repetition_penalty, ignore_eos=ignore_eos))

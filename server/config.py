@@ -35,6 +35,8 @@ class ServerConfig:
     device: str = knob("auto", "auto takes the GPU when one is present", choices=("auto", "cpu", "cuda"))
     dtype: str = knob("auto", "auto = float32 on CPU, bfloat16 on GPU",
                       choices=("auto", "float32", "bfloat16", "float16"))
+    kernels: str = knob("auto", "batched adapter kernels: torch (CPU and GPU), triton (CUDA; until a GPU run of"
+                        " `make gpu-check` has passed, only when asked); auto = torch", choices=("auto", "torch", "triton"))
     max_batch_size: int = knob(32, "sequences decoded together (KV slots)")
     max_context_tokens: int = knob(512, "KV cache length per sequence (prompt + virtual + generated)")
     max_prompt_tokens: int = knob(448, "longest prompt accepted")
@@ -43,6 +45,7 @@ class ServerConfig:
     max_queued_requests: int = knob(256, "requests waiting for a slot; beyond it calls get RESOURCE_EXHAUSTED at once")
     max_prefill_tokens: int = knob(2048, "prompt tokens processed per engine step (bounds the latency a long"
                                    " prompt adds to others)")
+    max_chat_messages: int = knob(64, "messages per chat request")
     max_stop_strings: int = knob(8, "stop strings per request")
     max_stop_string_chars: int = knob(64, "characters per stop string")
     max_classify_batch: int = knob(64, "texts per Classify call")

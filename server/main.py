@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from lorafleet.v1 import lorafleet_pb2 as pb
 from lorafleet.v1 import lorafleet_pb2_grpc as pb_grpc
-from server import metrics
+from server import kernels, metrics
 from server.adapters.cache import AdapterCache
 from server.adapters.formats import BaseModelShape
 from server.adapters.registry import AdapterRegistry
@@ -62,6 +62,11 @@ def load(cfg: ServerConfig) -> LoadedModel:
         torch.set_num_threads(cfg.threads)
     model_dir = cfg.model_dir or ensure_default_model(cfg.cache_dir, cfg.default_model)
     device, dtype = pick_device(cfg)
+    try:
+        kernels.configure(cfg.kernels)
+        kernels.select_backend(device, cfg.kernels)
+    except (RuntimeError, ValueError) as e:
+        raise ModelLoadError(f"--kernels {cfg.kernels}: {e}") from None
     loaded = load_model(model_dir, device, dtype)
     window = loaded.hf_config.get("sliding_window")
     if loaded.hf_config.get("use_sliding_window", True) and window and window < cfg.max_context_tokens:
@@ -201,7 +206,8 @@ async def serve(cfg: ServerConfig) -> None:
     running = await start(cfg, loaded)
     a = loaded.model.args
     print(f"lorafleet: serving {loaded.name} ({a.n_layers} layers, hidden {a.dim}, vocab {a.vocab_size}, "
-          f"{loaded.model.device}, {str(loaded.model.dtype).replace('torch.', '')}) "
+          f"{loaded.model.device}, {str(loaded.model.dtype).replace('torch.', '')}, "
+          f"{kernels.backend_name(loaded.model.device)} kernels{', chat template' if loaded.chat else ''}) "
           f"on {cfg.host}:{running.port}", flush=True)
     if running.metrics_port:
         print(f"lorafleet: metrics on http://{cfg.host}:{running.metrics_port}/metrics", flush=True)

@@ -1,7 +1,6 @@
 """Adapters for the engine tests: made by the real `peft` (and our bottleneck writer) on the
 tiny embedded base, with non-zero weights, plus the oracles that run them without our engine."""
 from __future__ import annotations
-from lorafleet.archive import archive_dir
 
 import functools
 import json
@@ -10,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from lorafleet.archive import archive_dir
 from server.adapters import formats
 from server.adapters.formats import BaseModelShape, BottleneckTarget
 from server.adapters.registry import AdapterRegistry

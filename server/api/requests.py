@@ -12,7 +12,8 @@ from server.adapters.formats import AdapterKind
 from server.config import ServerConfig
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import FinishReason
-from server.errors import InvalidField
+from server.errors import FailedPrecondition, InvalidArgument, InvalidField
+from server.model.chat import ChatTemplate, ChatTemplateError
 
 MAX_REQUEST_ID_CHARS = 128
 
@@ -60,7 +61,10 @@ def prompt_ids(prompt: str, tokenizer: Tokenizer, cfg: ServerConfig, max_new_tok
     if len(prompt) > cfg.max_prompt_tokens * 64:
         raise InvalidField(field, f"{field} is {len(prompt)} characters; far above the limit of "
                               f"{cfg.max_prompt_tokens} tokens")
-    ids = tokenizer.encode(prompt).ids
+    return _fits(tokenizer.encode(prompt).ids, field, cfg, max_new_tokens)
+
+
+def _fits(ids: list[int], field: str, cfg: ServerConfig, max_new_tokens: int) -> list[int]:
     if len(ids) > cfg.max_prompt_tokens:
         raise InvalidField(field, f"{field} is {len(ids)} tokens; this server accepts at most "
                               f"{cfg.max_prompt_tokens} (context {cfg.max_context_tokens} tokens)")
@@ -89,3 +93,27 @@ def kind_to_pb(kind: AdapterKind) -> int:
 
 def finish_to_pb(reason: FinishReason) -> int:
     return pb.FinishReason.Value("FINISH_REASON_" + reason.name)
+
+
+def chat_ids(messages, chat: ChatTemplate | None, roles: tuple[str, ...], tokenizer: Tokenizer,
+             cfg: ServerConfig, max_new_tokens: int) -> list[int]:
+    """GenerateRequest.messages -> prompt token ids, rendered by the model's chat template."""
+    if chat is None:
+        raise FailedPrecondition("this model has no chat template (no chat_template in its tokenizer_config.json"
+                                 " or chat_template.jinja): send `prompt` instead, or serve an instruct model"
+                                 " such as the default SmolLM2-135M-Instruct")
+    if len(messages) > cfg.max_chat_messages:
+        raise InvalidField("messages", f"messages holds {len(messages)} entries; at most {cfg.max_chat_messages}")
+    if sum(len(m.content) for m in messages) > cfg.max_prompt_tokens * 64:
+        raise InvalidField("messages", f"messages hold far more text than the limit of {cfg.max_prompt_tokens} tokens")
+    for i, m in enumerate(messages):
+        if m.role not in roles:
+            raise InvalidField(f"messages[{i}].role", f"messages[{i}].role {m.role[:40]!r} is not one of this "
+                               f"model's chat roles ({', '.join(roles)})")
+        if not m.content:
+            raise InvalidField(f"messages[{i}].content", f"messages[{i}].content is empty")
+    try:
+        text = chat.render([(m.role, m.content) for m in messages])
+    except ChatTemplateError as e:
+        raise InvalidArgument(f"the model's chat template refused these messages: {e}") from None
+    return _fits(tokenizer.encode(text, add_special_tokens=False).ids, "messages", cfg, max_new_tokens)

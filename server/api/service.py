@@ -9,7 +9,7 @@ from typing import AsyncIterator
 
 from lorafleet.v1 import lorafleet_pb2 as pb
 from lorafleet.v1 import lorafleet_pb2_grpc as pb_grpc
-from server import metrics
+from server import kernels, metrics
 from server.adapters.formats import AdapterKind
 from server.adapters.refs import parse_tenant_ref
 from server.adapters.registry import AdapterRegistry
@@ -73,9 +73,13 @@ class InferenceService(pb_grpc.InferenceServicer):
         self.cfg, self.engine, self.draining = cfg, engine, draining
         self.auth, self.registry, self.limiter = auth, registry, limiter
         self.tokenizer = engine.loaded.tokenizer
+        self.kernels = kernels.backend_name(engine.model.device)
+        self.chat = engine.loaded.chat
+        self.chat_roles = self.chat.roles() if self.chat is not None else ()
 
     def _submit_one(self, principal: Principal, adapter: str, ids: list[int], params: SamplingParams,
-                    rid: str, context, classify: bool = False) -> tuple[Sequence, asyncio.Queue]:
+                    rid: str, context, classify: bool = False,
+                    stop_ids: frozenset[int] = frozenset()) -> tuple[Sequence, asyncio.Queue]:
         """Build the sequence, resolve (pin) its adapter and hand both to the engine, which owns
         the pin from here on, refusals included."""
         loop = asyncio.get_running_loop()
@@ -83,7 +87,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         seq = Sequence(rid, ids, params, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
-                       deadline=deadline, tenant=principal.tenant, classify=classify)
+                       deadline=deadline, tenant=principal.tenant, classify=classify, stop_ids=stop_ids)
         ref = self.registry.resolve(parse_tenant_ref(principal.tenant, adapter)) if adapter else None
         self.engine.submit(seq, ref)
         self.limiter.add(seq)
@@ -95,9 +99,17 @@ class InferenceService(pb_grpc.InferenceServicer):
         self.engine.check_capacity()
         params = requests.sampling_params(request.params, self.cfg)
         rid = requests.request_id(request.request_id) or uuid.uuid4().hex
-        ids = requests.prompt_ids(request.prompt, self.tokenizer, self.cfg, params.max_new_tokens)
+        stop_ids: frozenset[int] = frozenset()
+        if request.messages:
+            if request.prompt:
+                raise InvalidArgument("send either prompt or messages, not both")
+            ids = requests.chat_ids(request.messages, self.chat, self.chat_roles, self.tokenizer, self.cfg,
+                                    params.max_new_tokens)
+            stop_ids = self.chat.end_of_turn_ids
+        else:
+            ids = requests.prompt_ids(request.prompt, self.tokenizer, self.cfg, params.max_new_tokens)
         self.limiter.check(principal)
-        return self._submit_one(principal, request.adapter, ids, params, rid, context)
+        return self._submit_one(principal, request.adapter, ids, params, rid, context, stop_ids=stop_ids)
 
     async def _events(self, seq: Sequence, events: asyncio.Queue) -> AsyncIterator[Event]:
         """The sequence's events up to its finish; raises the finish's error. Leaving early
@@ -189,7 +201,7 @@ class InferenceService(pb_grpc.InferenceServicer):
                 max_message_bytes=c.max_message_bytes, max_queued_requests=c.max_queued_requests,
                 max_batch_size=c.max_batch_size, max_adapter_rank=c.max_adapter_rank,
                 max_adapter_bytes=c.max_adapter_bytes),
-            adapter_kinds=[k.value for k in AdapterKind])
+            adapter_kinds=[k.value for k in AdapterKind], kernels=self.kernels, chat=self.chat is not None)
 
 
 def _usage(ev: FinishEvent) -> pb.Usage:

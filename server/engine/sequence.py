@@ -54,7 +54,7 @@ Event = TokenEvent | FinishEvent
 class Sequence:
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                  sink: Callable[[Event], None], deadline: float | None = None, tenant: str = "",
-                 classify: bool = False):
+                 classify: bool = False, stop_ids: frozenset[int] = frozenset()):
         self.request_id = request_id
         self.prompt_ids = prompt_ids          # prompt-tuning placeholders first, once attached
         self.params = params
@@ -63,6 +63,7 @@ class Sequence:
         self.tenant = tenant
         self.adapter: AdapterRef | None = None   # the pinned version; set and released by the engine
         self.classify = classify              # prefill only; finish with label probabilities
+        self.stop_ids = stop_ids              # end-of-turn tokens (chat), on top of the model's EOS
         self.kv_offset = 0                    # prefix-tuning positions ahead of the prompt
         self.virtual_tokens = 0               # prompt-tuning placeholders at the start of prompt_ids
         self.adapter_slot: int | None = None  # device adapter slot while running
@@ -131,7 +132,7 @@ class Sequence:
         now = time.monotonic()
         self.first_token_at = self.first_token_at or now
         self.output_ids.append(token)
-        if token in eos_ids and not self.params.ignore_eos:
+        if (token in eos_ids or token in self.stop_ids) and not self.params.ignore_eos:
             return self.finish(FinishReason.EOS)
         self._text = tokenizer.decode(self.output_ids, skip_special_tokens=True)
         stop_at = self._find_stop()

@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
+from server.model.chat import ChatTemplate, load_chat_template
 from server.model.llama import LlamaModel, ModelArgs
 
 SUPPORTED = {"llama", "mistral", "qwen2"}
@@ -29,6 +30,7 @@ class LoadedModel:
     name: str                     # directory name, shown by GetServerInfo
     eos_ids: frozenset[int]
     hf_config: dict
+    chat: ChatTemplate | None = None      # the tokenizer's chat template, when it has one
 
 
 def read_config(model_dir: Path) -> dict:
@@ -109,5 +111,6 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype) -> Loa
         raise ModelLoadError(f"{model_dir}: weight {e.args[0]} is missing") from None
     except ValueError as e:
         raise ModelLoadError(f"{model_dir}: {e}") from None
-    return LoadedModel(model=model, tokenizer=Tokenizer.from_file(str(tok_path)), name=model_dir.name,
-                       eos_ids=eos_ids(model_dir, cfg), hf_config=cfg)
+    tokenizer = Tokenizer.from_file(str(tok_path))
+    return LoadedModel(model=model, tokenizer=tokenizer, name=model_dir.name, eos_ids=eos_ids(model_dir, cfg),
+                       hf_config=cfg, chat=load_chat_template(model_dir, tokenizer))
