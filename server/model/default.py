@@ -296,6 +296,8 @@ def resolve_model(spec: str | Path | None, cache_dir: Path, progress: bool = Tru
     "./tiny" for a directory called tiny. Raises ModelLoadError with a one-line reason.
     """
     cache_dir = Path(cache_dir).expanduser()
+    if cache_dir.is_dir():
+        convert.clean_stale_partials(cache_dir)      # what a killed build left behind
     text = str(spec).strip() if spec is not None else ""
     if text in ("", DEFAULT_MODEL.name):
         return default_model(cache_dir, progress)

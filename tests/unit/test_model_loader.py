@@ -145,6 +145,9 @@ def test_killed_build_leftovers_are_removed_next_time(tmp_path):
         (p / "m").mkdir(parents=True)
     d = resolve_model("tiny", cache)
     assert entries(cache) == sorted([d.name, live.name])
+    (stale / "m").mkdir(parents=True)
+    assert resolve_model("tiny", cache) == d                  # a cache hit cleans up too
+    assert entries(cache) == sorted([d.name, live.name])
 
 
 def test_incomplete_directory_in_the_way_is_reported(tmp_path):
