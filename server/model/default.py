@@ -114,7 +114,6 @@ def random_config(name: str, vocab_size: int) -> dict:
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": vocab_size,
-        **shape,
         "head_dim": shape["hidden_size"] // shape["num_attention_heads"],
         "hidden_act": "silu",
         "max_position_embeddings": 2048,
@@ -128,6 +127,7 @@ def random_config(name: str, vocab_size: int) -> dict:
         "eos_token_id": 2,
         "pad_token_id": 0,
         "torch_dtype": "float32",
+        **shape,
     }
 
 
