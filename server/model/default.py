@@ -44,7 +44,6 @@ RANDOM_MODELS: dict[str, dict] = {
     "random-512": {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 4,
                    "num_attention_heads": 8, "num_key_value_heads": 4},
 }
-LEGACY_NAMES = {"default": "random-512"}   # what ensure_default_model(cache, "default") meant
 
 
 @dataclass(frozen=True)
@@ -318,13 +317,3 @@ def resolve_model(spec: str | Path | None, cache_dir: Path, progress: bool = Tru
         raise ModelLoadError(f"--model {text!r}: no such file or directory, and not a hub id (org/name) "
                              f"or a known name ({names})")
     return _hub_model(text, cache_dir)
-
-
-def ensure_default_model(cache_dir: Path, preset: str = "default") -> Path:
-    """Deprecated alias kept for old callers: a random model's directory ("default" = random-512).
-
-    New code calls `resolve_model` (where no name means SmolLM2)."""
-    name = LEGACY_NAMES.get(preset, preset)
-    if name not in RANDOM_MODELS:
-        raise ModelLoadError(f"unknown random model {preset!r}; one of {sorted(RANDOM_MODELS)}")
-    return _random_model(name, cache_dir)

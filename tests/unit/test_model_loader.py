@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from server.model import convert, default
-from server.model.default import DEFAULT_MODEL, ensure_default_model, resolve_model, write_random_model
+from server.model.default import DEFAULT_MODEL, resolve_model, write_random_model
 from server.model.loader import ModelLoadError, load_model
 
 CPU = torch.device("cpu")
@@ -45,17 +45,11 @@ def fake_convert(monkeypatch):
 
 def test_tiny_by_name_is_cached_once_and_loads(tmp_path):
     d = resolve_model("tiny", tmp_path)
-    assert resolve_model("tiny", tmp_path) == d == ensure_default_model(tmp_path, "tiny")
+    assert resolve_model("tiny", tmp_path) == d
     assert entries(tmp_path) == [d.name]
     assert json.loads((d / convert.MARKER).read_text())["random"] == "tiny"
     loaded = load_model(d, CPU, torch.float32)
     assert loaded.model.args.dim == default.RANDOM_MODELS["tiny"]["hidden_size"]
-
-
-def test_legacy_default_name_means_the_random_bench_model():
-    assert default.LEGACY_NAMES["default"] in default.RANDOM_MODELS
-    with pytest.raises(ModelLoadError, match="unknown random model"):
-        ensure_default_model(Path("/nonexistent"), "smollm2")
 
 
 def test_existing_directory_is_used_in_place(tiny_model_dir, tmp_path):
