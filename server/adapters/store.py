@@ -3,28 +3,36 @@
 Layout under `root` (every path component from user text has passed validate_name first):
   adapters/<tenant>/<name>/v<N>/adapter.zip   the upload archive, byte for byte
   adapters/<tenant>/<name>/v<N>/meta.json     {"kind", "sha256", "size", "created", "version"}
-  adapters/<tenant>/<name>/.hwm               highest version ever given to this name (kept across delete)
+  versions/<tenant>/<name>.hwm   highest version ever handed out for this name (kept across delete
+                                 and quarantine; never lowered)
+  versions/<tenant>/<name>.lock  flock(2) target: allocating, deleting and quarantining versions of one
+                                 name are serialised across every process sharing this directory
   tmp/        uploads in progress and staged versions (same filesystem; emptied by scan())
   trash/      deleted adapters still held by in-flight requests (emptied by scan())
   quarantine/ versions that failed verification at scan(), moved aside with a WARNING log line
 
 A version appears only by one rename of a fully written, fsynced, validated directory, so a failed
 or interrupted upload leaves nothing in adapters/. Versions are never reused for a name, even after
-delete, so "tenant/name@N" always names the same bytes.
+delete or quarantine, and even when several replicas share the store: under the name's lock, the
+next number is max(high-water mark, versions on disk) + 1, and the high-water mark is made durable
+*before* the version directory appears, so a process killed at any point burns at most a number,
+never hands one out twice. (Stores written before the mark existed kept `adapters/<t>/<n>/.hwm`,
+only on delete; it is still read.) "tenant/name@N" therefore always names the same bytes.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
-import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Iterator
 
 from server.adapters.formats import AdapterKind, AdapterWeights, BaseModelShape
 from server.adapters.safe_io import load_json_object
@@ -33,7 +41,7 @@ from server.adapters.validate import (NAME_RE, VERSION_RE, AdapterLimits, check_
 from server.errors import DataLoss, FailedPrecondition, InvalidArgument, LoraFleetError, NotFound, ResourceExhausted
 
 log = logging.getLogger(__name__)
-ARCHIVE, META, HWM = "adapter.zip", "meta.json", ".hwm"
+ARCHIVE, META, HWM = "adapter.zip", "meta.json", ".hwm"  # HWM: the legacy mark inside a name directory
 
 
 @dataclass(frozen=True)
@@ -162,13 +170,13 @@ class Upload:
 
 
 class AdapterStore:
-    """Thread-safe: uploads stream in parallel; publishing and deleting take one lock."""
+    """Thread- and process-safe: uploads stream in parallel; publishing, deleting and quarantining
+    take the name's lock (an flock, so replicas sharing one directory exclude each other too)."""
 
     def __init__(self, root: Path, base: BaseModelShape, limits: AdapterLimits) -> None:
         self.root, self.base, self.limits = Path(root), base, limits
-        for sub in ("adapters", "tmp", "trash", "quarantine"):
+        for sub in ("adapters", "versions", "tmp", "trash", "quarantine"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
 
     # ------------------------------------------------------------ writes
 
@@ -198,21 +206,33 @@ class AdapterStore:
         stage.mkdir()
         try:
             os.rename(part, stage / ARCHIVE)
-            with self._lock:
+            with self._name_lock(tenant, name):
                 name_dir = self._name_dir(tenant, name)
                 self._make_dirs(name_dir)
-                version = self._next_version(name_dir)
+                before = self._read_hwm(tenant, name)
+                version = max([*self._dir_versions(name_dir), before]) + 1
+                self._write_hwm(tenant, name, version)  # durable before v<N> exists: N is never handed out again
                 info = AdapterInfo(tenant, name, version, kind, sha256, size, time.time())
-                meta = {"kind": kind.value, "sha256": sha256, "size": size, "created": info.created,
-                        "version": version}
-                _write_synced(stage / META, json.dumps(meta).encode())
-                _fsync_dir(stage)
-                os.rename(stage, name_dir / f"v{version}")
-                _fsync_dir(name_dir)
+                try:
+                    self._place(stage, name_dir, info)
+                except BaseException:
+                    if not (name_dir / f"v{version}").exists():  # nobody saw N: give it back (a kill -9 burns it)
+                        self._set_hwm(tenant, name, before)
+                    raise
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
             raise
         return info
+
+    @staticmethod
+    def _place(stage: Path, name_dir: Path, info: AdapterInfo) -> None:
+        """Write meta.json into the staged directory and publish it as v<N> by one rename."""
+        meta = {"kind": info.kind.value, "sha256": info.sha256, "size": info.size, "created": info.created,
+                "version": info.version}
+        _write_synced(stage / META, json.dumps(meta).encode())
+        _fsync_dir(stage)
+        os.rename(stage, name_dir / f"v{info.version}")
+        _fsync_dir(name_dir)
 
     def _make_dirs(self, path: Path) -> None:
         missing = [p for p in (path.parent, path) if not p.exists()]
@@ -220,34 +240,67 @@ class AdapterStore:
             p.mkdir(exist_ok=True)
             _fsync_dir(p.parent)
 
-    def _next_version(self, name_dir: Path) -> int:
-        return max([*self._dir_versions(name_dir), self._read_hwm(name_dir)]) + 1
-
-    def _read_hwm(self, name_dir: Path) -> int:
+    @contextlib.contextmanager
+    def _name_lock(self, tenant: str, name: str) -> Iterator[None]:
+        """Exclusive across threads and processes (flock on a fresh open file description); the
+        kernel drops it when its holder dies, kill -9 included."""
+        tenant_dir = self.root / "versions" / validate_name(tenant, "tenant name")
+        if not tenant_dir.is_dir():
+            tenant_dir.mkdir(exist_ok=True)
+            _fsync_dir(tenant_dir.parent)
+        fd = os.open(tenant_dir / f"{validate_name(name, 'adapter name')}.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            text = (name_dir / HWM).read_text()[:12]
-        except FileNotFoundError:
-            return 0
-        return int(text) if VERSION_RE.fullmatch(text) else 0
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
-    def _write_hwm(self, name_dir: Path, version: int) -> None:
+    def _hwm_path(self, tenant: str, name: str) -> Path:
+        return self.root / "versions" / tenant / f"{name}.hwm"
+
+    def _read_hwm(self, tenant: str, name: str) -> int:
+        """The name's high-water mark: the larger of the mark and the legacy in-directory mark."""
+        marks = [0]
+        for path in (self._hwm_path(tenant, name), self._name_dir(tenant, name) / HWM):
+            try:
+                text = path.read_text()[:12].strip()
+            except FileNotFoundError:
+                continue
+            if VERSION_RE.fullmatch(text):
+                marks.append(int(text))
+            else:
+                log.warning("ignoring malformed version mark %s", path.relative_to(self.root))
+        return max(marks)
+
+    def _write_hwm(self, tenant: str, name: str, version: int) -> None:
+        """Raise the mark to `version` (never lowers it). Call with the name's lock held."""
+        if version > self._read_hwm(tenant, name):
+            self._set_hwm(tenant, name, version)
+
+    def _set_hwm(self, tenant: str, name: str, version: int) -> None:
+        """Replace the mark atomically (a crash leaves the old or the new value). Lock held."""
         tmp = self.root / "tmp" / f"{uuid.uuid4().hex}.hwm"
-        _write_synced(tmp, str(version).encode())
-        os.replace(tmp, name_dir / HWM)
-        _fsync_dir(name_dir)
+        target = self._hwm_path(tenant, name)
+        if version == 0:  # back to "never used"
+            target.unlink(missing_ok=True)
+            return
+        try:
+            _write_synced(tmp, str(version).encode())
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(target.parent)
 
     def delete(self, tenant: str, name: str) -> DeletedAdapter:
         """Remove every version of a name from the store (moved to trash/ until purge()). NotFound if none."""
         name_dir = self._name_dir(tenant, name)
-        with self._lock:
+        with self._name_lock(tenant, name):
             versions = tuple(self._dir_versions(name_dir))
             if not versions:
                 raise NotFound(f"adapter {name!r} not found")
-            high = max(versions[-1], self._read_hwm(name_dir))
+            self._write_hwm(tenant, name, versions[-1])  # a no-op unless the store predates the mark
             trash = self.root / "trash" / uuid.uuid4().hex
             os.rename(name_dir, trash)
-            name_dir.mkdir()
-            self._write_hwm(name_dir, high)
             _fsync_dir(name_dir.parent)
         return DeletedAdapter(tenant, name, versions, trash)
 
@@ -368,6 +421,7 @@ class AdapterStore:
         if not _is_store_dir(name_dir):
             yield name_dir, InvalidArgument("unexpected entry in the store"), None
             return
+        self._cover_versions(tenant, name_dir.name)
         for vdir in sorted(name_dir.iterdir()):
             if vdir.name == HWM:
                 continue
@@ -381,6 +435,14 @@ class AdapterStore:
                 yield vdir, e, None
                 continue
             yield vdir, None, info
+
+    def _cover_versions(self, tenant: str, name: str) -> None:
+        """Raise the mark over every version on disk before any may be quarantined: a store written
+        before the mark existed then never hands out a quarantined number again."""
+        versions = self._dir_versions(self._name_dir(tenant, name))
+        if versions and versions[-1] > self._read_hwm(tenant, name):
+            with self._name_lock(tenant, name):
+                self._write_hwm(tenant, name, versions[-1])
 
     def _quarantine(self, path: Path, reason: str) -> None:
         rel = path.relative_to(self.root / "adapters")
