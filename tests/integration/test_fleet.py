@@ -152,7 +152,7 @@ class Fleet:
 
 
 def _start_haproxy(work: Path, replicas: list[Replica]) -> tuple[subprocess.Popen, str, str, Path]:
-    binary = shutil.which("haproxy")
+    binary = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/sbin")  # not on a user's PATH
     if binary is None:
         pytest.fail("`haproxy` is not installed: run `make setup-ops` (apt-get install -y haproxy), then rerun")
     listen, stats = f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"
