@@ -7,8 +7,9 @@ Layout under `root` (every path component from user text has passed validate_nam
                                  and quarantine; never lowered)
   versions/<tenant>/<name>.lock  flock(2) target: allocating, deleting and quarantining versions of one
                                  name are serialised across every process sharing this directory
-  tmp/        uploads in progress and staged versions (same filesystem; emptied by scan())
-  trash/      deleted adapters still held by in-flight requests (emptied by scan())
+  tmp/        uploads in progress and staged versions (same filesystem; emptied by scan() when no
+              other process has the store open)
+  trash/      deleted adapters still held by in-flight requests (emptied likewise)
   quarantine/ versions that failed verification at scan(), moved aside with a WARNING log line
 
 A version appears only by one rename of a fully written, fsynced, validated directory, so a failed
@@ -30,6 +31,7 @@ import os
 import shutil
 import time
 import uuid
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -177,6 +179,15 @@ class AdapterStore:
         self.root, self.base, self.limits = Path(root), base, limits
         for sub in ("adapters", "versions", "tmp", "trash", "quarantine"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        # presence: a shared flock on the root directory while this store is open (every replica of
+        # a shared store holds one); scan() empties tmp/ and trash/ only when it can take it exclusively
+        self._presence = os.open(self.root, os.O_RDONLY)
+        fcntl.flock(self._presence, fcntl.LOCK_SH)
+        self._closer = weakref.finalize(self, os.close, self._presence)
+
+    def close(self) -> None:
+        """Drop this store's presence (what the kernel does when the process dies)."""
+        self._closer()
 
     # ------------------------------------------------------------ writes
 
@@ -385,14 +396,30 @@ class AdapterStore:
 
     # ------------------------------------------------------------ start-up
 
+    def _sweep(self) -> None:
+        """Empty tmp/ and trash/ (what killed processes left) if no other process has this store
+        open: another replica's uploads in progress and deleted-but-in-use versions live there too.
+        Call before this store writes anything (the lock is re-taken, not converted atomically)."""
+        try:
+            fcntl.flock(self._presence, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # others are live (or the filesystem cannot tell): keep the leftovers
+            fcntl.flock(self._presence, fcntl.LOCK_SH)
+            log.info("adapter store %s is open in another process: tmp/ and trash/ kept", self.root)
+            return
+        try:
+            for sub in ("tmp", "trash"):
+                for p in (self.root / sub).iterdir():
+                    if _is_real_dir(p):
+                        shutil.rmtree(p)
+                    else:
+                        p.unlink()
+        finally:
+            fcntl.flock(self._presence, fcntl.LOCK_SH)
+
     def scan(self) -> ScanReport:
-        """Empty tmp/ and trash/, re-verify every version; quarantine the corrupt, serve the rest."""
-        for sub in ("tmp", "trash"):
-            for p in (self.root / sub).iterdir():
-                if _is_real_dir(p):
-                    shutil.rmtree(p)
-                else:
-                    p.unlink()
+        """Empty tmp/ and trash/ (unless shared with a live process), re-verify every version;
+        quarantine the corrupt, serve the rest."""
+        self._sweep()
         served: list[AdapterInfo] = []
         quarantined: list[tuple[str, str]] = []
         unfit: list[tuple[str, str]] = []

@@ -167,6 +167,7 @@ def test_killed_upload_leftovers_removed_at_scan(store):
     up.write(b"\x00" * 5000)
     (store.root / "tmp" / "dead.d").mkdir()
     (store.root / "tmp" / "dead.d" / "adapter.zip").write_bytes(b"partial")
+    store.close()  # ... and the kernel drops its presence on the store
     restarted = AdapterStore(store.root, BASE, LIMITS)
     report = restarted.scan()
     assert [i.key for i in report.served] == ["acme/kept@1"] and report.quarantined == ()
@@ -384,8 +385,28 @@ def test_kill_9_while_publishing_serves_nothing_and_burns_the_number(store, tmp_
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == -signal.SIGKILL, err[-2000:]
     assert tree(store.root / "tmp") != []  # it really died half-way
+    store.close()  # the only other process using the store goes away too: scan() may sweep tmp/
     restarted = AdapterStore(store.root, BASE, LIMITS)
     report = restarted.scan()
     assert [i.key for i in report.served] == ["acme/a@1"] and report.quarantined == ()
     assert tree(store.root / "tmp") == [] and restarted.versions("acme", "a") == [1]
     assert restarted.put("acme", "a", archive).version == 3  # 2 may have been seen by nobody, but is never reused
+
+
+def test_scan_by_another_replica_keeps_its_uploads_and_trash(store):
+    """A replica starting on a shared store must not sweep tmp/ and trash/ under a live one."""
+    archive = peft_archive("prompt")
+    store.put("acme", "old", archive)
+    deleted = store.delete("acme", "old")  # still held by an in-flight request of this replica
+    up = store.begin_upload("acme", "x", len(archive))
+    up.write(archive[:100])
+    other = AdapterStore(store.root, BASE, LIMITS)  # another replica starts meanwhile
+    other.scan()
+    up.write(archive[100:])
+    assert up.commit().version == 1 and other.versions("acme", "x") == [1]
+    assert store.load_deleted(deleted, 1).kind is AdapterKind.PROMPT_TUNING
+    other.close()
+    store.close()
+    last = AdapterStore(store.root, BASE, LIMITS)  # alone now: leftovers go
+    last.scan()
+    assert tree(store.root / "tmp") == [] and tree(store.root / "trash") == []
