@@ -3,10 +3,7 @@
 Layout under `root` (every path component from user text has passed validate_name first):
   adapters/<tenant>/<name>/v<N>/adapter.zip   the upload archive, byte for byte
   adapters/<tenant>/<name>/v<N>/meta.json     {"kind", "sha256", "size", "created", "version"}
-  versions/<tenant>/<name>.hwm   highest version ever handed out for this name (kept across delete
-                                 and quarantine; never lowered)
-  versions/<tenant>/<name>.lock  flock(2) target: allocating, deleting and quarantining versions of one
-                                 name are serialised across every process sharing this directory
+  versions/<tenant>/<name>.hwm|.lock  version high-water mark and lock (see version_marks.py)
   tmp/        uploads in progress and staged versions (same filesystem; emptied by scan() when no
               other process has the store open)
   trash/      deleted adapters still held by in-flight requests (emptied likewise)
@@ -14,15 +11,12 @@ Layout under `root` (every path component from user text has passed validate_nam
 
 A version appears only by one rename of a fully written, fsynced, validated directory, so a failed
 or interrupted upload leaves nothing in adapters/. Versions are never reused for a name, even after
-delete or quarantine, and even when several replicas share the store: under the name's lock, the
-next number is max(high-water mark, versions on disk) + 1, and the high-water mark is made durable
-*before* the version directory appears, so a process killed at any point burns at most a number,
-never hands one out twice. (Stores written before the mark existed kept `adapters/<t>/<n>/.hwm`,
-only on delete; it is still read.) "tenant/name@N" therefore always names the same bytes.
+delete or quarantine, and even when several replicas share the store (version_marks.py). (Stores
+written before the marks existed kept `adapters/<t>/<n>/.hwm`, only on delete; it is still read.)
+"tenant/name@N" therefore always names the same bytes.
 """
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import json
@@ -34,12 +28,13 @@ import uuid
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 from server.adapters.formats import AdapterKind, AdapterWeights, BaseModelShape
 from server.adapters.safe_io import load_json_object
 from server.adapters.validate import (NAME_RE, VERSION_RE, AdapterLimits, check_sha256, parse_upload,
                                       validate_name, validate_sha256)
+from server.adapters.version_marks import VersionMarks, fsync_dir
 from server.errors import DataLoss, FailedPrecondition, InvalidArgument, LoraFleetError, NotFound, ResourceExhausted
 
 log = logging.getLogger(__name__)
@@ -81,14 +76,6 @@ class DeletedAdapter:
     name: str
     versions: tuple[int, ...]
     trash: Path  # holds v<N>/ directories until purge()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_synced(path: Path, data: bytes) -> None:
@@ -172,13 +159,14 @@ class Upload:
 
 
 class AdapterStore:
-    """Thread- and process-safe: uploads stream in parallel; publishing, deleting and quarantining
-    take the name's lock (an flock, so replicas sharing one directory exclude each other too)."""
+    """Thread- and process-safe: uploads stream in parallel; publishing and deleting take the name's
+    lock (an flock, so replicas sharing one directory exclude each other too)."""
 
     def __init__(self, root: Path, base: BaseModelShape, limits: AdapterLimits) -> None:
         self.root, self.base, self.limits = Path(root), base, limits
         for sub in ("adapters", "versions", "tmp", "trash", "quarantine"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._marks = VersionMarks(self.root / "versions", self.root / "tmp")
         # presence: a shared flock on the root directory while this store is open (every replica of
         # a shared store holds one); scan() empties tmp/ and trash/ only when it can take it exclusively
         self._presence = os.open(self.root, os.O_RDONLY)
@@ -217,18 +205,18 @@ class AdapterStore:
         stage.mkdir()
         try:
             os.rename(part, stage / ARCHIVE)
-            with self._name_lock(tenant, name):
-                name_dir = self._name_dir(tenant, name)
+            name_dir = self._name_dir(tenant, name)
+            with self._marks.lock(tenant, name):
                 self._make_dirs(name_dir)
-                before = self._read_hwm(tenant, name)
+                before = self._marks.read(tenant, name, name_dir / HWM)
                 version = max([*self._dir_versions(name_dir), before]) + 1
-                self._write_hwm(tenant, name, version)  # durable before v<N> exists: N is never handed out again
+                self._marks.set(tenant, name, version)  # durable before v<N> exists: N is never handed out again
                 info = AdapterInfo(tenant, name, version, kind, sha256, size, time.time())
                 try:
                     self._place(stage, name_dir, info)
                 except BaseException:
                     if not (name_dir / f"v{version}").exists():  # nobody saw N: give it back (a kill -9 burns it)
-                        self._set_hwm(tenant, name, before)
+                        self._marks.set(tenant, name, before)
                     raise
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
@@ -241,78 +229,27 @@ class AdapterStore:
         meta = {"kind": info.kind.value, "sha256": info.sha256, "size": info.size, "created": info.created,
                 "version": info.version}
         _write_synced(stage / META, json.dumps(meta).encode())
-        _fsync_dir(stage)
+        fsync_dir(stage)
         os.rename(stage, name_dir / f"v{info.version}")
-        _fsync_dir(name_dir)
+        fsync_dir(name_dir)
 
     def _make_dirs(self, path: Path) -> None:
         missing = [p for p in (path.parent, path) if not p.exists()]
         for p in missing:
             p.mkdir(exist_ok=True)
-            _fsync_dir(p.parent)
-
-    @contextlib.contextmanager
-    def _name_lock(self, tenant: str, name: str) -> Iterator[None]:
-        """Exclusive across threads and processes (flock on a fresh open file description); the
-        kernel drops it when its holder dies, kill -9 included."""
-        tenant_dir = self.root / "versions" / validate_name(tenant, "tenant name")
-        if not tenant_dir.is_dir():
-            tenant_dir.mkdir(exist_ok=True)
-            _fsync_dir(tenant_dir.parent)
-        fd = os.open(tenant_dir / f"{validate_name(name, 'adapter name')}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # releases the lock
-
-    def _hwm_path(self, tenant: str, name: str) -> Path:
-        return self.root / "versions" / tenant / f"{name}.hwm"
-
-    def _read_hwm(self, tenant: str, name: str) -> int:
-        """The name's high-water mark: the larger of the mark and the legacy in-directory mark."""
-        marks = [0]
-        for path in (self._hwm_path(tenant, name), self._name_dir(tenant, name) / HWM):
-            try:
-                text = path.read_text()[:12].strip()
-            except FileNotFoundError:
-                continue
-            if VERSION_RE.fullmatch(text):
-                marks.append(int(text))
-            else:
-                log.warning("ignoring malformed version mark %s", path.relative_to(self.root))
-        return max(marks)
-
-    def _write_hwm(self, tenant: str, name: str, version: int) -> None:
-        """Raise the mark to `version` (never lowers it). Call with the name's lock held."""
-        if version > self._read_hwm(tenant, name):
-            self._set_hwm(tenant, name, version)
-
-    def _set_hwm(self, tenant: str, name: str, version: int) -> None:
-        """Replace the mark atomically (a crash leaves the old or the new value). Lock held."""
-        tmp = self.root / "tmp" / f"{uuid.uuid4().hex}.hwm"
-        target = self._hwm_path(tenant, name)
-        if version == 0:  # back to "never used"
-            target.unlink(missing_ok=True)
-            return
-        try:
-            _write_synced(tmp, str(version).encode())
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
-        _fsync_dir(target.parent)
+            fsync_dir(p.parent)
 
     def delete(self, tenant: str, name: str) -> DeletedAdapter:
         """Remove every version of a name from the store (moved to trash/ until purge()). NotFound if none."""
         name_dir = self._name_dir(tenant, name)
-        with self._name_lock(tenant, name):
+        with self._marks.lock(tenant, name):
             versions = tuple(self._dir_versions(name_dir))
             if not versions:
                 raise NotFound(f"adapter {name!r} not found")
-            self._write_hwm(tenant, name, versions[-1])  # a no-op unless the store predates the mark
+            self._marks.raise_to(tenant, name, versions[-1], name_dir / HWM)  # a no-op unless the store predates the mark
             trash = self.root / "trash" / uuid.uuid4().hex
             os.rename(name_dir, trash)
-            _fsync_dir(name_dir.parent)
+            fsync_dir(name_dir.parent)
         return DeletedAdapter(tenant, name, versions, trash)
 
     def purge(self, deleted: DeletedAdapter) -> None:
@@ -466,10 +403,11 @@ class AdapterStore:
     def _cover_versions(self, tenant: str, name: str) -> None:
         """Raise the mark over every version on disk before any may be quarantined: a store written
         before the mark existed then never hands out a quarantined number again."""
-        versions = self._dir_versions(self._name_dir(tenant, name))
-        if versions and versions[-1] > self._read_hwm(tenant, name):
-            with self._name_lock(tenant, name):
-                self._write_hwm(tenant, name, versions[-1])
+        name_dir = self._name_dir(tenant, name)
+        versions = self._dir_versions(name_dir)
+        if versions and versions[-1] > self._marks.read(tenant, name, name_dir / HWM):
+            with self._marks.lock(tenant, name):
+                self._marks.raise_to(tenant, name, versions[-1], name_dir / HWM)
 
     def _quarantine(self, path: Path, reason: str) -> None:
         rel = path.relative_to(self.root / "adapters")
