@@ -388,7 +388,7 @@ def test_kill_9_while_publishing_serves_nothing_and_burns_the_number(store, tmp_
     store.close()  # the only other process using the store goes away too: scan() may sweep tmp/
     restarted = AdapterStore(store.root, BASE, LIMITS)
     report = restarted.scan()
-    assert [i.key for i in report.served] == ["acme/a@1"] and report.quarantined == ()
+    assert [str(i.key) for i in report.served] == ["acme/a@1"] and report.quarantined == ()
     assert tree(store.root / "tmp") == [] and restarted.versions("acme", "a") == [1]
     assert restarted.put("acme", "a", archive).version == 3  # 2 may have been seen by nobody, but is never reused
 
