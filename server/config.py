@@ -43,8 +43,9 @@ class ServerConfig:
     max_new_tokens: int = knob(256, "largest max_new_tokens accepted")
     default_new_tokens: int = knob(64, "max_new_tokens when a request leaves it 0")
     max_queued_requests: int = knob(256, "requests waiting for a slot; beyond it calls get RESOURCE_EXHAUSTED at once")
-    max_prefill_tokens: int = knob(2048, "prompt tokens processed per engine step (bounds the latency a long"
-                                   " prompt adds to others)")
+    max_prefill_tokens: int = knob(2048, "prompt tokens processed per engine step when no sequence is decoding")
+    decode_prefill_tokens: int = knob(64, "prompt tokens processed per engine step while sequences are decoding"
+                                      " (chunked prefill: bounds the latency long prompts add to running requests)")
     max_chat_messages: int = knob(64, "messages per chat request")
     max_stop_strings: int = knob(8, "stop strings per request")
     max_stop_string_chars: int = knob(64, "characters per stop string")

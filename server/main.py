@@ -23,6 +23,7 @@ from server.adapters.store import AdapterStore
 from server.adapters.validate import AdapterLimits
 from server.api.adapters_service import AdaptersService
 from server.api.auth import Authenticator, AuthInterceptor, Quotas, keys_main
+from server.api.common import MalformedRequestInterceptor
 from server.api.service import Draining, InferenceService, TenantLimiter
 from server.config import ServerConfig, config_from_args
 from server.engine.adapter_slots import AdapterSlots
@@ -92,7 +93,7 @@ def build_adapters(cfg: ServerConfig, loaded: LoadedModel) -> tuple[AdapterStore
 
 def build_engine(cfg: ServerConfig, loaded: LoadedModel, adapters: AdapterServing | None) -> Engine:
     return Engine(loaded, cfg.max_batch_size, cfg.max_context_tokens, cfg.max_queued_requests,
-                  cfg.max_prefill_tokens, adapters)
+                  cfg.max_prefill_tokens, adapters, cfg.decode_prefill_tokens)
 
 
 @dataclass
@@ -131,7 +132,7 @@ async def start(cfg: ServerConfig, loaded: LoadedModel) -> RunningServer:
     opts = [("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes)]
     # a backstop below our own queue: excess calls are refused by gRPC before any Python handler runs
-    server = grpc.aio.server(options=opts, interceptors=[AuthInterceptor(auth)],
+    server = grpc.aio.server(options=opts, interceptors=[AuthInterceptor(auth), MalformedRequestInterceptor()],
                              maximum_concurrent_rpcs=cfg.max_queued_requests + cfg.max_batch_size + 64)
     draining = Draining()
     inference = InferenceService(cfg, engine, draining, auth, adapters.registry, TenantLimiter(engine))

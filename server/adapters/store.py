@@ -186,7 +186,7 @@ class AdapterStore:
         validate_name(tenant, "tenant name")
         validate_name(name, "adapter name")
         if sha256 is not None:
-            validate_sha256(sha256)
+            sha256 = validate_sha256(sha256)          # hex digits in either case; kept lowercase
         if not isinstance(declared_size, int) or isinstance(declared_size, bool) or declared_size < 1:
             raise InvalidArgument(f"declared upload size must be a positive integer, got {declared_size!r}")
         if declared_size > self.limits.max_archive_bytes:
