@@ -285,3 +285,83 @@ def hostile_corpus():
          AdapterLimits(max_virtual_tokens=4))
     case("sha256-mismatch", lambda: lora("lora"), DataLoss, "sha256 mismatch")
     return cases
+
+
+# ---------------------------------------------------------------- DoRA, AdaLoRA, VeRA, LoRA bias (issue 14)
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# AdaLoRA's finished-run masks (init_r 6): per module a different kept rank; layer 1 v_proj pruned to 0
+ADALORA_MASKS = {(0, "q_proj"): [1, 0, 1, 1, 0, 0], (0, "v_proj"): [1, 1, 1, 1, 1, 1],
+                 (0, "down_proj"): [0, 0, 0, 0, 0, 1], (1, "q_proj"): [0, 1, 0, 1, 0, 0],
+                 (1, "v_proj"): [0, 0, 0, 0, 0, 0], (1, "down_proj"): [1, 1, 0, 1, 0, 1]}
+
+
+def variant_config(variant: str, task_type: str = "CAUSAL_LM"):
+    """PEFT configs of the four kinds served as LoRA: dora, adalora, vera, lora_bias."""
+    from peft import AdaLoraConfig, LoraConfig, VeraConfig
+    return {
+        "dora": lambda: LoraConfig(r=4, lora_alpha=8, use_dora=True, task_type=task_type, target_modules=ALL_LINEAR),
+        "dora_partial": lambda: LoraConfig(r=3, lora_alpha=5, use_dora=True, task_type=task_type,
+                                           target_modules=["k_proj", "up_proj", "o_proj"]),
+        "adalora": lambda: AdaLoraConfig(init_r=6, lora_alpha=12, total_step=10, task_type=task_type,
+                                         target_modules=["q_proj", "v_proj", "down_proj"]),
+        "vera": lambda: VeraConfig(r=8, task_type=task_type, target_modules=["q_proj", "v_proj", "up_proj",
+                                                                             "down_proj"]),
+        "lora_bias": lambda: LoraConfig(r=4, lora_alpha=8, lora_bias=True, task_type=task_type,
+                                        target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"]),
+    }[variant]()
+
+
+def perturb_all(model, seed: int) -> None:
+    """Every adapter parameter re-drawn, non-zero: lora_A/B/E, DoRA magnitudes (around their init
+    ||W||), VeRA lambdas, heads. PEFT inits lora_B, lora_B.bias, AdaLoRA's lora_E and VeRA's
+    lambda_b to zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            noise = torch.randn(p.shape, generator=g)
+            if "magnitude" in name:
+                p.mul_(1 + 0.3 * noise)
+            elif "lambda_d" in name:
+                p.copy_(noise * 0.5)
+            elif "lora_E" in name or "lambda_b" in name:
+                p.copy_(noise)
+            else:
+                p.copy_(noise * 0.2)
+
+
+def set_adalora_masks(model, masks: dict[tuple[int, str], list[int]]) -> None:
+    """As a finished AdaLoRA run leaves its config: rank_pattern {module's lora_E: [bool] * init_r}."""
+    model.peft_config["default"].rank_pattern = {
+        f"model.layers.{layer}.{formats.MODULE_PARENT[m]}.{m}.lora_E": [bool(b) for b in mask]
+        for (layer, m), mask in masks.items()}
+
+
+def save_variant(model, out: Path, variant: str, fresh_base):
+    """save_pretrained, then the oracle: PeftModel.from_pretrained(fresh_base, out) (AdaLoRA's saved
+    tensors are pruned by its masks, so the in-memory model is not what was saved)."""
+    from peft import PeftModel
+    if variant == "adalora":
+        set_adalora_masks(model, ADALORA_MASKS)
+    model.save_pretrained(str(out))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # AdaLoRA masks "ignored" (LoRA's rank_pattern check; it resizes)
+        return PeftModel.from_pretrained(fresh_base, str(out)).eval()
+
+
+@functools.lru_cache(maxsize=None)
+def variant_adapter(variant: str):
+    """(directory, oracle PeftModel loaded from that directory) on the TINY base, random non-zero weights."""
+    from peft import get_peft_model
+
+    torch.manual_seed(2)
+    model = get_peft_model(_base_model(), variant_config(variant))
+    perturb_all(model, seed=len(variant) + 10)
+    model.eval()
+    return _ROOT / variant, save_variant(model, _ROOT / variant, variant, _base_model())
+
+
+def variant_archive(variant: str) -> bytes:
+    return archive_dir(variant_adapter(variant)[0])
