@@ -14,8 +14,8 @@ from server.adapters.refs import parse_tenant_ref
 from server.engine.engine import Engine
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import FinishEvent, FinishReason, Sequence
-from tests.serving_fixtures import (KINDS, make_adapter, make_cls_adapter, oracle_greedy, serving,
-                                    upload)
+from tests.serving_fixtures import (ALL_KINDS, KINDS, make_adapter, make_cls_adapter, oracle_greedy,
+                                    serving_with_base, upload)
 
 N_NEW = 6
 
@@ -43,7 +43,7 @@ class Run:
 
 
 def start_engine(tiny_loaded, root, num_slots=8, max_batch=32):
-    registry, adapters = serving(tiny_loaded, root, num_slots=num_slots, max_rank=16)
+    registry, adapters = serving_with_base(tiny_loaded, root, num_slots=num_slots, max_rank=16)
     eng = Engine(tiny_loaded, max_batch_size=max_batch, max_context_tokens=96, max_queued=512,
                  max_prefill_tokens=512, adapters=adapters)
     eng.start()
@@ -74,9 +74,9 @@ def prompts(k: int, seed: int = 0) -> list[list[int]]:
 @pytest.fixture(scope="module")
 def mixed(tiny_loaded, tiny_model_dir, out_root, tmp_path_factory):
     """One engine with one adapter of every kind uploaded for tenant 't'."""
-    registry, eng = start_engine(tiny_loaded, tmp_path_factory.mktemp("store"))
+    registry, eng = start_engine(tiny_loaded, tmp_path_factory.mktemp("store"), num_slots=len(ALL_KINDS))
     oracles = {}
-    for i, kind in enumerate(KINDS):
+    for i, kind in enumerate(ALL_KINDS):
         d, model = make_adapter(tiny_model_dir, out_root, kind, seed=i + 1)
         upload(registry, "t", kind.replace("_", "-"), d)
         oracles[kind] = model
@@ -84,7 +84,7 @@ def mixed(tiny_loaded, tiny_model_dir, out_root, tmp_path_factory):
     eng.stop()
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_each_kind_matches_peft_and_changes_output(mixed, tiny_model_dir, kind):
     registry, eng, oracles = mixed
     prompt = prompts(1, seed=3)[0]
@@ -102,11 +102,11 @@ def test_each_kind_matches_peft_and_changes_output(mixed, tiny_model_dir, kind):
 
 def test_mixed_batch_of_all_kinds_equals_solo_and_peft(mixed):
     registry, eng, oracles = mixed
-    ps = prompts(len(KINDS) + 1, seed=5)
-    names = [k.replace("_", "-") for k in KINDS] + [None]
+    ps = prompts(len(ALL_KINDS) + 1, seed=5)
+    names = [k.replace("_", "-") for k in ALL_KINDS] + [None]
     solo = [wait([submit(eng, registry, "t", n, p)])[0] for n, p in zip(names, ps)]
     together = wait([submit(eng, registry, "t", n, p) for n, p in zip(names, ps)])
-    for kind, s, t, p in zip(list(KINDS) + [None], solo, together, ps):
+    for kind, s, t, p in zip(list(ALL_KINDS) + [None], solo, together, ps):
         assert t.tokens == s.tokens
         assert rel(t.seq.logits_trace[0], s.seq.logits_trace[0]) < 1e-5
         if kind:
@@ -118,7 +118,7 @@ def test_mixed_batch_of_all_kinds_equals_solo_and_peft(mixed):
 def test_rows_join_and_leave_mid_batch(mixed):
     registry, eng, _ = mixed
     ps = prompts(12, seed=9)
-    names = [[k.replace("_", "-") for k in KINDS][i % len(KINDS)] if i % 4 else None for i in range(12)]
+    names = [[k.replace("_", "-") for k in ALL_KINDS][i % len(ALL_KINDS)] if i % 4 else None for i in range(12)]
     lens = [2 + (3 * i) % 9 for i in range(12)]
     solo = [wait([submit(eng, registry, "t", n, p, k)])[0] for n, p, k in zip(names, ps, lens)]
     first = [submit(eng, registry, "t", n, p, k) for n, p, k in list(zip(names, ps, lens))[:6]]
@@ -129,11 +129,12 @@ def test_rows_join_and_leave_mid_batch(mixed):
 
 
 def test_32_rows_over_32_adapters_of_every_kind(tiny_loaded, tiny_model_dir, out_root, tmp_path):
+    """All nine kinds (LoRA twice: plain and rsLoRA) over 32 distinct adapters in one batch."""
     registry, eng = start_engine(tiny_loaded, tmp_path / "store", num_slots=32)
     try:
         names, oracles = [], []
         for i in range(32):
-            kind = KINDS[i % len(KINDS)]
+            kind = ALL_KINDS[i % len(ALL_KINDS)]
             d, model = make_adapter(tiny_model_dir, out_root, kind, seed=100 + i)
             upload(registry, f"tenant{i % 4}", f"a{i}", d)
             names.append((f"tenant{i % 4}", f"a{i}"))
@@ -142,9 +143,12 @@ def test_32_rows_over_32_adapters_of_every_kind(tiny_loaded, tiny_model_dir, out
         together = wait([submit(eng, registry, t, n, p) for (t, n), p in zip(names, ps)])
         solo = [wait([submit(eng, registry, t, n, p)])[0] for (t, n), p in zip(names, ps)]
         for i, (s, t) in enumerate(zip(solo, together)):
-            assert t.tokens == s.tokens, f"row {i} ({KINDS[i % len(KINDS)]}) differs from its solo run"
+            kind = ALL_KINDS[i % len(ALL_KINDS)]
+            assert t.tokens == s.tokens, f"row {i} ({kind}) differs from its solo run"
+            assert rel(t.seq.logits_trace[0], s.seq.logits_trace[0]) < 1e-5, f"row {i} ({kind})"
             ref_logits, ref_tokens = oracle_greedy(oracles[i], ps[i], N_NEW)
-            assert t.tokens == ref_tokens, f"row {i} ({KINDS[i % len(KINDS)]}) differs from the oracle"
+            assert t.tokens == ref_tokens, f"row {i} ({kind}) differs from the oracle"
+            assert rel(t.seq.logits_trace[0], ref_logits) < 1e-4, f"row {i} ({kind})"
     finally:
         eng.stop()
 
