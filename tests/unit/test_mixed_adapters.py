@@ -193,3 +193,42 @@ def test_classify_without_head_fails_cleanly(mixed):
     run = submit(eng, registry, "t", "lora", prompts(1)[0], n=0, classify=True)
     assert run.done.wait(30)
     assert run.final.reason == FinishReason.ERROR and "classification head" in str(run.final.error)
+
+
+def _cancelling_dora(src, dst, base_dir):
+    """A copy of a DoRA adapter whose layer-0 q_proj delta cancels row 5 of the base weight:
+    ||W + s B A||_5 = 0, so PEFT's m / norm would divide by zero."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "adapter_config.json").read_text())
+    s = cfg["lora_alpha"] / cfg["r"]
+    W = load_file(str(next(base_dir.glob("*.safetensors"))))["model.layers.0.self_attn.q_proj.weight"]
+    ts = load_file(str(dst / "adapter_model.safetensors"))
+    p = "base_model.model.model.layers.0.self_attn.q_proj."
+    A, B = ts[p + "lora_A.weight"].clone(), ts[p + "lora_B.weight"].clone()
+    A[0], B[5] = W[5], 0.0
+    B[5, 0] = -1.0 / s
+    ts[p + "lora_A.weight"], ts[p + "lora_B.weight"] = A, B
+    save_file(ts, str(dst / "adapter_model.safetensors"))
+    return dst
+
+
+def test_dora_whose_norm_vanishes_fails_its_request_only(mixed, tiny_model_dir, out_root, tmp_path):
+    """The norm needs the base weight, which upload validation does not hold: such an adapter is refused
+    with FailedPrecondition when it is loaded into a slot; rows in the same batch are unaffected."""
+    from server.errors import FailedPrecondition
+    registry, eng, _ = mixed
+    src, _ = make_adapter(tiny_model_dir, out_root, "dora", seed=2)   # even seed: DoRA on every linear
+    upload(registry, "t", "dora-zero", _cancelling_dora(src, tmp_path / "dz", tiny_model_dir))
+    ps = prompts(3, seed=21)
+    runs = [submit(eng, registry, "t", n, p) for n, p in zip(["dora-zero", "dora", None], ps)]
+    for r in runs:
+        assert r.done.wait(60)
+    bad = runs[0].final
+    assert bad.reason == FinishReason.ERROR and isinstance(bad.error, FailedPrecondition)
+    assert "vanishes" in str(bad.error) and "layer 0 q_proj" in str(bad.error)
+    solo = [wait([submit(eng, registry, "t", n, p)])[0] for n, p in zip(["dora", None], ps[1:])]
+    assert [r.tokens for r in wait(runs[1:])] == [s.tokens for s in solo]
