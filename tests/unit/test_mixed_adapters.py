@@ -232,3 +232,29 @@ def test_dora_whose_norm_vanishes_fails_its_request_only(mixed, tiny_model_dir, 
     assert "vanishes" in str(bad.error) and "layer 0 q_proj" in str(bad.error)
     solo = [wait([submit(eng, registry, "t", n, p)])[0] for n, p in zip(["dora", None], ps[1:])]
     assert [r.tokens for r in wait(runs[1:])] == [s.tokens for s in solo]
+
+
+def test_trainer_dora_export_is_served_unchanged(mixed, tiny_model_dir, tmp_path):
+    """`lorafleet train --method dora`: a few steps on the tiny model, exported in PEFT's format, parsed as
+    DORA and served exactly as PEFT runs the exported files."""
+    import json
+
+    from peft import PeftModel
+
+    from server.adapters.formats import AdapterKind
+    from tests.serving_fixtures import hf_base
+    from tests.unit.trainer_fixtures import config, lm_files
+    from trainer.loop import train
+    registry, eng, _ = mixed
+    result = train(config(tiny_model_dir, tmp_path / "out", *lm_files(tmp_path / "data"), method="dora",
+                          max_steps=8, lr=1e-2, rank=4))
+    cfg = json.loads((result.out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["use_dora"] is True
+    info = upload(registry, "t", "trained-dora", result.out)
+    assert info.kind is AdapterKind.DORA
+    oracle = PeftModel.from_pretrained(hf_base(tiny_model_dir), str(result.out)).eval()
+    prompt = prompts(1, seed=23)[0]
+    ours, base = wait([submit(eng, registry, "t", "trained-dora", prompt), submit(eng, registry, "t", None, prompt)])
+    ref_logits, ref_tokens = oracle_greedy(oracle, prompt, N_NEW)
+    assert rel(ours.seq.logits_trace[0], ref_logits) < 1e-4 and ours.tokens == ref_tokens
+    assert rel(ours.seq.logits_trace[0], base.seq.logits_trace[0]) > 1e-3, "training must change the output"
