@@ -53,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="base model directory (default: the server's default, SmolLM2-135M-Instruct, converted once)")
     g.add_argument("--out", type=Path, required=True, metavar="DIR",
                    help="adapter output directory (also holds checkpoints/ and metrics.jsonl)")
-    g = p.add_argument_group("LoRA / IA3")
+    g = p.add_argument_group("LoRA / DoRA / IA3", "DoRA takes the LoRA options and learns a magnitude per output row")
     g.add_argument("--rank", type=int, metavar="N", default=8, help="LoRA rank r (default 8)")
     g.add_argument("--alpha", type=float, metavar="X", default=16.0,
                    help="LoRA alpha; scale = alpha / r (default 16)")
@@ -61,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dropout", type=float, metavar="X", default=0.0, help="LoRA dropout (default 0)")
     g.add_argument("--targets", type=_csv, default=(), metavar="M,M,...",
                    help=f"modules to adapt, of {', '.join(LINEAR_MODULES)} "
-                        "(default: all seven for LoRA; k_proj,v_proj,down_proj for IA3)")
+                        "(default: all seven for LoRA and DoRA; k_proj,v_proj,down_proj for IA3)")
     g = p.add_argument_group("bottleneck adapters")
     g.add_argument("--bottleneck-size", type=int, metavar="N", default=16, help="bottleneck width r (default 16)")
     g.add_argument("--activation", default="relu", choices=("relu", "gelu", "silu"),

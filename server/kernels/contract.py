@@ -16,7 +16,7 @@ import torch
 
 from server.kernels.plan import AdapterPlan
 
-OPS = ("shrink", "expand", "lora", "lora_packed", "bottleneck", "ia3")
+OPS = ("shrink", "expand", "lora", "lora_packed", "bottleneck", "ia3", "col_scale")
 
 
 class KernelBackend(Protocol):
@@ -81,6 +81,15 @@ class KernelBackend(Protocol):
         self,
         y: torch.Tensor,  # [num_tokens, d] (in place)
         vec: torch.Tensor,  # [num_slots, d]
+        plan: AdapterPlan,
+    ) -> None:
+        ...
+
+    def col_scale(
+        self,
+        y: torch.Tensor,  # [num_tokens, d] (in place)
+        scale: torch.Tensor,  # [num_slots, d]
+        shift: torch.Tensor | None,  # [num_slots, d]
         plan: AdapterPlan,
     ) -> None:
         ...

@@ -284,3 +284,19 @@ def ia3(
     rows = plan.active_rows
     if rows.numel():
         y.index_copy_(0, rows, y.index_select(0, rows) * vec.index_select(0, plan.active_slots))
+
+
+def col_scale(
+    y: torch.Tensor,  # [num_tokens, d] (in place)
+    scale: torch.Tensor,  # [num_slots, d]
+    shift: torch.Tensor | None,  # [num_slots, d]
+    plan: AdapterPlan,
+) -> None:
+    """See reference.col_scale. One gather of the active rows, one multiply(-add), one scatter."""
+    _check(plan, y)
+    rows = plan.active_rows
+    if rows.numel():
+        out = y.index_select(0, rows).mul_(scale.index_select(0, plan.active_slots))
+        if shift is not None:
+            out += shift.index_select(0, plan.active_slots)
+        y.index_copy_(0, rows, out)

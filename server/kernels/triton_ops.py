@@ -26,7 +26,7 @@ Design (punica's SGMV, with split-K from its shrink):
   keeps v in fp32 between shrink and expand, as the reference does; expand
   casts it to B's dtype for the dot.
 * Any strides (transposed x, column slices of a fused y, the engine's
-  transposed B). ``bottleneck`` and ``ia3`` are ``torch_ops``'.
+  transposed B). ``bottleneck``, ``ia3`` and ``col_scale`` are ``torch_ops``'.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ NAME = "triton"
 INTERPRETED = bool(knobs.runtime.interpret)  # kernels below were built for the interpreter
 bottleneck = torch_ops.bottleneck
 ia3 = torch_ops.ia3
+col_scale = torch_ops.col_scale  # one gather-multiply-scatter: no kernel of its own (yet)
 
 
 @cache
