@@ -34,9 +34,6 @@ from server.config import ServerConfig  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
 from server.engine.sampling import SamplingParams  # noqa: E402
 from server.engine.sequence import FinishEvent, Sequence  # noqa: E402
-from server.adapters.cache import AdapterCache  # noqa: E402
-from server.engine.adapter_slots import AdapterSlots  # noqa: E402
-from server.engine.engine import AdapterServing  # noqa: E402
 from server.main import build_adapters, keep_freed_memory  # noqa: E402
 from server.model.default import resolve_model  # noqa: E402
 from server.model.loader import load_model  # noqa: E402
@@ -121,11 +118,6 @@ def main() -> None:
     cfg = ServerConfig(data_dir=work / "store", adapter_slots=n_slots, max_adapter_rank=16)
     _store, serving = build_adapters(cfg, loaded)
     reg = serving.registry
-    # TODO(#14): main.build_adapters passes base=m.layers (DoRA's scale needs the base weights); until then:
-    m = loaded.model
-    slots = AdapterSlots(m.args, n_slots, 16, m.device, m.dtype, base=m.layers)
-    serving = AdapterServing(reg, AdapterCache(n_slots, cfg.host_adapters, cfg.host_adapter_bytes, reg.load,
-                                               slots.write), slots)
     print(f"building {n_adapters} LoRA + 32 DoRA + 32 mixed adapters on {base_dir.name} ...", flush=True)
     lora_dirs = [make_peft(base_dir, work / f"lora{i}", "lora", i) for i in range(n_adapters)]
     for i, d in enumerate(lora_dirs):

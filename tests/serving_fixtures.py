@@ -174,16 +174,3 @@ def make_variant_adapter(base_dir: Path, out: Path, kind: str, seed: int):
     perturb_all(model, seed)
     model.eval()
     return out, save_variant(model, out, kind, hf_base(base_dir))
-
-
-def serving_with_base(loaded, root: Path, num_slots: int = 8, max_rank: int = 16,
-                      max_host_entries: int = 64) -> tuple[AdapterRegistry, AdapterServing]:
-    """serving(), with device slots that hold the base weights DoRA needs (AdapterSlots(base=...)).
-    TODO(#14): once main.build_adapters passes base=m.layers, serving() alone does this."""
-    from server.adapters.cache import AdapterCache
-    from server.engine.adapter_slots import AdapterSlots
-    registry, adapters = serving(loaded, root, num_slots, max_rank, max_host_entries)
-    m, old = loaded.model, adapters.cache
-    slots = AdapterSlots(m.args, num_slots, max_rank, m.device, m.dtype, base=m.layers)
-    cache = AdapterCache(num_slots, max_host_entries, old.max_host_bytes, registry.load, slots.write)
-    return registry, AdapterServing(registry, cache, slots)

@@ -160,7 +160,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
 def _check_upload(a: argparse.Namespace) -> None:
     if not a.upload:
         return
-    from server.adapters.validate import validate_name
+    from server.adapters.refs import validate_name
     from server.errors import InvalidArgument
 
     if not a.name:

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from server.adapters import formats, peft_variants
 from server.adapters.formats import AdapterKind, AdapterWeights, BaseModelShape, TensorSlot
 from lorafleet.archive import ArchiveError, ArchiveTooLarge, read_archive
-from server.adapters.refs import NAME_RE, VERSION_RE, parse_ref, validate_name  # noqa: F401 - re-exported for the store
 from server.adapters.safe_io import TensorHeader, load_json_object, load_tensors, read_safetensors_header
 from server.errors import DataLoss, FailedPrecondition, InvalidArgument, ResourceExhausted
 

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from server.adapters import formats, safe_io, validate
 from server.adapters.formats import AdapterKind
-from server.adapters.validate import AdapterLimits, parse_ref, validate_name
+from server.adapters.refs import parse_ref, validate_name
+from server.adapters.validate import AdapterLimits
 from server.errors import DataLoss, FailedPrecondition, InvalidArgument, LoraFleetError, ResourceExhausted
 from tests.unit.adapter_fixtures import (BASE, LIMITS, bottleneck_archive, hostile_corpus, peft_archive,
                                          raw_safetensors, split_archive, with_config, with_tensors)

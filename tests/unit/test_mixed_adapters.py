@@ -15,7 +15,7 @@ from server.engine.engine import Engine
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import FinishEvent, FinishReason, Sequence
 from tests.serving_fixtures import (ALL_KINDS, KINDS, make_adapter, make_cls_adapter, oracle_greedy,
-                                    serving_with_base, upload)
+                                    serving, upload)
 
 N_NEW = 6
 
@@ -43,7 +43,7 @@ class Run:
 
 
 def start_engine(tiny_loaded, root, num_slots=8, max_batch=32):
-    registry, adapters = serving_with_base(tiny_loaded, root, num_slots=num_slots, max_rank=16)
+    registry, adapters = serving(tiny_loaded, root, num_slots=num_slots, max_rank=16)
     eng = Engine(tiny_loaded, max_batch_size=max_batch, max_context_tokens=96, max_queued=512,
                  max_prefill_tokens=512, adapters=adapters)
     eng.start()
