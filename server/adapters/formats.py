@@ -70,7 +70,6 @@ from safetensors.torch import save as save_safetensors
 from lorafleet.archive import CONFIG_FILE, WEIGHTS_FILE
 from server.errors import InvalidArgument
 
-ACTIVATIONS = ("relu", "gelu", "silu")
 PLACES = ("attn", "mlp")
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MODULE_PARENT = {m: ("mlp" if m in ("gate_proj", "up_proj", "down_proj") else "self_attn")
@@ -199,7 +198,7 @@ class AdapterWeights:
         return any(t.bias is not None for t in self.lora.values())
 
 
-class TensorSlot(NamedTuple):
+class TensorRole(NamedTuple):
     """Where a tensor name points: role in lora|ia3|bottleneck|prompt|head|vera (VeRA's shared pair)."""
 
     role: str
@@ -209,11 +208,11 @@ class TensorSlot(NamedTuple):
     #            vera: A/B; bottleneck: down.weight etc.; head: weight/bias; "" otherwise
 
 
-def parse_tensor_name(kind: AdapterKind, name: str) -> TensorSlot | None:
+def parse_tensor_name(kind: AdapterKind, name: str) -> TensorRole | None:
     """The slot a tensor name addresses for `kind`, or None if the name is not one of the format's."""
     head = _HEAD_RE[kind is not AdapterKind.BOTTLENECK].fullmatch(name)
     if head:
-        return TensorSlot("head", -1, "", head.group(1))
+        return TensorRole("head", -1, "", head.group(1))
     if kind in (AdapterKind.LORA, AdapterKind.DORA) and (m := _LORA_RE.fullmatch(name)):
         part = m.group(4) or ("B.bias" if m.group(5) else m.group(6))
         return _module_slot("lora", m.group(1), m.group(2), m.group(3), part)
@@ -222,20 +221,20 @@ def parse_tensor_name(kind: AdapterKind, name: str) -> TensorSlot | None:
     if kind is AdapterKind.VERA and (m := _VERA_RE.fullmatch(name)):
         return _module_slot("lora", m.group(1), m.group(2), m.group(3), f"lambda_{m.group(4)}")
     if kind is AdapterKind.VERA and (m := _VERA_SHARED_RE.fullmatch(name)):
-        return TensorSlot("vera", -1, "", m.group(1))
+        return TensorRole("vera", -1, "", m.group(1))
     if kind is AdapterKind.IA3 and (m := _IA3_RE.fullmatch(name)):
         return _module_slot("ia3", m.group(1), m.group(2), m.group(3), "")
     if kind is AdapterKind.BOTTLENECK and (m := _BOTTLENECK_RE.fullmatch(name)):
-        return TensorSlot("bottleneck", int(m.group(1)), m.group(2), f"{m.group(3)}.{m.group(4)}")
+        return TensorRole("bottleneck", int(m.group(1)), m.group(2), f"{m.group(3)}.{m.group(4)}")
     if kind in (AdapterKind.PREFIX_TUNING, AdapterKind.PROMPT_TUNING) and name == PROMPT_KEY:
-        return TensorSlot("prompt", -1, "", "")
+        return TensorRole("prompt", -1, "", "")
     return None
 
 
-def _module_slot(role: str, layer: str, parent: str, module: str, part: str) -> TensorSlot | None:
+def _module_slot(role: str, layer: str, parent: str, module: str, part: str) -> TensorRole | None:
     if MODULE_PARENT.get(module) != parent:
         return None
-    return TensorSlot(role, int(layer), module, part)
+    return TensorRole(role, int(layer), module, part)
 
 
 def module_path(layer: int, module: str) -> str:

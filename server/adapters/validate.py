@@ -21,10 +21,11 @@ import re
 from dataclasses import dataclass
 
 from server.adapters import formats, peft_variants
-from server.adapters.formats import AdapterKind, AdapterWeights, BaseModelShape, TensorSlot
+from server.adapters.formats import AdapterKind, AdapterWeights, BaseModelShape, TensorRole
 from lorafleet.archive import ArchiveError, ArchiveTooLarge, read_archive
 from server.adapters.safe_io import TensorHeader, load_json_object, load_tensors, read_safetensors_header
 from server.errors import DataLoss, FailedPrecondition, InvalidArgument, ResourceExhausted
+from server.kernels.activation import NAMES as ACTIVATIONS
 
 MiB = 1 << 20
 SHA256_RE = re.compile(r"[0-9a-f]{64}", re.ASCII)
@@ -207,9 +208,9 @@ def _check_bottleneck_config(cfg: dict, base: BaseModelShape, limits: AdapterLim
     if _field(cfg, "format_version", "int", 1) != 1:
         raise InvalidArgument(f"bottleneck format_version {cfg['format_version']} is not supported; expected 1")
     _count(cfg, "bottleneck_size", limits.max_rank, "bottleneck_size")
-    if _field(cfg, "activation", "str") not in formats.ACTIVATIONS:
+    if _field(cfg, "activation", "str") not in ACTIVATIONS:
         raise InvalidArgument(f"bottleneck activation {cfg['activation'][:20]!r} is not one of "
-                              f"{', '.join(formats.ACTIVATIONS)}")
+                              f"{', '.join(ACTIVATIONS)}")
     places = _field(cfg, "placement", "str_list")
     if not places or len(set(places)) != len(places) or not set(places) <= set(formats.PLACES):
         raise InvalidArgument("bottleneck placement must be a non-empty list of distinct 'attn' / 'mlp'")
@@ -299,7 +300,7 @@ def check_tensors(kind: AdapterKind, cfg: dict, header: dict[str, TensorHeader],
     _TENSOR_CHECKS[kind](cfg, groups, base, limits)
 
 
-def _group_key(slot: TensorSlot) -> tuple[int, str]:
+def _group_key(slot: TensorRole) -> tuple[int, str]:
     return (-1, slot.role) if slot.layer < 0 else (slot.layer, slot.module)
 
 

@@ -30,12 +30,12 @@ from dataclasses import dataclass
 import torch
 
 from server import kernels
+from server.kernels.activation import Activation
 from server.adapters.formats import LORA_FAMILY, AdapterKind, AdapterWeights, ClassificationHead
 from server.adapters.peft_variants import dora_scale
 from server.errors import FailedPrecondition
 from server.model.llama import LayerWeights, ModelArgs
 
-ACT_ID = {"relu": 0, "gelu": 1, "silu": 2}
 # each Llama linear -> (fused target of the forward, its position in that target's output)
 MODULE_TARGET = {"q_proj": ("qkv", 0), "k_proj": ("qkv", 1), "v_proj": ("qkv", 2), "o_proj": ("o", 0),
                  "gate_proj": ("gate_up", 0), "up_proj": ("gate_up", 1), "down_proj": ("down", 0)}
@@ -97,20 +97,20 @@ class AdapterSlots:
         self.out_slices = {t: [slice(a, a + o) for a, o in zip(starts[t], outs)]   # columns of each
                            for t, outs in self.out_dims.items()}                      # part of a fused output
 
-        def z(*shape: int) -> torch.Tensor:
+        def zeros(*shape: int) -> torch.Tensor:
             return torch.zeros(shape, device=device, dtype=dtype)
 
         def ones(*shape: int) -> torch.Tensor:
             return torch.ones(shape, device=device, dtype=dtype)
 
         L, widths = args.n_layers, {t: sum(outs) for t, outs in self.out_dims.items()}
-        self.lora = [{t: LoraStack(z(S, len(outs) * r, self.in_dims[t]),
-                                   [z(S, r, o).transpose(1, 2) for o in outs], [z(S) for _ in outs])
+        self.lora = [{t: LoraStack(zeros(S, len(outs) * r, self.in_dims[t]),
+                                   [zeros(S, r, o).transpose(1, 2) for o in outs], [zeros(S) for _ in outs])
                       for t, outs in self.out_dims.items()} for _ in range(L)]
-        self.dora = [{t: DoraScale(ones(S, w), z(S, w)) for t, w in widths.items()} for _ in range(L)]
+        self.dora = [{t: DoraScale(ones(S, w), zeros(S, w)) for t, w in widths.items()} for _ in range(L)]
         self.ia3 = [{t: Ia3Stack(ones(S, w), ones(S, self.in_dims[t]) if t in IA3_IN.values() else None)
                      for t, w in widths.items()} for _ in range(L)]
-        self.bn = [{p: BottleneckStack(z(S, r, d), z(S, r, d).transpose(1, 2), z(S, r), z(S, d))
+        self.bn = [{p: BottleneckStack(zeros(S, r, d), zeros(S, r, d).transpose(1, 2), zeros(S, r), zeros(S, d))
                     for p in ("attn", "mlp")} for _ in range(L)]
         self.lora_rank = torch.zeros(S, dtype=torch.long, device=device)
         self.bn_rank = torch.zeros(S, dtype=torch.long, device=device)
@@ -222,7 +222,7 @@ class AdapterSlots:
             if t.up_bias is not None:
                 st.bu[slot] = t.up_bias
         self.bn_rank[slot] = w.rank
-        self.bn_act[slot] = ACT_ID[acts.pop()]
+        self.bn_act[slot] = Activation.of(acts.pop())
 
     # ------------------------------------------------------------------ per step
     def step(self, token_slots: list[int], prompt_rows: list[tuple[int, int, int]]) -> "StepAdapters":

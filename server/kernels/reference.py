@@ -26,12 +26,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
+from server.kernels.activation import Activation
 from server.kernels.plan import AdapterPlan  # only .slots and .slot_ranks are read here
 
 NAME = "reference"
-ACTIVATIONS = {0: F.relu, 1: F.gelu, 2: F.silu}  # act id -> fn (gelu: exact erf)
 
 
 def _rows(plan: AdapterPlan) -> list[tuple[int, int, int]]:
@@ -116,7 +115,7 @@ def bottleneck(
         z = D[s, :r].float() @ h32
         if bd is not None:
             z = z + bd[s, :r].float()
-        out = U[s, :, :r].float() @ ACTIVATIONS[acts[s]](z)
+        out = U[s, :, :r].float() @ Activation(int(acts[s])).fn(z)
         if bu is not None:
             out = out + bu[s].float()
         h[t] = (h32 + out).to(h.dtype)
