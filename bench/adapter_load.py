@@ -8,7 +8,6 @@ Both are printed as ratios to one decode step (32 rows) of the default model, me
     .venv/bin/python bench/adapter_load.py [--repeats 5]
 """
 from __future__ import annotations
-from lorafleet.archive import archive_dir
 
 import argparse
 import statistics
@@ -23,7 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.mixed_adapters import make_peft  # noqa: E402
-from server.adapters.refs import parse_tenant_ref
+from lorafleet.archive import archive_dir  # noqa: E402
+from server.adapters.refs import parse_tenant_ref  # noqa: E402
 from server.config import ServerConfig  # noqa: E402
 from server.engine.batch import Segment, make_forward_batch  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402

@@ -12,7 +12,7 @@ DoRA cost <= 1.1x LoRA), and (c) again with 128 requests over 128 adapters.
     .venv/bin/python bench/mixed_adapters.py [--repeats 3] [--skip-128]
 """
 from __future__ import annotations
-from lorafleet.archive import archive_dir
+from lorafleet.archive import archive_dir  # noqa: E402
 
 import argparse
 import json
@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from server.adapters.refs import parse_tenant_ref
+from server.adapters.refs import parse_tenant_ref  # noqa: E402
 from server.adapters import formats  # noqa: E402
 from server.adapters.formats import BaseModelShape, BottleneckTarget  # noqa: E402
 from server.config import ServerConfig  # noqa: E402

@@ -139,6 +139,8 @@ def _check_lora_family_options(cfg: dict, what: str, unsupported: tuple[str, ...
     for key in unsupported:
         if cfg.get(key):
             raise InvalidArgument(f"{what} option {key} is not supported; it must be unset or false")
+    if isinstance(targets, str):
+        _check_target_regex(targets)
     if cfg.get("use_dora") and isinstance(targets, list):
         for t in targets:
             if t not in formats.LINEAR_MODULES and re.search(r"embed|lm_head|conv", t):
@@ -165,6 +167,24 @@ def _check_lora_config(cfg: dict, base: BaseModelShape, limits: AdapterLimits) -
         _count(ranks, key, limits.max_rank, f"LoRA rank_pattern[{key!r}]")
     for key in alphas:
         _field(alphas, key, "number")
+
+
+# modules of a Llama-family model that must never be adapter targets (PEFT matches with re.fullmatch)
+_NOT_TARGETS = ("model.embed_tokens", "lm_head", "model.norm", "model.layers.0.input_layernorm",
+                "model.layers.0.post_attention_layernorm", "model.layers.0.self_attn", "model.layers.0.mlp",
+                "model.layers.0.self_attn.rotary_emb", "model.layers.0.mlp.act_fn", "model.layers.0", "model")
+
+
+def _check_target_regex(pattern: str) -> None:
+    """target_modules as a regex string: a safe pattern that names only the linear modules."""
+    _check_pattern_key(pattern)
+    hits = [m for m in _NOT_TARGETS if re.fullmatch(pattern, m)]
+    if hits:
+        raise InvalidArgument(f"target_modules regex {pattern[:80]!r} also matches {hits[0]!r}; adapters are "
+                              f"served on the linear modules only ({', '.join(formats.LINEAR_MODULES)})")
+    if not any(re.fullmatch(pattern, formats.module_path(0, m)) for m in formats.LINEAR_MODULES):
+        raise InvalidArgument(f"target_modules regex {pattern[:80]!r} matches none of the linear modules "
+                              f"({', '.join(formats.LINEAR_MODULES)})")
 
 
 def _check_pattern_key(key: str) -> None:

@@ -1,7 +1,6 @@
 """Multi-tenant serving over real gRPC: keys, isolation, shared adapters, quotas, uploads,
 hot swap and delete under traffic, classification."""
 from __future__ import annotations
-from lorafleet.archive import archive_dir
 
 import hashlib
 import json
@@ -13,6 +12,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from lorafleet.archive import archive_dir
 from client import LoraFleetClient
 
 from lorafleet.v1 import lorafleet_pb2 as pb

@@ -5,7 +5,6 @@ get_peft_model), so a parse that drops or misplaces a tensor changes the numbers
 test process (lru_cache) under one temp directory; nothing is downloaded.
 """
 from __future__ import annotations
-from lorafleet.archive import archive_dir, make_archive
 
 import functools
 import io
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from lorafleet.archive import archive_dir, make_archive
 from server.adapters import formats
 from server.adapters.formats import BaseModelShape, BottleneckTarget, ClassificationHead
 from server.adapters.validate import AdapterLimits

@@ -1,7 +1,6 @@
 """Round trips: files written by the real `peft` (and by our bottleneck writer) parse into
 AdapterWeights whose numbers reproduce what PEFT itself computes."""
 from __future__ import annotations
-from lorafleet.archive import archive_dir, make_archive
 
 import json
 import math
@@ -10,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load, save
 
+from lorafleet.archive import archive_dir, make_archive
 from server.adapters import formats, validate
 from server.adapters.formats import AdapterKind, BaseModelShape
 from server.errors import InvalidArgument

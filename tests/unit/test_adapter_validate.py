@@ -1,6 +1,5 @@
 """Every validation rule, each with an input that tries to break it."""
 from __future__ import annotations
-from lorafleet.archive import make_archive
 
 import json
 import time
@@ -10,6 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lorafleet.archive import make_archive
 from server.adapters import formats, safe_io, validate
 from server.adapters.formats import AdapterKind
 from server.adapters.refs import parse_ref, validate_name
@@ -342,3 +342,16 @@ def test_dora_is_not_a_peft_type():
 def test_adalora_module_pruned_to_rank_zero_is_no_delta():
     w = parse(variant_archive("adalora"))
     assert (1, "v_proj") not in w.lora and (0, "v_proj") in w.lora
+
+
+@pytest.mark.parametrize("regex, ok", [(".*", False), (r"model\.embed_tokens|.*q_proj", False), ("lm_head", False),
+                                       (r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)", True),
+                                       ("(a+)+$", False), ("nothing_here", False)])
+def test_target_modules_regex_names_only_linear_modules(regex, ok):
+    """Issue 16: target_modules '.*' (every module, embeddings included) was accepted."""
+    archive = with_config(peft_archive("lora"), target_modules=regex)
+    if ok:
+        assert parse(archive).kind is AdapterKind.LORA
+    else:
+        with pytest.raises(InvalidArgument, match="target_modules regex|pattern key"):
+            parse(archive)
