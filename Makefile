@@ -17,7 +17,7 @@ help:
 	@echo "make proto   regenerate the gRPC stubs from proto/"
 	@echo "make demo    train two adapters for two tenants, serve both, send one mixed batch"
 	@echo "make loadtest  run locust against a fresh server (ARGS='--duration 30 --users 32')"
-	@echo "make setup-ops install Prometheus/promtool (Debian package) for the metrics tests"
+	@echo "make setup-ops install Prometheus/promtool and HAProxy (Debian packages) for the metrics and fleet tests"
 	@echo "make gpu-wheels  (with a network) fetch the wheels a GPU machine without one lacks into $(GPU_WHEELS)/"
 	@echo "make gpu-check   (on the GPU machine) kernels, parity and benches on CUDA; report in \$$OUT or gpu-report/"
 
@@ -31,11 +31,11 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# the real Prometheus server and promtool, for the scrape test (Debian's package)
+# the real Prometheus server and promtool (the scrape test) and HAProxy (the fleet test): Debian's packages
 setup-ops:
-	@command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || { \
+	@command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 && { command -v haproxy || test -x /usr/sbin/haproxy; } >/dev/null 2>&1 || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus; }
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus haproxy; }
 
 $(PROTO_OUT): $(PROTO_SRC) $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto --grpc_python_out=proto $(PROTO_SRC)

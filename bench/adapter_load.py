@@ -31,7 +31,7 @@ from server.engine.engine import Engine  # noqa: E402
 from server.engine.sampling import SamplingParams  # noqa: E402
 from server.engine.sequence import Sequence  # noqa: E402
 from server.main import build_adapters, keep_freed_memory  # noqa: E402
-from server.model.default import ensure_default_model  # noqa: E402
+from server.model.default import resolve_model  # noqa: E402
 from server.model.loader import load_model  # noqa: E402
 
 
@@ -43,7 +43,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     keep_freed_memory()                       # as the server does (server/main.py)
     work = Path(tempfile.mkdtemp(prefix="lorafleet-load-"))
-    base_dir = ensure_default_model(Path(tempfile.gettempdir()) / "lorafleet-bench", "default")
+    base_dir = resolve_model("random-512", Path(tempfile.gettempdir()) / "lorafleet-bench")
     loaded = load_model(base_dir, torch.device("cpu"), torch.float32)
     m = loaded.model
     _store, serving = build_adapters(ServerConfig(data_dir=work / "store", adapter_slots=8, max_adapter_rank=16),

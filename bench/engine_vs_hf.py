@@ -23,7 +23,7 @@ from server.engine.engine import Engine  # noqa: E402
 from server.engine.sampling import SamplingParams  # noqa: E402
 from server.engine.sequence import FinishEvent, Sequence  # noqa: E402
 from server.main import keep_freed_memory  # noqa: E402
-from server.model.default import ensure_default_model  # noqa: E402
+from server.model.default import resolve_model  # noqa: E402
 from server.model.loader import load_model  # noqa: E402
 
 
@@ -67,7 +67,7 @@ def main() -> None:
     keep_freed_memory()                       # as the server does (server/main.py)
     from transformers import LlamaForCausalLM
 
-    model_dir = ensure_default_model(Path(tempfile.gettempdir()) / "lorafleet-bench", "default")
+    model_dir = resolve_model("random-512", Path(tempfile.gettempdir()) / "lorafleet-bench")
     loaded = load_model(model_dir, torch.device("cpu"), torch.float32)
     hf = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None

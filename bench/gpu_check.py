@@ -90,11 +90,11 @@ def parity(args: argparse.Namespace, dtype: torch.dtype) -> dict:
 
     from server.engine.batch import Segment, make_forward_batch
     from server.engine.kv_cache import KVCache
-    from server.model.default import ensure_default_model
+    from server.model.default import resolve_model
     from server.model.loader import load_model
 
     dev = torch.device(args.device)
-    model_dir = ensure_default_model(Path(tempfile.gettempdir()) / "lorafleet-gpu-check", "tiny")
+    model_dir = resolve_model("tiny", Path(tempfile.gettempdir()) / "lorafleet-gpu-check")
     model = load_model(model_dir, dev, dtype).model
     hf = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(dev).eval()
     g = torch.Generator().manual_seed(0)

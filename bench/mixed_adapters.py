@@ -34,7 +34,7 @@ from server.engine.engine import Engine  # noqa: E402
 from server.engine.sampling import SamplingParams  # noqa: E402
 from server.engine.sequence import FinishEvent, Sequence  # noqa: E402
 from server.main import build_adapters, keep_freed_memory  # noqa: E402
-from server.model.default import ensure_default_model  # noqa: E402
+from server.model.default import resolve_model  # noqa: E402
 from server.model.loader import load_model  # noqa: E402
 
 TENANT = "bench"
@@ -106,7 +106,7 @@ def main() -> None:
     from transformers import LlamaForCausalLM
 
     work = Path(tempfile.mkdtemp(prefix="lorafleet-mixed-"))
-    base_dir = ensure_default_model(Path(tempfile.gettempdir()) / "lorafleet-bench", "default")
+    base_dir = resolve_model("random-512", Path(tempfile.gettempdir()) / "lorafleet-bench")
     loaded = load_model(base_dir, torch.device("cpu"), torch.float32)
     n_adapters = 32 if args.skip_128 else 128
     cfg = ServerConfig(data_dir=work / "store", adapter_slots=n_adapters, max_adapter_rank=16)

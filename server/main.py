@@ -23,13 +23,14 @@ from server.adapters.store import AdapterStore
 from server.adapters.validate import AdapterLimits
 from server.api.adapters_service import AdaptersService
 from server.api.auth import Authenticator, AuthInterceptor, Quotas, keys_main
+from server.api.common import MalformedRequestInterceptor
 from server.api.service import Draining, Generation, InferenceService, TenantLimiter
 from server.config import ServerConfig, config_from_args
 from server.engine.adapter_slots import AdapterSlots
 from server.engine.engine import AdapterServing, Engine
 from server.http.door import HttpDoor
 from server.http.openai import OpenAIApp
-from server.model.default import ensure_default_model
+from server.model.default import resolve_model
 from server.model.loader import LoadedModel, ModelLoadError, load_model
 
 log = logging.getLogger("lorafleet")
@@ -62,7 +63,7 @@ def pick_device(cfg: ServerConfig) -> tuple[torch.device, torch.dtype]:
 def load(cfg: ServerConfig) -> LoadedModel:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model_dir = cfg.model_dir or ensure_default_model(cfg.cache_dir, cfg.default_model)
+    model_dir = resolve_model(cfg.model or None, cfg.cache_dir)
     device, dtype = pick_device(cfg)
     try:
         kernels.configure(cfg.kernels)
@@ -94,7 +95,7 @@ def build_adapters(cfg: ServerConfig, loaded: LoadedModel) -> tuple[AdapterStore
 
 def build_engine(cfg: ServerConfig, loaded: LoadedModel, adapters: AdapterServing | None) -> Engine:
     return Engine(loaded, cfg.max_batch_size, cfg.max_context_tokens, cfg.max_queued_requests,
-                  cfg.max_prefill_tokens, adapters)
+                  cfg.max_prefill_tokens, adapters, cfg.decode_prefill_tokens)
 
 
 @dataclass
@@ -138,7 +139,7 @@ async def start(cfg: ServerConfig, loaded: LoadedModel) -> RunningServer:
     opts = [("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes)]
     # a backstop below our own queue: excess calls are refused by gRPC before any Python handler runs
-    server = grpc.aio.server(options=opts, interceptors=[AuthInterceptor(auth)],
+    server = grpc.aio.server(options=opts, interceptors=[AuthInterceptor(auth), MalformedRequestInterceptor()],
                              maximum_concurrent_rpcs=cfg.max_queued_requests + cfg.max_batch_size + 64)
     draining = Draining()
     generation = Generation(cfg, engine, draining, adapters.registry, TenantLimiter(engine))

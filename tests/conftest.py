@@ -12,8 +12,8 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from server.model.default import ensure_default_model
-    return ensure_default_model(tmp_path_factory.mktemp("models"), "tiny")
+    from server.model.default import resolve_model
+    return resolve_model("tiny", tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="session")

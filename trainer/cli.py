@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--labels", type=_csv, default=(), metavar="A,B,...",
                    help="cls: label names in head order (default: the sorted labels of the training data)")
     g.add_argument("--base", type=Path, metavar="DIR",
-                   help="base model directory (default: the embedded default model)")
+                   help="base model directory (default: the server's default, SmolLM2-135M-Instruct, converted once)")
     g.add_argument("--out", type=Path, required=True, metavar="DIR",
                    help="adapter output directory (also holds checkpoints/ and metrics.jsonl)")
     g = p.add_argument_group("LoRA / IA3")
@@ -140,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(a: argparse.Namespace) -> TrainConfig:
     base = a.base
     if base is None:
-        from server.model.default import ensure_default_model
-        base = ensure_default_model(DEFAULT_MODELS, "default")
+        from server.model.default import resolve_model
+        base = resolve_model(None, DEFAULT_MODELS)        # SmolLM2-135M-Instruct, as the server serves
     return TrainConfig(
         method=a.method, task=a.task, data=tuple(a.data), out=a.out, base=base, eval_path=a.eval_path,
         eval_fraction=a.eval_fraction, labels=a.labels, rank=a.rank, alpha=a.alpha, rslora=a.rslora,

@@ -3,25 +3,29 @@
 Layout under `root` (every path component from user text has passed validate_name first):
   adapters/<tenant>/<name>/v<N>/adapter.zip   the upload archive, byte for byte
   adapters/<tenant>/<name>/v<N>/meta.json     {"kind", "sha256", "size", "created", "version"}
-  adapters/<tenant>/<name>/.hwm               highest version ever given to this name (kept across delete)
-  tmp/        uploads in progress and staged versions (same filesystem; emptied by scan())
-  trash/      deleted adapters still held by in-flight requests (emptied by scan())
+  versions/<tenant>/<name>.hwm|.lock  version high-water mark and lock (see version_marks.py)
+  tmp/        uploads in progress and staged versions (same filesystem; emptied by scan() when no
+              other process has the store open)
+  trash/      deleted adapters still held by in-flight requests (emptied likewise)
   quarantine/ versions that failed verification at scan(), moved aside with a WARNING log line
 
 A version appears only by one rename of a fully written, fsynced, validated directory, so a failed
 or interrupted upload leaves nothing in adapters/. Versions are never reused for a name, even after
-delete, so "tenant/name@N" always names the same bytes.
+delete or quarantine, and even when several replicas share the store (version_marks.py). (Stores
+written before the marks existed kept `adapters/<t>/<n>/.hwm`, only on delete; it is still read.)
+"tenant/name@N" therefore always names the same bytes.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
-import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -31,10 +35,11 @@ from server.adapters.safe_io import load_json_object
 from server.adapters.refs import AdapterKey
 from server.adapters.validate import (NAME_RE, VERSION_RE, AdapterLimits, check_sha256, parse_upload,
                                       validate_name, validate_sha256)
+from server.adapters.version_marks import VersionMarks, fsync_dir
 from server.errors import DataLoss, FailedPrecondition, InvalidArgument, LoraFleetError, NotFound, ResourceExhausted
 
 log = logging.getLogger(__name__)
-ARCHIVE, META, HWM = "adapter.zip", "meta.json", ".hwm"
+ARCHIVE, META, HWM = "adapter.zip", "meta.json", ".hwm"  # HWM: the legacy mark inside a name directory
 
 
 @dataclass(frozen=True)
@@ -72,14 +77,6 @@ class DeletedAdapter:
     name: str
     versions: tuple[int, ...]
     trash: Path  # holds v<N>/ directories until purge()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_synced(path: Path, data: bytes) -> None:
@@ -163,13 +160,23 @@ class Upload:
 
 
 class AdapterStore:
-    """Thread-safe: uploads stream in parallel; publishing and deleting take one lock."""
+    """Thread- and process-safe: uploads stream in parallel; publishing and deleting take the name's
+    lock (an flock, so replicas sharing one directory exclude each other too)."""
 
     def __init__(self, root: Path, base: BaseModelShape, limits: AdapterLimits) -> None:
         self.root, self.base, self.limits = Path(root), base, limits
-        for sub in ("adapters", "tmp", "trash", "quarantine"):
+        for sub in ("adapters", "versions", "tmp", "trash", "quarantine"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
+        self._marks = VersionMarks(self.root / "versions", self.root / "tmp")
+        # presence: a shared flock on the root directory while this store is open (every replica of
+        # a shared store holds one); scan() empties tmp/ and trash/ only when it can take it exclusively
+        self._presence = os.open(self.root, os.O_RDONLY)
+        fcntl.flock(self._presence, fcntl.LOCK_SH)
+        self._closer = weakref.finalize(self, os.close, self._presence)
+
+    def close(self) -> None:
+        """Drop this store's presence (what the kernel does when the process dies)."""
+        self._closer()
 
     # ------------------------------------------------------------ writes
 
@@ -179,7 +186,7 @@ class AdapterStore:
         validate_name(tenant, "tenant name")
         validate_name(name, "adapter name")
         if sha256 is not None:
-            validate_sha256(sha256)
+            sha256 = validate_sha256(sha256)          # hex digits in either case; kept lowercase
         if not isinstance(declared_size, int) or isinstance(declared_size, bool) or declared_size < 1:
             raise InvalidArgument(f"declared upload size must be a positive integer, got {declared_size!r}")
         if declared_size > self.limits.max_archive_bytes:
@@ -199,57 +206,51 @@ class AdapterStore:
         stage.mkdir()
         try:
             os.rename(part, stage / ARCHIVE)
-            with self._lock:
-                name_dir = self._name_dir(tenant, name)
+            name_dir = self._name_dir(tenant, name)
+            with self._marks.lock(tenant, name):
                 self._make_dirs(name_dir)
-                version = self._next_version(name_dir)
+                before = self._marks.read(tenant, name, name_dir / HWM)
+                version = max([*self._dir_versions(name_dir), before]) + 1
+                self._marks.set(tenant, name, version)  # durable before v<N> exists: N is never handed out again
                 info = AdapterInfo(tenant, name, version, kind, sha256, size, time.time())
-                meta = {"kind": kind.value, "sha256": sha256, "size": size, "created": info.created,
-                        "version": version}
-                _write_synced(stage / META, json.dumps(meta).encode())
-                _fsync_dir(stage)
-                os.rename(stage, name_dir / f"v{version}")
-                _fsync_dir(name_dir)
+                try:
+                    self._place(stage, name_dir, info)
+                except BaseException:
+                    if not (name_dir / f"v{version}").exists():  # nobody saw N: give it back (a kill -9 burns it)
+                        self._marks.set(tenant, name, before)
+                    raise
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
             raise
         return info
 
+    @staticmethod
+    def _place(stage: Path, name_dir: Path, info: AdapterInfo) -> None:
+        """Write meta.json into the staged directory and publish it as v<N> by one rename."""
+        meta = {"kind": info.kind.value, "sha256": info.sha256, "size": info.size, "created": info.created,
+                "version": info.version}
+        _write_synced(stage / META, json.dumps(meta).encode())
+        fsync_dir(stage)
+        os.rename(stage, name_dir / f"v{info.version}")
+        fsync_dir(name_dir)
+
     def _make_dirs(self, path: Path) -> None:
         missing = [p for p in (path.parent, path) if not p.exists()]
         for p in missing:
             p.mkdir(exist_ok=True)
-            _fsync_dir(p.parent)
-
-    def _next_version(self, name_dir: Path) -> int:
-        return max([*self._dir_versions(name_dir), self._read_hwm(name_dir)]) + 1
-
-    def _read_hwm(self, name_dir: Path) -> int:
-        try:
-            text = (name_dir / HWM).read_text()[:12]
-        except FileNotFoundError:
-            return 0
-        return int(text) if VERSION_RE.fullmatch(text) else 0
-
-    def _write_hwm(self, name_dir: Path, version: int) -> None:
-        tmp = self.root / "tmp" / f"{uuid.uuid4().hex}.hwm"
-        _write_synced(tmp, str(version).encode())
-        os.replace(tmp, name_dir / HWM)
-        _fsync_dir(name_dir)
+            fsync_dir(p.parent)
 
     def delete(self, tenant: str, name: str) -> DeletedAdapter:
         """Remove every version of a name from the store (moved to trash/ until purge()). NotFound if none."""
         name_dir = self._name_dir(tenant, name)
-        with self._lock:
+        with self._marks.lock(tenant, name):
             versions = tuple(self._dir_versions(name_dir))
             if not versions:
                 raise NotFound(f"adapter {name!r} not found")
-            high = max(versions[-1], self._read_hwm(name_dir))
+            self._marks.raise_to(tenant, name, versions[-1], name_dir / HWM)  # a no-op unless the store predates the mark
             trash = self.root / "trash" / uuid.uuid4().hex
             os.rename(name_dir, trash)
-            name_dir.mkdir()
-            self._write_hwm(name_dir, high)
-            _fsync_dir(name_dir.parent)
+            fsync_dir(name_dir.parent)
         return DeletedAdapter(tenant, name, versions, trash)
 
     def purge(self, deleted: DeletedAdapter) -> None:
@@ -333,14 +334,30 @@ class AdapterStore:
 
     # ------------------------------------------------------------ start-up
 
+    def _sweep(self) -> None:
+        """Empty tmp/ and trash/ (what killed processes left) if no other process has this store
+        open: another replica's uploads in progress and deleted-but-in-use versions live there too.
+        Call before this store writes anything (the lock is re-taken, not converted atomically)."""
+        try:
+            fcntl.flock(self._presence, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # others are live (or the filesystem cannot tell): keep the leftovers
+            fcntl.flock(self._presence, fcntl.LOCK_SH)
+            log.info("adapter store %s is open in another process: tmp/ and trash/ kept", self.root)
+            return
+        try:
+            for sub in ("tmp", "trash"):
+                for p in (self.root / sub).iterdir():
+                    if _is_real_dir(p):
+                        shutil.rmtree(p)
+                    else:
+                        p.unlink()
+        finally:
+            fcntl.flock(self._presence, fcntl.LOCK_SH)
+
     def scan(self) -> ScanReport:
-        """Empty tmp/ and trash/, re-verify every version; quarantine the corrupt, serve the rest."""
-        for sub in ("tmp", "trash"):
-            for p in (self.root / sub).iterdir():
-                if _is_real_dir(p):
-                    shutil.rmtree(p)
-                else:
-                    p.unlink()
+        """Empty tmp/ and trash/ (unless shared with a live process), re-verify every version;
+        quarantine the corrupt, serve the rest."""
+        self._sweep()
         served: list[AdapterInfo] = []
         quarantined: list[tuple[str, str]] = []
         unfit: list[tuple[str, str]] = []
@@ -369,6 +386,7 @@ class AdapterStore:
         if not _is_store_dir(name_dir):
             yield name_dir, InvalidArgument("unexpected entry in the store"), None
             return
+        self._cover_versions(tenant, name_dir.name)
         for vdir in sorted(name_dir.iterdir()):
             if vdir.name == HWM:
                 continue
@@ -382,6 +400,15 @@ class AdapterStore:
                 yield vdir, e, None
                 continue
             yield vdir, None, info
+
+    def _cover_versions(self, tenant: str, name: str) -> None:
+        """Raise the mark over every version on disk before any may be quarantined: a store written
+        before the mark existed then never hands out a quarantined number again."""
+        name_dir = self._name_dir(tenant, name)
+        versions = self._dir_versions(name_dir)
+        if versions and versions[-1] > self._marks.read(tenant, name, name_dir / HWM):
+            with self._marks.lock(tenant, name):
+                self._marks.raise_to(tenant, name, versions[-1], name_dir / HWM)
 
     def _quarantine(self, path: Path, reason: str) -> None:
         rel = path.relative_to(self.root / "adapters")

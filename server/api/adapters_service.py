@@ -46,6 +46,9 @@ class AdaptersService(pb_grpc.AdaptersServicer):
                  store: AdapterStore, engine: Engine, draining: Draining):
         self.cfg, self.auth, self.registry, self.store = cfg, auth, registry, store
         self.engine, self.draining = engine, draining
+        # uploads in flight, reserved against quota at their start (event loop only, so a check and
+        # its reservation are one atomic step): tenant -> upload token -> (name, declared bytes)
+        self._reserved: dict[str, dict[object, tuple[str, int]]] = {}
 
     def _info(self, info: AdapterInfo, detail: bool = False) -> pb.AdapterInfo:
         shared = info.tenant == SHARED_TENANT
@@ -62,20 +65,35 @@ class AdaptersService(pb_grpc.AdaptersServicer):
                 msg.labels.extend(w.head.labels)
         return msg
 
-    def _check_quota(self, tenant: str, name: str, size: int, principal: Principal) -> None:
+    def _reserve_quota(self, tenant: str, name: str, size: int, principal: Principal) -> object:
+        """Check the quota counting uploads still in flight, and reserve this one (no await in
+        between: concurrent uploads cannot all pass the same check). `_release_quota` settles it."""
         if size > self.cfg.max_adapter_bytes:
             raise ResourceExhausted(f"the upload declares {size} bytes; this server accepts at most "
                                     f"{self.cfg.max_adapter_bytes} per adapter")
+        token = object()
         if tenant == SHARED_TENANT:
-            return
+            return token
         usage, q = self.store.usage(tenant), principal.quotas
-        if name not in {i.name for i in self.registry.list(tenant)} and usage.adapters >= q.max_adapters:
-            raise QuotaExceeded(f"tenant {tenant!r} stores {usage.adapters} adapters; "
+        pending = self._reserved.setdefault(tenant, {})
+        names = {i.name for i in self.registry.list(tenant)}
+        adapters = len(names | {n for n, _ in pending.values()})
+        if name not in names and adapters >= q.max_adapters:
+            raise QuotaExceeded(f"tenant {tenant!r} stores {adapters} adapters (uploads in progress included); "
                                 f"quota max_adapters={q.max_adapters}", f"tenant:{tenant}", "max_adapters")
-        if usage.bytes + size > q.max_adapter_bytes:
-            raise QuotaExceeded(f"tenant {tenant!r} stores {usage.bytes} bytes; this upload of {size} "
-                                f"would pass quota max_adapter_bytes={q.max_adapter_bytes}",
+        used = usage.bytes + sum(b for _, b in pending.values())
+        if used + size > q.max_adapter_bytes:
+            raise QuotaExceeded(f"tenant {tenant!r} stores {used} bytes (uploads in progress included); this "
+                                f"upload of {size} would pass quota max_adapter_bytes={q.max_adapter_bytes}",
                                 f"tenant:{tenant}", "max_adapter_bytes")
+        pending[token] = (name, size)
+        return token
+
+    def _release_quota(self, tenant: str, token: object) -> None:
+        pending = self._reserved.get(tenant, {})
+        pending.pop(token, None)
+        if not pending:
+            self._reserved.pop(tenant, None)
 
     @unary("UploadAdapter", on_error=_count_failed_upload)
     async def UploadAdapter(self, request_iterator, context):
@@ -94,17 +112,20 @@ class AdaptersService(pb_grpc.AdaptersServicer):
         if m.total_bytes == 0:
             raise InvalidArgument("metadata.total_bytes must be the archive's size in bytes")
         kind = requests.adapter_kind(m.kind)
-        self._check_quota(target.tenant, target.name, m.total_bytes, principal)
-        up = self.registry.begin_upload(target.tenant, target.name, m.total_bytes, m.sha256 or None, kind)
+        token = self._reserve_quota(target.tenant, target.name, m.total_bytes, principal)
         try:
-            async for msg in request_iterator:
-                if not msg.HasField("chunk"):
-                    raise InvalidArgument("after the metadata, every UploadAdapter message carries a chunk")
-                up.write(msg.chunk)
-            info = await asyncio.to_thread(up.commit)
-        except BaseException:
-            up.abort()
-            raise
+            up = self.registry.begin_upload(target.tenant, target.name, m.total_bytes, m.sha256 or None, kind)
+            try:
+                async for msg in request_iterator:
+                    if not msg.HasField("chunk"):
+                        raise InvalidArgument("after the metadata, every UploadAdapter message carries a chunk")
+                    up.write(msg.chunk)
+                info = await asyncio.to_thread(up.commit)
+            except BaseException:
+                up.abort()
+                raise
+        finally:
+            self._release_quota(target.tenant, token)
         metrics.UPLOADS.labels("ok").inc()
         return await asyncio.to_thread(self._info, info, True)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from typing import AsyncIterator, Awaitable, Callable
 
 import grpc
@@ -118,3 +119,88 @@ def streaming(method: str):
             metrics.REQUESTS.labels(method, "OK", "grpc").inc()
         return handler
     return wrap
+
+
+class _Malformed:
+    """Stands in for a request message whose bytes did not parse."""
+
+    def __init__(self, err: Exception) -> None:
+        self.err = err
+
+
+class RateLimitedLog:
+    """At most one log line per `interval` seconds; the lines held back are counted in the next."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval, self.last, self.held = interval, float("-inf"), 0
+
+    def warning(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            self.held += 1
+            return
+        suffix = f" (+{self.held} more since the last line)" if self.held else ""
+        self.last, self.held = now, 0
+        log.warning(message + suffix, *args)
+
+
+MALFORMED_LOG = RateLimitedLog()
+
+
+def _malformed_message(method: str, err: Exception) -> str:
+    return (f"the request bytes are not a valid {method.rsplit('/', 1)[-1]} message "
+            f"({type(err).__name__}: {str(err)[:120]}); send a protobuf message built from lorafleet.proto")
+
+
+class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
+    """Request bytes that do not parse (invalid UTF-8 in a string field, truncation) answer
+    INVALID_ARGUMENT with one rate-limited log line, instead of gRPC's UNKNOWN/INTERNAL and a
+    traceback per call: the handler sees the parse error as a domain error."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse, method = handler.request_deserializer, details.method
+
+        def safe(data: bytes):
+            try:
+                return parse(data)
+            except Exception as err:  # noqa: BLE001 - any parse failure is the caller's
+                return _Malformed(err)
+
+        def refuse(request: _Malformed) -> None:
+            MALFORMED_LOG.warning("%s: malformed request refused (%s)", method, type(request.err).__name__)
+            raise e.InvalidArgument(_malformed_message(method, request.err))
+
+        out = handler.response_serializer
+        if handler.unary_unary:
+            async def unary_unary(request, context):
+                if isinstance(request, _Malformed):
+                    await _refuse_now(context, method, refuse, request)
+                return await handler.unary_unary(request, context)
+            return grpc.unary_unary_rpc_method_handler(unary_unary, safe, out)
+        if handler.unary_stream:
+            async def unary_stream(request, context):
+                if isinstance(request, _Malformed):
+                    await _refuse_now(context, method, refuse, request)
+                async for msg in handler.unary_stream(request, context):
+                    yield msg
+            return grpc.unary_stream_rpc_method_handler(unary_stream, safe, out)
+        if handler.stream_unary:
+            async def stream_unary(request_iterator, context):
+                async def checked():
+                    async for request in request_iterator:
+                        if isinstance(request, _Malformed):
+                            refuse(request)
+                        yield request
+                return await handler.stream_unary(checked(), context)
+            return grpc.stream_unary_rpc_method_handler(stream_unary, safe, out)
+        return handler
+
+
+async def _refuse_now(context, method: str, refuse, request: _Malformed) -> None:
+    try:
+        refuse(request)
+    except e.InvalidArgument as err:
+        await abort(context, method.rsplit("/", 1)[-1], err)

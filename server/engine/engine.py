@@ -62,13 +62,14 @@ class StepStats:
 
 class Engine:
     def __init__(self, loaded: LoadedModel, max_batch_size: int, max_context_tokens: int,
-                 max_queued: int, max_prefill_tokens: int, adapters: AdapterServing | None = None):
+                 max_queued: int, max_prefill_tokens: int, adapters: AdapterServing | None = None,
+                 decode_prefill_tokens: int | None = None):
         self.loaded = loaded
         self.adapters = adapters
         self.model = loaded.model
         self.kv = KVCache(self.model.args, max_batch_size, max_context_tokens, self.model.device,
                           self.model.dtype)
-        self.scheduler = Scheduler(self.kv, max_batch_size, max_prefill_tokens)
+        self.scheduler = Scheduler(self.kv, max_batch_size, max_prefill_tokens, decode_prefill_tokens)
         self.max_queued = max_queued
         self._inbox: queue.SimpleQueue[Sequence | None] = queue.SimpleQueue()
         self._pending: Counter[str] = Counter()   # tenant -> submitted, not yet admitted

@@ -2,18 +2,29 @@
 
 The scheduler decides; it never touches tensors. Slots are plain ints from the KV allocator.
 Between two steps, waiting sequences are admitted into free slots and finished ones leave.
-Admission is round-robin over tenants (FIFO within a tenant), so one tenant's backlog
-cannot starve another tenant's request; a sequence whose adapter cannot be made resident
-now (every adapter slot pinned) stays queued without blocking other tenants.
+Fairness between tenants, at three places:
+  admission   round-robin over tenants (FIFO within a tenant); while other tenants wait, a
+              tenant may not take the slots kept for them (one per waiting tenant, up to a quarter
+              of the slots), so one tenant's burst cannot hold every KV slot;
+  prefill     chunks are handed out round-robin over tenants, each tenant's share of the step's
+              budget at most an equal part, so a short prompt is not queued behind a long one;
+  budget      a step that carries decode rows takes at most `decode_prefill_tokens` prompt tokens
+              (the rest: `max_prefill_tokens`), so running decodes keep their pace while long
+              prompts and classification batches are prefilled beside them (chunked prefill).
+A sequence whose adapter cannot be made resident now (every adapter slot pinned) stays queued
+without blocking other tenants.
 """
 from __future__ import annotations
 
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol
 
 from server.engine.sequence import Sequence
+
+
+MIN_PREFILL_CHUNK = 16      # a tenant's prefill share never drops below this many tokens a step
 
 
 class SlotAllocator(Protocol):
@@ -56,11 +67,10 @@ class FairQueue:
 
     def rounds(self) -> Iterator[Sequence]:
         """Candidates in fair order: each tenant's head, then each tenant's second, ..."""
-        queues = [list(q) for q in self._by_tenant.values()]
-        for depth in range(max((len(q) for q in queues), default=0)):
-            for q in queues:
-                if depth < len(q):
-                    yield q[depth]
+        return _round_robin([list(q) for q in self._by_tenant.values()])
+
+    def tenants(self) -> list[str]:
+        return list(self._by_tenant)
 
     def rotate(self, tenant: str) -> None:
         """Move a tenant that was just served to the back of the round."""
@@ -69,10 +79,12 @@ class FairQueue:
 
 
 class Scheduler:
-    def __init__(self, slots: SlotAllocator, max_batch_size: int, max_prefill_tokens: int):
+    def __init__(self, slots: SlotAllocator, max_batch_size: int, max_prefill_tokens: int,
+                 decode_prefill_tokens: int | None = None):
         self.slots = slots
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
+        self.decode_prefill_tokens = min(max_prefill_tokens, decode_prefill_tokens or max_prefill_tokens)
         self.waiting = FairQueue()
         self.running: list[Sequence] = []
 
@@ -101,11 +113,14 @@ class Scheduler:
         """Move waiting sequences into free KV slots in fair order. `make_ready(seq)` makes
         the sequence's adapter resident (False: not possible now; the sequence keeps waiting)."""
         admitted, now = [], time.monotonic()
+        running = Counter(s.tenant for s in self.running)
         for seq in self.waiting.rounds():
             if seq.cancelled or (seq.deadline is not None and now > seq.deadline):
                 continue                      # reaped before the next step; never admitted
             if len(self.running) >= self.max_batch_size:
                 break
+            if running[seq.tenant] >= self._tenant_cap(seq.tenant):
+                continue
             slot = self.slots.allocate()
             if slot is None:
                 break
@@ -116,20 +131,40 @@ class Scheduler:
             self.waiting.rotate(seq.tenant)
             seq.kv_slot, seq.admitted_at = slot, now
             self.running.append(seq)
+            running[seq.tenant] += 1
             admitted.append(seq)
         return admitted
 
+    def _tenant_cap(self, tenant: str) -> int:
+        """KV slots `tenant` may hold now: all, less one per other tenant waiting (at most a quarter)."""
+        others = sum(1 for t in self.waiting.tenants() if t != tenant)
+        return self.max_batch_size - min(others, self.max_batch_size // 4)
+
     def schedule(self) -> list[Scheduled]:
-        """This step's work: one token for every decoding sequence, then prefill chunks
-        within the prefill token budget, in admission order."""
-        out, budget = [], self.max_prefill_tokens
+        """This step's work: one token for every decoding sequence, then prefill chunks within
+        the step's prefill budget, round-robin over tenants (admission order within one)."""
+        out = []
         for seq in sorted(self.running, key=lambda s: s.kv_slot):   # consecutive slots: no KV gather
             if not seq.in_prefill:
                 ids, pos = seq.next_tokens(1)
                 out.append(Scheduled(seq, ids, pos, True))
+        budget = self.decode_prefill_tokens if out else self.max_prefill_tokens
+        by_tenant: dict[str, list[Sequence]] = {}
         for seq in self.running:
-            if seq.in_prefill and budget > 0:
-                ids, pos = seq.next_tokens(budget)
-                budget -= len(ids)
-                out.append(Scheduled(seq, ids, pos, pos + len(ids) == seq.kv_offset + len(seq.prompt_ids)))
+            if seq.in_prefill:
+                by_tenant.setdefault(seq.tenant, []).append(seq)
+        share = max(MIN_PREFILL_CHUNK, budget // max(1, len(by_tenant)))
+        for seq in _round_robin(list(by_tenant.values())):
+            if budget <= 0:
+                break
+            ids, pos = seq.next_tokens(min(budget, share))
+            budget -= len(ids)
+            out.append(Scheduled(seq, ids, pos, pos + len(ids) == seq.kv_offset + len(seq.prompt_ids)))
         return out
+
+
+def _round_robin(queues: list[list[Sequence]]) -> Iterator[Sequence]:
+    for depth in range(max((len(q) for q in queues), default=0)):
+        for q in queues:
+            if depth < len(q):
+                yield q[depth]

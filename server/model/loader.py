@@ -1,6 +1,7 @@
 """Read a local Hugging Face Llama-family directory: config.json, *.safetensors, tokenizer.json.
 
-Never a hub id, never pickle: a directory without safetensors weights is refused.
+Only a local directory, never pickle: a directory without safetensors weights is refused.
+GGUF files and hub ids become such directories first (`default.resolve_model`).
 """
 from __future__ import annotations
 
@@ -80,24 +81,47 @@ def read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def eos_ids(model_dir: Path, cfg: dict) -> frozenset[int]:
-    ids = cfg.get("eos_token_id")
-    gen = model_dir / "generation_config.json"
-    if gen.is_file() and gen.stat().st_size < MAX_CONFIG_BYTES:
-        ids = json.loads(gen.read_text()).get("eos_token_id", ids)
-    if ids is None:
-        return frozenset()
-    return frozenset(ids if isinstance(ids, list) else [ids])
+def _small_json(path: Path) -> dict:
+    if not path.is_file() or path.stat().st_size > MAX_CONFIG_BYTES:
+        return {}
+    data = json.loads(path.read_text())
+    return data if isinstance(data, dict) else {}
+
+
+def _ids(value) -> set[int]:
+    if value is None:
+        return set()
+    return {int(v) for v in (value if isinstance(value, list) else [value])}
+
+
+def eos_ids(model_dir: Path, cfg: dict, tokenizer: Tokenizer | None = None) -> frozenset[int]:
+    """Every id that ends generation: config.json's and generation_config.json's `eos_token_id`,
+    and the tokenizer's own `eos_token` (for an instruct model, the end-of-turn token)."""
+    ids = _ids(cfg.get("eos_token_id")) | _ids(_small_json(model_dir / "generation_config.json").get("eos_token_id"))
+    eos = _small_json(model_dir / "tokenizer_config.json").get("eos_token")
+    if isinstance(eos, dict):                       # an AddedToken written out in full
+        eos = eos.get("content")
+    if tokenizer is not None and isinstance(eos, str) and (tid := tokenizer.token_to_id(eos)) is not None:
+        ids.add(tid)
+    return frozenset(ids)
+
+
+def check_model_dir(model_dir: Path) -> dict:
+    """The cheap checks (no weights read): a directory with a supported config.json, a
+    tokenizer.json and safetensors weights. Returns the config."""
+    if not model_dir.is_dir():
+        raise ModelLoadError(f"{model_dir}: not a directory (models load from a local directory only)")
+    cfg = read_config(model_dir)
+    if not (model_dir / "tokenizer.json").is_file():
+        raise ModelLoadError(f"{model_dir}: no tokenizer.json")
+    if not any(model_dir.glob("*.safetensors")):
+        raise ModelLoadError(f"{model_dir}: no *.safetensors weights (pickle checkpoints are not loaded)")
+    return cfg
 
 
 def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise ModelLoadError(f"{model_dir}: not a directory (models load from a local directory only)")
-    cfg = read_config(model_dir)
-    tok_path = model_dir / "tokenizer.json"
-    if not tok_path.is_file():
-        raise ModelLoadError(f"{model_dir}: no tokenizer.json")
+    cfg = check_model_dir(model_dir)
     weights = read_weights(model_dir)
     try:
         args = args_from_config(cfg)
@@ -111,6 +135,7 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype) -> Loa
         raise ModelLoadError(f"{model_dir}: weight {e.args[0]} is missing") from None
     except ValueError as e:
         raise ModelLoadError(f"{model_dir}: {e}") from None
-    tokenizer = Tokenizer.from_file(str(tok_path))
-    return LoadedModel(model=model, tokenizer=tokenizer, name=model_dir.name, eos_ids=eos_ids(model_dir, cfg),
-                       hf_config=cfg, chat=load_chat_template(model_dir, tokenizer))
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    return LoadedModel(model=model, tokenizer=tokenizer, name=model_dir.name,
+                       eos_ids=eos_ids(model_dir, cfg, tokenizer), hf_config=cfg,
+                       chat=load_chat_template(model_dir, tokenizer))

@@ -5,7 +5,11 @@ import hashlib
 import json
 import logging
 import os
+import signal
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,8 +157,8 @@ def test_crash_while_publishing_leaves_nothing(store, monkeypatch, fail_at):
     with pytest.raises(OSError, match="disk gone"):
         store.put("acme", "x", peft_archive("lora"))
     monkeypatch.undo()
-    assert tree(store.root) == [] and store.versions("acme", "x") == []
-    assert store.put("acme", "x", peft_archive("lora")).version == 1
+    assert [f for f in tree(store.root) if not f.endswith(".lock")] == [] and store.versions("acme", "x") == []
+    assert store.put("acme", "x", peft_archive("lora")).version == 1  # the process lived: nobody saw v1
 
 
 def test_killed_upload_leftovers_removed_at_scan(store):
@@ -163,6 +167,7 @@ def test_killed_upload_leftovers_removed_at_scan(store):
     up.write(b"\x00" * 5000)
     (store.root / "tmp" / "dead.d").mkdir()
     (store.root / "tmp" / "dead.d" / "adapter.zip").write_bytes(b"partial")
+    store.close()  # ... and the kernel drops its presence on the store
     restarted = AdapterStore(store.root, BASE, LIMITS)
     report = restarted.scan()
     assert [str(i.key) for i in report.served] == ["acme/kept@1"] and report.quarantined == ()
@@ -247,3 +252,161 @@ def test_concurrent_uploads_get_distinct_versions(store):
     for t in threads:
         t.join()
     assert errors == [] and sorted(versions) == [1, 2, 3, 4, 5, 6]
+
+
+# ------------------------------------------------------------ version numbers are never reused (issue 16, 2)
+
+def _corrupt(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_version_quarantined_at_restart_is_never_reused(store):
+    """Issue 16 finding 2: upload twice, corrupt v2, restart (scan quarantines v2), upload -> v3."""
+    archive = peft_archive("prompt")
+    assert [store.put("acme", "qv", archive).version for _ in range(2)] == [1, 2]
+    _corrupt(store.root / "adapters" / "acme" / "qv" / "v2" / "adapter.zip")
+    restarted = AdapterStore(store.root, BASE, LIMITS)
+    report = restarted.scan()
+    assert [p for p, _ in report.quarantined] == ["adapters/acme/qv/v2"]
+    assert restarted.put("acme", "qv", archive).version == 3
+    again = AdapterStore(store.root, BASE, LIMITS)
+    again.scan()
+    assert again.put("acme", "qv", archive).version == 4 and again.versions("acme", "qv") == [1, 3, 4]
+
+
+def test_delete_after_quarantine_then_upload_never_reuses(store):
+    """The highest version was quarantined, then the name deleted: the next upload is above both."""
+    archive = peft_archive("prompt")
+    for _ in range(3):
+        store.put("acme", "a", archive)
+    _corrupt(store.root / "adapters" / "acme" / "a" / "v3" / "adapter.zip")
+    restarted = AdapterStore(store.root, BASE, LIMITS)
+    restarted.scan()
+    assert restarted.delete("acme", "a").versions == (1, 2)
+    assert restarted.put("acme", "a", archive).version == 4
+
+
+def test_process_killed_inside_delete_never_makes_versions_reusable(store, monkeypatch):
+    """kill -9 right after the versions left adapters/ (before any later step of delete): after a
+    restart the next upload still gets a fresh number."""
+    archive = peft_archive("prompt")
+    store.put("acme", "a", archive)
+    store.put("acme", "a", archive)
+    real_rename = os.rename
+
+    def rename_then_die(src, dst):
+        real_rename(src, dst)
+        if str(dst).startswith(str(store.root / "trash")):
+            raise KeyboardInterrupt("killed")  # nothing after this line of delete runs
+
+    monkeypatch.setattr(store_mod.os, "rename", rename_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        store.delete("acme", "a")
+    monkeypatch.undo()
+    restarted = AdapterStore(store.root, BASE, LIMITS)
+    restarted.scan()
+    assert restarted.versions("acme", "a") == []
+    assert restarted.put("acme", "a", archive).version == 3
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _python(script: str, *args: object, **kw) -> subprocess.Popen:
+    """A real second process running `script` against this checkout's code."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([sys.executable, "-c", script, *map(str, args)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+_UPLOADER = """
+import sys, time
+from pathlib import Path
+from server.adapters.store import AdapterStore
+from tests.unit.adapter_fixtures import BASE, LIMITS
+root, archive, go, count = Path(sys.argv[1]), Path(sys.argv[2]).read_bytes(), Path(sys.argv[3]), int(sys.argv[4])
+store = AdapterStore(root, BASE, LIMITS)
+print("ready", flush=True)
+deadline = time.monotonic() + 60
+while not go.exists():
+    if time.monotonic() > deadline:
+        sys.exit("never told to start")
+    time.sleep(0.005)
+for _ in range(count):
+    print(store.put("acme", "shared", archive).version, flush=True)
+"""
+
+
+def test_two_processes_sharing_a_store_never_hand_out_one_version_twice(tmp_path):
+    """Two replicas (real processes, one directory) upload the same name at once, many times."""
+    root, archive_path, go = tmp_path / "store", tmp_path / "a.zip", tmp_path / "go"
+    archive_path.write_bytes(peft_archive("prompt"))
+    AdapterStore(root, BASE, LIMITS)
+    count = 25
+    procs = [_python(_UPLOADER, root, archive_path, go, count) for _ in range(2)]
+    try:
+        for p in procs:  # both have imported everything: start them together
+            assert p.stdout.readline().strip() == "ready", p.stderr.read()[-2000:]
+        go.touch()
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    errors = [err[-2000:] for p, (_, err) in zip(procs, outs) if p.returncode != 0]
+    assert errors == [], f"an uploader failed: {errors}"
+    got = [int(line) for out, _ in outs for line in out.split()]
+    assert len(got) == 2 * count and sorted(got) == list(range(1, 2 * count + 1)), got
+    assert AdapterStore(root, BASE, LIMITS).versions("acme", "shared") == list(range(1, 2 * count + 1))
+
+
+_KILLED_PUBLISHER = """
+import os, signal, sys
+from pathlib import Path
+from server.adapters import store as store_mod
+from tests.unit.adapter_fixtures import BASE, LIMITS
+store = store_mod.AdapterStore(Path(sys.argv[1]), BASE, LIMITS)
+real_rename = os.rename
+def rename(src, dst):
+    if str(dst).endswith("v2"):  # the version is numbered and staged: die before it appears
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_rename(src, dst)
+store_mod.os.rename = rename
+store.put("acme", "a", Path(sys.argv[2]).read_bytes())
+"""
+
+
+def test_kill_9_while_publishing_serves_nothing_and_burns_the_number(store, tmp_path):
+    archive = peft_archive("prompt")
+    store.put("acme", "a", archive)
+    (tmp_path / "a.zip").write_bytes(archive)
+    proc = _python(_KILLED_PUBLISHER, store.root, tmp_path / "a.zip")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, err[-2000:]
+    assert tree(store.root / "tmp") != []  # it really died half-way
+    store.close()  # the only other process using the store goes away too: scan() may sweep tmp/
+    restarted = AdapterStore(store.root, BASE, LIMITS)
+    report = restarted.scan()
+    assert [str(i.key) for i in report.served] == ["acme/a@1"] and report.quarantined == ()
+    assert tree(store.root / "tmp") == [] and restarted.versions("acme", "a") == [1]
+    assert restarted.put("acme", "a", archive).version == 3  # 2 may have been seen by nobody, but is never reused
+
+
+def test_scan_by_another_replica_keeps_its_uploads_and_trash(store):
+    """A replica starting on a shared store must not sweep tmp/ and trash/ under a live one."""
+    archive = peft_archive("prompt")
+    store.put("acme", "old", archive)
+    deleted = store.delete("acme", "old")  # still held by an in-flight request of this replica
+    up = store.begin_upload("acme", "x", len(archive))
+    up.write(archive[:100])
+    other = AdapterStore(store.root, BASE, LIMITS)  # another replica starts meanwhile
+    other.scan()
+    up.write(archive[100:])
+    assert up.commit().version == 1 and other.versions("acme", "x") == [1]
+    assert store.load_deleted(deleted, 1).kind is AdapterKind.PROMPT_TUNING
+    other.close()
+    store.close()
+    last = AdapterStore(store.root, BASE, LIMITS)  # alone now: leftovers go
+    last.scan()
+    assert tree(store.root / "tmp") == [] and tree(store.root / "trash") == []

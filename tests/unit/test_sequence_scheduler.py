@@ -157,3 +157,55 @@ def test_unready_adapter_keeps_waiting_without_blocking_others():
     assert list(s.waiting) == [blocked]
     assert len(slots.free) == 1          # the KV slot tried for `blocked` was given back
     assert s.admit() == [blocked]
+
+
+def long_seq(tenant: str, n: int) -> Sequence:
+    return Sequence("r", list(range(3, 3 + n)), SamplingParams(max_new_tokens=5), sink=lambda e: None, tenant=tenant)
+
+
+def test_short_prompt_is_not_queued_behind_long_prefills():
+    """Issue 16 finding 3: tenant b's 8-token prompt gets its whole prefill in the first step
+    after admission, although tenant a's long prompts were admitted first."""
+    s = Scheduler(Slots(8), max_batch_size=8, max_prefill_tokens=512)
+    heavy = [long_seq("a", 447) for _ in range(4)]
+    for x in heavy:
+        s.add(x)
+    lone = long_seq("b", 8)
+    s.add(lone)
+    s.admit()
+    work = {w.seq: w for w in s.schedule()}
+    assert lone in work and len(work[lone].token_ids) == 8 and work[lone].want_logits
+    assert sum(len(w.token_ids) for w in work.values()) <= 512
+
+
+def test_decode_rows_bound_the_prefill_budget():
+    s = Scheduler(Slots(4), max_batch_size=4, max_prefill_tokens=512, decode_prefill_tokens=32)
+    dec = long_seq("b", 2)
+    s.add(dec)
+    s.admit()
+    dec.num_computed, dec.output_ids = 2, [7]          # prefilled, decoding
+    s.add(long_seq("a", 400))
+    s.admit()
+    work = s.schedule()
+    assert sum(len(w.token_ids) for w in work if w.seq is not dec) == 32
+    s.remove(dec)
+    assert sum(len(w.token_ids) for w in s.schedule()) == 400    # no decode rows: the full budget
+
+
+def test_a_burst_cannot_take_the_slots_kept_for_waiting_tenants():
+    s = Scheduler(Slots(8), max_batch_size=8, max_prefill_tokens=100)
+    burst = [tseq("a") for _ in range(20)]
+    for x in burst:
+        s.add(x)
+    s.add(tseq("b"))
+    s.add(tseq("c"))
+    got = s.admit()
+    assert sorted(x.tenant for x in got) == ["a"] * 6 + ["b", "c"]
+    alone = Scheduler(Slots(4), max_batch_size=4, max_prefill_tokens=100)
+    for x in [tseq("a") for _ in range(6)]:
+        alone.add(x)
+    assert len(alone.admit()) == 4                    # nobody else waits: a may use every slot
+    late = tseq("b")
+    alone.add(late)
+    alone.remove(alone.running[0])
+    assert alone.admit() == [late]                    # the freed slot goes to the waiting tenant

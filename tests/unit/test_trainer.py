@@ -263,7 +263,7 @@ def test_the_server_serves_what_was_trained(trained, tiny_model_dir, tmp_path):
 
     tokens = Tokens.load(tiny_model_dir, read_model_config(tiny_model_dir))
     prompts, texts = ["abc=", "hello=", "zq="], ["ab3", "Qwerty7", "zz"]
-    cfg = ServerConfig(port=0, metrics_port=-1, model_dir=tiny_model_dir, data_dir=tmp_path / "data")
+    cfg = ServerConfig(port=0, metrics_port=-1, model=str(tiny_model_dir), data_dir=tmp_path / "data")
     with BackgroundServer(cfg, load(cfg)) as running, LoraFleetClient(f"127.0.0.1:{running.port}") as client:
         for method in MIN_DROP:
             r = trained(method)

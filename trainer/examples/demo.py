@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     work = a.work or Path(tempfile.mkdtemp(prefix="lorafleet-demo-"))
     if a.base is None:
-        from server.model.default import ensure_default_model
-        a.base = ensure_default_model(DEFAULT_MODELS, "default")
+        from server.model.default import resolve_model
+        a.base = resolve_model("random-512", DEFAULT_MODELS)
     files = write(work / "data")
     adapters = {task: work / "adapters" / task for task in TASKS}
     for i, (task, out) in enumerate(adapters.items()):
