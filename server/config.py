@@ -58,7 +58,7 @@ class ServerConfig:
     threads: int = knob(0, "torch CPU threads (0 = torch default)")
     api_keys: Path | None = knob(None, "JSON keys file (hashes of API keys -> tenant, role, quotas); reloaded on"
                                  " SIGHUP. Without it the server is single-tenant and binds to loopback only")
-    tls_cert: Path | None = knob(None, "PEM certificate chain: serve gRPC over TLS (needs --tls-key)")
+    tls_cert: Path | None = knob(None, "PEM certificate chain: serve gRPC (and the HTTP door) over TLS (needs --tls-key)")
     tls_key: Path | None = knob(None, "PEM private key of --tls-cert")
     tls_client_ca: Path | None = knob(None, "PEM CA bundle: require and verify client certificates (mutual TLS)")
     adapter_slots: int = knob(32, "adapters resident on the device at once (distinct adapters per step)")

@@ -168,7 +168,7 @@ async def start(cfg: ServerConfig, loaded: LoadedModel) -> RunningServer:
     running = RunningServer(server, port, mport, engine, hs, draining, auth, http)
     if cfg.http_port >= 0:
         app = OpenAIApp(generation, auth, adapters.registry, loaded.name, cfg.max_message_bytes)
-        running.http = HttpDoor(app.app, cfg.host, cfg.http_port)
+        running.http = HttpDoor(app.app, cfg.host, cfg.http_port, cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
         await running.http.start()
     if cfg.rescan_interval_s > 0:
         running.background.append(asyncio.create_task(_rescan(adapters.registry, cfg.rescan_interval_s)))
@@ -223,7 +223,8 @@ async def serve(cfg: ServerConfig) -> None:
           f"{kernels.backend_name(loaded.model.device)} kernels{', chat template' if loaded.chat else ''}) "
           f"on {cfg.host}:{running.port}", flush=True)
     if running.http_port is not None:
-        print(f"lorafleet: OpenAI-compatible HTTP on http://{cfg.host}:{running.http_port}/v1", flush=True)
+        print(f"lorafleet: OpenAI-compatible HTTP on {running.http.scheme}://{cfg.host}:{running.http_port}/v1",
+              flush=True)
     if running.metrics_port:
         print(f"lorafleet: metrics on http://{cfg.host}:{running.metrics_port}/metrics", flush=True)
     if running.auth.single_tenant:

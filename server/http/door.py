@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
+from pathlib import Path
 from typing import Iterator
 
 import uvicorn
@@ -25,11 +27,18 @@ class _EmbeddedServer(uvicorn.Server):
 
 
 class HttpDoor:
-    def __init__(self, app, host: str, port: int):
+    """`tls_cert`/`tls_key` serve HTTPS (the gRPC port's --tls-* files); `tls_client_ca` then
+    requires client certificates signed by it (mutual TLS), as on the gRPC port."""
+
+    def __init__(self, app, host: str, port: int, tls_cert: Path | None = None, tls_key: Path | None = None,
+                 tls_client_ca: Path | None = None):
         self.sock = _bind(host, port)
         self.port: int = self.sock.getsockname()[1]
+        self.scheme = "https" if tls_cert else "http"
+        tls = dict(ssl_certfile=tls_cert, ssl_keyfile=tls_key, ssl_ca_certs=tls_client_ca,
+                   ssl_cert_reqs=ssl.CERT_REQUIRED if tls_client_ca else ssl.CERT_NONE) if tls_cert else {}
         config = uvicorn.Config(app, lifespan="off", access_log=False, log_level="warning",
-                                server_header=False, timeout_graceful_shutdown=10)
+                                server_header=False, timeout_graceful_shutdown=10, **tls)
         self.server = _EmbeddedServer(config)
         self.task: asyncio.Task | None = None
 

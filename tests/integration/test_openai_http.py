@@ -19,6 +19,7 @@ from server.api.auth import create_key
 from server.main import BackgroundServer
 from server.model.loader import load_model
 from tests.integration.conftest import make_config
+from tests.integration.test_tls import pki  # noqa: F401 - the certificates fixture
 from tests.serving_fixtures import make_adapter
 
 MODEL = "tiny-chat"             # the base model's name: its directory's name
@@ -285,3 +286,21 @@ def test_requests_are_counted_by_protocol(door):
     with grpc_client(running, keys["acme"]) as c:
         c.generate("count me", max_new_tokens=2)
     assert counter("lorafleet_requests_total", method="Generate", code="OK", protocol="grpc") == grpc_before + 1
+
+
+# ---------------------------------------------------------------- TLS, as on the gRPC port
+def test_the_door_serves_tls_and_mutual_tls_from_the_grpc_flags(tiny_loaded, tmp_path, pki):
+    import ssl
+
+    cfg = make_config(tmp_path, http_port=0, tls_cert=pki / "server.pem", tls_key=pki / "server.key",
+                      tls_client_ca=pki / "ca.pem")
+    trust = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    with BackgroundServer(cfg, tiny_loaded) as running:
+        url = f"https://127.0.0.1:{running.http_port}/v1/models"
+        with pytest.raises(httpx.TransportError):            # no client certificate
+            httpx.get(url, verify=trust, timeout=WAIT_S)
+        with pytest.raises(httpx.TransportError):            # plain HTTP
+            httpx.get(url.replace("https", "http"), timeout=WAIT_S)
+        trust.load_cert_chain(str(pki / "client.pem"), str(pki / "client.key"))
+        r = httpx.get(url, verify=trust, timeout=WAIT_S)
+        assert r.status_code == 200 and r.json()["data"][0]["id"] == tiny_loaded.name
