@@ -48,8 +48,9 @@ serve: $(STAMP) $(PROTO_OUT)
 test: $(STAMP) $(PROTO_OUT) setup-ops
 	$(PY) -m pytest -q $(ARGS)
 
-test-unit: $(STAMP)
-	$(PY) -m pytest -q tests/unit $(ARGS)
+# fast unit tests only (under a minute); `make test` runs everything
+test-unit: $(STAMP) $(PROTO_OUT)
+	$(PY) -m pytest -q tests/unit -m "not slow" $(ARGS)
 
 test-integration: $(STAMP) setup-ops
 	$(PY) -m pytest -q tests/integration $(ARGS)

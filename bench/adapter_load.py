@@ -24,7 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.mixed_adapters import make_peft  # noqa: E402
 from server.adapters.refs import parse_tenant_ref
-from server.adapters import formats  # noqa: E402
 from server.config import ServerConfig  # noqa: E402
 from server.engine.batch import Segment, make_forward_batch  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402

@@ -5,8 +5,9 @@ Default model, 32 requests x 32 prompt tokens x 32 new tokens, greedy, EOS ignor
   (c) 32 distinct rank-16 LoRA adapters on q/k/v/o
   (d) 32 distinct adapters of mixed kinds (LoRA, IA3, bottleneck, prefix, prompt)
   (e) PEFT `generate(adapter_names=...)` with the adapters of (c), same weights
-Prints (c)/(a), (d)/(a), (c)/(e) (targets: (c)/(a) >= 0.85, (c)/(e) >= 2.0), and (c) again with
-128 requests over 128 adapters.
+  (f) 32 distinct rank-16 DoRA adapters on q/k/v/o (LoRA of (c)'s shape plus the column scale)
+Prints (c)/(a), (d)/(a), (c)/(e), (f)/(c) as a cost (targets: (c)/(a) >= 0.85, (c)/(e) >= 2.0,
+DoRA cost <= 1.1x LoRA), and (c) again with 128 requests over 128 adapters.
 
     .venv/bin/python bench/mixed_adapters.py [--repeats 3] [--skip-128]
 """
@@ -45,6 +46,8 @@ def make_peft(base_dir: Path, out: Path, kind: str, seed: int):
     from transformers import LlamaForCausalLM
     cfgs = {"lora": lambda: LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                                        task_type="CAUSAL_LM"),
+            "dora": lambda: LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                                       task_type="CAUSAL_LM", use_dora=True),
             "ia3": lambda: IA3Config(task_type="CAUSAL_LM"),
             "prefix": lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8),
             "prompt": lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8)}
@@ -57,6 +60,8 @@ def make_peft(base_dir: Path, out: Path, kind: str, seed: int):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
             elif "ia3_l" in name:
                 p.copy_(1 + torch.randn(p.shape, generator=g) * 0.1)
+            elif "lora_magnitude_vector" in name:
+                p.mul_(1 + torch.randn(p.shape, generator=g) * 0.1)
     model.save_pretrained(str(out))
     return out
 
@@ -109,13 +114,16 @@ def main() -> None:
     base_dir = resolve_model("random-512", Path(tempfile.gettempdir()) / "lorafleet-bench")
     loaded = load_model(base_dir, torch.device("cpu"), torch.float32)
     n_adapters = 32 if args.skip_128 else 128
-    cfg = ServerConfig(data_dir=work / "store", adapter_slots=n_adapters, max_adapter_rank=16)
+    n_slots = max(n_adapters, 96)   # cases (c), (d), (f) stay resident: no slot writes while timing
+    cfg = ServerConfig(data_dir=work / "store", adapter_slots=n_slots, max_adapter_rank=16)
     _store, serving = build_adapters(cfg, loaded)
     reg = serving.registry
-    print(f"building {n_adapters} LoRA + 32 mixed adapters on {base_dir.name} ...", flush=True)
+    print(f"building {n_adapters} LoRA + 32 DoRA + 32 mixed adapters on {base_dir.name} ...", flush=True)
     lora_dirs = [make_peft(base_dir, work / f"lora{i}", "lora", i) for i in range(n_adapters)]
     for i, d in enumerate(lora_dirs):
         reg.put(TENANT, f"lora{i}", archive_dir(d))
+    for i in range(32):
+        reg.put(TENANT, f"dora{i}", archive_dir(make_peft(base_dir, work / f"dora{i}", "dora", 2000 + i)))
     kinds = ["lora", "ia3", "bottleneck", "prefix", "prompt"]
     for i in range(32):
         k = kinds[i % len(kinds)]
@@ -135,6 +143,7 @@ def main() -> None:
         "b": ["lora0"] * 32,
         "c": [f"lora{i}" for i in range(32)],
         "d": [f"mix{i}" for i in range(32)],
+        "f": [f"dora{i}" for i in range(32)],
     }
     for c in cases.values():                                  # warm-up, and every slot loaded
         run(engine, reg, prompts, c, 2)
@@ -149,12 +158,13 @@ def main() -> None:
     tput = {k: 32 * 32 / statistics.median(v) for k, v in times.items()}
     print(f"model {base_dir.name}: 32 requests x 32 prompt x 32 new tokens, greedy, {args.threads} threads")
     names = {"a": "no adapters", "b": "1 LoRA, all rows", "c": "32 LoRA r16 q/k/v/o", "d": "32 mixed kinds",
-             "e": "PEFT generate(adapter_names), 32 LoRA"}
+             "e": "PEFT generate(adapter_names), 32 LoRA", "f": "32 DoRA r16 q/k/v/o"}
     for k, v in tput.items():
         print(f"  ({k}) {names[k]:<40} {v:8.1f} tokens/s")
     print(f"(c)/(a) = {tput['c'] / tput['a']:.2f}   (target >= 0.85)")
     print(f"(d)/(a) = {tput['d'] / tput['a']:.2f}")
     print(f"(c)/(e) = {tput['c'] / tput['e']:.2f}   (target >= 2.0)")
+    print(f"DoRA cost (c)/(f) = {tput['c'] / tput['f']:.2f}x LoRA   (target <= 1.1)")
     if not args.skip_128:
         p128 = [[1] + torch.randint(3, 259, (31,), generator=g).tolist() for _ in range(128)]
         run(engine, reg, p128, [f"lora{i}" for i in range(128)], 2)

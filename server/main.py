@@ -88,7 +88,7 @@ def build_adapters(cfg: ServerConfig, loaded: LoadedModel) -> tuple[AdapterStore
              len(report.quarantined))
     registry = AdapterRegistry(store, report.served)
     m = loaded.model
-    slots = AdapterSlots(m.args, cfg.adapter_slots, cfg.max_adapter_rank, m.device, m.dtype)
+    slots = AdapterSlots(m.args, cfg.adapter_slots, cfg.max_adapter_rank, m.device, m.dtype, base=m.layers)
     cache = AdapterCache(cfg.adapter_slots, cfg.host_adapters, cfg.host_adapter_bytes, registry.load, slots.write)
     return store, AdapterServing(registry, cache, slots)
 

@@ -20,3 +20,19 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def tiny_loaded(tiny_model_dir):
     from server.model.loader import load_model
     return load_model(tiny_model_dir, torch.device("cpu"), torch.float32)
+
+
+# Markers (registered in pyproject.toml): every test under tests/integration is `integration`;
+# these unit modules (real PEFT/transformers oracles, training, hypothesis kernel sweeps,
+# subprocesses) are `slow`. `make test-unit` runs the rest in well under a minute.
+SLOW_UNIT_MODULES = {"test_trainer", "test_trainer_dist", "test_trainer_cli", "test_mixed_adapters", "test_kernels",
+                     "test_kernels_triton", "test_llama_vs_hf", "test_layering", "test_adapter_formats"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        parts = item.path.parts
+        if "integration" in parts:
+            item.add_marker(pytest.mark.integration)
+        elif item.path.stem in SLOW_UNIT_MODULES:
+            item.add_marker(pytest.mark.slow)

@@ -16,6 +16,8 @@ from server.adapters.registry import AdapterRegistry
 from server.engine.engine import AdapterServing
 
 KINDS = ("lora", "lora_rs", "ia3", "bottleneck", "prefix", "prompt")
+VARIANT_KINDS = ("dora", "adalora", "vera", "lora_bias")   # served as LoRA (issue 14)
+ALL_KINDS = KINDS + VARIANT_KINDS
 
 
 def hf_base(base_dir: Path, seq_cls: bool = False, num_labels: int = 3):
@@ -60,6 +62,8 @@ def make_adapter(base_dir: Path, out_root: Path, kind: str, seed: int):
     adapters the HF base with forward hooks doing h + up(act(down h + bd)) + bu."""
     out = Path(out_root) / f"{kind}-{seed}"
     torch.manual_seed(seed)
+    if kind in VARIANT_KINDS:
+        return make_variant_adapter(base_dir, out, kind, seed)
     if kind == "bottleneck":
         shape = BaseModelShape.from_hf_config(json.loads((base_dir / "config.json").read_text()))
         g = torch.Generator().manual_seed(seed)
@@ -139,3 +143,34 @@ def serving(loaded, root: Path, num_slots: int = 8, max_rank: int = 16,
 
 def upload(registry: AdapterRegistry, tenant: str, name: str, directory: Path):
     return registry.put(tenant, name, archive_dir(directory))
+
+
+# ---------------------------------------------------------------- DoRA, AdaLoRA, VeRA, LoRA bias (issue 14)
+
+def variant_peft_config(kind: str, seed: int):
+    """Configs of the kinds served as LoRA; ranks and targets vary with the seed (DoRA on a part of the
+    fused q/k/v and gate/up outputs only, for odd seeds)."""
+    from peft import AdaLoraConfig, LoraConfig, VeraConfig
+    every = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    some = ["k_proj", "up_proj", "down_proj"]
+    return {
+        "dora": lambda: LoraConfig(r=2 + seed % 5, lora_alpha=3 + seed % 4, use_dora=True, task_type="CAUSAL_LM",
+                                   target_modules=some if seed % 2 else every),
+        "adalora": lambda: AdaLoraConfig(init_r=6, lora_alpha=4 + seed % 9, total_step=10, task_type="CAUSAL_LM",
+                                         target_modules=["q_proj", "v_proj", "down_proj"]),
+        "vera": lambda: VeraConfig(r=4 + seed % 5, task_type="CAUSAL_LM",
+                                   target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]),
+        "lora_bias": lambda: LoraConfig(r=2 + seed % 6, lora_alpha=8, lora_bias=True, task_type="CAUSAL_LM",
+                                        target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"]),
+    }[kind]()
+
+
+def make_variant_adapter(base_dir: Path, out: Path, kind: str, seed: int):
+    """(directory, oracle) for a DoRA / AdaLoRA / VeRA / LoRA-bias adapter written by peft with every
+    adapter parameter non-zero; the oracle is PeftModel.from_pretrained of that directory."""
+    from peft import get_peft_model
+    from tests.unit.adapter_fixtures import perturb_all, save_variant
+    model = get_peft_model(hf_base(base_dir), variant_peft_config(kind, seed))
+    perturb_all(model, seed)
+    model.eval()
+    return out, save_variant(model, out, kind, hf_base(base_dir))

@@ -12,12 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from server.adapters.formats import AdapterWeights, BaseModelShape, BottleneckTarget, ClassificationHead
+from server.kernels.activation import Activation
 
-ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}  # F.gelu is the exact (erf) GELU
 
 
 class Bottleneck(nn.Module):
@@ -30,7 +29,7 @@ class Bottleneck(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # h: [..., hidden]
-        return h + self.up(ACTIVATIONS[self.activation](self.down(h)))
+        return h + self.up(Activation.of(self.activation).fn(self.down(h)))
 
 
 class BottleneckLayer(nn.Module):

@@ -7,13 +7,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-METHODS = ("lora", "ia3", "bottleneck", "prefix", "prompt")
+METHODS = ("lora", "dora", "ia3", "bottleneck", "prefix", "prompt")
 TASKS = ("lm", "cls")
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
-DEFAULT_TARGETS = {"lora": LINEAR_MODULES, "ia3": ("k_proj", "v_proj", "down_proj")}
+DEFAULT_TARGETS = {"lora": LINEAR_MODULES, "dora": LINEAR_MODULES, "ia3": ("k_proj", "v_proj", "down_proj")}
 # measured on the tiny and default models: prompt-learning methods want a larger step
-DEFAULT_LR = {"lora": 2e-3, "ia3": 1e-2, "bottleneck": 2e-3, "prefix": 1e-2, "prompt": 3e-2}
+DEFAULT_LR = {"lora": 2e-3, "dora": 2e-3, "ia3": 1e-2, "bottleneck": 2e-3, "prefix": 1e-2, "prompt": 3e-2}
 
 
 class TrainError(Exception):
@@ -36,7 +36,7 @@ class TrainConfig:
     eval_path: Path | None = None
     eval_fraction: float = 0.1  # held out from each --data file when there is no --eval
     labels: tuple[str, ...] = ()  # cls: fixed label order; empty = sorted labels of the training data
-    # LoRA / IA3
+    # LoRA / DoRA (LoRA plus a learned magnitude per output row) / IA3
     rank: int = 8
     alpha: float = 16.0
     rslora: bool = False
@@ -92,7 +92,8 @@ class TrainConfig:
 
     def adapter_shape(self) -> dict:
         """The fields that fix the adapter's tensors: a checkpoint is only resumable when these agree."""
-        keys = {"lora": ("rank", "alpha", "rslora", "targets"), "ia3": ("targets",),
+        keys = {"lora": ("rank", "alpha", "rslora", "targets"), "dora": ("rank", "alpha", "rslora", "targets"),
+                "ia3": ("targets",),
                 "bottleneck": ("bottleneck_size", "activation", "placement"),
                 "prefix": ("virtual_tokens", "prefix_projection", "prefix_hidden"),
                 "prompt": ("virtual_tokens",)}[self.method]

@@ -1,6 +1,6 @@
 """The student: a frozen base model plus one adapter of the chosen method, behind one forward.
 
-LoRA, IA3, prefix and prompt tuning are `peft` models (so `save_pretrained` writes exactly what
+LoRA, DoRA (peft's LoRA with use_dora), IA3, prefix and prompt tuning are `peft` models (so `save_pretrained` writes exactly what
 `PeftModel.from_pretrained` and the server read); bottleneck adapters are `trainer.bottleneck`.
 `AdapterModule.forward(input_ids, attention_mask)` returns, for every method,
   lm   logits [B, T, vocab] aligned with input_ids (prompt tuning's virtual positions dropped)
@@ -106,9 +106,10 @@ def _peft_config(cfg: TrainConfig, model_config: dict):
 
     task_type = "CAUSAL_LM" if cfg.task == "lm" else "SEQ_CLS"
     targets = list(cfg.target_modules)
-    if cfg.method == "lora":
+    if cfg.method in ("lora", "dora"):
         return LoraConfig(task_type=task_type, r=cfg.rank, lora_alpha=cfg.alpha, use_rslora=cfg.rslora,
-                          lora_dropout=cfg.dropout, target_modules=targets, bias="none")
+                          lora_dropout=cfg.dropout, target_modules=targets, bias="none",
+                          use_dora=cfg.method == "dora")
     if cfg.method == "ia3":
         return IA3Config(task_type=task_type, target_modules=targets,
                          feedforward_modules=[t for t in targets if t in MLP_MODULES])

@@ -12,7 +12,8 @@ from server.adapters.formats import (
     Ia3Target,
     LoraTarget,
 )
-from server.adapters.validate import AdapterLimits, parse_upload, validate_name
+from server.adapters.refs import validate_name
+from server.adapters.validate import AdapterLimits, parse_upload
 
 __all__ = [
     "AdapterKind", "AdapterLimits", "AdapterWeights", "BaseModelShape", "BottleneckTarget",

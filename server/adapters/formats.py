@@ -13,6 +13,12 @@ LORA           base_model.model.model.layers.{i}.{self_attn|mlp}.{module}.lora_A
                module in q_proj k_proj v_proj o_proj (self_attn), gate_proj up_proj down_proj (mlp).
                scale = alpha / r, or alpha / sqrt(r) with use_rslora; r and alpha per module from
                rank_pattern / alpha_pattern (PEFT's rule: first key K with re.match(r"(.*\\.)?(K)$", path)).
+  + lora_bias  ...{module}.lora_B.bias  [d_out]            (kind LORA, `lora_bias: true`)
+  + use_dora   ...{module}.lora_magnitude_vector  [d_out]  (kind DORA: peft_type LORA, `use_dora: true`)
+ADALORA        ...{module}.lora_A [r, d_in], lora_E [r, 1], lora_B [d_out, r]   (no ".weight")
+VERA           ...{module}.vera_lambda_d [r], vera_lambda_b [d_out];
+               base_model.vera_A [r, max d_in], base_model.vera_B [max d_out, r] (save_projection)
+               The folding of the last three kinds into LoRA factors: `peft_variants`.
 IA3            base_model.model.model.layers.{i}.{...}.{module}.ia3_l  [d_out, 1] scales the module's
                OUTPUT (k_proj, v_proj), or [1, d_in] scales its INPUT (feedforward modules, down_proj).
 PREFIX_TUNING  prompt_embeddings  [n_virtual, num_layers * 2 * num_kv_heads * head_dim]
@@ -64,7 +70,6 @@ from safetensors.torch import save as save_safetensors
 from lorafleet.archive import CONFIG_FILE, WEIGHTS_FILE
 from server.errors import InvalidArgument
 
-ACTIVATIONS = ("relu", "gelu", "silu")
 PLACES = ("attn", "mlp")
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MODULE_PARENT = {m: ("mlp" if m in ("gate_proj", "up_proj", "down_proj") else "self_attn")
@@ -74,7 +79,10 @@ LABELS_KEY = "lorafleet"  # adapter_config.json: {"lorafleet": {"labels": [...]}
 
 _LAYER = r"(0|[1-9][0-9]{0,5})"  # no leading zeros: one name per slot
 _PEFT_MODULE = rf"base_model\.model\.model\.layers\.{_LAYER}\.(self_attn|mlp)\.([a-z_]+)\."
-_LORA_RE = re.compile(_PEFT_MODULE + r"lora_(A|B)\.weight")
+_LORA_RE = re.compile(_PEFT_MODULE + r"(?:lora_(A|B)\.weight|lora_(B)\.bias|lora_(magnitude)_vector)")
+_ADALORA_RE = re.compile(_PEFT_MODULE + r"lora_(A|B|E)")
+_VERA_RE = re.compile(_PEFT_MODULE + r"vera_lambda_(b|d)")
+_VERA_SHARED_RE = re.compile(r"base_model\.vera_(A|B)")
 _IA3_RE = re.compile(_PEFT_MODULE + r"ia3_l")
 _BOTTLENECK_RE = re.compile(rf"layers\.{_LAYER}\.(attn|mlp)_adapter\.(down|up)\.(weight|bias)")
 _HEAD_RE = {True: re.compile(r"base_model\.(?:model\.)?score\.(weight|bias)"),  # prefix/prompt: base_model.score
@@ -87,6 +95,13 @@ class AdapterKind(enum.Enum):
     BOTTLENECK = "BOTTLENECK"
     PREFIX_TUNING = "PREFIX_TUNING"
     PROMPT_TUNING = "PROMPT_TUNING"
+    DORA = "DORA"  # a PEFT LORA file with use_dora: true
+    ADALORA = "ADALORA"
+    VERA = "VERA"
+
+
+LORA_FAMILY = frozenset({AdapterKind.LORA, AdapterKind.DORA, AdapterKind.ADALORA, AdapterKind.VERA})
+"""Kinds served as LoRA factors in the LoRA slots (AdaLoRA and VeRA folded at load)."""
 
 
 @dataclass(frozen=True)
@@ -130,9 +145,14 @@ class BaseModelShape:
 
 @dataclass(frozen=True, eq=False)
 class LoraTarget:
+    """delta(x) = scale * (B @ A @ x + bias); DoRA then scales the whole output column-wise by
+    magnitude / ||W + scale * B @ A||_row (computed once per slot, see peft_variants.dora_scale)."""
+
     A: torch.Tensor  # [r, d_in]
     B: torch.Tensor  # [d_out, r]
     scale: float  # alpha / r (or alpha / sqrt(r) with use_rslora), patterns applied
+    bias: torch.Tensor | None = None  # [d_out] LoRA bias (lora_B.bias), inside the scaled term
+    magnitude: torch.Tensor | None = None  # [d_out] DoRA magnitude m (lora_magnitude_vector)
 
 
 @dataclass(frozen=True, eq=False)
@@ -168,40 +188,53 @@ class AdapterWeights:
     prefix_kv: torch.Tensor | None  # [num_layers, 2, num_kv_heads, n_virtual, head_dim]
     prompt_embeds: torch.Tensor | None  # [n_virtual, hidden]
     head: ClassificationHead | None
-    rank: int  # max LoRA r or bottleneck size; 0 for IA3 / prefix / prompt
+    rank: int  # max LoRA r (folded: AdaLoRA's kept rank, VeRA's r) or bottleneck size; 0 otherwise
     nbytes: int  # bytes of all tensors held (float32)
     config: dict  # the parsed adapter_config.json
 
+    @property
+    def lora_bias(self) -> bool:
+        """True for a LoRA with `lora_bias` (a bias inside the scaled term of some target)."""
+        return any(t.bias is not None for t in self.lora.values())
 
-class TensorSlot(NamedTuple):
-    """Where a tensor name points: role in lora|ia3|bottleneck|prompt|head."""
+
+class TensorRole(NamedTuple):
+    """Where a tensor name points: role in lora|ia3|bottleneck|prompt|head|vera (VeRA's shared pair)."""
 
     role: str
     layer: int  # -1 when not per layer
     module: str  # linear module, "attn"/"mlp" for bottleneck, "" otherwise
-    part: str  # "A"/"B" (lora), "down.weight" etc. (bottleneck), "weight"/"bias" (head), ""
+    part: str  # lora: A, B, B.bias, magnitude (DoRA), E (AdaLoRA), lambda_b/lambda_d (VeRA);
+    #            vera: A/B; bottleneck: down.weight etc.; head: weight/bias; "" otherwise
 
 
-def parse_tensor_name(kind: AdapterKind, name: str) -> TensorSlot | None:
+def parse_tensor_name(kind: AdapterKind, name: str) -> TensorRole | None:
     """The slot a tensor name addresses for `kind`, or None if the name is not one of the format's."""
     head = _HEAD_RE[kind is not AdapterKind.BOTTLENECK].fullmatch(name)
     if head:
-        return TensorSlot("head", -1, "", head.group(1))
-    if kind is AdapterKind.LORA and (m := _LORA_RE.fullmatch(name)):
+        return TensorRole("head", -1, "", head.group(1))
+    if kind in (AdapterKind.LORA, AdapterKind.DORA) and (m := _LORA_RE.fullmatch(name)):
+        part = m.group(4) or ("B.bias" if m.group(5) else m.group(6))
+        return _module_slot("lora", m.group(1), m.group(2), m.group(3), part)
+    if kind is AdapterKind.ADALORA and (m := _ADALORA_RE.fullmatch(name)):
         return _module_slot("lora", m.group(1), m.group(2), m.group(3), m.group(4))
+    if kind is AdapterKind.VERA and (m := _VERA_RE.fullmatch(name)):
+        return _module_slot("lora", m.group(1), m.group(2), m.group(3), f"lambda_{m.group(4)}")
+    if kind is AdapterKind.VERA and (m := _VERA_SHARED_RE.fullmatch(name)):
+        return TensorRole("vera", -1, "", m.group(1))
     if kind is AdapterKind.IA3 and (m := _IA3_RE.fullmatch(name)):
         return _module_slot("ia3", m.group(1), m.group(2), m.group(3), "")
     if kind is AdapterKind.BOTTLENECK and (m := _BOTTLENECK_RE.fullmatch(name)):
-        return TensorSlot("bottleneck", int(m.group(1)), m.group(2), f"{m.group(3)}.{m.group(4)}")
+        return TensorRole("bottleneck", int(m.group(1)), m.group(2), f"{m.group(3)}.{m.group(4)}")
     if kind in (AdapterKind.PREFIX_TUNING, AdapterKind.PROMPT_TUNING) and name == PROMPT_KEY:
-        return TensorSlot("prompt", -1, "", "")
+        return TensorRole("prompt", -1, "", "")
     return None
 
 
-def _module_slot(role: str, layer: str, parent: str, module: str, part: str) -> TensorSlot | None:
+def _module_slot(role: str, layer: str, parent: str, module: str, part: str) -> TensorRole | None:
     if MODULE_PARENT.get(module) != parent:
         return None
-    return TensorSlot(role, int(layer), module, part)
+    return TensorRole(role, int(layer), module, part)
 
 
 def module_path(layer: int, module: str) -> str:
@@ -238,6 +271,7 @@ def assemble(kind: AdapterKind, cfg: dict, tensors: dict[str, torch.Tensor],
     ia3: dict[tuple[int, str], Ia3Target] = {}
     groups: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     head_parts: dict[str, torch.Tensor] = {}
+    shared: dict[str, torch.Tensor] = {}  # VeRA's vera_A / vera_B
     prompt = None
     slots = {name: parse_tensor_name(kind, name) for name in tensors}  # all known: validated before
     for name, slot in sorted(slots.items(), key=lambda item: (item[1].layer, item[1].module, item[1].part)):
@@ -246,12 +280,17 @@ def assemble(kind: AdapterKind, cfg: dict, tensors: dict[str, torch.Tensor],
             head_parts[slot.part] = t
         elif slot.role == "prompt":
             prompt = t
+        elif slot.role == "vera":
+            shared[slot.part] = t
         elif slot.role == "ia3":
             ia3[(slot.layer, slot.module)] = Ia3Target(t.reshape(-1), on_input=t.shape[0] == 1)
         else:
             groups.setdefault((slot.layer, slot.module), {})[slot.part] = t
-    if kind is AdapterKind.LORA:
+    if kind in (AdapterKind.LORA, AdapterKind.DORA):
         lora = {key: _lora_target(cfg, key, parts) for key, parts in groups.items()}
+    elif kind in LORA_FAMILY:
+        from server.adapters.peft_variants import fold_to_lora  # AdaLoRA / VeRA (it imports this module)
+        lora = fold_to_lora(kind, cfg, groups, shared, base)
     bottleneck = {key: BottleneckTarget(parts["down.weight"], parts.get("down.bias"), parts["up.weight"],
                                         parts.get("up.bias"), cfg.get("activation", "relu"))
                   for key, parts in groups.items()} if kind is AdapterKind.BOTTLENECK else {}
@@ -272,7 +311,8 @@ def assemble(kind: AdapterKind, cfg: dict, tensors: dict[str, torch.Tensor],
 def _lora_target(cfg: dict, key: tuple[int, str], parts: dict[str, torch.Tensor]) -> LoraTarget:
     r, alpha = lora_rank_alpha(cfg, *key)
     scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-    return LoraTarget(A=parts["A"], B=parts["B"], scale=scale)
+    return LoraTarget(A=parts["A"], B=parts["B"], scale=scale, bias=parts.get("B.bias"),
+                      magnitude=parts.get("magnitude"))
 
 
 def prefix_kv_from_peft(prompt: torch.Tensor, base: BaseModelShape) -> torch.Tensor:

@@ -32,9 +32,8 @@ from typing import BinaryIO
 
 from server.adapters.formats import AdapterKind, AdapterWeights, BaseModelShape
 from server.adapters.safe_io import load_json_object
-from server.adapters.refs import AdapterKey
-from server.adapters.validate import (NAME_RE, VERSION_RE, AdapterLimits, check_sha256, parse_upload,
-                                      validate_name, validate_sha256)
+from server.adapters.refs import NAME_RE, VERSION_RE, AdapterKey, validate_name
+from server.adapters.validate import AdapterLimits, check_sha256, parse_upload, validate_sha256
 from server.adapters.version_marks import VersionMarks, fsync_dir
 from server.errors import DataLoss, FailedPrecondition, InvalidArgument, LoraFleetError, NotFound, ResourceExhausted
 

@@ -20,18 +20,20 @@ import math
 import re
 from dataclasses import dataclass
 
-from server.adapters import formats
-from server.adapters.formats import AdapterKind, AdapterWeights, BaseModelShape, TensorSlot
+from server.adapters import formats, peft_variants
+from server.adapters.formats import AdapterKind, AdapterWeights, BaseModelShape, TensorRole
 from lorafleet.archive import ArchiveError, ArchiveTooLarge, read_archive
-from server.adapters.refs import NAME_RE, VERSION_RE, parse_ref, validate_name  # noqa: F401 - re-exported for the store
 from server.adapters.safe_io import TensorHeader, load_json_object, load_tensors, read_safetensors_header
 from server.errors import DataLoss, FailedPrecondition, InvalidArgument, ResourceExhausted
+from server.kernels.activation import NAMES as ACTIVATIONS
 
 MiB = 1 << 20
 SHA256_RE = re.compile(r"[0-9a-f]{64}", re.ASCII)
 _PATTERN_RE = re.compile(r"[A-Za-z0-9_.|()\[\]^$?*+\\-]{1,128}", re.ASCII)
 _MAX_PATTERNS = 64
-_UNSUPPORTED_LORA = ("use_dora", "lora_bias", "fan_in_fan_out", "alora_invocation_tokens", "use_qalora",
+_MAX_INIT_R = 4096  # AdaLoRA's starting rank: bounds its rank_pattern masks (kept ranks: max_rank)
+_ADALORA_MASK_RE = re.compile(r"model\.layers\.(0|[1-9][0-9]{0,5})\.(self_attn|mlp)\.([a-z_]+)\.lora_E", re.ASCII)
+_UNSUPPORTED_LORA = ("fan_in_fan_out", "alora_invocation_tokens", "use_qalora",
                      "layer_replication", "target_parameters", "trainable_token_indices", "use_bdlora",
                      "arrow_config", "kasa_config", "velora_config", "monteclora_config", "megatron_config")
 
@@ -109,10 +111,13 @@ def check_config(cfg: dict, base: BaseModelShape, limits: AdapterLimits,
                  expected_kind: AdapterKind | None = None) -> AdapterKind:
     """Schema-check adapter_config.json for its peft_type and the base model; returns the kind."""
     peft_type = cfg.get("peft_type")
-    supported = ", ".join(k.value for k in AdapterKind)
-    if not isinstance(peft_type, str) or peft_type not in AdapterKind.__members__:
-        raise InvalidArgument(f"unsupported peft_type {str(peft_type)[:40]!r}; supported: {supported}")
+    supported = ", ".join(k.value for k in AdapterKind if k is not AdapterKind.DORA)
+    if not isinstance(peft_type, str) or peft_type == "DORA" or peft_type not in AdapterKind.__members__:
+        raise InvalidArgument(f"unsupported peft_type {str(peft_type)[:40]!r}; supported: {supported} "
+                              "(DoRA is peft_type LORA with use_dora: true)")
     kind = AdapterKind(peft_type)
+    if kind is AdapterKind.LORA and _field(cfg, "use_dora", "bool", False):
+        kind = AdapterKind.DORA
     if expected_kind is not None and kind is not expected_kind:
         raise InvalidArgument(f"upload declares kind {expected_kind.value} but adapter_config.json says {kind.value}")
     task_type = _field(cfg, "task_type", "str", "CAUSAL_LM")
@@ -126,16 +131,29 @@ def check_config(cfg: dict, base: BaseModelShape, limits: AdapterLimits,
     return kind
 
 
+def _check_lora_family_options(cfg: dict, what: str, unsupported: tuple[str, ...]) -> None:
+    """Options LoRA, DoRA, AdaLoRA and VeRA share: target_modules, bias and the unsupported extras."""
+    targets = _field(cfg, "target_modules", "str_or_list", [])
+    if _field(cfg, "bias", "str", "none") != "none":
+        raise InvalidArgument(f"{what} bias={cfg['bias'][:20]!r} is not supported; use bias='none'")
+    for key in unsupported:
+        if cfg.get(key):
+            raise InvalidArgument(f"{what} option {key} is not supported; it must be unset or false")
+    if cfg.get("use_dora") and isinstance(targets, list):
+        for t in targets:
+            if t not in formats.LINEAR_MODULES and re.search(r"embed|lm_head|conv", t):
+                raise InvalidArgument(f"DoRA on {t[:40]!r} is not supported: DoRA is served on the linear "
+                                      f"modules ({', '.join(formats.LINEAR_MODULES)}), not on embeddings or "
+                                      "conv layers")
+
+
 def _check_lora_config(cfg: dict, base: BaseModelShape, limits: AdapterLimits) -> None:
     _count(cfg, "r", limits.max_rank, "LoRA rank r")
     _field(cfg, "lora_alpha", "number", 8)
     _field(cfg, "use_rslora", "bool", False)
-    _field(cfg, "target_modules", "str_or_list", [])
-    if _field(cfg, "bias", "str", "none") != "none":
-        raise InvalidArgument(f"LoRA bias={cfg['bias'][:20]!r} is not supported; use bias='none'")
-    for key in _UNSUPPORTED_LORA:
-        if cfg.get(key):
-            raise InvalidArgument(f"LoRA option {key} is not supported; it must be unset or false")
+    if _field(cfg, "lora_bias", "bool", False) and _field(cfg, "use_dora", "bool", False):
+        raise InvalidArgument("lora_bias with use_dora is not supported (PEFT refuses it too)")
+    _check_lora_family_options(cfg, "LoRA", _UNSUPPORTED_LORA)
     ranks = _field(cfg, "rank_pattern", "dict", {})
     alphas = _field(cfg, "alpha_pattern", "dict", {})
     if len(ranks) + len(alphas) > _MAX_PATTERNS:
@@ -190,9 +208,9 @@ def _check_bottleneck_config(cfg: dict, base: BaseModelShape, limits: AdapterLim
     if _field(cfg, "format_version", "int", 1) != 1:
         raise InvalidArgument(f"bottleneck format_version {cfg['format_version']} is not supported; expected 1")
     _count(cfg, "bottleneck_size", limits.max_rank, "bottleneck_size")
-    if _field(cfg, "activation", "str") not in formats.ACTIVATIONS:
+    if _field(cfg, "activation", "str") not in ACTIVATIONS:
         raise InvalidArgument(f"bottleneck activation {cfg['activation'][:20]!r} is not one of "
-                              f"{', '.join(formats.ACTIVATIONS)}")
+                              f"{', '.join(ACTIVATIONS)}")
     places = _field(cfg, "placement", "str_list")
     if not places or len(set(places)) != len(places) or not set(places) <= set(formats.PLACES):
         raise InvalidArgument("bottleneck placement must be a non-empty list of distinct 'attn' / 'mlp'")
@@ -201,14 +219,48 @@ def _check_bottleneck_config(cfg: dict, base: BaseModelShape, limits: AdapterLim
         _equal(cfg, "base_model_num_layers", base.num_layers, "number of layers")
 
 
-_CONFIG_CHECKS = {AdapterKind.LORA: _check_lora_config, AdapterKind.IA3: _check_ia3_config,
+def _check_adalora_config(cfg: dict, base: BaseModelShape, limits: AdapterLimits) -> None:
+    init_r = _count(cfg, "init_r", _MAX_INIT_R, "AdaLoRA init_r")
+    _field(cfg, "lora_alpha", "number", 8)
+    _check_lora_family_options(cfg, "AdaLoRA", ("use_dora", "lora_bias", *_UNSUPPORTED_LORA))
+    masks = _field(cfg, "rank_pattern", "dict", {})
+    if len(masks) > base.num_layers * len(formats.LINEAR_MODULES):
+        raise InvalidArgument(f"AdaLoRA rank_pattern has {len(masks)} entries; the base model has "
+                              f"{base.num_layers * len(formats.LINEAR_MODULES)} linear modules")
+    for key, mask in masks.items():
+        m = _ADALORA_MASK_RE.fullmatch(key)
+        if not m or formats.MODULE_PARENT.get(m.group(3)) != m.group(2):
+            raise InvalidArgument(f"AdaLoRA rank_pattern key {key[:100]!r} is not a module's lora_E, e.g. "
+                                  f"{peft_variants.adalora_mask_key(0, 'q_proj')!r}")
+        if int(m.group(1)) >= base.num_layers:
+            raise FailedPrecondition(f"AdaLoRA rank_pattern key {key[:100]!r} is for layer {m.group(1)}; "
+                                     f"the base model has {base.num_layers} layers")
+        if not isinstance(mask, list) or len(mask) != init_r or not all(isinstance(b, bool) for b in mask):
+            raise InvalidArgument(f"AdaLoRA rank_pattern[{key[:100]!r}] must be a list of init_r={init_r} "
+                                  "true/false values")
+
+
+def _check_vera_config(cfg: dict, base: BaseModelShape, limits: AdapterLimits) -> None:
+    _count(cfg, "r", limits.max_rank, "VeRA rank r")
+    if not _field(cfg, "save_projection", "bool", True):
+        raise InvalidArgument("VeRA adapters must be saved with save_projection=True: the server serves "
+                              "the saved vera_A / vera_B, it does not regenerate them from projection_prng_key")
+    _check_lora_family_options(cfg, "VeRA", ("fan_in_fan_out", "layer_replication"))
+
+
+_CONFIG_CHECKS = {AdapterKind.LORA: _check_lora_config, AdapterKind.DORA: _check_lora_config,
+                  AdapterKind.IA3: _check_ia3_config,
                   AdapterKind.PREFIX_TUNING: _check_prefix_config, AdapterKind.PROMPT_TUNING: _check_prompt_config,
-                  AdapterKind.BOTTLENECK: _check_bottleneck_config}
+                  AdapterKind.BOTTLENECK: _check_bottleneck_config, AdapterKind.ADALORA: _check_adalora_config,
+                  AdapterKind.VERA: _check_vera_config}
 
 
 # ---------------------------------------------------------------- tensor names and shapes
 
 _EXAMPLE = {AdapterKind.LORA: "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+            AdapterKind.DORA: "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector",
+            AdapterKind.ADALORA: "base_model.model.model.layers.0.self_attn.q_proj.lora_E",
+            AdapterKind.VERA: "base_model.model.model.layers.0.self_attn.q_proj.vera_lambda_d",
             AdapterKind.IA3: "base_model.model.model.layers.0.self_attn.k_proj.ia3_l",
             AdapterKind.BOTTLENECK: "layers.0.attn_adapter.down.weight",
             AdapterKind.PREFIX_TUNING: formats.PROMPT_KEY, AdapterKind.PROMPT_TUNING: formats.PROMPT_KEY}
@@ -230,6 +282,9 @@ def check_tensors(kind: AdapterKind, cfg: dict, header: dict[str, TensorHeader],
     groups: Groups = {}
     for name, h in header.items():
         slot = formats.parse_tensor_name(kind, name)
+        if slot is None and kind is AdapterKind.DORA and re.search(r"embed|lm_head|conv", name):
+            raise InvalidArgument(f"tensor {name[:100]!r}: DoRA on embeddings or conv layers is not "
+                                  "supported; it is served on the linear modules only")
         if slot is None:
             raise InvalidArgument(f"unexpected tensor {name[:100]!r} for a {kind.value} adapter; "
                                   f"names look like {_EXAMPLE[kind]}")
@@ -245,7 +300,7 @@ def check_tensors(kind: AdapterKind, cfg: dict, header: dict[str, TensorHeader],
     _TENSOR_CHECKS[kind](cfg, groups, base, limits)
 
 
-def _group_key(slot: TensorSlot) -> tuple[int, str]:
+def _group_key(slot: TensorRole) -> tuple[int, str]:
     return (-1, slot.role) if slot.layer < 0 else (slot.layer, slot.module)
 
 
@@ -272,25 +327,87 @@ def _matches_module_list(targets: object, path: str, dotted: bool) -> bool:
     return any(path == t or path.endswith(("." if dotted else "") + t) for t in targets)
 
 
+def _check_factors(cfg: dict, layer: int, module: str, parts: dict, base: BaseModelShape,
+                   limits: AdapterLimits, expected_r: int) -> None:
+    """lora_A [r, d_in] and lora_B [d_out, r] of one module, r as the config says and within limits."""
+    (a_name, a), (b_name, b) = parts["A"], parts["B"]
+    d_in, d_out = base.linear_dims(module)
+    if len(a) != 2 or a[1] != d_in:
+        raise FailedPrecondition(f"tensor {a_name} has shape {list(a)}; the base model needs [r, {d_in}]")
+    r = a[0]
+    if r > limits.max_rank:
+        raise ResourceExhausted(f"tensor {a_name} has rank {r}; the limit is {limits.max_rank}")
+    if len(b) != 2 or b[1] != r:
+        raise InvalidArgument(f"tensor {b_name} has shape {list(b)}: its rank does not match lora_A's {r}")
+    _want(b_name, b, (d_out, r))
+    if r != expected_r:
+        raise InvalidArgument(f"tensor {a_name} has rank {r} but adapter_config.json gives {expected_r}")
+    if not _matches_module_list(cfg.get("target_modules"), formats.module_path(layer, module), True):
+        raise InvalidArgument(f"tensor {a_name} is for {module}, which target_modules does not list")
+
+
 def _check_lora_tensors(cfg: dict, groups: Groups, base: BaseModelShape, limits: AdapterLimits) -> None:
+    """LoRA, with lora_B.bias when lora_bias is set and lora_magnitude_vector when use_dora is."""
+    extra = {"B.bias"} if cfg.get("lora_bias") else {"magnitude"} if cfg.get("use_dora") else set()
     for (layer, module), parts in groups.items():
-        if set(parts) != {"A", "B"}:
-            raise InvalidArgument(f"layer {layer} {module}: lora_A and lora_B must both be present")
-        (a_name, a), (b_name, b) = parts["A"], parts["B"]
+        if set(parts) != {"A", "B"} | extra:
+            need = ", ".join(["lora_A", "lora_B"] + [{"B.bias": "lora_B.bias (lora_bias is true)",
+                                                      "magnitude": "lora_magnitude_vector (use_dora is true)"}[p]
+                                                     for p in sorted(extra)])
+            raise InvalidArgument(f"layer {layer} {module}: needs exactly {need}; found {', '.join(sorted(parts))}")
+        _check_factors(cfg, layer, module, parts, base, limits, formats.lora_rank_alpha(cfg, layer, module)[0])
+        d_out = base.linear_dims(module)[1]
+        for part in extra:
+            _want(*parts[part], (d_out,))
+
+
+def _check_adalora_tensors(cfg: dict, groups: Groups, base: BaseModelShape, limits: AdapterLimits) -> None:
+    """lora_A [r, d_in], lora_E [r, 1], lora_B [d_out, r]; r = the rank_pattern mask's count, or init_r.
+    Every rank_pattern key must name a module that has tensors (PEFT resizes each one it names)."""
+    for (layer, module), parts in groups.items():
+        if set(parts) != {"A", "B", "E"}:
+            raise InvalidArgument(f"layer {layer} {module}: lora_A, lora_E and lora_B must all be present")
+        r = peft_variants.adalora_rank(cfg, layer, module)
+        _check_factors(cfg, layer, module, parts, base, limits, r)
+        e_name, e = parts["E"]
+        if e != (r, 1):
+            raise InvalidArgument(f"tensor {e_name} has shape {list(e)}; AdaLoRA's lora_E is [r, 1] = [{r}, 1]")
+    have = {peft_variants.adalora_mask_key(layer, module) for layer, module in groups}
+    for key in cfg.get("rank_pattern") or {}:
+        if key not in have:
+            raise InvalidArgument(f"AdaLoRA rank_pattern names {key[:100]!r}, which has no tensors")
+
+
+def _check_vera_tensors(cfg: dict, groups: Groups, base: BaseModelShape, limits: AdapterLimits) -> None:
+    """Shared vera_A [r, W_in], vera_B [W_out, r] wide enough for every module; per module
+    vera_lambda_d [r] and vera_lambda_b [d_out]."""
+    shared = groups.pop((-1, "vera"), {})
+    if set(shared) != {"A", "B"}:
+        raise InvalidArgument("a VeRA adapter must include base_model.vera_A and base_model.vera_B "
+                              "(save it with save_projection=True)")
+    if not groups:
+        raise InvalidArgument(f"{formats.WEIGHTS_FILE} holds no VeRA module tensors")
+    r = cfg["r"]
+    (a_name, a), (b_name, b) = shared["A"], shared["B"]
+    if len(a) != 2 or len(b) != 2 or a[0] != r or b[1] != r:
+        raise InvalidArgument(f"tensors {a_name} {list(a)} and {b_name} {list(b)} must be [r, d_in] and "
+                              f"[d_out, r] with r={r}")
+    widest = [max(base.linear_dims(m)[i] for m in formats.LINEAR_MODULES) for i in (0, 1)]
+    if a[1] > widest[0] or b[0] > widest[1]:
+        raise FailedPrecondition(f"VeRA projections {list(a)} / {list(b)} are wider than any linear of the base "
+                                 f"model (d_in <= {widest[0]}, d_out <= {widest[1]})")
+    for (layer, module), parts in groups.items():
+        if set(parts) != {"lambda_b", "lambda_d"}:
+            raise InvalidArgument(f"layer {layer} {module}: vera_lambda_b and vera_lambda_d must both be present")
         d_in, d_out = base.linear_dims(module)
-        if len(a) != 2 or a[1] != d_in:
-            raise FailedPrecondition(f"tensor {a_name} has shape {list(a)}; the base model needs [r, {d_in}]")
-        r = a[0]
-        if r > limits.max_rank:
-            raise ResourceExhausted(f"tensor {a_name} has rank {r}; the limit is {limits.max_rank}")
-        if len(b) != 2 or b[1] != r:
-            raise InvalidArgument(f"tensor {b_name} has shape {list(b)}: its rank does not match lora_A's {r}")
-        _want(b_name, b, (d_out, r))
-        expected_r, _ = formats.lora_rank_alpha(cfg, layer, module)
-        if r != expected_r:
-            raise InvalidArgument(f"tensor {a_name} has rank {r} but adapter_config.json gives {expected_r}")
+        if a[1] < d_in or b[0] < d_out:
+            raise FailedPrecondition(f"VeRA projections {list(a)} / {list(b)} are smaller than layer {layer} "
+                                     f"{module}'s shape (d_in {d_in}, d_out {d_out})")
+        if parts["lambda_d"][1] != (r,):
+            raise InvalidArgument(f"tensor {parts['lambda_d'][0]} has shape {list(parts['lambda_d'][1])}; r is {r}")
+        _want(*parts["lambda_b"], (d_out,))
         if not _matches_module_list(cfg.get("target_modules"), formats.module_path(layer, module), True):
-            raise InvalidArgument(f"tensor {a_name} is for {module}, which target_modules does not list")
+            raise InvalidArgument(f"tensor {parts['lambda_d'][0]} is for {module}, which target_modules does not list")
 
 
 def _check_ia3_tensors(cfg: dict, groups: Groups, base: BaseModelShape, limits: AdapterLimits) -> None:
@@ -339,7 +456,9 @@ def _check_bottleneck_tensors(cfg: dict, groups: Groups, base: BaseModelShape, l
             _want(name, shape, expected[part])
 
 
-_TENSOR_CHECKS = {AdapterKind.LORA: _check_lora_tensors, AdapterKind.IA3: _check_ia3_tensors,
+_TENSOR_CHECKS = {AdapterKind.LORA: _check_lora_tensors, AdapterKind.DORA: _check_lora_tensors,
+                  AdapterKind.ADALORA: _check_adalora_tensors, AdapterKind.VERA: _check_vera_tensors,
+                  AdapterKind.IA3: _check_ia3_tensors,
                   AdapterKind.PREFIX_TUNING: _check_prefix_tensors, AdapterKind.PROMPT_TUNING: _check_prompt_tensors,
                   AdapterKind.BOTTLENECK: _check_bottleneck_tensors}
 

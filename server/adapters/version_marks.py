@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-from server.adapters.validate import VERSION_RE
+from server.adapters.refs import VERSION_RE
 
 log = logging.getLogger(__name__)
 

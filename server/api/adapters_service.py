@@ -60,6 +60,7 @@ class AdaptersService(pb_grpc.AdaptersServicer):
         if detail:
             w = self.registry.load(info.key)
             msg.rank = w.rank
+            msg.lora_bias = w.lora_bias
             msg.targets.extend(_targets(w))
             if w.head is not None:
                 msg.labels.extend(w.head.labels)

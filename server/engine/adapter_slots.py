@@ -1,38 +1,77 @@
 """Device adapter slots: the stacked tensors the batched kernels read, and the per-step hooks.
 
 Every resident adapter occupies one slot `s` (the tiered cache decides which). A slot holds the
-adapter in the form its kind needs:
+adapter in the form its kind needs, in typed stacks (one per layer and fused target or place):
 
-  LoRA        per layer: packed q/k/v  A_qkv [S, 3r, d] + B_q/B_k/B_v, o, packed gate/up, down;
-              rank r_s per slot (modules of smaller rank are zero-padded up to r_s). B (and the
-              bottleneck's U) are stored transposed, [S, r, d_out] contiguous, and handed to the
-              kernels as [S, d_out, r] views: the expand bmm then reads contiguous rows.
-  IA3         per layer: output scales of q/k/v (fused), o, gate/up (fused), down; input scales
-              of o and down (PEFT's feedforward modules); 1 where the adapter has none
-  Bottleneck  per layer and place (attn | mlp): D [S, r, d], U [S, d, r], biases, activation id
-  Prefix      prefix K/V [layers, 2, kv_heads, n, hd], copied into a sequence's KV slot at admission
-  Prompt      virtual-token embeddings [n, d], swapped into the input embeddings at prefill
-  Head        classification head (weight [labels, d], bias, label names), any kind may carry one
+  LoraStack    LoRA, DoRA, AdaLoRA and VeRA (the last two folded to LoRA factors at parse): packed
+               A [S, n*r, d_in] and one B per part of the fused target (q/k/v, gate/up); rank r_s
+               per slot (modules of smaller rank are zero-padded up to r_s). B (and the
+               bottleneck's U) are stored transposed, [S, r, d_out] contiguous, and handed to the
+               kernels as [S, d_out, r] views: the expand bmm then reads contiguous rows.
+  DoraScale    per-slot output column scale g and shift, applied after the LoRA add: DoRA's
+               g = m / ||W + s B A||_row (computed here at write time from the frozen base weight;
+               shift (1 - g) * b0 where the base linear has a bias b0), and LoRA bias (g = 1,
+               shift s * b). 1 and 0 where a slot has none.
+  Ia3Stack     output scales of q/k/v (fused), o, gate/up (fused), down; input scales of o and
+               down (PEFT's feedforward modules); 1 where the adapter has none
+  BottleneckStack  per layer and place (attn | mlp): D [S, r, d], U [S, d, r], biases
+  Prefix       prefix K/V [layers, 2, kv_heads, n, hd], copied into a sequence's KV slot at admission
+  Prompt       virtual-token embeddings [n, d], swapped into the input embeddings at prefill
+  Head         classification head (weight [labels, d], bias, label names), any kind may carry one
 
 `StepAdapters` is built once per step from each row's slot and passed to the forward as its
 hooks (no per-step state lives on the model or on this store).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from server import kernels
-from server.adapters.formats import AdapterKind, AdapterWeights, ClassificationHead
+from server.kernels.activation import Activation
+from server.adapters.formats import LORA_FAMILY, AdapterKind, AdapterWeights, ClassificationHead
+from server.adapters.peft_variants import dora_scale
 from server.errors import FailedPrecondition
-from server.model.llama import ModelArgs
+from server.model.llama import LayerWeights, ModelArgs
 
-ACT_ID = {"relu": 0, "gelu": 1, "silu": 2}
 # each Llama linear -> (fused target of the forward, its position in that target's output)
 MODULE_TARGET = {"q_proj": ("qkv", 0), "k_proj": ("qkv", 1), "v_proj": ("qkv", 2), "o_proj": ("o", 0),
                  "gate_proj": ("gate_up", 0), "up_proj": ("gate_up", 1), "down_proj": ("down", 0)}
 IA3_IN = {"o_proj": "o", "down_proj": "down"}
+BASE_WEIGHT = {"qkv": "wqkv", "o": "wo", "gate_up": "w_gate_up", "down": "w_down"}  # LayerWeights fields
+
+
+@dataclass(frozen=True)
+class LoraStack:
+    """LoRA factors of one fused target for every slot (n parts: 3 for q/k/v, 2 for gate/up)."""
+    A: torch.Tensor                  # [S, n * r_max, d_in], part i owns rank rows [i*r_max, (i+1)*r_max)
+    B: list[torch.Tensor]            # n x [S, d_out_i, r_max] (views of contiguous [S, r_max, d_out_i])
+    scale: list[torch.Tensor]        # n x [S]
+
+
+@dataclass(frozen=True)
+class DoraScale:
+    """Per-slot column scale and shift of one fused target's output: y = g * y + shift."""
+    g: torch.Tensor                  # [S, sum(d_out_i)], 1 where a slot has no DoRA
+    shift: torch.Tensor              # [S, sum(d_out_i)], 0 where a slot has no bias term
+
+
+@dataclass(frozen=True)
+class Ia3Stack:
+    """IA3 scales of one fused target for every slot."""
+    out: torch.Tensor                # [S, sum(d_out_i)] output scales, 1 where none
+    inp: torch.Tensor | None         # [S, d_in] input scales (targets o and down only), 1 where none
+
+
+@dataclass(frozen=True)
+class BottleneckStack:
+    """Bottleneck adapters of one place (attn | mlp) for every slot."""
+    D: torch.Tensor                  # [S, r_max, d] down projection
+    U: torch.Tensor                  # [S, d, r_max] up projection (view of contiguous [S, r_max, d])
+    bd: torch.Tensor                 # [S, r_max] down bias, 0 where none
+    bu: torch.Tensor                 # [S, d] up bias, 0 where none
 
 
 @dataclass
@@ -45,37 +84,42 @@ class SlotInfo:
 
 class AdapterSlots:
     def __init__(self, args: ModelArgs, num_slots: int, max_rank: int, device: torch.device,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, base: Sequence[LayerWeights] | None = None):
+        """`base`: the frozen model's layers (LlamaModel.layers), read when a DoRA adapter is written
+        (its scale depends on W); without them DoRA adapters are refused at write time."""
         self.args, self.num_slots, self.r = args, num_slots, max_rank
-        self.device, self.dtype = device, dtype
-        S, r, d, f = num_slots, max_rank, args.dim, args.intermediate_size
-        q, kv = args.q_size, args.kv_size
+        self.device, self.dtype, self.base = device, dtype, base
+        S, r, d = num_slots, max_rank, args.dim
+        q, kv, f = args.q_size, args.kv_size, args.intermediate_size
         self.out_dims = {"qkv": (q, kv, kv), "o": (d,), "gate_up": (f, f), "down": (d,)}
         self.in_dims = {"qkv": d, "o": q, "gate_up": d, "down": f}
         starts = {t: [sum(outs[:i]) for i in range(len(outs))] for t, outs in self.out_dims.items()}
         self.out_slices = {t: [slice(a, a + o) for a, o in zip(starts[t], outs)]   # columns of each
                            for t, outs in self.out_dims.items()}                      # part of a fused output
 
-        def z(*shape: int) -> torch.Tensor:
+        def zeros(*shape: int) -> torch.Tensor:
             return torch.zeros(shape, device=device, dtype=dtype)
 
         def ones(*shape: int) -> torch.Tensor:
             return torch.ones(shape, device=device, dtype=dtype)
 
+        L, widths = args.n_layers, {t: sum(outs) for t, outs in self.out_dims.items()}
+        self.lora = [{t: LoraStack(zeros(S, len(outs) * r, self.in_dims[t]),
+                                   [zeros(S, r, o).transpose(1, 2) for o in outs], [zeros(S) for _ in outs])
+                      for t, outs in self.out_dims.items()} for _ in range(L)]
+        self.dora = [{t: DoraScale(ones(S, w), zeros(S, w)) for t, w in widths.items()} for _ in range(L)]
+        self.ia3 = [{t: Ia3Stack(ones(S, w), ones(S, self.in_dims[t]) if t in IA3_IN.values() else None)
+                     for t, w in widths.items()} for _ in range(L)]
+        self.bn = [{p: BottleneckStack(zeros(S, r, d), zeros(S, r, d).transpose(1, 2), zeros(S, r), zeros(S, d))
+                    for p in ("attn", "mlp")} for _ in range(L)]
         self.lora_rank = torch.zeros(S, dtype=torch.long, device=device)
-        self.lora = [{t: (z(S, len(outs) * r, self.in_dims[t]), [z(S, r, o).transpose(1, 2) for o in outs],
-                          [z(S) for _ in outs]) for t, outs in self.out_dims.items()}
-                     for _ in range(args.n_layers)]
-        self.ia3_out = [{t: ones(S, sum(outs)) for t, outs in self.out_dims.items()}
-                        for _ in range(args.n_layers)]
-        self.ia3_in = [{t: ones(S, self.in_dims[t]) for t in ("o", "down")} for _ in range(args.n_layers)]
         self.bn_rank = torch.zeros(S, dtype=torch.long, device=device)
         self.bn_act = torch.zeros(S, dtype=torch.long, device=device)
-        self.bn = [{p: (z(S, r, d), z(S, r, d).transpose(1, 2), z(S, r), z(S, d)) for p in ("attn", "mlp")}
-                   for _ in range(args.n_layers)]
-        self.info: list[SlotInfo | None] = [None] * S
         self.ones_rank = torch.ones(S, dtype=torch.long, device=device)
+        self.info: list[SlotInfo | None] = [None] * S
         self.lora_targets: list[frozenset[str]] = [frozenset()] * S   # targets a slot's LoRA touches
+        self.dora_targets: list[frozenset[str]] = [frozenset()] * S   # targets with a scale or shift
+        self.dora_shift = [False] * S                                  # some target has a shift
 
     # ------------------------------------------------------------------ writing a slot
     def write(self, slot: int, w: AdapterWeights) -> None:
@@ -84,12 +128,16 @@ class AdapterSlots:
             raise FailedPrecondition(f"adapter rank {w.rank} exceeds this server's slot rank {self.r}")
         self._clear(slot)
         dev = dict(device=self.device, dtype=self.dtype)
-        if w.kind is AdapterKind.LORA:
-            self._write_lora(slot, w)
-        elif w.kind is AdapterKind.IA3:
-            self._write_ia3(slot, w)
-        elif w.kind is AdapterKind.BOTTLENECK:
-            self._write_bottleneck(slot, w)
+        try:
+            if w.kind in LORA_FAMILY:
+                self._write_lora(slot, w)
+            elif w.kind is AdapterKind.IA3:
+                self._write_ia3(slot, w)
+            elif w.kind is AdapterKind.BOTTLENECK:
+                self._write_bottleneck(slot, w)
+        except FailedPrecondition:
+            self._clear(slot)   # nothing half-written stays in the slot
+            raise
         self.info[slot] = SlotInfo(
             w.kind,
             w.prefix_kv.to(**dev) if w.prefix_kv is not None else None,
@@ -98,33 +146,56 @@ class AdapterSlots:
 
     def _clear(self, slot: int) -> None:
         for layer in self.lora:
-            for A, Bs, scales in layer.values():
-                A[slot].zero_()
-                for B, s in zip(Bs, scales):
+            for st in layer.values():
+                st.A[slot].zero_()
+                for B, s in zip(st.B, st.scale):
                     B[slot].zero_()
                     s[slot] = 0
-        for layer in self.ia3_out + self.ia3_in:
-            for v in layer.values():
-                v[slot] = 1
+        for layer in self.dora:
+            for ds in layer.values():
+                ds.g[slot] = 1
+                ds.shift[slot] = 0
+        for layer in self.ia3:
+            for st in layer.values():
+                st.out[slot] = 1
+                if st.inp is not None:
+                    st.inp[slot] = 1
         for layer in self.bn:
-            for t in layer.values():
-                for x in t:
+            for st in layer.values():
+                for x in (st.D, st.U, st.bd, st.bu):
                     x[slot].zero_()
         self.lora_rank[slot] = self.bn_rank[slot] = self.bn_act[slot] = 0
-        self.lora_targets[slot] = frozenset()
+        self.lora_targets[slot] = self.dora_targets[slot] = frozenset()
+        self.dora_shift[slot] = False
         self.info[slot] = None
 
     def _write_lora(self, slot: int, w: AdapterWeights) -> None:
-        rank = max(t.A.shape[0] for t in w.lora.values())
+        """LoRA factors of every target, then DoRA's scale and the LoRA bias as column scale/shift."""
+        if w.kind is AdapterKind.DORA and self.base is None:
+            raise FailedPrecondition("this server was started without the base weights DoRA needs")
         for (layer, module), t in w.lora.items():
             target, i = MODULE_TARGET[module]
-            A, Bs, scales = self.lora[layer][target]
-            r = t.A.shape[0]
-            A[slot, i * self.r:i * self.r + r] = t.A
-            Bs[i][slot, :, :r] = t.B
-            scales[i][slot] = t.scale
-        self.lora_rank[slot] = rank
+            st, r = self.lora[layer][target], t.A.shape[0]
+            st.A[slot, i * self.r:i * self.r + r] = t.A
+            st.B[i][slot, :, :r] = t.B
+            st.scale[i][slot] = t.scale
+            cols = self.out_slices[target][i]
+            ds = self.dora[layer][target]
+            if t.bias is not None:
+                ds.shift[slot, cols] = t.scale * t.bias
+            if t.magnitude is not None:
+                W = getattr(self.base[layer], BASE_WEIGHT[target])[:, cols].T       # [d_out_i, d_in]
+                g = dora_scale(W, t, f"layer {layer} {module}")                      # [d_out_i] float32
+                ds.g[slot, cols] = g
+                b0 = self.base[layer].bqkv if target == "qkv" else None              # the base bias
+                if b0 is not None:
+                    ds.shift[slot, cols] = (1 - g) * b0[cols].float()
+                    self.dora_shift[slot] = True
+            self.dora_shift[slot] |= t.bias is not None
+        self.lora_rank[slot] = w.rank
         self.lora_targets[slot] = frozenset(MODULE_TARGET[m][0] for _, m in w.lora)
+        self.dora_targets[slot] = frozenset(MODULE_TARGET[m][0] for (_, m), t in w.lora.items()
+                                            if t.bias is not None or t.magnitude is not None)
 
     def _write_ia3(self, slot: int, w: AdapterWeights) -> None:
         for (layer, module), t in w.ia3.items():
@@ -133,49 +204,52 @@ class AdapterSlots:
                     raise FailedPrecondition(
                         f"IA3 input scaling (feedforward_modules) is served on o_proj and down_proj "
                         f"only, not {module}")
-                self.ia3_in[layer][IA3_IN[module]][slot] = t.vec
+                self.ia3[layer][IA3_IN[module]].inp[slot] = t.vec
             else:
                 target, i = MODULE_TARGET[module]
-                self.ia3_out[layer][target][slot, self.out_slices[target][i]] = t.vec
+                self.ia3[layer][target].out[slot, self.out_slices[target][i]] = t.vec
 
     def _write_bottleneck(self, slot: int, w: AdapterWeights) -> None:
         acts = {t.activation for t in w.bottleneck.values()}
         if len(acts) != 1:
             raise FailedPrecondition("a bottleneck adapter must use one activation throughout")
         for (layer, place), t in w.bottleneck.items():
-            D, U, bd, bu = self.bn[layer][place]
-            r = t.down.shape[0]
-            D[slot, :r] = t.down
-            U[slot, :, :r] = t.up
+            st, r = self.bn[layer][place], t.down.shape[0]
+            st.D[slot, :r] = t.down
+            st.U[slot, :, :r] = t.up
             if t.down_bias is not None:
-                bd[slot, :r] = t.down_bias
+                st.bd[slot, :r] = t.down_bias
             if t.up_bias is not None:
-                bu[slot] = t.up_bias
+                st.bu[slot] = t.up_bias
         self.bn_rank[slot] = w.rank
-        self.bn_act[slot] = ACT_ID[acts.pop()]
+        self.bn_act[slot] = Activation.of(acts.pop())
 
     # ------------------------------------------------------------------ per step
     def step(self, token_slots: list[int], prompt_rows: list[tuple[int, int, int]]) -> "StepAdapters":
         """token_slots [T]: each row's adapter slot or -1; prompt_rows: (row, slot, virtual index)
         for rows that carry a prompt-tuning virtual token."""
-        kinds = [self.info[s].kind if s >= 0 else None for s in token_slots]
-
-        def plan(kind: AdapterKind, ranks: torch.Tensor) -> kernels.AdapterPlan | None:
-            sl = [s if k is kind else -1 for s, k in zip(token_slots, kinds)]
-            if all(s < 0 for s in sl):
+        def plan(rows: list[int], ranks: torch.Tensor) -> kernels.AdapterPlan | None:
+            if all(s < 0 for s in rows):
                 return None
-            return kernels.make_plan(torch.tensor(sl, dtype=torch.long, device=self.device), ranks)
+            return kernels.make_plan(torch.tensor(rows, dtype=torch.long, device=self.device), ranks)
 
-        lora_targets = frozenset().union(*(self.lora_targets[s] for s, k in zip(token_slots, kinds)
-                                           if k is AdapterKind.LORA))
+        kinds = [self.info[s].kind if s >= 0 else None for s in token_slots]
+        lora_rows = [s if k in LORA_FAMILY and self.lora_targets[s] else -1 for s, k in zip(token_slots, kinds)]
+        dora_rows = [s if s >= 0 and self.dora_targets[s] else -1 for s in lora_rows]
         prompt = None
         if prompt_rows:
             rows = torch.tensor([r for r, _, _ in prompt_rows], dtype=torch.long, device=self.device)
             vals = torch.stack([self.info[s].prompt_embeds[i] for _, s, i in prompt_rows])
             prompt = (rows, vals)
-        return StepAdapters(self, plan(AdapterKind.LORA, self.lora_rank), lora_targets,
-                            plan(AdapterKind.IA3, self.ones_rank),
-                            plan(AdapterKind.BOTTLENECK, self.bn_rank), prompt)
+        return StepAdapters(
+            self, plan(lora_rows, self.lora_rank),
+            frozenset().union(*(self.lora_targets[s] for s in set(lora_rows) if s >= 0)),
+            plan(dora_rows, self.ones_rank),
+            frozenset().union(*(self.dora_targets[s] for s in set(dora_rows) if s >= 0)),
+            any(self.dora_shift[s] for s in set(dora_rows) if s >= 0),
+            plan([s if k is AdapterKind.IA3 else -1 for s, k in zip(token_slots, kinds)], self.ones_rank),
+            plan([s if k is AdapterKind.BOTTLENECK else -1 for s, k in zip(token_slots, kinds)], self.bn_rank),
+            prompt)
 
 
 @dataclass(frozen=True)
@@ -183,7 +257,10 @@ class StepAdapters:
     """The model's AdapterHooks for one step."""
     store: AdapterSlots
     lora: kernels.AdapterPlan | None
-    lora_targets: frozenset[str]          # targets some LoRA row of this step touches
+    lora_targets: frozenset[str]          # targets some LoRA-family row of this step touches
+    dora: kernels.AdapterPlan | None      # rows whose slot has a column scale or shift
+    dora_targets: frozenset[str]          # targets where some of those rows have one
+    dora_shift: bool                      # some of those rows have a shift (else only scales apply)
     ia3: kernels.AdapterPlan | None
     bn: kernels.AdapterPlan | None
     prompt: tuple[torch.Tensor, torch.Tensor] | None   # rows [V], embeddings [V, dim]
@@ -195,24 +272,27 @@ class StepAdapters:
         return h
 
     def pre_linear(self, layer: int, target: str, x: torch.Tensor) -> torch.Tensor:
-        if self.ia3 is not None and target in ("o", "down"):
+        if self.ia3 is not None and target in IA3_IN.values():
             x = x.clone()
-            kernels.ia3(x, self.store.ia3_in[layer][target], self.ia3)
+            kernels.ia3(x, self.store.ia3[layer][target].inp, self.ia3)
         return x
 
     def post_linear(self, layer: int, target: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.lora is not None and target in self.lora_targets:
-            A, Bs, scales = self.store.lora[layer][target]
-            if len(Bs) == 1:
-                kernels.lora(y, x, A, Bs[0], scales[0], self.lora)
+            st = self.store.lora[layer][target]
+            if len(st.B) == 1:
+                kernels.lora(y, x, st.A, st.B[0], st.scale[0], self.lora)
             else:
-                kernels.lora_packed(y, x, A, Bs, scales, self.store.out_slices[target], self.lora)
+                kernels.lora_packed(y, x, st.A, st.B, st.scale, self.store.out_slices[target], self.lora)
+        if self.dora is not None and target in self.dora_targets:
+            ds = self.store.dora[layer][target]
+            kernels.col_scale(y, ds.g, ds.shift if self.dora_shift else None, self.dora)
         if self.ia3 is not None:
-            kernels.ia3(y, self.store.ia3_out[layer][target], self.ia3)
+            kernels.ia3(y, self.store.ia3[layer][target].out, self.ia3)
         return y
 
     def block_out(self, layer: int, place: str, h: torch.Tensor) -> torch.Tensor:
         if self.bn is not None:
-            D, U, bd, bu = self.store.bn[layer][place]
-            kernels.bottleneck(h, D, U, bd, bu, self.store.bn_act, self.bn)
+            st = self.store.bn[layer][place]
+            kernels.bottleneck(h, st.D, st.U, st.bd, st.bu, self.store.bn_act, self.bn)
         return h

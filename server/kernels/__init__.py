@@ -7,6 +7,7 @@
     lora_packed(y, x, A_packed, B_list, scales, out_slices, plan)  # q/k/v, gate/up
     bottleneck(h, D, U, bd, bu, act, plan)       # h += U act(D h + bd) + bu, in place
     ia3(y, vec, plan)                            # y *= vec[slot], in place
+    col_scale(y, scale, shift, plan)             # y = scale[slot] * y + shift[slot] (DoRA), in place
 
 Semantics: ``server.kernels.reference``; signatures: ``contract.KernelBackend``.
 This module only dispatches each call to one backend module, chosen once per
@@ -30,7 +31,7 @@ from server.kernels.plan import AdapterPlan, make_plan
 
 __all__ = [
     "AdapterPlan", "make_plan", "shrink", "expand", "lora", "lora_packed",
-    "bottleneck", "ia3", "reference", "backend", "select_backend", "configure",
+    "bottleneck", "ia3", "col_scale", "reference", "backend", "select_backend", "configure",
     "backend_name", "BACKENDS", "KernelBackend",
 ]
 
@@ -94,4 +95,4 @@ def _dispatcher(name: str) -> Callable[..., torch.Tensor | None]:
     return op
 
 
-shrink, expand, lora, lora_packed, bottleneck, ia3 = (_dispatcher(op) for op in OPS)
+shrink, expand, lora, lora_packed, bottleneck, ia3, col_scale = (_dispatcher(op) for op in OPS)

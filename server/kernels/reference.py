@@ -15,7 +15,7 @@ Common conventions (shared by all implementations):
   ``B``/``U``/``v`` are read; the padded ones may hold any finite values.
 * ``shrink`` writes exact zeros in rows with slot -1 and in rank columns
   ``>= r_s``.
-* ``expand``, ``lora``, ``lora_packed``, ``bottleneck`` and ``ia3`` update their
+* ``expand``, ``lora``, ``lora_packed``, ``bottleneck``, ``ia3`` and ``col_scale`` update their
   output tensor IN PLACE (any strided view works, e.g. a column slice of a
   packed q/k/v output) and return None. Rows with slot -1 are left untouched
   (bit-identical). ``shrink`` returns a new tensor.
@@ -26,12 +26,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
+from server.kernels.activation import Activation
 from server.kernels.plan import AdapterPlan  # only .slots and .slot_ranks are read here
 
 NAME = "reference"
-ACTIVATIONS = {0: F.relu, 1: F.gelu, 2: F.silu}  # act id -> fn (gelu: exact erf)
 
 
 def _rows(plan: AdapterPlan) -> list[tuple[int, int, int]]:
@@ -116,7 +115,7 @@ def bottleneck(
         z = D[s, :r].float() @ h32
         if bd is not None:
             z = z + bd[s, :r].float()
-        out = U[s, :, :r].float() @ ACTIVATIONS[acts[s]](z)
+        out = U[s, :, :r].float() @ Activation(int(acts[s])).fn(z)
         if bu is not None:
             out = out + bu[s].float()
         h[t] = (h32 + out).to(h.dtype)
@@ -130,3 +129,19 @@ def ia3(
     """for t: s = slots[t]; if s >= 0: y[t] *= vec[s]"""
     for t, s, _ in _rows(plan):
         y[t] = (y[t].float() * vec[s].float()).to(y.dtype)
+
+
+def col_scale(
+    y: torch.Tensor,  # [num_tokens, d] (in place)
+    scale: torch.Tensor,  # [num_slots, d]
+    shift: torch.Tensor | None,  # [num_slots, d]
+    plan: AdapterPlan,
+) -> None:
+    """Per-slot output column scale and shift (DoRA's m / ||W + sBA||, applied after the LoRA add;
+    a LoRA bias is scale 1, shift s * b). plan.slot_ranks are not read.
+    for t: s = slots[t]; if s >= 0: y[t] = scale[s] * y[t] + (shift[s] if shift is not None else 0)"""
+    for t, s, _ in _rows(plan):
+        out = y[t].float() * scale[s].float()
+        if shift is not None:
+            out = out + shift[s].float()
+        y[t] = out.to(y.dtype)

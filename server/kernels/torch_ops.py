@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
+from server.kernels.activation import apply_per_row
 from server.kernels.plan import LOOP_MM_COST, AdapterPlan, Bucket
 
 NAME = "torch"
@@ -100,11 +100,6 @@ def _gather_rows(x: torch.Tensor, bk: Bucket) -> torch.Tensor:
     return x.index_select(0, bk.gidx).view(bk.num_groups, bk.group_len, x.shape[-1])
 
 
-def _activate(z: torch.Tensor, act_ids: torch.Tensor) -> torch.Tensor:
-    """Per-row activation; act_ids broadcasts against z (0 relu, 1 gelu, 2 silu)."""
-    return torch.where(act_ids == 0, F.relu(z), torch.where(act_ids == 1, F.gelu(z), F.silu(z)))
-
-
 def _check(plan: AdapterPlan, *tensors: torch.Tensor) -> None:
     for t in tensors:
         if t.shape[0] != plan.num_tokens:
@@ -129,11 +124,7 @@ def _addmm_scaled(yr: torch.Tensor, vr: torch.Tensor, w_t: torch.Tensor, scale: 
 # ---------------------------------------------------------------- ops
 
 
-def shrink(
-    x: torch.Tensor,  # [num_tokens, d_in]
-    A: torch.Tensor,  # [num_slots, r_max, d_in]
-    plan: AdapterPlan,
-) -> torch.Tensor:  # [num_tokens, r_max], dtype of x
+def shrink(x: torch.Tensor, A: torch.Tensor, plan: AdapterPlan) -> torch.Tensor:
     """See reference.shrink."""
     _check(plan, x)
     v = x.new_zeros(x.shape[0], A.shape[1])
@@ -151,13 +142,7 @@ def shrink(
     return v
 
 
-def expand(
-    y: torch.Tensor,  # [num_tokens, d_out] (in place, any strided view)
-    v: torch.Tensor,  # [num_tokens, r_max]
-    B: torch.Tensor,  # [num_slots, d_out, r_max]
-    scale: torch.Tensor,  # [num_slots]
-    plan: AdapterPlan,
-) -> None:
+def expand(y: torch.Tensor, v: torch.Tensor, B: torch.Tensor, scale: torch.Tensor, plan: AdapterPlan) -> None:
     """See reference.expand."""
     _check(plan, y, v)
     d_out = y.shape[1]
@@ -175,14 +160,8 @@ def expand(
         _bucket_expand(y, _gather_rows(v[:, : bk.rank], bk).mul_(_coef(scale, bk)), B, bk)
 
 
-def lora(
-    y: torch.Tensor,  # [num_tokens, d_out] (in place, any strided view)
-    x: torch.Tensor,  # [num_tokens, d_in]
-    A: torch.Tensor,  # [num_slots, r_max, d_in]
-    B: torch.Tensor,  # [num_slots, d_out, r_max]
-    scale: torch.Tensor,  # [num_slots]
-    plan: AdapterPlan,
-) -> None:
+def lora(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
+         plan: AdapterPlan) -> None:
     """See reference.lora."""
     _check(plan, y, x)
     dims = x.shape[1] + y.shape[1]
@@ -198,15 +177,8 @@ def lora(
         _bucket_expand(y, vb.mul_(_coef(scale, bk)), B, bk)
 
 
-def lora_packed(
-    y: torch.Tensor,  # [num_tokens, sum(d_out_i)] (in place)
-    x: torch.Tensor,  # [num_tokens, d_in]
-    A_packed: torch.Tensor,  # [num_slots, n_targets * r_max, d_in]
-    B_list: Sequence[torch.Tensor],  # n_targets x [num_slots, d_out_i, r_max]
-    scales: Sequence[torch.Tensor],  # n_targets x [num_slots]
-    out_slices: Sequence[slice],  # n_targets column slices of y, width d_out_i
-    plan: AdapterPlan,
-) -> None:
+def lora_packed(y: torch.Tensor, x: torch.Tensor, A_packed: torch.Tensor, B_list: Sequence[torch.Tensor],
+                scales: Sequence[torch.Tensor], out_slices: Sequence[slice], plan: AdapterPlan) -> None:
     """See reference.lora_packed. One gather of x and, when a bucket has
     R == r_max, one shrink for all targets."""
     _check(plan, y, x)
@@ -234,15 +206,8 @@ def lora_packed(
             _bucket_expand(y[:, cols], vb.mul(_coef(scale, bk)).to(xs.dtype), B, bk)
 
 
-def bottleneck(
-    h: torch.Tensor,  # [num_tokens, d] (in place)
-    D: torch.Tensor,  # [num_slots, r_max, d]   down projection
-    U: torch.Tensor,  # [num_slots, d, r_max]   up projection
-    bd: torch.Tensor | None,  # [num_slots, r_max]  down bias
-    bu: torch.Tensor | None,  # [num_slots, d]      up bias
-    act: torch.Tensor,  # [num_slots] int: 0=relu, 1=gelu (erf), 2=silu
-    plan: AdapterPlan,
-) -> None:
+def bottleneck(h: torch.Tensor, D: torch.Tensor, U: torch.Tensor, bd: torch.Tensor | None,
+               bu: torch.Tensor | None, act: torch.Tensor, plan: AdapterPlan) -> None:
     """See reference.bottleneck. Each row's delta is computed from the old h
     before h is written."""
     _check(plan, h)
@@ -252,7 +217,7 @@ def bottleneck(
         z = hr @ D[s, :r].t()
         if bd is not None:
             z += bd[s, :r]
-        z = _activate(z, act[s])
+        z = apply_per_row(z, act[s])
         if bu is None:
             outr.addmm_(z, U[s, :, :r].t())
         else:
@@ -264,7 +229,7 @@ def bottleneck(
         z = _bucket_shrink(_gather_rows(h, bk), D, bk, 0, R)
         if bd is not None:
             z += _per_group(bd[:, :R], bk)[:, None, :]
-        z = _activate(z, _per_group(act, bk).view(-1, 1, 1))
+        z = apply_per_row(z, _per_group(act, bk).view(-1, 1, 1))
         if bk.mask is not None:
             z.mul_(bk.mask)
         bias = None
@@ -274,13 +239,20 @@ def bottleneck(
         _bucket_expand(h, z, U, bk, bias)
 
 
-def ia3(
-    y: torch.Tensor,  # [num_tokens, d] (in place)
-    vec: torch.Tensor,  # [num_slots, d]
-    plan: AdapterPlan,
-) -> None:
+def ia3(y: torch.Tensor, vec: torch.Tensor, plan: AdapterPlan) -> None:
     """See reference.ia3."""
     _check(plan, y)
     rows = plan.active_rows
     if rows.numel():
         y.index_copy_(0, rows, y.index_select(0, rows) * vec.index_select(0, plan.active_slots))
+
+
+def col_scale(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None, plan: AdapterPlan) -> None:
+    """See reference.col_scale. One gather of the active rows, one multiply(-add), one scatter."""
+    _check(plan, y)
+    rows = plan.active_rows
+    if rows.numel():
+        out = y.index_select(0, rows).mul_(scale.index_select(0, plan.active_slots))
+        if shift is not None:
+            out += shift.index_select(0, plan.active_slots)
+        y.index_copy_(0, rows, out)

@@ -26,7 +26,7 @@ Design (punica's SGMV, with split-K from its shrink):
   keeps v in fp32 between shrink and expand, as the reference does; expand
   casts it to B's dtype for the dot.
 * Any strides (transposed x, column slices of a fused y, the engine's
-  transposed B). ``bottleneck`` and ``ia3`` are ``torch_ops``'.
+  transposed B). ``bottleneck``, ``ia3`` and ``col_scale`` are ``torch_ops``'.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ NAME = "triton"
 INTERPRETED = bool(knobs.runtime.interpret)  # kernels below were built for the interpreter
 bottleneck = torch_ops.bottleneck
 ia3 = torch_ops.ia3
+col_scale = torch_ops.col_scale  # one gather-multiply-scatter: no kernel of its own (yet)
 
 
 @cache
@@ -176,23 +177,13 @@ def _check(plan: AdapterPlan, *tensors: torch.Tensor) -> None:
             raise ValueError(f"batch has {t.shape[0]} rows, plan has {plan.num_tokens}")
 
 
-def shrink(
-    x: torch.Tensor,  # [num_tokens, d_in]
-    A: torch.Tensor,  # [num_slots, r_max, d_in]
-    plan: AdapterPlan,
-) -> torch.Tensor:  # [num_tokens, r_max], dtype of x
+def shrink(x: torch.Tensor, A: torch.Tensor, plan: AdapterPlan) -> torch.Tensor:
     """See reference.shrink."""
     _check(plan, x)
     return _shrink_f32(x, A, plan).to(x.dtype)
 
 
-def expand(
-    y: torch.Tensor,  # [num_tokens, d_out] (in place, any strided view)
-    v: torch.Tensor,  # [num_tokens, r_max]
-    B: torch.Tensor,  # [num_slots, d_out, r_max]
-    scale: torch.Tensor,  # [num_slots]
-    plan: AdapterPlan,
-) -> None:
+def expand(y: torch.Tensor, v: torch.Tensor, B: torch.Tensor, scale: torch.Tensor, plan: AdapterPlan) -> None:
     """See reference.expand."""
     _check(plan, y, v)
     n_tiles, d_out = plan.tiles.shape[0], y.shape[1]
@@ -208,29 +199,16 @@ def expand(
     )
 
 
-def lora(
-    y: torch.Tensor,  # [num_tokens, d_out] (in place, any strided view)
-    x: torch.Tensor,  # [num_tokens, d_in]
-    A: torch.Tensor,  # [num_slots, r_max, d_in]
-    B: torch.Tensor,  # [num_slots, d_out, r_max]
-    scale: torch.Tensor,  # [num_slots]
-    plan: AdapterPlan,
-) -> None:
+def lora(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
+         plan: AdapterPlan) -> None:
     """See reference.lora. v stays float32 between the two kernels."""
     _check(plan, y, x)
     if plan.tiles.shape[0]:
         expand(y, _shrink_f32(x, A, plan), B, scale, plan)
 
 
-def lora_packed(
-    y: torch.Tensor,  # [num_tokens, sum(d_out_i)] (in place)
-    x: torch.Tensor,  # [num_tokens, d_in]
-    A_packed: torch.Tensor,  # [num_slots, n_targets * r_max, d_in]
-    B_list: Sequence[torch.Tensor],  # n_targets x [num_slots, d_out_i, r_max]
-    scales: Sequence[torch.Tensor],  # n_targets x [num_slots]
-    out_slices: Sequence[slice],  # n_targets column slices of y, width d_out_i
-    plan: AdapterPlan,
-) -> None:
+def lora_packed(y: torch.Tensor, x: torch.Tensor, A_packed: torch.Tensor, B_list: Sequence[torch.Tensor],
+                scales: Sequence[torch.Tensor], out_slices: Sequence[slice], plan: AdapterPlan) -> None:
     """See reference.lora_packed. One shrink launch for all targets, then one
     expand per target into its column slice of y."""
     _check(plan, y, x)

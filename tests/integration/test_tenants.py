@@ -46,6 +46,13 @@ def cluster(tiny_loaded, tmp_path_factory):
             c.close()
 
 
+def wait_for(cond, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"gave up after {timeout:.0f} s waiting for {what}"
+        time.sleep(0.01)
+
+
 def codes(fn) -> grpc.StatusCode:
     with pytest.raises(grpc.RpcError) as e:
         fn()
@@ -172,13 +179,11 @@ def test_hot_swap_under_traffic(cluster, tiny_model_dir, adapters_dir):
     threads = [threading.Thread(target=traffic) for _ in range(3)]
     for t in threads:
         t.start()
-    while len(results) < 3:
-        time.sleep(0.01)
+    wait_for(lambda: len(results) >= 3, "traffic before the swap")
     assert c["a"].upload_adapter(d2, "swap").version == 2
     v2 = c["a"].generate("swap me", max_new_tokens=8, adapter="swap@2").token_ids
     n_at_swap = len(results)
-    while len(results) < n_at_swap + 6:
-        time.sleep(0.01)
+    wait_for(lambda: len(results) >= n_at_swap + 6, "traffic after the swap")
     stop.set()
     for t in threads:
         t.join(30)

@@ -285,3 +285,175 @@ def hostile_corpus():
          AdapterLimits(max_virtual_tokens=4))
     case("sha256-mismatch", lambda: lora("lora"), DataLoss, "sha256 mismatch")
     return cases
+
+
+# ---------------------------------------------------------------- DoRA, AdaLoRA, VeRA, LoRA bias (issue 14)
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# AdaLoRA's finished-run masks (init_r 6): per module a different kept rank; layer 1 v_proj pruned to 0
+ADALORA_MASKS = {(0, "q_proj"): [1, 0, 1, 1, 0, 0], (0, "v_proj"): [1, 1, 1, 1, 1, 1],
+                 (0, "down_proj"): [0, 0, 0, 0, 0, 1], (1, "q_proj"): [0, 1, 0, 1, 0, 0],
+                 (1, "v_proj"): [0, 0, 0, 0, 0, 0], (1, "down_proj"): [1, 1, 0, 1, 0, 1]}
+
+
+def variant_config(variant: str, task_type: str = "CAUSAL_LM"):
+    """PEFT configs of the four kinds served as LoRA: dora, adalora, vera, lora_bias."""
+    from peft import AdaLoraConfig, LoraConfig, VeraConfig
+    return {
+        "dora": lambda: LoraConfig(r=4, lora_alpha=8, use_dora=True, task_type=task_type, target_modules=ALL_LINEAR),
+        "dora_partial": lambda: LoraConfig(r=3, lora_alpha=5, use_dora=True, task_type=task_type,
+                                           target_modules=["k_proj", "up_proj", "o_proj"]),
+        "adalora": lambda: AdaLoraConfig(init_r=6, lora_alpha=12, total_step=10, task_type=task_type,
+                                         target_modules=["q_proj", "v_proj", "down_proj"]),
+        "vera": lambda: VeraConfig(r=8, task_type=task_type, target_modules=["q_proj", "v_proj", "up_proj",
+                                                                             "down_proj"]),
+        "lora_bias": lambda: LoraConfig(r=4, lora_alpha=8, lora_bias=True, task_type=task_type,
+                                        target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"]),
+    }[variant]()
+
+
+def perturb_all(model, seed: int) -> None:
+    """Every adapter parameter re-drawn, non-zero: lora_A/B/E, DoRA magnitudes (around their init
+    ||W||), VeRA lambdas, heads. PEFT inits lora_B, lora_B.bias, AdaLoRA's lora_E and VeRA's
+    lambda_b to zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            noise = torch.randn(p.shape, generator=g)
+            if "magnitude" in name:
+                p.mul_(1 + 0.3 * noise)
+            elif "lambda_d" in name:
+                p.copy_(noise * 0.5)
+            elif "lora_E" in name or "lambda_b" in name:
+                p.copy_(noise)
+            else:
+                p.copy_(noise * 0.2)
+
+
+def set_adalora_masks(model, masks: dict[tuple[int, str], list[int]]) -> None:
+    """As a finished AdaLoRA run leaves its config: rank_pattern {module's lora_E: [bool] * init_r}."""
+    model.peft_config["default"].rank_pattern = {
+        f"model.layers.{layer}.{formats.MODULE_PARENT[m]}.{m}.lora_E": [bool(b) for b in mask]
+        for (layer, m), mask in masks.items()}
+
+
+def save_variant(model, out: Path, variant: str, fresh_base):
+    """save_pretrained, then the oracle: PeftModel.from_pretrained(fresh_base, out) (AdaLoRA's saved
+    tensors are pruned by its masks, so the in-memory model is not what was saved)."""
+    from peft import PeftModel
+    if variant == "adalora":
+        set_adalora_masks(model, ADALORA_MASKS)
+    model.save_pretrained(str(out))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # AdaLoRA masks "ignored" (LoRA's rank_pattern check; it resizes)
+        return PeftModel.from_pretrained(fresh_base, str(out)).eval()
+
+
+@functools.lru_cache(maxsize=None)
+def variant_adapter(variant: str):
+    """(directory, oracle PeftModel loaded from that directory) on the TINY base, random non-zero weights."""
+    from peft import get_peft_model
+
+    torch.manual_seed(2)
+    model = get_peft_model(_base_model(), variant_config(variant))
+    perturb_all(model, seed=len(variant) + 10)
+    model.eval()
+    return _ROOT / variant, save_variant(model, _ROOT / variant, variant, _base_model())
+
+
+def variant_archive(variant: str) -> bytes:
+    return archive_dir(variant_adapter(variant)[0])
+
+
+def _layer0(module: str, part: str) -> str:
+    return f"base_model.model.model.layers.0.{formats.MODULE_PARENT[module]}.{module}.{part}"
+
+
+def _drop(*names: str):
+    return lambda ts: {k: v for k, v in ts.items() if k not in names}
+
+
+def _masks(**changes) -> dict:
+    """ADALORA_MASKS as rank_pattern JSON, with {'layer_module': mask} entries replaced (None drops)."""
+    keys = {f"{layer}_{m}": (layer, m) for layer, m in ADALORA_MASKS}
+    masks = {keys[k]: v for k, v in {**{f"{l}_{m}": v for (l, m), v in ADALORA_MASKS.items()}, **changes}.items()
+             if v is not None}
+    return {f"model.layers.{l}.{formats.MODULE_PARENT[m]}.{m}.lora_E": [bool(b) for b in v]
+            for (l, m), v in masks.items()}
+
+
+def variant_hostile_corpus():
+    """Hostile DoRA / AdaLoRA / VeRA / LoRA-bias uploads, as hostile_corpus(): (id, build, class, limits,
+    text). Each starts from a real file written by peft and breaks one rule."""
+    from server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+
+    bad, limit, unfit = InvalidArgument, ResourceExhausted, FailedPrecondition
+    dora, ada, vera, lbias = (lambda v=v: variant_archive(v) for v in ("dora", "adalora", "vera", "lora_bias"))
+    q_mag, k_mag = _layer0("q_proj", "lora_magnitude_vector"), _layer0("k_proj", "lora_magnitude_vector")
+    cases = []
+
+    def case(case_id, build, exc, match, limits=LIMITS):
+        cases.append((case_id, build, exc, limits, match))
+
+    # DoRA
+    case("dora-magnitude-wrong-length", lambda: with_tensors(dora(), _set(q_mag, torch.ones(32))), unfit,
+         "needs [64]")
+    case("dora-magnitude-2d", lambda: with_tensors(dora(), _set(k_mag, torch.ones(32, 1))), unfit, "needs [32]")
+    case("dora-magnitude-missing", lambda: with_tensors(dora(), _drop(q_mag)), bad, "lora_magnitude_vector")
+    case("dora-magnitude-inf", lambda: with_tensors(dora(), _set(q_mag, torch.full((64,), float("inf")))), bad,
+         "NaN or Inf")
+    case("dora-magnitude-without-use-dora", lambda: with_config(dora(), use_dora=False), bad, "needs exactly")
+    case("dora-with-lora-bias", lambda: with_config(dora(), lora_bias=True), bad, "lora_bias with use_dora")
+    case("dora-on-embeddings-config", lambda: with_config(dora(), target_modules=["q_proj", "embed_tokens"]), bad,
+         "not on embeddings or conv")
+    case("dora-on-embeddings-tensor", lambda: with_tensors(dora(), _set(
+        "base_model.model.model.embed_tokens.lora_embedding_A", torch.ones(4, 300))), bad, "DoRA on embeddings")
+    case("dora-rank-above-max", lambda: dora(), limit, "limit of 2", AdapterLimits(max_rank=2))
+    # LoRA bias
+    q_bias = _layer0("q_proj", "lora_B.bias")
+    case("lora-bias-wrong-length", lambda: with_tensors(lbias(), _set(q_bias, torch.ones(63))), unfit, "needs [64]")
+    case("lora-bias-missing", lambda: with_tensors(lbias(), _drop(q_bias)), bad, "lora_B.bias")
+    case("lora-bias-not-declared", lambda: with_config(lbias(), lora_bias=False), bad, "needs exactly")
+    # AdaLoRA
+    case("adalora-mask-count-disagrees", lambda: with_config(ada(), rank_pattern=_masks(**{"0_q_proj": [1] * 6})),
+         bad, "has rank 3 but adapter_config.json gives 6")
+    case("adalora-mask-wrong-length", lambda: with_config(ada(), rank_pattern=_masks(**{"0_q_proj": [1, 0, 1, 1]})),
+         bad, "init_r=6")
+    case("adalora-mask-not-bools", lambda: with_config(ada(), rank_pattern=_masks(**{"0_q_proj": [1, 0, 1, 1, 0, 0]})
+                                                       | {"model.layers.0.self_attn.q_proj.lora_E": [1] * 6}),
+         bad, "true/false")
+    case("adalora-mask-for-missing-module", lambda: with_config(ada(), rank_pattern=_masks() | {
+        "model.layers.0.self_attn.k_proj.lora_E": [True] * 6}), bad, "has no tensors")
+    case("adalora-mask-bad-key", lambda: with_config(ada(), rank_pattern=_masks() | {"q_proj": [True] * 6}),
+         bad, "is not a module's lora_E")
+    case("adalora-mask-layer-out-of-range", lambda: with_config(ada(), rank_pattern=_masks() | {
+        "model.layers.9.self_attn.q_proj.lora_E": [True] * 6}), unfit, "layer 9")
+    case("adalora-masks-dropped", lambda: with_config(ada(), rank_pattern=None), bad, "adapter_config.json gives 6")
+    case("adalora-e-wrong-shape", lambda: with_tensors(ada(), _set(_layer0("q_proj", "lora_E"), torch.ones(3, 2))),
+         bad, "lora_E is [r, 1]")
+    case("adalora-e-missing", lambda: with_tensors(ada(), _drop(_layer0("q_proj", "lora_E"))), bad, "lora_E")
+    case("adalora-kept-rank-above-max", lambda: ada(), limit, "the limit is 3", AdapterLimits(max_rank=3))
+    case("adalora-init-r-absurd", lambda: with_config(ada(), init_r=10**6), limit, "init_r")
+    # VeRA
+    vA, vB = "base_model.vera_A", "base_model.vera_B"
+    case("vera-without-projections", lambda: with_tensors(vera(), _drop(vA, vB)), bad, "save_projection")
+    case("vera-save-projection-false", lambda: with_config(vera(), save_projection=False), bad, "save_projection=True")
+    case("vera-projection-A-too-narrow", lambda: with_tensors(vera(), _set(vA, torch.ones(8, 64))), unfit,
+         "smaller than layer")
+    case("vera-projection-B-too-short", lambda: with_tensors(vera(), _set(vB, torch.ones(64, 8))), unfit,
+         "smaller than layer")
+    case("vera-projection-wider-than-base", lambda: with_tensors(vera(), _set(vA, torch.ones(8, 4096))), unfit,
+         "wider than any linear")
+    case("vera-projection-rank-disagrees", lambda: with_tensors(vera(), _set(vA, torch.ones(4, 128))), bad, "r=8")
+    case("vera-lambda-d-wrong-rank", lambda: with_tensors(vera(), _set(_layer0("q_proj", "vera_lambda_d"),
+                                                                     torch.ones(4))), bad, "r is 8")
+    case("vera-lambda-b-wrong-length", lambda: with_tensors(vera(), _set(_layer0("q_proj", "vera_lambda_b"),
+                                                                       torch.ones(32))), unfit, "needs [64]")
+    case("vera-rank-above-max", lambda: vera(), limit, "VeRA rank r 8 is above the limit of 4",
+         AdapterLimits(max_rank=4))
+    case("vera-only-projections", lambda: with_tensors(vera(), lambda ts: {k: v for k, v in ts.items()
+                                                                          if "vera_lambda" not in k}),
+         bad, "no VeRA module tensors")
+    return cases

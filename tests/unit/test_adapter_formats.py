@@ -212,3 +212,61 @@ def test_archive_dir_matches_make_archive():
     assert cfg == (directory / formats.CONFIG_FILE).read_bytes()
     assert weights == (directory / formats.WEIGHTS_FILE).read_bytes()
     assert save(load(weights)) is not None
+
+
+# ---------------------------------------------------------------- DoRA, AdaLoRA, VeRA, LoRA bias (issue 14)
+
+VARIANT_KIND = {"dora": AdapterKind.DORA, "dora_partial": AdapterKind.DORA, "adalora": AdapterKind.ADALORA,
+                "vera": AdapterKind.VERA, "lora_bias": AdapterKind.LORA}
+
+
+def _module_output(w, t, mod, x: torch.Tensor) -> torch.Tensor:
+    """What our slots compute for one module: (x W^T + s (x A^T B^T + b)), times g for DoRA."""
+    from server.adapters.peft_variants import dora_scale
+    W = mod.base_layer.weight.detach()
+    y = x @ W.T + t.scale * (x @ t.A.T @ t.B.T + (t.bias if t.bias is not None else 0))
+    return y * dora_scale(W, t, "test") if w.kind is AdapterKind.DORA else y
+
+
+@pytest.mark.parametrize("variant", list(VARIANT_KIND))
+def test_variant_module_outputs_equal_peft(variant):
+    """Each target of a DoRA / AdaLoRA / VeRA / LoRA-bias file written by peft, folded as we serve it,
+    gives PEFT's module output; modules AdaLoRA pruned to rank 0 are absent (no delta)."""
+    from tests.unit.adapter_fixtures import variant_adapter, variant_archive
+    _, model = variant_adapter(variant)
+    w = parse(variant_archive(variant))
+    assert w.kind is VARIANT_KIND[variant] and w.lora_bias == (variant == "lora_bias")
+    have = {(layer, module) for layer in range(BASE.num_layers) for module in formats.LINEAR_MODULES
+            if hasattr(peft_module(model, layer, module), "base_layer")}
+    pruned = {(1, "v_proj")} if variant == "adalora" else set()
+    assert set(w.lora) == have - pruned and w.rank == max(t.A.shape[0] for t in w.lora.values())
+    torch.manual_seed(5)
+    for layer, module in sorted(have):
+        mod = peft_module(model, layer, module)
+        x = torch.randn(3, BASE.linear_dims(module)[0])
+        with torch.no_grad():
+            want, base = mod(x), mod.base_layer(x)
+        assert (want - base).abs().max() > 1e-3 or (layer, module) in pruned
+        got = _module_output(w, w.lora[(layer, module)], mod, x) if (layer, module) in w.lora else base
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_adalora_ranks_and_scale_follow_masks_and_init_r():
+    from tests.unit.adapter_fixtures import ADALORA_MASKS, variant_archive
+    w = parse(variant_archive("adalora"))
+    assert {k: t.A.shape[0] for k, t in w.lora.items()} == {k: sum(m) for k, m in ADALORA_MASKS.items() if sum(m)}
+    assert all(t.scale == pytest.approx(12 / (6 + 1e-5), rel=1e-12) for t in w.lora.values())
+
+
+def test_vera_folds_shared_projections_per_module_shape():
+    from tests.unit.adapter_fixtures import variant_archive
+    w = parse(variant_archive("vera"))
+    _, tensors = split_archive(variant_archive("vera"))
+    shared = load(tensors)
+    A, B = shared["base_model.vera_A"], shared["base_model.vera_B"]
+    assert A.shape == (8, 128) and B.shape == (128, 8)   # widest d_in (down_proj), widest d_out (up_proj)
+    t = w.lora[(0, "q_proj")]
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj."
+    torch.testing.assert_close(t.A, shared[prefix + "vera_lambda_d"][:, None] * A[:, :64])
+    torch.testing.assert_close(t.B, shared[prefix + "vera_lambda_b"][:, None] * B[:64])
+    assert t.scale == 1.0 and w.rank == 8

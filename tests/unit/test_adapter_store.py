@@ -339,6 +339,7 @@ for _ in range(count):
 """
 
 
+@pytest.mark.slow
 def test_two_processes_sharing_a_store_never_hand_out_one_version_twice(tmp_path):
     """Two replicas (real processes, one directory) upload the same name at once, many times."""
     root, archive_path, go = tmp_path / "store", tmp_path / "a.zip", tmp_path / "go"
@@ -377,6 +378,7 @@ store.put("acme", "a", Path(sys.argv[2]).read_bytes())
 """
 
 
+@pytest.mark.slow
 def test_kill_9_while_publishing_serves_nothing_and_burns_the_number(store, tmp_path):
     archive = peft_archive("prompt")
     store.put("acme", "a", archive)

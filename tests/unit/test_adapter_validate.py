@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from server.adapters import formats, safe_io, validate
 from server.adapters.formats import AdapterKind
-from server.adapters.validate import AdapterLimits, parse_ref, validate_name
+from server.adapters.refs import parse_ref, validate_name
+from server.adapters.validate import AdapterLimits
 from server.errors import DataLoss, FailedPrecondition, InvalidArgument, LoraFleetError, ResourceExhausted
 from tests.unit.adapter_fixtures import (BASE, LIMITS, bottleneck_archive, hostile_corpus, peft_archive,
                                          raw_safetensors, split_archive, with_config, with_tensors)
@@ -298,3 +299,46 @@ def test_random_safetensors_headers_fail_only_with_domain_errors(header, payload
         validate.parse_files(cfg, raw_safetensors(header, payload), BASE, LIMITS)
     except LoraFleetError:
         pass
+
+
+# ---------------------------------------------------------------- DoRA, AdaLoRA, VeRA, LoRA bias (issue 14)
+
+from tests.unit.adapter_fixtures import variant_archive, variant_hostile_corpus  # noqa: E402
+
+VARIANT_CORPUS = variant_hostile_corpus()
+
+
+@pytest.mark.parametrize("case", VARIANT_CORPUS, ids=[c[0] for c in VARIANT_CORPUS])
+def test_variant_hostile_upload_rejected_store_unchanged(tmp_path, case):
+    """Each hostile DoRA / AdaLoRA / VeRA / LoRA-bias upload: exactly its error class, for the reason
+    meant, and the store (holding a good version of the same name) is byte-for-byte unchanged."""
+    from server.adapters.store import AdapterStore
+    from tests.unit.adapter_fixtures import tree
+    case_id, build, exc, limits, match = case
+    AdapterStore(tmp_path, BASE, LIMITS).put("acme", "good", variant_archive("dora"))
+    store = AdapterStore(tmp_path, BASE, limits)
+    before = tree(tmp_path)
+    with pytest.raises(exc) as info:
+        store.put("acme", "good", build())
+    assert type(info.value) is exc
+    assert match in str(info.value), str(info.value)
+    assert tree(tmp_path) == before and store.versions("acme", "good") == [1]
+
+
+@pytest.mark.parametrize("variant, kind", [("dora", AdapterKind.DORA), ("adalora", AdapterKind.ADALORA),
+                                           ("vera", AdapterKind.VERA), ("lora_bias", AdapterKind.LORA)])
+def test_variants_accepted_with_their_kind(variant, kind):
+    assert parse(variant_archive(variant)).kind is kind
+    assert parse(variant_archive(variant), expected_kind=kind).kind is kind
+    with pytest.raises(InvalidArgument, match="declares kind"):
+        parse(variant_archive(variant), expected_kind=AdapterKind.IA3)
+
+
+def test_dora_is_not_a_peft_type():
+    with pytest.raises(InvalidArgument, match="use_dora: true"):
+        parse(with_config(variant_archive("dora"), peft_type="DORA"))
+
+
+def test_adalora_module_pruned_to_rank_zero_is_no_delta():
+    w = parse(variant_archive("adalora"))
+    assert (1, "v_proj") not in w.lora and (0, "v_proj") in w.lora

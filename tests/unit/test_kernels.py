@@ -288,3 +288,22 @@ def test_ia3(device, data, d):
     ref.ia3(want, vec, c.plan)
     assert_close(y, want, c.dtype, run_abs(ref.ia3, y0.clone(), vec, c.plan))
     assert_untouched_rows(y, y0, c.slots)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data(), d=dims, with_shift=st.booleans())
+def test_col_scale(device, data, d, with_shift):
+    """DoRA's column scale (and LoRA-bias shift): rows with no adapter stay bit-identical."""
+    c = data.draw(cases(device))
+    S, T = c.ranks.numel(), c.slots.numel()
+    scale, y0 = c.randn(S, d) + 1.0, c.randn(T, d)
+    shift = c.randn(S, d) if with_shift else None
+    y = laid_out(y0, c.layout)
+    K.col_scale(y, scale, shift, c.plan)
+    want = y0.clone()
+    ref.col_scale(want, scale, shift, c.plan)
+    assert_close(y, want, c.dtype, run_abs(ref.col_scale, y0.clone(), scale, shift, c.plan))
+    assert_untouched_rows(y, y0, c.slots)
+    if (c.slots >= 0).any():  # the op really changes adapter rows (the comparison can fail)
+        assert not torch.equal(y, y0)

@@ -102,7 +102,7 @@ def test_dispatch_is_decided_per_device_and_exports_the_contract():
     assert K.backend_name(torch.device("cpu")) == "torch"
     assert K.reference is ref
     for name in ["make_plan", "AdapterPlan", "shrink", "expand", "lora", "lora_packed",
-                 "bottleneck", "ia3"]:
+                 "bottleneck", "ia3", "col_scale"]:
         assert name in K.__all__ and callable(getattr(K, name))
 
 

@@ -14,8 +14,8 @@ from server.adapters.refs import parse_tenant_ref
 from server.engine.engine import Engine
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import FinishEvent, FinishReason, Sequence
-from tests.serving_fixtures import (KINDS, make_adapter, make_cls_adapter, oracle_greedy, serving,
-                                    upload)
+from tests.serving_fixtures import (ALL_KINDS, KINDS, make_adapter, make_cls_adapter, oracle_greedy,
+                                    serving, upload)
 
 N_NEW = 6
 
@@ -74,9 +74,9 @@ def prompts(k: int, seed: int = 0) -> list[list[int]]:
 @pytest.fixture(scope="module")
 def mixed(tiny_loaded, tiny_model_dir, out_root, tmp_path_factory):
     """One engine with one adapter of every kind uploaded for tenant 't'."""
-    registry, eng = start_engine(tiny_loaded, tmp_path_factory.mktemp("store"))
+    registry, eng = start_engine(tiny_loaded, tmp_path_factory.mktemp("store"), num_slots=len(ALL_KINDS))
     oracles = {}
-    for i, kind in enumerate(KINDS):
+    for i, kind in enumerate(ALL_KINDS):
         d, model = make_adapter(tiny_model_dir, out_root, kind, seed=i + 1)
         upload(registry, "t", kind.replace("_", "-"), d)
         oracles[kind] = model
@@ -84,7 +84,7 @@ def mixed(tiny_loaded, tiny_model_dir, out_root, tmp_path_factory):
     eng.stop()
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_each_kind_matches_peft_and_changes_output(mixed, tiny_model_dir, kind):
     registry, eng, oracles = mixed
     prompt = prompts(1, seed=3)[0]
@@ -102,11 +102,11 @@ def test_each_kind_matches_peft_and_changes_output(mixed, tiny_model_dir, kind):
 
 def test_mixed_batch_of_all_kinds_equals_solo_and_peft(mixed):
     registry, eng, oracles = mixed
-    ps = prompts(len(KINDS) + 1, seed=5)
-    names = [k.replace("_", "-") for k in KINDS] + [None]
+    ps = prompts(len(ALL_KINDS) + 1, seed=5)
+    names = [k.replace("_", "-") for k in ALL_KINDS] + [None]
     solo = [wait([submit(eng, registry, "t", n, p)])[0] for n, p in zip(names, ps)]
     together = wait([submit(eng, registry, "t", n, p) for n, p in zip(names, ps)])
-    for kind, s, t, p in zip(list(KINDS) + [None], solo, together, ps):
+    for kind, s, t, p in zip(list(ALL_KINDS) + [None], solo, together, ps):
         assert t.tokens == s.tokens
         assert rel(t.seq.logits_trace[0], s.seq.logits_trace[0]) < 1e-5
         if kind:
@@ -118,7 +118,7 @@ def test_mixed_batch_of_all_kinds_equals_solo_and_peft(mixed):
 def test_rows_join_and_leave_mid_batch(mixed):
     registry, eng, _ = mixed
     ps = prompts(12, seed=9)
-    names = [[k.replace("_", "-") for k in KINDS][i % len(KINDS)] if i % 4 else None for i in range(12)]
+    names = [[k.replace("_", "-") for k in ALL_KINDS][i % len(ALL_KINDS)] if i % 4 else None for i in range(12)]
     lens = [2 + (3 * i) % 9 for i in range(12)]
     solo = [wait([submit(eng, registry, "t", n, p, k)])[0] for n, p, k in zip(names, ps, lens)]
     first = [submit(eng, registry, "t", n, p, k) for n, p, k in list(zip(names, ps, lens))[:6]]
@@ -129,11 +129,12 @@ def test_rows_join_and_leave_mid_batch(mixed):
 
 
 def test_32_rows_over_32_adapters_of_every_kind(tiny_loaded, tiny_model_dir, out_root, tmp_path):
+    """All nine kinds (LoRA twice: plain and rsLoRA) over 32 distinct adapters in one batch."""
     registry, eng = start_engine(tiny_loaded, tmp_path / "store", num_slots=32)
     try:
         names, oracles = [], []
         for i in range(32):
-            kind = KINDS[i % len(KINDS)]
+            kind = ALL_KINDS[i % len(ALL_KINDS)]
             d, model = make_adapter(tiny_model_dir, out_root, kind, seed=100 + i)
             upload(registry, f"tenant{i % 4}", f"a{i}", d)
             names.append((f"tenant{i % 4}", f"a{i}"))
@@ -142,9 +143,12 @@ def test_32_rows_over_32_adapters_of_every_kind(tiny_loaded, tiny_model_dir, out
         together = wait([submit(eng, registry, t, n, p) for (t, n), p in zip(names, ps)])
         solo = [wait([submit(eng, registry, t, n, p)])[0] for (t, n), p in zip(names, ps)]
         for i, (s, t) in enumerate(zip(solo, together)):
-            assert t.tokens == s.tokens, f"row {i} ({KINDS[i % len(KINDS)]}) differs from its solo run"
+            kind = ALL_KINDS[i % len(ALL_KINDS)]
+            assert t.tokens == s.tokens, f"row {i} ({kind}) differs from its solo run"
+            assert rel(t.seq.logits_trace[0], s.seq.logits_trace[0]) < 1e-5, f"row {i} ({kind})"
             ref_logits, ref_tokens = oracle_greedy(oracles[i], ps[i], N_NEW)
-            assert t.tokens == ref_tokens, f"row {i} ({KINDS[i % len(KINDS)]}) differs from the oracle"
+            assert t.tokens == ref_tokens, f"row {i} ({kind}) differs from the oracle"
+            assert rel(t.seq.logits_trace[0], ref_logits) < 1e-4, f"row {i} ({kind})"
     finally:
         eng.stop()
 
@@ -189,3 +193,68 @@ def test_classify_without_head_fails_cleanly(mixed):
     run = submit(eng, registry, "t", "lora", prompts(1)[0], n=0, classify=True)
     assert run.done.wait(30)
     assert run.final.reason == FinishReason.ERROR and "classification head" in str(run.final.error)
+
+
+def _cancelling_dora(src, dst, base_dir):
+    """A copy of a DoRA adapter whose layer-0 q_proj delta cancels row 5 of the base weight:
+    ||W + s B A||_5 = 0, so PEFT's m / norm would divide by zero."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "adapter_config.json").read_text())
+    s = cfg["lora_alpha"] / cfg["r"]
+    W = load_file(str(next(base_dir.glob("*.safetensors"))))["model.layers.0.self_attn.q_proj.weight"]
+    ts = load_file(str(dst / "adapter_model.safetensors"))
+    p = "base_model.model.model.layers.0.self_attn.q_proj."
+    A, B = ts[p + "lora_A.weight"].clone(), ts[p + "lora_B.weight"].clone()
+    A[0], B[5] = W[5], 0.0
+    B[5, 0] = -1.0 / s
+    ts[p + "lora_A.weight"], ts[p + "lora_B.weight"] = A, B
+    save_file(ts, str(dst / "adapter_model.safetensors"))
+    return dst
+
+
+def test_dora_whose_norm_vanishes_fails_its_request_only(mixed, tiny_model_dir, out_root, tmp_path):
+    """The norm needs the base weight, which upload validation does not hold: such an adapter is refused
+    with FailedPrecondition when it is loaded into a slot; rows in the same batch are unaffected."""
+    from server.errors import FailedPrecondition
+    registry, eng, _ = mixed
+    src, _ = make_adapter(tiny_model_dir, out_root, "dora", seed=2)   # even seed: DoRA on every linear
+    upload(registry, "t", "dora-zero", _cancelling_dora(src, tmp_path / "dz", tiny_model_dir))
+    ps = prompts(3, seed=21)
+    runs = [submit(eng, registry, "t", n, p) for n, p in zip(["dora-zero", "dora", None], ps)]
+    for r in runs:
+        assert r.done.wait(60)
+    bad = runs[0].final
+    assert bad.reason == FinishReason.ERROR and isinstance(bad.error, FailedPrecondition)
+    assert "vanishes" in str(bad.error) and "layer 0 q_proj" in str(bad.error)
+    solo = [wait([submit(eng, registry, "t", n, p)])[0] for n, p in zip(["dora", None], ps[1:])]
+    assert [r.tokens for r in wait(runs[1:])] == [s.tokens for s in solo]
+
+
+def test_trainer_dora_export_is_served_unchanged(mixed, tiny_model_dir, tmp_path):
+    """`lorafleet train --method dora`: a few steps on the tiny model, exported in PEFT's format, parsed as
+    DORA and served exactly as PEFT runs the exported files."""
+    import json
+
+    from peft import PeftModel
+
+    from server.adapters.formats import AdapterKind
+    from tests.serving_fixtures import hf_base
+    from tests.unit.trainer_fixtures import config, lm_files
+    from trainer.loop import train
+    registry, eng, _ = mixed
+    result = train(config(tiny_model_dir, tmp_path / "out", *lm_files(tmp_path / "data"), method="dora",
+                          max_steps=8, lr=1e-2, rank=4))
+    cfg = json.loads((result.out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["use_dora"] is True
+    info = upload(registry, "t", "trained-dora", result.out)
+    assert info.kind is AdapterKind.DORA
+    oracle = PeftModel.from_pretrained(hf_base(tiny_model_dir), str(result.out)).eval()
+    prompt = prompts(1, seed=23)[0]
+    ours, base = wait([submit(eng, registry, "t", "trained-dora", prompt), submit(eng, registry, "t", None, prompt)])
+    ref_logits, ref_tokens = oracle_greedy(oracle, prompt, N_NEW)
+    assert rel(ours.seq.logits_trace[0], ref_logits) < 1e-4 and ours.tokens == ref_tokens
+    assert rel(ours.seq.logits_trace[0], base.seq.logits_trace[0]) > 1e-3, "training must change the output"

@@ -24,6 +24,9 @@ class AdapterKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ADAPTER_KIND_BOTTLENECK: _ClassVar[AdapterKind]
     ADAPTER_KIND_PREFIX_TUNING: _ClassVar[AdapterKind]
     ADAPTER_KIND_PROMPT_TUNING: _ClassVar[AdapterKind]
+    ADAPTER_KIND_DORA: _ClassVar[AdapterKind]
+    ADAPTER_KIND_ADALORA: _ClassVar[AdapterKind]
+    ADAPTER_KIND_VERA: _ClassVar[AdapterKind]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP: FinishReason
@@ -36,6 +39,9 @@ ADAPTER_KIND_IA3: AdapterKind
 ADAPTER_KIND_BOTTLENECK: AdapterKind
 ADAPTER_KIND_PREFIX_TUNING: AdapterKind
 ADAPTER_KIND_PROMPT_TUNING: AdapterKind
+ADAPTER_KIND_DORA: AdapterKind
+ADAPTER_KIND_ADALORA: AdapterKind
+ADAPTER_KIND_VERA: AdapterKind
 
 class SamplingParams(_message.Message):
     __slots__ = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "repetition_penalty", "ignore_eos")
@@ -234,7 +240,7 @@ class UploadAdapterRequest(_message.Message):
     def __init__(self, metadata: _Optional[_Union[UploadMetadata, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("name", "version", "kind", "rank", "targets", "size_bytes", "sha256", "created_unix", "versions", "resident_tier", "shared", "labels")
+    __slots__ = ("name", "version", "kind", "rank", "targets", "size_bytes", "sha256", "created_unix", "versions", "resident_tier", "shared", "labels", "lora_bias")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -247,6 +253,7 @@ class AdapterInfo(_message.Message):
     RESIDENT_TIER_FIELD_NUMBER: _ClassVar[int]
     SHARED_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    LORA_BIAS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     kind: AdapterKind
@@ -259,7 +266,8 @@ class AdapterInfo(_message.Message):
     resident_tier: str
     shared: bool
     labels: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., kind: _Optional[_Union[AdapterKind, str]] = ..., rank: _Optional[int] = ..., targets: _Optional[_Iterable[str]] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., created_unix: _Optional[int] = ..., versions: _Optional[_Iterable[int]] = ..., resident_tier: _Optional[str] = ..., shared: _Optional[bool] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
+    lora_bias: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., kind: _Optional[_Union[AdapterKind, str]] = ..., rank: _Optional[int] = ..., targets: _Optional[_Iterable[str]] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., created_unix: _Optional[int] = ..., versions: _Optional[_Iterable[int]] = ..., resident_tier: _Optional[str] = ..., shared: _Optional[bool] = ..., labels: _Optional[_Iterable[str]] = ..., lora_bias: _Optional[bool] = ...) -> None: ...
 
 class ListAdaptersRequest(_message.Message):
     __slots__ = ("page_size", "page_token")
