@@ -11,7 +11,7 @@ PROTO_OUT := proto/lorafleet/v1/lorafleet_pb2.py
 .PHONY: setup setup-ops proto serve test test-unit test-integration bench loadtest demo clean help gpu-wheels gpu-check
 
 help:
-	@echo "make serve   start the server on the embedded default model (ARGS='--port 6000' passes flags)"
+	@echo "make serve   start the server on the embedded default model: gRPC :50051, OpenAI HTTP :8000 (ARGS='--port 6000' passes flags)"
 	@echo "make test    install (first time) and run the whole test suite"
 	@echo "make bench   run the benchmarks (prints ratios against baselines measured in the same run)"
 	@echo "make proto   regenerate the gRPC stubs from proto/"
@@ -43,7 +43,7 @@ $(PROTO_OUT): $(PROTO_SRC) $(STAMP)
 proto: $(PROTO_OUT)
 
 serve: $(STAMP) $(PROTO_OUT)
-	$(PY) -m server $(ARGS)
+	$(PY) -m server --http-port 8000 $(ARGS)
 
 test: $(STAMP) $(PROTO_OUT) setup-ops
 	$(PY) -m pytest -q $(ARGS)

@@ -7,6 +7,8 @@
                    tenants get most calls, the long tail keeps the adapter cache evicting
   MixedUser        Generate, GenerateStream and Classify (tenants with an adapter) mixed
   UploadChurnUser  exactly one user uploading new adapter versions and deleting them during traffic
+  OpenAIUser       the OpenAI-compatible HTTP door (--http-target host:port): completions, streamed
+                   and not, and chat when the model has a chat template; adapters as `model`
 
 Tenants come from `--adapters FILE` (`tenant key adapter` lines, most popular first; run.py
 provisions such a fleet); without it, 100 synthetic tenants call the base model without keys
@@ -25,9 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: c
 
 import grpc  # noqa: E402
 from locust import events, task  # noqa: E402
+from locust.exception import StopUser  # noqa: E402
 
 from lorafleet.v1 import lorafleet_pb2 as pb  # noqa: E402
 from loadtest.grpc_user import GrpcUser  # noqa: E402
+from loadtest.http_user import OpenAIHttpUser  # noqa: E402
 from loadtest.traffic import (LABELS, Tenant, Zipf, load_adapters_file, lora_archive, prompt,  # noqa: E402
                               synthetic_tenants, upload_messages)
 
@@ -47,6 +51,9 @@ def _options(parser) -> None:
                    help="mean pause between a user's calls in seconds (exponential; 0 = none)")
     g.add_argument("--request-timeout", type=float, default=60.0, help="gRPC deadline per call, seconds")
     g.add_argument("--seed", type=int, default=0, help="seed of the traffic (tenants, prompts)")
+    g.add_argument("--http-target", type=str, default="",
+                   help="host:port of the server's OpenAI-compatible HTTP door (OpenAIUser; without it that "
+                        "user stops at once)")
 
 
 class _Traffic:
@@ -68,11 +75,10 @@ def _init(environment, **_kw) -> None:
     _traffic = _Traffic(environment.parsed_options)
 
 
-class _LoraFleetUser(GrpcUser):
-    abstract = True
+class _Fleet:
+    """What every scenario user shares: its own seeded rng, zipf-popular tenants, think time."""
 
-    def __init__(self, environment):
-        super().__init__(environment)
+    def _join_fleet(self) -> None:
         self.opts = _traffic.opts
         self.rng = random.Random(f"{self.opts.seed}-{next(_user_ids)}")
         self.zipf = Zipf(len(_traffic.tenants), self.opts.zipf_s, self.rng)
@@ -83,6 +89,14 @@ class _LoraFleetUser(GrpcUser):
 
     def tenant(self) -> Tenant:
         return _traffic.tenants[self.zipf.draw()]
+
+
+class _LoraFleetUser(_Fleet, GrpcUser):
+    abstract = True
+
+    def __init__(self, environment):
+        super().__init__(environment)
+        self._join_fleet()
 
     def _request(self, tenant: Tenant) -> pb.GenerateRequest:
         return pb.GenerateRequest(
@@ -176,3 +190,59 @@ class UploadChurnUser(_LoraFleetUser):
                 self.adapters.DeleteAdapter(pb.DeleteAdapterRequest(name=name), timeout=timeout, metadata=md)
         except grpc.RpcError:
             pass
+
+
+class OpenAIUser(_Fleet, OpenAIHttpUser):
+    """The same tenants and adapters through the OpenAI-compatible HTTP door: `model` is the
+    tenant's adapter (or the base model's name, from GET /v1/models)."""
+
+    def __init__(self, environment):
+        super().__init__(environment)
+        self._join_fleet()
+        self.http_base = f"http://{self.opts.http_target}" if self.opts.http_target else ""
+
+    def on_start(self) -> None:
+        if not self.http_base:
+            raise StopUser()
+        t = self.tenant()
+        models = self.get_json("/v1/models", "ListModels", _headers(t), self.opts.request_timeout)
+        self.base = models["data"][0]["id"] if models else ""
+        # chat only where the model has a template (asked once, not counted)
+        probe = self.session.post(f"{self.http_base}/v1/chat/completions", headers=_headers(t), timeout=30,
+                                  json={"model": self.base, "max_tokens": 1,
+                                        "messages": [{"role": "user", "content": "hi"}]})
+        self.chat = probe.status_code == 200
+
+    def _body(self, t: Tenant) -> dict:
+        return {"model": t.adapter or self.base, "max_tokens": self.opts.max_new_tokens, "ignore_eos": True,
+                "temperature": self.rng.choice([0.0, 0.8]), "top_p": 0.95, "seed": self.rng.getrandbits(32)}
+
+    @task(3)
+    def completion(self) -> None:
+        t = self.tenant()
+        self.post("/v1/completions", "Completions", {**self._body(t), "prompt": prompt(self.rng, self.opts.prompt_chars)},
+                  _headers(t), self.opts.request_timeout)
+
+    @task(2)
+    def completion_stream(self) -> None:
+        t = self.tenant()
+        self.post_stream("/v1/completions", "CompletionsStream",
+                         {**self._body(t), "prompt": prompt(self.rng, self.opts.prompt_chars)},
+                         _headers(t), self.opts.request_timeout)
+
+    @task(2)
+    def chat_completion(self) -> None:
+        if not self.chat:
+            return
+        t = self.tenant()
+        body = {**self._body(t), "messages": [{"role": "user", "content": prompt(self.rng, self.opts.prompt_chars)}]}
+        if self.rng.random() < 0.5:
+            self.post("/v1/chat/completions", "ChatCompletions", body, _headers(t), self.opts.request_timeout)
+        else:
+            self.post_stream("/v1/chat/completions", "ChatCompletionsStream", body, _headers(t),
+                             self.opts.request_timeout)
+
+
+def _headers(t: Tenant) -> dict[str, str]:
+    """The gRPC metadata of the tenant (x-tenant for the load balancer, the key) as HTTP headers."""
+    return dict(t.metadata())

@@ -4,7 +4,8 @@
     python loadtest/run.py --duration 30 --scenario mixed --users 32
     python loadtest/run.py --tenants 0           # no keys, no adapters: the base model only
     python loadtest/run.py --server-args '--adapter-slots 8' -- --zipf-s 0.8 --strict
-    python loadtest/run.py --target 127.0.0.1:50051 -- --adapters tenants.txt   # a running server
+    python loadtest/run.py --target 127.0.0.1:50051 -- --adapters tenants.txt --http-target 127.0.0.1:8000
+                                                 # a running server (gRPC, and its HTTP door for OpenAIUser)
 
 Unless --target is given, it writes a keys file for --tenants tenants (t000, t001, ...), starts
 `python -m server --api-keys ...`, uploads one LoRA adapter with a classification head per tenant,
@@ -39,9 +40,11 @@ SCENARIOS = {
     "zipf": ["ZipfTenantsUser"],
     "mixed": ["MixedUser"],
     "churn": ["ZipfTenantsUser", "UploadChurnUser"],
-    "all": ["ZipfTenantsUser", "MixedUser", "UploadChurnUser"],
+    "http": ["OpenAIUser"],
+    "all": ["ZipfTenantsUser", "MixedUser", "UploadChurnUser", "OpenAIUser"],
 }
-GENERATION = ("Generate", "GenerateStream")
+GENERATION = ("Generate", "GenerateStream", "Completions", "CompletionsStream", "ChatCompletions",
+              "ChatCompletionsStream")
 
 
 @dataclass(frozen=True)
@@ -158,14 +161,16 @@ def run_locust(target: str, classes: list[str], users: int, spawn_rate: float, d
     return proc
 
 
-def start_server(server_args: list[str], log: Path, timeout_s: float = 600.0) -> tuple[subprocess.Popen, str, str]:
-    """`python -m server --port 0 --metrics-port 0 ...`; returns (process, grpc target, metrics url)."""
+def start_server(server_args: list[str], log: Path,
+                 timeout_s: float = 600.0) -> tuple[subprocess.Popen, str, str, str]:
+    """`python -m server --port 0 --metrics-port 0 --http-port 0 ...`; returns (process, grpc target,
+    metrics url, HTTP door host:port)."""
     out = log.open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "server", "--port", "0", "--metrics-port", "0", *server_args],
-                            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, "-m", "server", "--port", "0", "--metrics-port", "0", "--http-port", "0",
+                             *server_args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout_s
-    target = metrics = None
-    while time.monotonic() < deadline and not (target and metrics):
+    target = metrics = http = None
+    while time.monotonic() < deadline and not (target and metrics and http):
         if proc.poll() is not None:
             raise SystemExit(f"loadtest: the server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         text = log.read_text(errors="replace")
@@ -173,11 +178,13 @@ def start_server(server_args: list[str], log: Path, timeout_s: float = 600.0) ->
             target = f"{m.group(1)}:{m.group(2)}"
         if m := re.search(r"metrics on (http://\S+/metrics)", text):
             metrics = m.group(1)
+        if m := re.search(r"OpenAI-compatible HTTP on http://(\S+)/v1", text):
+            http = m.group(1)
         time.sleep(0.2)
     if not target:
         proc.kill()
         raise SystemExit(f"loadtest: the server did not start within {timeout_s:g}s; see {log}")
-    return proc, target, metrics or ""
+    return proc, target, metrics or "", http or ""
 
 
 def wait_serving(target: str, timeout_s: float = 60.0) -> None:
@@ -236,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spawn-rate", type=float, default=4.0, help="users started per second")
     p.add_argument("--scenario", choices=sorted(SCENARIOS), default="all",
                    help="zipf: tenants by zipf popularity; mixed: generate/stream/classify; "
-                        "churn: zipf traffic plus adapter uploads; all: every user class")
+                        "churn: zipf traffic plus adapter uploads; http: the OpenAI-compatible HTTP door; "
+                        "all: every user class")
     p.add_argument("--tenants", type=int, default=100,
                    help="tenants to provision, one adapter each (0 = no keys, base model only)")
     p.add_argument("--adapter-rank", type=int, default=8, help="LoRA rank of the provisioned adapters")
@@ -262,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
             tenant_keys = create_keys(keys, args.tenants)
             server_args += ["--api-keys", str(keys)]
         print("loadtest: starting the server (the first start builds the default model) ...", flush=True)
-        server, target, metrics_url = start_server(server_args, Path(f"{out}_server.log"))
+        server, target, metrics_url, http_target = start_server(server_args, Path(f"{out}_server.log"))
+        extra = ["--http-target", http_target, *extra]
     try:
         wait_serving(target)
         if server is not None and tenant_keys:

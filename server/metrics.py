@@ -7,8 +7,10 @@ Labels are bounded sets: never an adapter name or request id; a tenant only thro
 `tenant_label()`, which caps the number of distinct values.
 
 Requests (observed by the servicers through server/api/common.py):
-  lorafleet_requests_total{method,code}           counter  gRPC calls finished; code = grpc.StatusCode name
-  lorafleet_tenant_requests_total{tenant,code}    counter  the same per tenant (see tenant_label)
+  lorafleet_requests_total{method,code,protocol}  counter  calls finished; code = grpc.StatusCode name (the
+                                                           HTTP door counts its answers by the same names);
+                                                           protocol = grpc | http
+  lorafleet_tenant_requests_total{tenant,code,protocol}  counter  generations finished per tenant (see tenant_label)
   lorafleet_tenant_tokens_total{tenant,kind}      counter  tokens per tenant; kind = prompt | generated
 
 Engine (the engine thread reports through record_step / record_load / record_finish / record_cache):
@@ -63,11 +65,12 @@ OTHER_TENANT = "other"
 DEFAULT_MAX_TENANTS = 50
 
 # ---------------------------------------------------------------- requests
-REQUESTS = Counter("lorafleet_requests", "gRPC calls finished, by method and status code",
-                   ["method", "code"])
+PROTOCOLS = ("grpc", "http")
+REQUESTS = Counter("lorafleet_requests", "Calls finished, by method, status code and protocol (grpc | http)",
+                   ["method", "code", "protocol"])
 TENANT_REQUESTS = Counter("lorafleet_tenant_requests",
-                          "gRPC calls finished, by tenant (bounded, see tenant_label) and status code",
-                          ["tenant", "code"])
+                          "Generations finished, by tenant (bounded, see tenant_label), status code and protocol",
+                          ["tenant", "code", "protocol"])
 TENANT_TOKENS = Counter("lorafleet_tenant_tokens",
                         "Tokens by tenant (bounded, see tenant_label); kind = prompt | generated",
                         ["tenant", "kind"])

@@ -46,11 +46,15 @@ def is_bug(err: BaseException) -> bool:
     return status_of(err) == grpc.StatusCode.INTERNAL and not isinstance(err, e.LoraFleetError)
 
 
+def public_message(err: BaseException) -> str:
+    """What the caller is told: the domain error's text; for a bug only its type (the log has the rest)."""
+    return f"internal error ({type(err).__name__}); the server log has details" if is_bug(err) else str(err)
+
+
 def rich_status(err: BaseException) -> status_pb2.Status:
     """google.rpc.Status for a domain error: QuotaFailure for quotas, BadRequest for a field."""
     code = status_of(err)
-    message = (f"internal error ({type(err).__name__}); the server log has details" if is_bug(err)
-               else str(err))
+    message = public_message(err)
     status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message)
     detail = None
     if isinstance(err, e.QuotaExceeded):
@@ -67,7 +71,7 @@ def rich_status(err: BaseException) -> status_pb2.Status:
 async def abort(context: grpc.aio.ServicerContext, method: str, err: BaseException) -> None:
     """End the call with the status of `err` (never returns)."""
     code = status_of(err)
-    metrics.REQUESTS.labels(method, code.name).inc()
+    metrics.REQUESTS.labels(method, code.name, "grpc").inc()
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         # Server-side back-off: a client that retries at once cannot turn rejections into a busy
         # loop that starves the engine thread (GIL and CPU); the answer stays quick and explicit.
@@ -94,7 +98,7 @@ def unary(method: str, on_error: Callable[[BaseException], None] | None = None):
                 if on_error is not None:
                     on_error(err)
                 await abort(context, method, err)
-            metrics.REQUESTS.labels(method, "OK").inc()
+            metrics.REQUESTS.labels(method, "OK", "grpc").inc()
             return resp
         return handler
     return wrap
@@ -112,7 +116,7 @@ def streaming(method: str):
                 raise
             except Exception as err:  # noqa: BLE001
                 await abort(context, method, err)
-            metrics.REQUESTS.labels(method, "OK").inc()
+            metrics.REQUESTS.labels(method, "OK", "grpc").inc()
         return handler
     return wrap
 

@@ -67,25 +67,26 @@ class TenantLimiter:
                 del self.live[seq.tenant]
 
 
-class InferenceService(pb_grpc.InferenceServicer):
-    def __init__(self, cfg: ServerConfig, engine: Engine, draining: Draining, auth: Authenticator,
-                 registry: AdapterRegistry, limiter: TenantLimiter):
+class Generation:
+    """The one generation path both doors (gRPC and the OpenAI HTTP door) call: validate the
+    request, resolve (pin) its adapter, submit it to the engine and stream its events. The doors
+    only authenticate the caller and translate their wire format to and from `pb.GenerateRequest`."""
+
+    def __init__(self, cfg: ServerConfig, engine: Engine, draining: Draining, registry: AdapterRegistry,
+                 limiter: TenantLimiter):
         self.cfg, self.engine, self.draining = cfg, engine, draining
-        self.auth, self.registry, self.limiter = auth, registry, limiter
+        self.registry, self.limiter = registry, limiter
         self.tokenizer = engine.loaded.tokenizer
-        self.kernels = kernels.backend_name(engine.model.device)
         self.chat = engine.loaded.chat
         self.chat_roles = self.chat.roles() if self.chat is not None else ()
 
-    def _submit_one(self, principal: Principal, adapter: str, ids: list[int], params: SamplingParams,
-                    rid: str, context, classify: bool = False,
-                    stop_ids: frozenset[int] = frozenset()) -> tuple[Sequence, asyncio.Queue]:
+    def submit_one(self, principal: Principal, adapter: str, ids: list[int], params: SamplingParams,
+                   rid: str, deadline: float | None, classify: bool = False,
+                   stop_ids: frozenset[int] = frozenset()) -> tuple[Sequence, asyncio.Queue]:
         """Build the sequence, resolve (pin) its adapter and hand both to the engine, which owns
-        the pin from here on, refusals included."""
+        the pin from here on, refusals included. `deadline` is a time.monotonic() value."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
-        remaining = context.time_remaining()
-        deadline = time.monotonic() + remaining if remaining is not None else None
         seq = Sequence(rid, ids, params, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
                        deadline=deadline, tenant=principal.tenant, classify=classify, stop_ids=stop_ids)
         ref = self.registry.resolve(parse_tenant_ref(principal.tenant, adapter)) if adapter else None
@@ -93,9 +94,10 @@ class InferenceService(pb_grpc.InferenceServicer):
         self.limiter.add(seq)
         return seq, events
 
-    def _submit(self, request: pb.GenerateRequest, context) -> tuple[Sequence, asyncio.Queue]:
+    def submit(self, principal: Principal, request: pb.GenerateRequest,
+               deadline: float | None) -> tuple[Sequence, asyncio.Queue]:
+        """Validate a generation request (prompt or chat messages) and submit it."""
         self.draining.check()
-        principal = self.auth.principal(context.invocation_metadata())
         self.engine.check_capacity()
         params = requests.sampling_params(request.params, self.cfg)
         rid = requests.request_id(request.request_id) or uuid.uuid4().hex
@@ -109,9 +111,9 @@ class InferenceService(pb_grpc.InferenceServicer):
         else:
             ids = requests.prompt_ids(request.prompt, self.tokenizer, self.cfg, params.max_new_tokens)
         self.limiter.check(principal)
-        return self._submit_one(principal, request.adapter, ids, params, rid, context, stop_ids=stop_ids)
+        return self.submit_one(principal, request.adapter, ids, params, rid, deadline, stop_ids=stop_ids)
 
-    async def _events(self, seq: Sequence, events: asyncio.Queue) -> AsyncIterator[Event]:
+    async def events(self, seq: Sequence, events: asyncio.Queue, protocol: str) -> AsyncIterator[Event]:
         """The sequence's events up to its finish; raises the finish's error. Leaving early
         (caller gone, deadline) cancels the sequence, which frees its slot."""
         code, finished = "CANCELLED", False
@@ -128,10 +130,32 @@ class InferenceService(pb_grpc.InferenceServicer):
                 if isinstance(ev, FinishEvent):
                     return
         finally:
-            metrics.TENANT_REQUESTS.labels(metrics.tenant_label(seq.tenant), code).inc()
+            metrics.TENANT_REQUESTS.labels(metrics.tenant_label(seq.tenant), code, protocol).inc()
             self.limiter.done(seq)
             if not finished:
                 seq.cancel()
+
+
+def _deadline(context) -> float | None:
+    remaining = context.time_remaining()
+    return time.monotonic() + remaining if remaining is not None else None
+
+
+class InferenceService(pb_grpc.InferenceServicer):
+    def __init__(self, cfg: ServerConfig, engine: Engine, auth: Authenticator, generation: Generation):
+        self.cfg, self.engine, self.auth, self.gen = cfg, engine, auth, generation
+        self.draining, self.limiter = generation.draining, generation.limiter
+        self.tokenizer = engine.loaded.tokenizer
+        self.kernels = kernels.backend_name(engine.model.device)
+        self.chat = engine.loaded.chat
+
+    def _submit(self, request: pb.GenerateRequest, context) -> tuple[Sequence, asyncio.Queue]:
+        self.draining.check()
+        principal = self.auth.principal(context.invocation_metadata())
+        return self.gen.submit(principal, request, _deadline(context))
+
+    def _events(self, seq: Sequence, events: asyncio.Queue) -> AsyncIterator[Event]:
+        return self.gen.events(seq, events, "grpc")
 
     @unary("Generate")
     async def Generate(self, request, context):
@@ -171,7 +195,8 @@ class InferenceService(pb_grpc.InferenceServicer):
         subs: list[tuple[Sequence, asyncio.Queue]] = []
         try:
             for ids in texts_ids:
-                subs.append(self._submit_one(principal, request.adapter, ids, params, rid, context, classify=True))
+                subs.append(self.gen.submit_one(principal, request.adapter, ids, params, rid, _deadline(context),
+                                                  classify=True))
             results = []
             for seq, events in subs:
                 async for ev in self._events(seq, events):

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 
 import grpc
 import pytest
@@ -39,3 +41,22 @@ def replace(cfg: ServerConfig, **kw) -> ServerConfig:
 
 def code_of(excinfo) -> grpc.StatusCode:
     return excinfo.value.code()
+
+
+# A ChatML-like template for the tiny model (its special tokens <s> </s> mark turns); chat tests
+# serve a copy of the tiny model's directory with it added.
+TEMPLATE = ("{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+            "{{ raise_exception('unknown role ' + m['role']) }}{% endif %}"
+            "<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+            "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tiny_model_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("chat-model") / "tiny-chat"
+    shutil.copytree(tiny_model_dir, d)
+    cfg_path = d / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(chat_template=TEMPLATE, eos_token="</s>", bos_token="<s>")
+    cfg_path.write_text(json.dumps(cfg))
+    return d

@@ -3,7 +3,6 @@ template added to its directory (its special tokens <s> </s> mark turns), over r
 from __future__ import annotations
 
 import json
-import shutil
 
 import grpc
 import pytest
@@ -16,23 +15,6 @@ from server.model.chat import ChatTemplate, load_chat_template
 from server.model.loader import load_model
 from tests.integration.conftest import code_of, make_config
 from tests.serving_fixtures import make_adapter
-
-TEMPLATE = ("{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
-            "{{ raise_exception('unknown role ' + m['role']) }}{% endif %}"
-            "<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
-            "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
-
-
-@pytest.fixture(scope="module")
-def chat_model_dir(tiny_model_dir, tmp_path_factory):
-    d = tmp_path_factory.mktemp("chat-model") / "tiny-chat"
-    shutil.copytree(tiny_model_dir, d)
-    cfg_path = d / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg.update(chat_template=TEMPLATE, eos_token="</s>", bos_token="<s>")
-    cfg_path.write_text(json.dumps(cfg))
-    return d
-
 
 @pytest.fixture(scope="module")
 def chat_server(chat_model_dir, tmp_path_factory):

@@ -1,7 +1,8 @@
 """The load test, short: locust (a subprocess, as `make loadtest` runs it) against a real server.
 
-10 s of locust in all: light load over real tenants and adapters has no failures; overload is
-answered with RESOURCE_EXHAUSTED (never a timeout) and the server recovers.
+10 s of locust in all: light load over real tenants and adapters, through gRPC and the OpenAI-compatible
+HTTP door, has no failures; overload is answered with RESOURCE_EXHAUSTED (never a timeout) and the
+server recovers.
 """
 from __future__ import annotations
 
@@ -30,18 +31,23 @@ def _locust(port: int, prefix, classes: list[str], users: int, seconds: float, e
 
 
 def test_light_load_has_no_failures(tiny_loaded, tmp_path):
-    """8 tenants with an adapter each over 4 device slots: generation, classification, uploads and
-    hot swaps under traffic, --strict (nothing may be unimplemented), and not one failure."""
+    """8 tenants with an adapter each over 4 device slots: generation (gRPC and HTTP), classification,
+    uploads and hot swaps under traffic, --strict (nothing may be unimplemented), and not one failure."""
     keys = tmp_path / "keys.json"
     tenant_keys = create_keys(keys, 8)
-    with BackgroundServer(make_config(tmp_path, api_keys=keys, adapter_slots=4), tiny_loaded) as running:
+    cfg = make_config(tmp_path, api_keys=keys, adapter_slots=4, http_port=0)
+    with BackgroundServer(cfg, tiny_loaded) as running:
         tenants = upload_adapters(f"127.0.0.1:{running.port}", tenant_keys, rank=4)
         write_adapters_file(tmp_path / "tenants.txt", tenants)
-        s = _locust(running.port, tmp_path / "light", SCENARIOS["all"], 4, 5,
-                    SMALL + ["--think-time", "0.05", "--strict", "--adapters", str(tmp_path / "tenants.txt")])
+        s = _locust(running.port, tmp_path / "light", SCENARIOS["all"], len(SCENARIOS["all"]), 5,
+                    SMALL + ["--think-time", "0.05", "--strict", "--adapters", str(tmp_path / "tenants.txt"),
+                             "--http-target", f"127.0.0.1:{running.http_port}"])
     assert s.failures_by_code == {} and not s.tolerated, s.render(5)
-    for name in ("Generate", "GenerateStream", "Classify", "UploadAdapter"):
+    for name in ("Generate", "GenerateStream", "Classify", "UploadAdapter", "ListModels", "Completions",
+                 "CompletionsStream"):
         assert s.rows[name].count > 0, s.render(5)
+    assert s.rows["ttft:CompletionsStream"].count >= s.rows["CompletionsStream"].count
+    assert s.rows["Completions"].size == 8              # usage.completion_tokens, as gRPC's
     # every finished stream had a first token (a stream cut by the end of the run may have only that)
     assert s.rows["ttft:GenerateStream"].count >= s.rows["GenerateStream"].count
     assert s.rows["ttft:GenerateStream"].p50 <= s.rows["GenerateStream"].p50

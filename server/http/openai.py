@@ -1,0 +1,370 @@
+"""The OpenAI-compatible door: `POST /v1/chat/completions`, `POST /v1/completions`,
+`GET /v1/models[/{model}]`, on the same engine, registry, keys and quotas as gRPC.
+
+A Starlette app; uvicorn serves it on the gRPC server's event loop (`server.http.door`). Per call:
+authenticate (`Authorization: Bearer <key>`, the same Authenticator), read the body up to
+--max-message-bytes (413 beyond, before any parsing), parse and validate it (`schema`), then the
+one generation path (`Generation.submit` / `Generation.events`) that the gRPC servicer uses.
+
+`model` is the base model's name or an adapter reference in the caller's namespace (`name`,
+`name@N`, `shared/name`); an adapter of another tenant is the same 404 as one nobody has.
+
+Errors are OpenAI's JSON shape `{"error": {"message", "type", "param", "code"}}` with the HTTP
+status of our gRPC code (`ERRORS`); a bug is a 500 that names only the exception type.
+
+A client that goes away cancels its sequence, which frees its engine slot: while a request waits
+for its first event (every request) or its whole answer (non-streaming), a watcher reads the ASGI
+`receive` channel for `http.disconnect`; while a stream is being sent, Starlette's own watch ends
+the stream and the response closes the event iterator, whose `finally` cancels the sequence.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from typing import AsyncIterator, Awaitable, Callable, TypeVar
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from server import metrics
+from server import errors as e
+from server.adapters.refs import SHARED_TENANT, parse_tenant_ref
+from server.adapters.registry import AdapterRegistry
+from server.api.auth import Authenticator, Principal
+from server.api.common import OVERLOAD_DELAY_S, is_bug, public_message, status_of
+from server.api.service import Generation
+from server.engine.sequence import Event, FinishEvent, FinishReason
+from server.http import schema
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# gRPC code name -> (HTTP status, OpenAI error type)
+ERRORS: dict[str, tuple[int, str]] = {
+    "INVALID_ARGUMENT": (400, "invalid_request_error"),
+    "FAILED_PRECONDITION": (400, "invalid_request_error"),
+    "UNAUTHENTICATED": (401, "authentication_error"),
+    "PERMISSION_DENIED": (403, "permission_error"),
+    "NOT_FOUND": (404, "not_found_error"),
+    "ALREADY_EXISTS": (409, "invalid_request_error"),
+    "RESOURCE_EXHAUSTED": (429, "rate_limit_error"),
+    "CANCELLED": (499, "invalid_request_error"),
+    "UNAVAILABLE": (503, "service_unavailable_error"),
+    "DEADLINE_EXCEEDED": (504, "timeout_error"),
+    "DATA_LOSS": (500, "server_error"),
+    "INTERNAL": (500, "server_error"),
+}
+FINISH = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop", FinishReason.EOS: "stop"}
+
+
+class BodyTooLarge(e.ResourceExhausted):
+    """A request body above --max-message-bytes: 413, counted as RESOURCE_EXHAUSTED."""
+
+
+class ClientGone(Exception):
+    """The client disconnected before the answer was ready."""
+
+
+def error_body(err: BaseException) -> tuple[int, dict, dict[str, str]]:
+    """(HTTP status, OpenAI error JSON, extra headers) for any exception."""
+    code = status_of(err).name
+    status, kind = ERRORS.get(code, (500, "server_error"))
+    param = schema.openai_field(err.field) if isinstance(err, e.InvalidField) else None
+    message = public_message(err)
+    if isinstance(err, e.InvalidField):
+        message = schema.openai_field(message)
+    detail, headers = None, {}
+    if isinstance(err, BodyTooLarge):
+        status, detail = 413, "request_too_large"
+    elif isinstance(err, e.QuotaExceeded):
+        detail, headers = err.quota, {"Retry-After": "1"}
+    elif status == 429:
+        detail, headers = "rate_limit_exceeded", {"Retry-After": "1"}
+    elif status == 503:
+        headers = {"Retry-After": "1"}
+    elif status == 401:
+        detail, headers = "invalid_api_key", {"WWW-Authenticate": "Bearer"}
+    elif status == 404:
+        detail = "model_not_found"
+    return status, {"error": {"message": message, "type": kind, "param": param, "code": detail}}, headers
+
+
+async def error_response(method: str, err: BaseException) -> JSONResponse:
+    status, body, headers = error_body(err)
+    metrics.REQUESTS.labels(method, status_of(err).name, "http").inc()
+    if is_bug(err):
+        log.error("%s failed", method, exc_info=err)
+    if status == 429 and not isinstance(err, BodyTooLarge):
+        await asyncio.sleep(OVERLOAD_DELAY_S)      # the same server-side back-off as gRPC's
+    return JSONResponse(body, status, headers)
+
+
+async def read_json(request: Request, limit: int) -> object:
+    """The body as JSON, refusing more than `limit` bytes before reading (Content-Length) or
+    while reading (chunked); never parses a partial body."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"the request body is {declared} bytes; this server accepts at most {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"the request body is over {limit} bytes, the most this server accepts")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise e.InvalidField("body", f"the request body is not valid JSON ({err})") from None
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has gone (the body has been read by then)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_gone(request: Request, work: Awaitable[T]) -> T:
+    """`work`'s result, or ClientGone (with `work` cancelled) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)   # its finally cancels the sequence
+    if task.cancelled():
+        raise ClientGone()
+    return task.result()
+
+
+class EventStream(StreamingResponse):
+    """SSE that closes its chunk iterator and then `close()` (the engine events, whose finally
+    cancels an unfinished sequence) however the response ends, client gone included."""
+
+    def __init__(self, body: AsyncIterator[str], close: Callable[[], Awaitable[None]]):
+        super().__init__(body, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.close = close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except (ClientDisconnect, OSError):
+            pass
+        finally:
+            await self.body_iterator.aclose()
+            await self.close()
+
+
+def sse(doc: dict | str) -> str:
+    return f"data: {doc if isinstance(doc, str) else json.dumps(doc, separators=(',', ':'))}\n\n"
+
+
+class OpenAIApp:
+    """Holds what the routes need; `app` is the ASGI application."""
+
+    def __init__(self, gen: Generation, auth: Authenticator, registry: AdapterRegistry, model_name: str,
+                 max_body_bytes: int):
+        self.gen, self.auth, self.registry = gen, auth, registry
+        self.model_name, self.max_body = model_name, max_body_bytes
+        self.created = int(time.time())
+        self.app = Starlette(routes=[
+            Route("/v1/chat/completions", self._handler("ChatCompletions", self.chat), methods=["POST"]),
+            Route("/v1/completions", self._handler("Completions", self.completions), methods=["POST"]),
+            Route("/v1/models", self._handler("ListModels", self.list_models), methods=["GET"]),
+            Route("/v1/models/{model:path}", self._handler("RetrieveModel", self.retrieve_model), methods=["GET"]),
+        ], exception_handlers={HTTPException: self._http_error})
+
+    @staticmethod
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        """Starlette's own refusals (unknown path, wrong method) in the OpenAI shape."""
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}},
+                            exc.status_code)
+
+    def _handler(self, method: str, fn: Callable[[Request, Principal], Awaitable[Response]]):
+        async def endpoint(request: Request) -> Response:
+            try:
+                principal = self.auth.principal(
+                    [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in request.headers.raw])
+                return await fn(request, principal)
+            except (ClientGone, ClientDisconnect):
+                metrics.REQUESTS.labels(method, "CANCELLED", "http").inc()
+                return Response(status_code=499)
+            except Exception as err:  # noqa: BLE001 - mapped to a status, bugs to 500
+                return await error_response(method, err)
+        return endpoint
+
+    # ---------------------------------------------------------------- models
+    def _model(self, id_: str, owner: str) -> dict:
+        return {"id": id_, "object": "model", "created": self.created, "owned_by": owner}
+
+    async def list_models(self, request: Request, principal: Principal) -> Response:
+        """The base model, then the caller's adapters, then shared ones (latest versions;
+        `name@N` pins an older one)."""
+        data = [self._model(self.model_name, "lorafleet")]
+        for tenant, prefix in ((principal.tenant, ""), (SHARED_TENANT, SHARED_TENANT + "/")):
+            names = dict.fromkeys(i.name for i in self.registry.list(tenant))
+            data += [self._model(prefix + n, tenant) for n in names]
+        metrics.REQUESTS.labels("ListModels", "OK", "http").inc()
+        return JSONResponse({"object": "list", "data": data})
+
+    async def retrieve_model(self, request: Request, principal: Principal) -> Response:
+        model = request.path_params["model"]
+        if model == self.model_name:
+            doc = self._model(model, "lorafleet")
+        else:
+            info = self.registry.info(self._ref(principal, model))
+            doc = self._model(model, info.tenant)
+        metrics.REQUESTS.labels("RetrieveModel", "OK", "http").inc()
+        return JSONResponse(doc)
+
+    def _ref(self, principal: Principal, model: str):
+        try:
+            return parse_tenant_ref(principal.tenant, model)
+        except e.InvalidArgument:
+            raise e.NotFound(f"model {model[:80]!r} not found: use {self.model_name!r} (the base model) or "
+                             "one of your adapters (GET /v1/models)") from None
+
+    def _adapter(self, principal: Principal, model: str) -> str:
+        if model == self.model_name:
+            return ""
+        self._ref(principal, model)
+        return model
+
+    # ---------------------------------------------------------------- generation
+    async def chat(self, request: Request, principal: Principal) -> Response:
+        req = schema.parse(schema.ChatRequest, await read_json(request, self.max_body))
+        return await self._generate(request, principal, req, "ChatCompletions", ChatFormat(req.model))
+
+    async def completions(self, request: Request, principal: Principal) -> Response:
+        req = schema.parse(schema.CompletionRequest, await read_json(request, self.max_body))
+        return await self._generate(request, principal, req, "Completions", CompletionFormat(req.model))
+
+    async def _generate(self, request: Request, principal: Principal, req, method: str, fmt) -> Response:
+        rid = uuid.uuid4().hex
+        seq, events = self.gen.submit(principal, req.to_pb(self._adapter(principal, req.model), rid), None)
+        agen = self.gen.events(seq, events, "http")
+        try:
+            if not req.stream:
+                text, last = await unless_gone(request, _collect(agen))
+                metrics.REQUESTS.labels(method, "OK", "http").inc()
+                return JSONResponse(fmt.whole(rid, text, last))
+            first = await unless_gone(request, agen.__anext__())
+        except BaseException:
+            # the events generator may never have started (so its finally never runs): both are idempotent
+            self.gen.limiter.done(seq)
+            seq.cancel()
+            raise
+        return EventStream(_stream(fmt, rid, first, agen, req.include_usage, method), agen.aclose)
+
+
+async def _collect(agen: AsyncIterator[Event]) -> tuple[str, FinishEvent]:
+    parts = []
+    async for ev in agen:
+        parts.append(ev.text)
+    return "".join(parts), ev
+
+
+async def _stream(fmt, rid: str, first: Event, agen: AsyncIterator[Event], include_usage: bool,
+                  method: str) -> AsyncIterator[str]:
+    """SSE chunks from the first event on, then `data: [DONE]`; an error after the headers went
+    out is one `data: {"error": ...}` event. The finally closes `agen`, which cancels the sequence
+    if it has not finished."""
+    code = "CANCELLED"
+    try:
+        yield sse(fmt.head(rid, include_usage))
+        ev = first
+        while True:
+            if ev.text or isinstance(ev, FinishEvent):
+                yield sse(fmt.chunk(rid, ev, include_usage))
+            if isinstance(ev, FinishEvent):
+                break
+            ev = await agen.__anext__()
+        if include_usage:
+            yield sse(fmt.usage_chunk(rid, ev))
+        yield sse("[DONE]")
+        code = "OK"
+    except Exception as err:  # noqa: BLE001 - the status line is sent; report in the stream
+        code = status_of(err).name
+        if is_bug(err):
+            log.error("%s failed mid-stream", method, exc_info=err)
+        yield sse(error_body(err)[1])
+    finally:
+        metrics.REQUESTS.labels(method, code, "http").inc()
+        await agen.aclose()
+
+
+def usage(ev: FinishEvent) -> dict:
+    return {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
+            "total_tokens": ev.prompt_tokens + ev.completion_tokens}
+
+
+def finish_reason(ev: Event) -> str | None:
+    return FINISH.get(ev.reason, "stop") if isinstance(ev, FinishEvent) else None
+
+
+class ChatFormat:
+    """chat.completion / chat.completion.chunk objects."""
+
+    def __init__(self, model: str):
+        self.model, self.created = model, int(time.time())
+
+    def _obj(self, rid: str, kind: str, choices: list, **kw) -> dict:
+        return {"id": f"chatcmpl-{rid}", "object": kind, "created": self.created, "model": self.model,
+                "system_fingerprint": None, "choices": choices, **kw}
+
+    def whole(self, rid: str, text: str, ev: FinishEvent) -> dict:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                  "finish_reason": finish_reason(ev)}
+        return self._obj(rid, "chat.completion", [choice], usage=usage(ev))
+
+    def _chunk(self, rid: str, delta: dict, reason: str | None, include_usage: bool) -> dict:
+        extra = {"usage": None} if include_usage else {}
+        return self._obj(rid, "chat.completion.chunk",
+                         [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}], **extra)
+
+    def head(self, rid: str, include_usage: bool) -> dict:
+        return self._chunk(rid, {"role": "assistant", "content": ""}, None, include_usage)
+
+    def chunk(self, rid: str, ev: Event, include_usage: bool) -> dict:
+        return self._chunk(rid, {"content": ev.text} if ev.text else {}, finish_reason(ev), include_usage)
+
+    def usage_chunk(self, rid: str, ev: FinishEvent) -> dict:
+        return self._obj(rid, "chat.completion.chunk", [], usage=usage(ev))
+
+
+class CompletionFormat:
+    """text_completion objects (streamed as text_completion chunks too, as OpenAI does)."""
+
+    def __init__(self, model: str):
+        self.model, self.created = model, int(time.time())
+
+    def _obj(self, rid: str, choices: list, **kw) -> dict:
+        return {"id": f"cmpl-{rid}", "object": "text_completion", "created": self.created, "model": self.model,
+                "system_fingerprint": None, "choices": choices, **kw}
+
+    def _choice(self, text: str, reason: str | None) -> dict:
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+
+    def whole(self, rid: str, text: str, ev: FinishEvent) -> dict:
+        return self._obj(rid, [self._choice(text, finish_reason(ev))], usage=usage(ev))
+
+    def head(self, rid: str, include_usage: bool) -> dict:
+        return self._obj(rid, [self._choice("", None)], **({"usage": None} if include_usage else {}))
+
+    def chunk(self, rid: str, ev: Event, include_usage: bool) -> dict:
+        return self._obj(rid, [self._choice(ev.text, finish_reason(ev))],
+                         **({"usage": None} if include_usage else {}))
+
+    def usage_chunk(self, rid: str, ev: FinishEvent) -> dict:
+        return self._obj(rid, [], usage=usage(ev))

@@ -1,0 +1,177 @@
+"""OpenAI request bodies -> `pb.GenerateRequest`, the one request type the generation path validates.
+
+The models are strict (no "5" for 5) and closed: a field this server does not know is a 400 that
+names it. OpenAI fields we do not implement are refused unless they hold their no-op value
+(`n: 1`, `presence_penalty: 0`, `logprobs: false`, ...), so a request never silently means less
+than it says; `user` is accepted and ignored (it only labels the caller for abuse tracking).
+Three sampling fields beyond OpenAI's (`top_k`, `repetition_penalty`, `ignore_eos`, named as vLLM
+names them) reach our sampler; the SDKs send them with `extra_body`.
+
+Limits (max tokens, stop strings, prompt length, chat roles) are checked once, by
+`server.api.requests` on the built `pb.GenerateRequest`; `openai_field` renames the fields its
+errors name to the OpenAI spelling.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lorafleet.v1 import lorafleet_pb2 as pb
+from server.errors import InvalidField
+
+MAX_U32 = (1 << 32) - 1
+MAX_SEED = (1 << 63) - 1
+# OpenAI fields this server does not implement: accepted only with the value that changes nothing
+NO_OP: dict[str, tuple[Any, ...]] = {
+    "n": (None, 1), "best_of": (None, 1), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "suffix": (None, ""),
+    "logit_bias": (None, {}),
+}
+# the domain's field names (server.api.requests) -> the OpenAI spelling
+FIELD_NAMES = (("params.max_new_tokens", "max_tokens"), ("max_new_tokens", "max_tokens"), ("params.", ""))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: str
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Request(_Strict):
+    model: str
+    max_tokens: int | None = Field(None, ge=1, le=MAX_U32)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None                      # accepted, ignored
+    # accepted only at their no-op value (NO_OP)
+    n: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    # lorafleet's sampler, beyond OpenAI's fields (vLLM's names)
+    top_k: int | None = Field(None, ge=0, le=MAX_U32)
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    ignore_eos: bool = False
+
+    @model_validator(mode="after")
+    def _no_ops_only(self) -> "_Request":
+        for name, allowed in NO_OP.items():
+            value = getattr(self, name, None)
+            if value not in allowed:
+                if name == "n":
+                    raise InvalidField("n", f"n={value!r} is not supported: this server returns one choice "
+                                            "per request (n=1); send n requests instead")
+                shown = " or ".join(repr(a) for a in allowed if a is not None)
+                raise InvalidField(name, f"{name}={value!r} is not supported by this server "
+                                         f"(accepted only as {shown}, which changes nothing)")
+        return self
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def new_tokens(self) -> int:
+        return self.max_tokens or 0
+
+    def params(self) -> pb.SamplingParams:
+        """OpenAI's defaults: temperature 1 and top_p 1 when left out (send temperature 0 for greedy);
+        max_tokens left out takes the server's --default-new-tokens."""
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
+        return pb.SamplingParams(
+            max_new_tokens=self.new_tokens(), temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=self.top_p or 1.0, top_k=self.top_k or 0, seed=self.seed or 0, stop=stop,
+            repetition_penalty=self.repetition_penalty or 0.0, ignore_eos=self.ignore_eos)
+
+
+class ChatRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_U32)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+    def new_tokens(self) -> int:
+        return self.max_completion_tokens or self.max_tokens or 0
+
+    def to_pb(self, adapter: str, request_id: str) -> pb.GenerateRequest:
+        msgs = [pb.ChatMessage(role=m.role, content=m.text()) for m in self.messages]
+        return pb.GenerateRequest(messages=msgs, adapter=adapter, params=self.params(), request_id=request_id)
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str]
+    logprobs: int | None = None
+    echo: bool | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def to_pb(self, adapter: str, request_id: str) -> pb.GenerateRequest:
+        prompt = self.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise InvalidField("prompt", f"prompt holds {len(prompt)} strings; this server takes one "
+                                             "prompt per request (a string, or a list of one string)")
+            prompt = prompt[0]
+        return pb.GenerateRequest(prompt=prompt, adapter=adapter, params=self.params(), request_id=request_id)
+
+
+def parse(model: type[_Request], doc: object) -> _Request:
+    """Validate a decoded JSON body; InvalidField names the first offending field."""
+    if not isinstance(doc, dict):
+        raise InvalidField("body", "the request body must be a JSON object")
+    try:
+        return model.model_validate(doc)
+    except ValidationError as e:
+        # of a union's alternatives, the error that got furthest into the value says most
+        raise _field_error(max(e.errors(include_url=False), key=lambda err: len(err["loc"]))) from None
+
+
+def _field_error(err: dict) -> InvalidField:
+    path = _path(err["loc"])
+    if err["type"] == "extra_forbidden":
+        return InvalidField(path, f"unknown field {path!r}: this server does not implement it "
+                                  "(see the README's OpenAI section for the fields it accepts)")
+    if err["type"] == "missing":
+        return InvalidField(path, f"{path} is required")
+    return InvalidField(path, f"{path}: {err['msg']} (got {_shown(err.get('input'))})")
+
+
+def _path(loc: tuple) -> str:
+    """('messages', 0, 'content', 'str') -> 'messages[0].content' (union member tags dropped)."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.isidentifier() and part not in ("str", "int", "float", "bool", "list", "dict"):
+            out += ("." if out else "") + part
+    return out or "body"
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def openai_field(field: str) -> str:
+    for ours, theirs in FIELD_NAMES:
+        field = field.replace(ours, theirs)
+    return field
