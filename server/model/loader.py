@@ -6,6 +6,7 @@ GGUF files and hub ids become such directories first (`default.resolve_model`).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,6 +120,15 @@ def check_model_dir(model_dir: Path) -> dict:
     return cfg
 
 
+def display_name(model_dir: Path) -> str:
+    """The model's name for GetServerInfo and /v1/models: the directory name, less the cache key
+    our converted entries carry (`smollm2-135m-instruct-7197cfd0b111` -> `smollm2-135m-instruct`)."""
+    from server.model.convert import MARKER
+    if (model_dir / MARKER).is_file():
+        return re.sub(r"-[0-9a-f]{12}$", "", model_dir.name)
+    return model_dir.name
+
+
 def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     model_dir = Path(model_dir)
     cfg = check_model_dir(model_dir)
@@ -136,6 +146,6 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype) -> Loa
     except ValueError as e:
         raise ModelLoadError(f"{model_dir}: {e}") from None
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    return LoadedModel(model=model, tokenizer=tokenizer, name=model_dir.name,
+    return LoadedModel(model=model, tokenizer=tokenizer, name=display_name(model_dir),
                        eos_ids=eos_ids(model_dir, cfg, tokenizer), hf_config=cfg,
                        chat=load_chat_template(model_dir, tokenizer))
