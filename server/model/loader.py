@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 
 from server.model.chat import ChatTemplate, load_chat_template
 from server.model.llama import LlamaModel, ModelArgs
+from server.model.shape import BaseModelShape
 
 SUPPORTED = {"llama", "mistral", "qwen2"}
 MAX_CONFIG_BYTES = 1 << 20
@@ -48,18 +49,19 @@ def read_config(model_dir: Path) -> dict:
 
 
 def args_from_config(cfg: dict) -> ModelArgs:
-    heads = cfg["num_attention_heads"]
+    """The forward's arguments: the shape (read once, by BaseModelShape) plus norm, RoPE and layout."""
+    shape = BaseModelShape.from_hf_config(cfg)
     rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
     theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     return ModelArgs(
-        vocab_size=cfg["vocab_size"],
-        dim=cfg["hidden_size"],
-        n_layers=cfg["num_hidden_layers"],
-        n_heads=heads,
-        n_kv_heads=cfg.get("num_key_value_heads") or heads,
-        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-        intermediate_size=cfg["intermediate_size"],
+        vocab_size=shape.vocab_size,
+        dim=shape.hidden_size,
+        n_layers=shape.num_layers,
+        n_heads=shape.num_heads,
+        n_kv_heads=shape.num_kv_heads,
+        head_dim=shape.head_dim,
+        intermediate_size=shape.intermediate_size,
         norm_eps=cfg.get("rms_norm_eps", 1e-6),
         rope_theta=float(theta),
         rope_type=rope_type,
