@@ -72,6 +72,17 @@ def _dot_f32(dtype: torch.dtype) -> bool:
 
 
 @triton.jit
+def _tile(tiles_ptr, rows_ptr, ranks_ptr, tile, BLOCK_M: tl.constexpr):
+    """One tile's slot, that slot's rank, its (up to BLOCK_M) token rows and their mask."""
+    start = tl.load(tiles_ptr + tile * 3)
+    end = tl.load(tiles_ptr + tile * 3 + 1)
+    s = tl.load(tiles_ptr + tile * 3 + 2)
+    offs_m = start + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < end
+    return s, tl.load(ranks_ptr + s), tl.load(rows_ptr + offs_m, mask=m_ok, other=0), m_ok
+
+
+@triton.jit
 def _shrink_kernel(x_ptr, a_ptr, part_ptr, rows_ptr, tiles_ptr, ranks_ptr,
                    d_in, k_per_split, r_group, width,
                    sx_t, sx_k, sa_s, sa_r, sa_k, sp_k, sp_t, sp_r,
@@ -79,13 +90,7 @@ def _shrink_kernel(x_ptr, a_ptr, part_ptr, rows_ptr, tiles_ptr, ranks_ptr,
                    FP32: tl.constexpr):
     tile = tl.program_id(0)
     split = tl.program_id(1)
-    start = tl.load(tiles_ptr + tile * 3)
-    end = tl.load(tiles_ptr + tile * 3 + 1)
-    s = tl.load(tiles_ptr + tile * 3 + 2)
-    rank = tl.load(ranks_ptr + s)
-    offs_m = start + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < end
-    rows = tl.load(rows_ptr + offs_m, mask=m_ok, other=0)
+    s, rank, rows, m_ok = _tile(tiles_ptr, rows_ptr, ranks_ptr, tile, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = (offs_r < width) & (offs_r % r_group < rank)
     k_lo = split * k_per_split
@@ -113,13 +118,7 @@ def _expand_kernel(y_ptr, v_ptr, b_ptr, scale_ptr, rows_ptr, tiles_ptr, ranks_pt
                    FP32: tl.constexpr):
     tile = tl.program_id(0)
     pid_n = tl.program_id(1)
-    start = tl.load(tiles_ptr + tile * 3)
-    end = tl.load(tiles_ptr + tile * 3 + 1)
-    s = tl.load(tiles_ptr + tile * 3 + 2)
-    rank = tl.load(ranks_ptr + s)
-    offs_m = start + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < end
-    rows = tl.load(rows_ptr + offs_m, mask=m_ok, other=0)
+    s, rank, rows, m_ok = _tile(tiles_ptr, rows_ptr, ranks_ptr, tile, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < rank
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
