@@ -30,6 +30,7 @@ from server.engine.adapter_slots import AdapterSlots
 from server.engine.engine import AdapterServing, Engine
 from server.model.default import resolve_model
 from server.model.loader import LoadedModel, ModelLoadError, load_model
+from server.model.quantize import quantize_model
 
 log = logging.getLogger("lorafleet")
 SERVICES = [pb.DESCRIPTOR.services_by_name[n].full_name for n in ("Inference", "Adapters")]
@@ -69,6 +70,10 @@ def load(cfg: ServerConfig) -> LoadedModel:
     except (RuntimeError, ValueError) as e:
         raise ModelLoadError(f"--kernels {cfg.kernels}: {e}") from None
     loaded = load_model(model_dir, device, dtype)
+    try:
+        quantize_model(loaded.model, cfg.quantize)
+    except ValueError as e:
+        raise ModelLoadError(f"--quantize {cfg.quantize}: {e}") from None
     window = loaded.hf_config.get("sliding_window")
     if loaded.hf_config.get("use_sliding_window", True) and window and window < cfg.max_context_tokens:
         raise ModelLoadError(f"{model_dir}: sliding-window attention ({window} tokens) is not implemented; "
