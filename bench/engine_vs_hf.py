@@ -1,16 +1,21 @@
-"""Throughput of our engine vs transformers' generate() on the same weights and batch.
+"""Our engine vs transformers' generate() on the same weights and work, with a roofline column.
 
-32 requests, 32-token prompts, 32 new tokens, greedy, the embedded default model.
-Both measured interleaved in one run; prints tokens/s of each and the ratio (target >= 1.5x).
+For each model (default: SmolLM2-135M-Instruct's shape, then the tiny test model):
+  batch 32: 32 requests x 32-token prompts x 32 new tokens, greedy, EOS ignored; tokens/s of the
+            engine (fp32, exact), the engine with --quantize int8, and HF generate(); ratios.
+  roofline: achieved GFLOP/s of the engine's prefill (first-token wait) and decode (the rest) vs
+            the peak this machine reaches on plain matmuls at 1024 rows of the same shapes; and
+            the decode step's base matmuls alone (the model's own linears, 32 rows) vs that peak.
+  batch 1:  time to first token and time per output token of the engine vs HF.
+All sides run interleaved in one process (A, B, C, A, B, C ...); medians of --repeats.
 
-    .venv/bin/python bench/engine_vs_hf.py [--requests 32] [--prompt-tokens 32] [--new-tokens 32] [--repeats 3]
+    PYTHONPATH=.:proto .venv/bin/python bench/engine_vs_hf.py [--models smollm2,tiny] [--repeats 3] [--quick]
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -25,79 +30,184 @@ from server.engine.sequence import FinishEvent, Sequence  # noqa: E402
 from server.main import keep_freed_memory  # noqa: E402
 from server.model.default import resolve_model  # noqa: E402
 from server.model.loader import load_model  # noqa: E402
+from server.model.quantize import BaseLinear, quantize_model  # noqa: E402
+
+CACHE = Path.home() / ".cache/lorafleet/models"
 
 
-def run_engine(engine: Engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
+def run_engine(engine: Engine, prompts: list[list[int]], new_tokens: int) -> dict:
+    """Wall time, time to the last first token (the prefill), tokens, batch-1 TTFT/TPOT."""
     done = threading.Semaphore(0)
     outs: dict[int, list[int]] = {}
+    ends: dict[int, float] = {}
+    seqs = []
 
     def sink_for(i: int):
         def sink(ev):
             outs.setdefault(i, []).extend(ev.token_ids)
             if isinstance(ev, FinishEvent):
+                ends[i] = time.monotonic()
                 done.release()
         return sink
 
     t0 = time.perf_counter()
     for i, p in enumerate(prompts):
-        engine.submit(Sequence(str(i), p, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True), sink_for(i)))
+        seqs.append(Sequence(str(i), p, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True), sink_for(i)))
+        engine.submit(seqs[-1])
     for _ in prompts:
         done.acquire()
-    return time.perf_counter() - t0, [outs[i] for i in range(len(prompts))]
+    wall = time.perf_counter() - t0
+    first = max(s.first_token_at for s in seqs) - min(s.arrival for s in seqs)
+    s0 = seqs[0]
+    return {"wall": wall, "prefill": first, "tokens": [outs[i] for i in range(len(prompts))],
+            "ttft": s0.first_token_at - s0.arrival, "tpot": (ends[0] - s0.first_token_at) / max(new_tokens - 1, 1)}
 
 
-def run_hf(hf, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
+def run_hf(hf, prompts: list[list[int]], new_tokens: int) -> dict:
     ids = torch.tensor(prompts)
-    t0 = time.perf_counter()
+
+    def gen(n: int) -> tuple[float, torch.Tensor]:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, pad_token_id=0, eos_token_id=None)  # both ignore EOS
+        return time.perf_counter() - t0, out
+
+    first, _ = gen(1)
+    wall, out = gen(new_tokens)
+    return {"wall": wall, "prefill": first, "tokens": out[:, ids.shape[1]:].tolist(), "ttft": first,
+            "tpot": (wall - first) / max(new_tokens - 1, 1)}
+
+
+def flops(args, rows: int, ctx: int) -> float:
+    """Forward FLOPs of `rows` tokens attending to ~ctx keys each, LM head on every row."""
+    lin = args.dim * (args.q_size + 2 * args.kv_size) + args.q_size * args.dim + 3 * args.dim * args.intermediate_size
+    attn = 2 * args.n_heads * args.head_dim * ctx
+    return 2.0 * rows * (args.n_layers * (lin + attn) + args.dim * args.vocab_size)
+
+
+def best_ms(fn, n: int = 5) -> float:
+    fn()
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e3
+
+
+def matmul_roofline(model, repeats: int) -> tuple[float, float]:
+    """(peak GFLOP/s: the best of plain `x @ w` and oneDNN at 1024 rows of the model's linear
+    shapes; decode GFLOP/s: the model's own base linears + LM head at 32 rows). Interleaved."""
+    lw = model.layers[0]
+    lins = [lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down]
+    dense = [(lin.dense().T.contiguous(), BaseLinear(lin.dense(), mode="onednn")) for lin in lins]
+    peak_rows, dec_rows = 1024, 32
+    xs = [torch.randn(peak_rows, w.shape[0]) for w, _ in dense]
+    xd = [torch.randn(dec_rows, lin.d_in) for lin in lins]
+    hd = torch.randn(dec_rows, model.args.dim)
+    f_peak = sum(2 * peak_rows * w.numel() for w, _ in dense)
+    f_dec = sum(2 * dec_rows * lin.d_in * lin.d_out for lin in lins)
+    f_head = 2 * dec_rows * model.lm_head.d_in * model.lm_head.d_out
+    peaks, decs = [], []
     with torch.inference_mode():
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                          do_sample=False, pad_token_id=0, eos_token_id=None)  # both ignore EOS
-    return time.perf_counter() - t0, out[:, ids.shape[1]:].tolist()
+        for _ in range(repeats):
+            plain = best_ms(lambda: [x @ w for x, (w, _) in zip(xs, dense)])
+            onednn = best_ms(lambda: [p(x) for x, (_, p) in zip(xs, dense)])
+            peaks.append(f_peak / min(plain, onednn) / 1e6)
+            layer = best_ms(lambda: [lin(x) for x, lin in zip(xd, lins)])
+            head = best_ms(lambda: model.lm_head(hd), 2)
+            decs.append((f_dec * model.args.n_layers + f_head) / (layer * model.args.n_layers + head) / 1e6)
+    return statistics.median(peaks), statistics.median(decs)
+
+
+def bench_model(spec: str, args) -> None:
+    from transformers import LlamaForCausalLM
+    model_dir = resolve_model(None if spec == "smollm2" else spec, CACHE)
+    dev = torch.device("cpu")
+    fp32 = load_model(model_dir, dev, torch.float32)
+    int8 = load_model(model_dir, dev, torch.float32)
+    quantize_model(int8.model, "int8")
+    hf = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None
+    a = fp32.model.args
+    g = torch.Generator().manual_seed(0)
+    prompts = [[1] + torch.randint(3, min(a.vocab_size, 259 if a.vocab_size < 1000 else 20000),
+                                   (args.prompt_tokens - 1,), generator=g).tolist() for _ in range(args.requests)]
+    ctx = args.prompt_tokens + args.new_tokens + 8
+
+    def engine(loaded):
+        e = Engine(loaded, max_batch_size=args.requests, max_context_tokens=ctx, max_queued=args.requests * 2,
+                   max_prefill_tokens=args.requests * args.prompt_tokens)
+        e.start()
+        return e
+
+    sides = {"engine fp32": engine(fp32), "engine int8": engine(int8)}
+    results: dict[str, list[dict]] = {k: [] for k in (*sides, "HF generate fp32")}
+    b1: dict[str, list[dict]] = {"engine fp32": [], "HF generate fp32": []}
+    for e in sides.values():                      # warm-up
+        run_engine(e, prompts[:4], 4)
+    run_hf(hf, prompts[:4], 4)
+    for _ in range(args.repeats):                 # interleaved
+        for k, e in sides.items():
+            time.sleep(0.3)   # HF runs on this thread, the engine on its own: let the other OpenMP pool go idle
+            results[k].append(run_engine(e, prompts, args.new_tokens))
+        time.sleep(0.3)
+        results["HF generate fp32"].append(run_hf(hf, prompts, args.new_tokens))
+        time.sleep(0.3)
+        b1["engine fp32"].append(run_engine(sides["engine fp32"], prompts[:1], args.new_tokens))
+        time.sleep(0.3)
+        b1["HF generate fp32"].append(run_hf(hf, prompts[:1], args.new_tokens))
+    for e in sides.values():
+        e.stop()
+    peak, dec_mm = matmul_roofline(fp32.model, args.repeats)
+
+    total = args.requests * args.new_tokens
+    f_pre = flops(a, args.requests * args.prompt_tokens, args.prompt_tokens // 2)
+    f_dec = flops(a, args.requests * (args.new_tokens - 1), args.prompt_tokens + args.new_tokens // 2)
+    hf_tok = results["HF generate fp32"]
+    print(f"\nmodel {model_dir.name} (hidden {a.dim}, {a.n_layers} layers, vocab {a.vocab_size}): {args.requests} "
+          f"requests x {args.prompt_tokens} prompt x {args.new_tokens} new tokens, greedy, {args.threads} threads, "
+          f"median of {args.repeats} interleaved runs")
+    print(f"matmul peak (1024 rows, same shapes): {peak:.1f} GFLOP/s;  decode-step base matmuls at "
+          f"{args.requests} rows: {dec_mm:.1f} GFLOP/s = {100 * dec_mm / peak:.0f}% of peak (target >= 60%)")
+    print(f"| side | tokens/s | vs HF | prefill GFLOP/s (% peak) | decode GFLOP/s (% peak) | greedy tokens = HF |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    hf_wall = statistics.median(r["wall"] for r in hf_tok)
+    for k, rs in results.items():
+        wall = statistics.median(r["wall"] for r in rs)
+        pre = statistics.median(r["prefill"] for r in rs)
+        dec = statistics.median(r["wall"] - r["prefill"] for r in rs)
+        same = sum(x == y for x, y in zip(rs[-1]["tokens"], hf_tok[-1]["tokens"]))
+        tok_same = sum(sum(p == q for p, q in zip(x, y)) for x, y in zip(rs[-1]["tokens"], hf_tok[-1]["tokens"]))
+        print(f"| {k} | {total / wall:.1f} | {hf_wall / wall:.2f}x | {f_pre / pre / 1e9:.1f} ({100 * f_pre / pre / 1e9 / peak:.0f}%)"
+              f" | {f_dec / dec / 1e9:.1f} ({100 * f_dec / dec / 1e9 / peak:.0f}%) | {same}/{args.requests} rows, "
+              f"{100 * tok_same / total:.0f}% tokens |")
+    ttft = {k: statistics.median(r["ttft"] for r in v) * 1e3 for k, v in b1.items()}
+    tpot = {k: statistics.median(r["tpot"] for r in v) * 1e3 for k, v in b1.items()}
+    print(f"batch 1: TTFT engine {ttft['engine fp32']:.1f} ms vs HF {ttft['HF generate fp32']:.1f} ms "
+          f"({ttft['HF generate fp32'] / ttft['engine fp32']:.2f}x); TPOT engine {tpot['engine fp32']:.1f} ms vs HF "
+          f"{tpot['HF generate fp32']:.1f} ms ({tpot['HF generate fp32'] / tpot['engine fp32']:.2f}x, target >= 1)")
+    print(f"targets: engine fp32 / HF >= 1.5: {hf_wall / statistics.median(r['wall'] for r in results['engine fp32']):.2f}; "
+          f"int8 / HF fp32 >= 3: {hf_wall / statistics.median(r['wall'] for r in results['engine int8']):.2f}", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="smollm2,tiny", help="comma list: smollm2, tiny, random-512, a directory")
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="16 new tokens, 3 repeats: about a minute per model")
     args = ap.parse_args()
+    if args.quick:
+        args.new_tokens = 16
     torch.set_num_threads(args.threads)
     keep_freed_memory()                       # as the server does (server/main.py)
-    from transformers import LlamaForCausalLM
-
-    model_dir = resolve_model("random-512", Path(tempfile.gettempdir()) / "lorafleet-bench")
-    loaded = load_model(model_dir, torch.device("cpu"), torch.float32)
-    hf = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    hf.generation_config.eos_token_id = None
-    g = torch.Generator().manual_seed(0)
-    prompts = [[1] + torch.randint(3, 259, (args.prompt_tokens - 1,), generator=g).tolist()
-               for _ in range(args.requests)]
-    engine = Engine(loaded, max_batch_size=args.requests, max_context_tokens=args.prompt_tokens + args.new_tokens + 8,
-                    max_queued=args.requests * 2, max_prefill_tokens=args.requests * args.prompt_tokens)
-    engine.start()
-    run_engine(engine, prompts[:4], 4)           # warm-up both
-    run_hf(hf, prompts[:4], 4)
-    ours, theirs = [], []
-    for _ in range(args.repeats):                # interleaved
-        time.sleep(0.5)   # HF runs on this thread, the engine on its own: let the other OpenMP pool go idle
-        t, our_tokens = run_engine(engine, prompts, args.new_tokens)
-        ours.append(t)
-        time.sleep(0.5)
-        t, hf_tokens = run_hf(hf, prompts, args.new_tokens)
-        theirs.append(t)
-    engine.stop()
-    same = sum(a == b[:len(a)] for a, b in zip(our_tokens, hf_tokens))
-    total = args.requests * args.new_tokens
-    o, h = statistics.median(ours), statistics.median(theirs)
-    print(f"model: {model_dir.name} (hidden {loaded.model.args.dim}, {loaded.model.args.n_layers} layers), "
-          f"{args.requests} requests x {args.prompt_tokens} prompt tokens x {args.new_tokens} new, greedy, "
-          f"{args.threads} threads")
-    print(f"lorafleet engine : {o:7.3f} s  {total / o:8.1f} tokens/s")
-    print(f"HF generate()    : {h:7.3f} s  {total / h:8.1f} tokens/s")
-    print(f"identical greedy outputs: {same}/{args.requests}")
-    print(f"ratio engine/HF throughput: {h / o:.2f}x (target >= 1.5x)")
+    for spec in args.models.split(","):
+        bench_model(spec, args)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,20 @@
 """Throughput with many adapters in one batch vs none, and vs PEFT's own mixed-batch generate().
 
-Default model, 32 requests x 32 prompt tokens x 32 new tokens, greedy, EOS ignored, one run:
+SmolLM2-135M's shape (--model), 32 requests x 32 prompt tokens x 32 new tokens, greedy, EOS ignored:
   (a) no adapters            (b) one LoRA for every row
-  (c) 32 distinct rank-16 LoRA adapters on q/k/v/o
-  (d) 32 distinct adapters of mixed kinds (LoRA, IA3, bottleneck, prefix, prompt)
+  (c) 32 distinct rank-16 LoRAs on all seven targets (q/k/v/o/gate/up/down)
+  (d) zipf(1.0) traffic over 128 rank-8 LoRAs on q/k/v/o (seeded draw of 32 rows)
   (e) PEFT `generate(adapter_names=...)` with the adapters of (c), same weights
-  (f) 32 distinct rank-16 DoRA adapters on q/k/v/o (LoRA of (c)'s shape plus the column scale)
-Prints (c)/(a), (d)/(a), (c)/(e), (f)/(c) as a cost (targets: (c)/(a) >= 0.85, (c)/(e) >= 2.0,
-DoRA cost <= 1.1x LoRA), and (c) again with 128 requests over 128 adapters.
+  (f) 32 distinct adapters of mixed kinds (LoRA, IA3, bottleneck, prefix, prompt)
+  (g) 32 distinct rank-16 DoRA adapters on all seven targets (c's LoRAs plus DoRA's column scale)
+Interleaved, median of --repeats. Prints (c)/(a), (d)/(a), (c)/(e) and (c)'s decode step against
+its bytes-moved floor: (base weights + the step's distinct adapter weights + KV read) / the memory
+bandwidth this machine reaches in the same run (targets: (d)/(a) >= 0.85, (c) <= 1.3x floor,
+(c)/(e) >= 3), and DoRA's cost (c)/(g) (target <= 1.1).
 
-    .venv/bin/python bench/mixed_adapters.py [--repeats 3] [--skip-128]
+    PYTHONPATH=.:proto .venv/bin/python bench/mixed_adapters.py [--model SPEC] [--repeats 3] [--quick]
 """
 from __future__ import annotations
-from lorafleet.archive import archive_dir  # noqa: E402
 
 import argparse
 import json
@@ -27,9 +29,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from server.adapters.refs import parse_tenant_ref  # noqa: E402
+from lorafleet.archive import archive_dir  # noqa: E402
 from server.adapters import formats  # noqa: E402
 from server.adapters.formats import BaseModelShape, BottleneckTarget  # noqa: E402
+from server.adapters.refs import parse_tenant_ref  # noqa: E402
 from server.config import ServerConfig  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
 from server.engine.sampling import SamplingParams  # noqa: E402
@@ -41,27 +44,34 @@ from server.model.loader import load_model  # noqa: E402
 TENANT = "bench"
 
 
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+_PEFT: dict[str, object] = {}      # kind -> one PEFT model, re-randomised per adapter (building is slow)
+
+
 def make_peft(base_dir: Path, out: Path, kind: str, seed: int):
     from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
     from transformers import LlamaForCausalLM
-    cfgs = {"lora": lambda: LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                                       task_type="CAUSAL_LM"),
-            "dora": lambda: LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                                       task_type="CAUSAL_LM", use_dora=True),
+    cfgs = {"lora": lambda: LoraConfig(r=16, lora_alpha=32, target_modules=ALL, task_type="CAUSAL_LM"),
+            "dora": lambda: LoraConfig(r=16, lora_alpha=32, target_modules=ALL, task_type="CAUSAL_LM", use_dora=True),
+            "lora8": lambda: LoraConfig(r=8, lora_alpha=16, target_modules=ALL[:4], task_type="CAUSAL_LM"),
             "ia3": lambda: IA3Config(task_type="CAUSAL_LM"),
             "prefix": lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8),
             "prompt": lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8)}
-    torch.manual_seed(seed)
-    model = get_peft_model(LlamaForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32), cfgs[kind]())
+    if kind not in _PEFT:
+        torch.manual_seed(seed)
+        _PEFT[kind] = get_peft_model(LlamaForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32), cfgs[kind]())
+    model = _PEFT[kind]
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_B" in name or "prompt" in name:
+            if "lora_A" in name:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+            elif "lora_B" in name or "prompt" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+            elif "lora_magnitude" in name:
+                p.mul_(1 + torch.randn(p.shape, generator=g) * 0.05)
             elif "ia3_l" in name:
                 p.copy_(1 + torch.randn(p.shape, generator=g) * 0.1)
-            elif "lora_magnitude_vector" in name:
-                p.mul_(1 + torch.randn(p.shape, generator=g) * 0.1)
     model.save_pretrained(str(out))
     return out
 
@@ -77,16 +87,51 @@ def make_bottleneck(base_dir: Path, out: Path, seed: int) -> Path:
     return out
 
 
-def run(engine: Engine, registry, prompts, adapters: list[str | None], n: int) -> float:
+def run(engine: Engine, registry, prompts, adapters: list[str | None], n: int) -> tuple[float, float]:
+    """(wall seconds, seconds per decode step after the last first token)."""
     done = threading.Semaphore(0)
+    seqs = []
     t0 = time.perf_counter()
     for p, a in zip(prompts, adapters):
         ref = registry.resolve(parse_tenant_ref(TENANT, a)) if a else None
         sink = (lambda ev: done.release() if isinstance(ev, FinishEvent) else None)
-        engine.submit(Sequence("b", p, SamplingParams(max_new_tokens=n, ignore_eos=True), sink,
-                               tenant=TENANT), ref)
+        seqs.append(Sequence("b", p, SamplingParams(max_new_tokens=n, ignore_eos=True), sink, tenant=TENANT))
+        engine.submit(seqs[-1], ref)
     for _ in prompts:
         done.acquire()
+    wall = time.perf_counter() - t0
+    end = time.monotonic()
+    return wall, (end - max(s.first_token_at for s in seqs)) / max(n - 1, 1)
+
+
+def bytes_floor(model, adapters: list[str | None], ranks: dict[str, tuple[int, list[str]]], ctx: int) -> dict:
+    """Bytes one decode step must read: base linears + LM head, each distinct adapter's A and B on
+    its targets, every row's K and V up to ctx."""
+    a = model.args
+    base = sum(lin.nbytes() for lw in model.layers for lin in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down))
+    base += model.lm_head.nbytes()
+    dims = {"q_proj": (a.dim, a.q_size), "k_proj": (a.dim, a.kv_size), "v_proj": (a.dim, a.kv_size),
+            "o_proj": (a.q_size, a.dim), "gate_proj": (a.dim, a.intermediate_size),
+            "up_proj": (a.dim, a.intermediate_size), "down_proj": (a.intermediate_size, a.dim)}
+    ad = 0
+    for name in {x for x in adapters if x}:
+        r, targets = ranks[name]
+        ad += a.n_layers * sum(r * (dims[t][0] + dims[t][1]) for t in targets) * 4
+    kv = len(adapters) * a.n_layers * 2 * ctx * a.kv_size * 4
+    return {"base": base, "adapters": ad, "kv": kv, "total": base + ad + kv}
+
+
+def bandwidth() -> float:
+    """Bytes/s this machine reads now: the best of a few sums over 256 MiB."""
+    x = torch.ones(64 * 1024 * 1024)
+    x.sum()
+    best = min(_timed(x.sum) for _ in range(5))
+    return x.numel() * 4 / best
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
     return time.perf_counter() - t0
 
 
@@ -99,29 +144,47 @@ def run_peft(peft_model, prompts, names: list[str], n: int) -> float:
     return time.perf_counter() - t0
 
 
+def zipf_draw(n_rows: int, n_adapters: int, seed: int) -> list[int]:
+    """Adapter index per row, P(k) ~ 1/(k+1) (zipf, exponent 1.0), seeded."""
+    w = 1.0 / torch.arange(1, n_adapters + 1, dtype=torch.float64)
+    return torch.multinomial(w, n_rows, replacement=True, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model spec (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--skip-128", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="16 new tokens, 32 zipf adapters instead of 128")
     args = ap.parse_args()
+    n_zipf = 32 if args.quick else 128
+    if args.quick:
+        args.new_tokens = 16
     torch.set_num_threads(args.threads)
     keep_freed_memory()                       # as the server does (server/main.py)
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
     work = Path(tempfile.mkdtemp(prefix="lorafleet-mixed-"))
-    base_dir = resolve_model("random-512", Path(tempfile.gettempdir()) / "lorafleet-bench")
+    base_dir = resolve_model(args.model, Path.home() / ".cache/lorafleet/models")
     loaded = load_model(base_dir, torch.device("cpu"), torch.float32)
-    n_adapters = 32 if args.skip_128 else 128
-    n_slots = max(n_adapters, 96)   # cases (c), (d), (f) stay resident: no slot writes while timing
-    cfg = ServerConfig(data_dir=work / "store", adapter_slots=n_slots, max_adapter_rank=16)
+    zipf_rows = zipf_draw(32, n_zipf, 0)
+    zipf_used = sorted(set(zipf_rows))
+    cfg = ServerConfig(data_dir=work / "store", adapter_slots=96 + len(zipf_used), max_adapter_rank=16,
+                       tenant_max_adapter_bytes=1 << 40, max_adapter_bytes=1 << 30)
     _store, serving = build_adapters(cfg, loaded)
     reg = serving.registry
-    print(f"building {n_adapters} LoRA + 32 DoRA + 32 mixed adapters on {base_dir.name} ...", flush=True)
-    lora_dirs = [make_peft(base_dir, work / f"lora{i}", "lora", i) for i in range(n_adapters)]
+    print(f"building 32 LoRA r16 (all targets) + {n_zipf} LoRA r8 (q/k/v/o) + 32 mixed adapters on "
+          f"{base_dir.name} ...", flush=True)
+    ranks: dict[str, tuple[int, list[str]]] = {}
+    lora_dirs = [make_peft(base_dir, work / f"lora{i}", "lora", i) for i in range(32)]
     for i, d in enumerate(lora_dirs):
         reg.put(TENANT, f"lora{i}", archive_dir(d))
+        ranks[f"lora{i}"] = (16, ALL)
+    for i in zipf_used:                                       # only the drawn ones are ever resident
+        reg.put(TENANT, f"z{i}", archive_dir(make_peft(base_dir, work / f"z{i}", "lora8", 500 + i)))
+        ranks[f"z{i}"] = (8, ALL[:4])
     for i in range(32):
         reg.put(TENANT, f"dora{i}", archive_dir(make_peft(base_dir, work / f"dora{i}", "dora", 2000 + i)))
     kinds = ["lora", "ia3", "bottleneck", "prefix", "prompt"]
@@ -129,7 +192,9 @@ def main() -> None:
         k = kinds[i % len(kinds)]
         d = make_bottleneck(base_dir, work / f"m{i}", i) if k == "bottleneck" else make_peft(base_dir, work / f"m{i}", k, 1000 + i)
         reg.put(TENANT, f"mix{i}", archive_dir(d))
-    engine = Engine(loaded, max_batch_size=32, max_context_tokens=96, max_queued=1024, max_prefill_tokens=1024,
+    _PEFT.clear()
+    ctx = 32 + args.new_tokens
+    engine = Engine(loaded, max_batch_size=32, max_context_tokens=ctx + 16, max_queued=1024, max_prefill_tokens=1024,
                     adapters=serving)
     engine.start()
     peft_model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32),
@@ -137,42 +202,51 @@ def main() -> None:
     for i in range(1, 32):
         peft_model.load_adapter(str(lora_dirs[i]), adapter_name=f"lora{i}")
     g = torch.Generator().manual_seed(0)
-    prompts = [[1] + torch.randint(3, 259, (31,), generator=g).tolist() for _ in range(32)]
+    hi = min(loaded.model.args.vocab_size, 20000)
+    prompts = [[1] + torch.randint(3, hi, (31,), generator=g).tolist() for _ in range(32)]
     cases = {
         "a": [None] * 32,
         "b": ["lora0"] * 32,
         "c": [f"lora{i}" for i in range(32)],
-        "d": [f"mix{i}" for i in range(32)],
-        "f": [f"dora{i}" for i in range(32)],
+        "d": [f"z{i}" for i in zipf_rows],
+        "f": [f"mix{i}" for i in range(32)],
+        "g": [f"dora{i}" for i in range(32)],
     }
     for c in cases.values():                                  # warm-up, and every slot loaded
         run(engine, reg, prompts, c, 2)
     run_peft(peft_model, prompts[:4], [f"lora{i}" for i in range(4)], 2)
-    times: dict[str, list[float]] = {k: [] for k in [*cases, "e"]}
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in [*cases, "e"]}
+    bws = []
     for _ in range(args.repeats):                             # interleaved
         for k, c in cases.items():
-            time.sleep(0.5)   # PEFT runs on this thread, the engine on its own: let the idle OpenMP pool sleep
-            times[k].append(run(engine, reg, prompts, c, 32))
-        time.sleep(0.5)
-        times["e"].append(run_peft(peft_model, prompts, cases["c"], 32))
-    tput = {k: 32 * 32 / statistics.median(v) for k, v in times.items()}
-    print(f"model {base_dir.name}: 32 requests x 32 prompt x 32 new tokens, greedy, {args.threads} threads")
-    names = {"a": "no adapters", "b": "1 LoRA, all rows", "c": "32 LoRA r16 q/k/v/o", "d": "32 mixed kinds",
-             "e": "PEFT generate(adapter_names), 32 LoRA", "f": "32 DoRA r16 q/k/v/o"}
-    for k, v in tput.items():
-        print(f"  ({k}) {names[k]:<40} {v:8.1f} tokens/s")
-    print(f"(c)/(a) = {tput['c'] / tput['a']:.2f}   (target >= 0.85)")
-    print(f"(d)/(a) = {tput['d'] / tput['a']:.2f}")
-    print(f"(c)/(e) = {tput['c'] / tput['e']:.2f}   (target >= 2.0)")
-    print(f"DoRA cost (c)/(f) = {tput['c'] / tput['f']:.2f}x LoRA   (target <= 1.1)")
-    if not args.skip_128:
-        p128 = [[1] + torch.randint(3, 259, (31,), generator=g).tolist() for _ in range(128)]
-        run(engine, reg, p128, [f"lora{i}" for i in range(128)], 2)
-        t_a = statistics.median(run(engine, reg, p128, [None] * 128, 32) for _ in range(args.repeats))
-        t_c = statistics.median(run(engine, reg, p128, [f"lora{i}" for i in range(128)], 32)
-                                for _ in range(args.repeats))
-        print(f"128 requests over 128 adapters (batch 32): (c)/(a) = {t_a / t_c:.2f}")
+            time.sleep(0.3)   # PEFT runs on this thread, the engine on its own: let the idle OpenMP pool sleep
+            times[k].append(run(engine, reg, prompts, c, args.new_tokens))
+        time.sleep(0.3)
+        times["e"].append((run_peft(peft_model, prompts, cases["c"], args.new_tokens), float("nan")))
+        bws.append(bandwidth())
     engine.stop()
+    tput = {k: 32 * args.new_tokens / statistics.median(w for w, _ in v) for k, v in times.items()}
+    step = {k: statistics.median(s for _, s in v) for k, v in times.items() if k != "e"}
+    bw = statistics.median(bws)
+    print(f"model {base_dir.name}: 32 requests x 32 prompt x {args.new_tokens} new tokens, greedy, "
+          f"{args.threads} threads, median of {args.repeats} interleaved runs")
+    names = {"a": "no adapters", "b": "1 LoRA r16, all rows", "c": "32 LoRA r16, all 7 targets",
+             "d": f"zipf(1.0) over {n_zipf} LoRA r8 q/k/v/o ({len(zipf_used)} distinct)",
+             "f": "32 mixed kinds (LoRA/IA3/bottleneck/prefix/prompt)",
+             "e": "PEFT generate(adapter_names), adapters of (c)", "g": "32 DoRA r16, all 7 targets"}
+    print("| case | tokens/s | vs (a) | decode step ms |")
+    print("| --- | ---: | ---: | ---: |")
+    for k in ("a", "b", "c", "d", "f", "g", "e"):
+        ms = f"{step[k] * 1e3:.1f}" if k in step else "-"
+        print(f"| ({k}) {names[k]} | {tput[k]:.1f} | {tput[k] / tput['a']:.2f} | {ms} |")
+    fl = bytes_floor(loaded.model, cases["c"], ranks, ctx)
+    floor_s = fl["total"] / bw
+    print(f"(c)/(a) = {tput['c'] / tput['a']:.2f}   (d)/(a) = {tput['d'] / tput['a']:.2f} (target >= 0.85)   "
+          f"(c)/(e) = {tput['c'] / tput['e']:.2f} (target >= 3)")
+    print(f"(c) bytes per decode step: base {fl['base'] / 1e6:.0f} MB + adapters {fl['adapters'] / 1e6:.0f} MB + "
+          f"KV {fl['kv'] / 1e6:.0f} MB = {fl['total'] / 1e6:.0f} MB; at {bw / 1e9:.1f} GB/s (measured) the floor is "
+          f"{floor_s * 1e3:.1f} ms; (c) takes {step['c'] * 1e3:.1f} ms = {step['c'] / floor_s:.2f}x floor (target <= 1.3)")
+    print(f"DoRA cost (c)/(g) = {tput['c'] / tput['g']:.2f}x LoRA of the same rank (target <= 1.1)")
 
 
 if __name__ == "__main__":

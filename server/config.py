@@ -37,6 +37,9 @@ class ServerConfig:
     device: str = knob("auto", "auto takes the GPU when one is present", choices=("auto", "cpu", "cuda"))
     dtype: str = knob("auto", "auto = float32 on CPU, bfloat16 on GPU",
                       choices=("auto", "float32", "bfloat16", "float16"))
+    quantize: str = knob("none", "base weights: none = exact (fp32 on CPU); int8 = per-channel int8 base linears"
+                         " and LM head (CPU, float32; ~2-3x faster decode, not exact: adapters still apply on top)",
+                         choices=("none", "int8"))
     kernels: str = knob("auto", "batched adapter kernels: torch (CPU and GPU), triton (CUDA; until a GPU run of"
                         " `make gpu-check` has passed, only when asked); auto = torch", choices=("auto", "torch", "triton"))
     max_batch_size: int = knob(32, "sequences decoded together (KV slots)")

@@ -32,6 +32,7 @@ from server.http.door import HttpDoor
 from server.http.openai import OpenAIApp
 from server.model.default import resolve_model
 from server.model.loader import LoadedModel, ModelLoadError, load_model
+from server.model.quantize import quantize_model
 
 log = logging.getLogger("lorafleet")
 SERVICES = [pb.DESCRIPTOR.services_by_name[n].full_name for n in ("Inference", "Adapters")]
@@ -71,6 +72,10 @@ def load(cfg: ServerConfig) -> LoadedModel:
     except (RuntimeError, ValueError) as e:
         raise ModelLoadError(f"--kernels {cfg.kernels}: {e}") from None
     loaded = load_model(model_dir, device, dtype)
+    try:
+        quantize_model(loaded.model, cfg.quantize)
+    except ValueError as e:
+        raise ModelLoadError(f"--quantize {cfg.quantize}: {e}") from None
     window = loaded.hf_config.get("sliding_window")
     if loaded.hf_config.get("use_sliding_window", True) and window and window < cfg.max_context_tokens:
         raise ModelLoadError(f"{model_dir}: sliding-window attention ({window} tokens) is not implemented; "

@@ -14,6 +14,11 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from server.model.quantize import BaseLinear
+
+
+SMALL_ROWS = 4       # LM-head calls of at most this many rows use a plain transposed copy (batch 1)
+
 
 @dataclass(frozen=True)
 class ModelArgs:
@@ -75,13 +80,12 @@ class AdapterHooks(Protocol):
 
 @dataclass
 class LayerWeights:
-    """Linear weights are stored transposed, [d_in, d_out] contiguous: `x @ w` with small
-    decode batches runs ~1.5x faster on CPU BLAS than F.linear on HF's [d_out, d_in] layout."""
-    wqkv: torch.Tensor               # [dim, q_size + 2 * kv_size]
-    bqkv: torch.Tensor | None        # [q_size + 2 * kv_size]
-    wo: torch.Tensor                 # [q_size, dim]
-    w_gate_up: torch.Tensor          # [dim, 2 * intermediate]
-    w_down: torch.Tensor             # [intermediate, dim]
+    """Linears are `BaseLinear`s (server/model/quantize.py): prepacked once at load for the
+    device's fastest matmul (oneDNN on CPU, exact), or int8 with `--quantize int8`."""
+    wqkv: BaseLinear                 # [dim] -> [q_size + 2 * kv_size] (+ bias for Qwen2)
+    wo: BaseLinear                   # [q_size] -> [dim]
+    w_gate_up: BaseLinear            # [dim] -> [2 * intermediate]
+    w_down: BaseLinear               # [intermediate] -> [dim]
     attn_norm: torch.Tensor          # [dim]
     mlp_norm: torch.Tensor           # [dim]
 
@@ -129,7 +133,7 @@ class LlamaModel:
         self.embed_tokens = embed    # [vocab, dim]
         self.layers = layers
         self.norm = norm             # [dim]
-        self.lm_head_t = lm_head.T.contiguous()   # [dim, vocab] (a transposed copy when tied)
+        self.lm_head = BaseLinear(lm_head, small_rows=SMALL_ROWS)   # [dim] -> [vocab] (packed copy when tied)
         self.device, self.dtype = embed.device, embed.dtype
         self._inv_freq = rope_inv_freq(args)
         self._cos = self._sin = torch.empty(0, args.head_dim, device=self.device)
@@ -142,8 +146,8 @@ class LlamaModel:
         def t(name: str) -> torch.Tensor:
             return w[name].to(device=device, dtype=dtype).contiguous()
 
-        def lin(*names: str) -> torch.Tensor:   # HF [d_out, d_in] pieces -> ours [d_in, sum d_out]
-            return torch.cat([t(n) for n in names]).T.contiguous()
+        def lin(*names: str, bias: torch.Tensor | None = None) -> BaseLinear:   # HF [d_out, d_in] pieces
+            return BaseLinear(torch.cat([t(n) for n in names]), bias)
 
         layers = []
         for i in range(args.n_layers):
@@ -153,8 +157,7 @@ class LlamaModel:
             if args.qkv_bias:
                 bias = torch.cat([t(a + "q_proj.bias"), t(a + "k_proj.bias"), t(a + "v_proj.bias")])
             layers.append(LayerWeights(
-                wqkv=lin(a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"),
-                bqkv=bias,
+                wqkv=lin(a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight", bias=bias),
                 wo=lin(a + "o_proj.weight"),
                 w_gate_up=lin(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
                 w_down=lin(p + "mlp.down_proj.weight"),
@@ -194,7 +197,7 @@ class LlamaModel:
                                   device=h.device).masked_fill_(~batch.decode_mask, float("-inf"))
         for i, lw in enumerate(self.layers):
             x = rms_norm(h, lw.attn_norm, a.norm_eps)
-            qkv = _linear(x, lw.wqkv, lw.bqkv, hooks, i, "qkv")            # [T, q + 2 kv]
+            qkv = _linear(x, lw.wqkv, hooks, i, "qkv")                        # [T, q + 2 kv]
             qk = qkv[:, :a.q_size + a.kv_size].view(-1, a.n_heads + a.n_kv_heads, a.head_dim)
             qk = apply_rope(qk, cos, sin)                                   # [T, H + Hkv, hd], one pass
             q, k = qk[:, :a.n_heads], qk[:, a.n_heads:]                     # [T, H, hd], [T, Hkv, hd]
@@ -203,13 +206,13 @@ class LlamaModel:
             kc[batch.token_slots, :, batch.positions] = k
             vc[batch.token_slots, :, batch.positions] = v.view(-1, a.n_kv_heads, a.head_dim)
             attn = self._attention(q, kc, vc, batch, decode_bias)         # [T, H * hd]
-            o = _linear(attn, lw.wo, None, hooks, i, "o")
+            o = _linear(attn, lw.wo, hooks, i, "o")
             if hooks is not None:
                 o = hooks.block_out(i, "attn", o)
             h = h + o
             x = rms_norm(h, lw.mlp_norm, a.norm_eps)
-            gate, up = _linear(x, lw.w_gate_up, None, hooks, i, "gate_up").chunk(2, dim=-1)
-            m = _linear(F.silu(gate) * up, lw.w_down, None, hooks, i, "down")
+            gate, up = _linear(x, lw.w_gate_up, hooks, i, "gate_up").chunk(2, dim=-1)
+            m = _linear(F.silu(gate) * up, lw.w_down, hooks, i, "down")
             if hooks is not None:
                 m = hooks.block_out(i, "mlp", m)
             h = h + m
@@ -218,7 +221,7 @@ class LlamaModel:
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final hidden states [R, dim] -> logits [R, vocab]."""
-        return h @ self.lm_head_t
+        return self.lm_head(h)
 
     def _attention(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
                    batch: ForwardBatch, decode_bias: torch.Tensor) -> torch.Tensor:
@@ -260,15 +263,10 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: t
     return torch.matmul(p, v).reshape(B, H * hd)
 
 
-def _matmul(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """x [T, d_in] @ w [d_in, d_out] (+ b [d_out])."""
-    return x @ w if b is None else torch.addmm(b, x, w)
-
-
-def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, hooks: AdapterHooks | None,
-            layer: int, target: str) -> torch.Tensor:
+def _linear(x: torch.Tensor, w: BaseLinear, hooks: AdapterHooks | None, layer: int,
+            target: str) -> torch.Tensor:
     """Base linear plus the step's adapter deltas on it. x [T, d_in] -> [T, d_out]."""
     if hooks is None:
-        return _matmul(x, w, b)
+        return w(x)
     x = hooks.pre_linear(layer, target, x)
-    return hooks.post_linear(layer, target, x, _matmul(x, w, b))
+    return hooks.post_linear(layer, target, x, w(x))

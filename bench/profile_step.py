@@ -1,0 +1,120 @@
+"""Where one engine step's time goes: a prefill step and a decode step at batch 1, 8 and 32.
+
+Runs the model's own forward (as the engine does: batch build -> forward -> LM head -> sample)
+under torch.profiler and splits each step's wall time into
+
+  matmul        the base linears and the LM head (aten mm/addmm, oneDNN/fbgemm linears)
+  attention     KV writes and reads, scores, softmax, SDPA (ops on 4-D tensors, index_put_)
+  elementwise   norms, RoPE, SiLU*up, residual adds, embedding lookup, slicing
+  sampling      `sampling.sample` (argmax / top-k / top-p, host copy of the tokens)
+  python        batch building + the forward's own Python between ops (wall - ops)
+
+Prints one table (ms per step and share of the step). Median of --repeats profiled runs.
+
+    PYTHONPATH=.:proto .venv/bin/python bench/profile_step.py [--model SPEC] [--quantize int8] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from server.engine.batch import Segment, make_forward_batch  # noqa: E402
+from server.engine.kv_cache import KVCache  # noqa: E402
+from server.engine.sampling import RowState, SamplingParams, sample  # noqa: E402
+from server.model.default import resolve_model  # noqa: E402
+from server.model.loader import load_model  # noqa: E402
+from server.model.quantize import quantize_model  # noqa: E402
+
+MATMUL = {"aten::mm", "aten::addmm", "mkldnn::_linear_pointwise", "quantized::linear_dynamic",
+          "aten::linear"}
+ATTENTION = {"aten::scaled_dot_product_attention", "aten::index_put_", "aten::_softmax", "aten::softmax",
+             "aten::bmm"}
+CATEGORIES = ("matmul", "attention", "elementwise", "sampling", "python")
+
+
+def classify(ev) -> str:
+    if ev.name in MATMUL:
+        return "matmul"
+    if ev.name == "aten::matmul":          # 2-D operands: a linear; more: attention scores / values
+        dims = [len(s) for s in ev.input_shapes if s]
+        return "matmul" if dims and max(dims) <= 2 else "attention"
+    if ev.name in ATTENTION or any(len(s) == 4 for s in ev.input_shapes if s):
+        return "attention"
+    return "elementwise"
+
+
+def one_step(model, kv, segs, rows) -> dict[str, float]:
+    """Profile one step; ms per category."""
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        t0 = time.perf_counter()
+        with record_function("#batch"):
+            batch = make_forward_batch(segs, model.device)
+        with record_function("#forward"):
+            hidden = model.forward(batch, kv.layers, return_hidden=True)
+            logits = model.logits(hidden)
+        with record_function("#sample"):
+            sample(logits, rows)
+        wall = (time.perf_counter() - t0) * 1e3
+    out = dict.fromkeys(CATEGORIES, 0.0)
+    events = prof.events()
+    marks = {e.name: e for e in events if e.name.startswith("#")}
+    out["sampling"] = marks["#sample"].cpu_time_total / 1e3
+    fwd = marks["#forward"]
+    ops = 0.0
+    for e in events:
+        if e.cpu_parent is not None and e.cpu_parent.id == fwd.id:
+            ms = e.cpu_time_total / 1e3
+            out[classify(e)] += ms
+            ops += ms
+    out["python"] = wall - out["sampling"] - ops          # batch building + the glue between ops
+    out["total"] = wall
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model spec (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--quantize", default="none", choices=("none", "int8"))
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="batches 1 and 32, one repeat")
+    args = ap.parse_args()
+    if args.quick:
+        args.batches, args.repeats = "1,32", 1
+    torch.set_num_threads(args.threads)
+    model_dir = resolve_model(args.model, Path.home() / ".cache/lorafleet/models")
+    loaded = load_model(model_dir, torch.device("cpu"), torch.float32)
+    model = quantize_model(loaded.model, args.quantize)
+    a = model.args
+    batches = [int(b) for b in args.batches.split(",")]
+    kv = KVCache(a, max(batches), args.prompt_tokens + 8, model.device, model.dtype)
+    g = torch.Generator().manual_seed(0)
+    print(f"model {model_dir.name} (hidden {a.dim}, {a.n_layers} layers, vocab {a.vocab_size}), "
+          f"quantize={args.quantize}, prompt {args.prompt_tokens} tokens, {args.threads} threads, "
+          f"median of {args.repeats}; ms per step (share)")
+    print(f"{'step':<12}" + "".join(f"{c:>17}" for c in (*CATEGORIES, "total")))
+    for B in batches:
+        prompts = [torch.randint(3, 259, (args.prompt_tokens,), generator=g).tolist() for _ in range(B)]
+        rows = [RowState(SamplingParams(max_new_tokens=1), p, None) for p in prompts]
+        prefill = [Segment(i, p, 0, True) for i, p in enumerate(prompts)]
+        decode = [Segment(i, [5], args.prompt_tokens, True) for i in range(B)]
+        for name, segs in (("prefill", prefill), ("decode", decode)):
+            one_step(model, kv, segs, rows)                          # warm-up
+            runs = [one_step(model, kv, segs, rows) for _ in range(args.repeats)]
+            med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+            cells = "".join(f"{med[c]:9.1f} ({100 * med[c] / med['total']:3.0f}%)" for c in CATEGORIES)
+            print(f"{name + ' b' + str(B):<12}{cells}{med['total']:11.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
