@@ -184,10 +184,10 @@ class AdapterSlots:
             if t.bias is not None:
                 ds.shift[slot, cols] = t.scale * t.bias
             if t.magnitude is not None:
-                W = getattr(self.base[layer], BASE_WEIGHT[target])[:, cols].T       # [d_out_i, d_in]
+                W = getattr(self.base[layer], BASE_WEIGHT[target]).dense()[cols]    # [d_out_i, d_in]
                 g = dora_scale(W, t, f"layer {layer} {module}")                      # [d_out_i] float32
                 ds.g[slot, cols] = g
-                b0 = self.base[layer].bqkv if target == "qkv" else None              # the base bias
+                b0 = getattr(self.base[layer], BASE_WEIGHT[target]).bias            # the base bias
                 if b0 is not None:
                     ds.shift[slot, cols] = (1 - g) * b0[cols].float()
                     self.dora_shift[slot] = True

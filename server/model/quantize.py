@@ -60,6 +60,7 @@ class BaseLinear:
         if mode == "int8" and not (int8_available() and weight.device.type == "cpu"):
             raise ValueError("int8 base weights need a CPU build of torch with fbgemm (x86)")
         self.mode, self.d_out, self.d_in = mode, weight.shape[0], weight.shape[1]
+        self.device, self.dtype = weight.device, weight.dtype
         self.bias = bias                                               # [d_out] or None
         self.small_rows = small_rows
         self.w_t = weight.T.contiguous() if mode == "plain" or small_rows else None   # [d_in, d_out]
@@ -74,6 +75,21 @@ class BaseLinear:
                 self.inv_smooth = 1.0 / smooth
                 w = w * smooth
             self.packed = _int8_prepack(w, None if bias is None else bias.float())
+
+    def dense(self) -> torch.Tensor:
+        """The weight as served, [d_out, d_in] (DoRA's row norms are taken over it at adapter load):
+        the plain copy, or the packed weight applied to the identity (exact: one non-zero product
+        per output), less the bias."""
+        if self.w_t is not None:
+            return self.w_t.T
+        if self.mode == "int8":                                            # dequantized, smoothing undone
+            w = torch.ops.quantized.linear_unpack(self.packed)[0].dequantize()
+            return w if self.inv_smooth is None else w * self.inv_smooth
+        eye = torch.eye(self.d_in, device=self.device, dtype=self.dtype)
+        w_t = self(eye)                                                    # [d_in, d_out]
+        if self.bias is not None:
+            w_t = w_t - self.bias
+        return w_t.T
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, d_in] -> [T, d_out]."""

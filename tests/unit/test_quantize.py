@@ -86,3 +86,18 @@ def test_quantize_model_int8(tiny_model_dir):
     assert 1e-4 < rel(outs[1], outs[0].double()) < 0.3     # drift, not garbage (~1)
     with pytest.raises(ValueError):
         quantize_model(fp, "int4")
+
+
+@pytest.mark.parametrize("mode", ["plain", "onednn", "int8"])
+def test_dense_returns_the_served_weight(mode):
+    """DoRA takes row norms of the served base weight: dense() gives it back, exactly unless int8."""
+    from server.model.quantize import BaseLinear
+    g = torch.Generator().manual_seed(3)
+    w, b = torch.randn(48, 40, generator=g), torch.randn(48, generator=g)
+    lin = BaseLinear(w, b, mode=mode, act_max=torch.rand(40, generator=g) + 0.1 if mode == "int8" else None)
+    x = torch.randn(5, 40, generator=g)
+    dense = lin.dense()
+    assert dense.shape == (48, 40)
+    assert torch.allclose(lin(x), x @ dense.T + b, rtol=1e-4, atol=1e-4 if mode != "int8" else 0.5)
+    if lin.mode != "int8":
+        assert torch.equal(dense, w)
