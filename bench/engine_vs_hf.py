@@ -14,6 +14,7 @@ All sides run interleaved in one process (A, B, C, A, B, C ...); medians of --re
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import threading
@@ -121,6 +122,22 @@ def matmul_roofline(model, repeats: int) -> tuple[float, float]:
     return statistics.median(peaks), statistics.median(decs)
 
 
+def int8_drift(fp32, int8, prompts: list[list[int]]) -> tuple[float, float]:
+    """Teacher-forced drift of the int8 model from fp32 on the prompts: (relative L2 error of the
+    logits at every prompt position, share of positions whose argmax is the same)."""
+    from server.engine.batch import Segment, make_forward_batch
+    from server.engine.kv_cache import KVCache
+    outs = []
+    for m in (fp32, int8):
+        kv = KVCache(m.args, len(prompts), len(prompts[0]), m.device, m.dtype)
+        segs = [Segment(i, p, 0, False) for i, p in enumerate(prompts)]
+        batch = make_forward_batch(segs, m.device)
+        batch = dataclasses.replace(batch, logit_rows=torch.arange(batch.input_ids.numel()))
+        outs.append(m.forward(batch, kv.layers))
+    ref, q = outs
+    return ((q - ref).norm() / ref.norm()).item(), (q.argmax(-1) == ref.argmax(-1)).double().mean().item()
+
+
 def bench_model(spec: str, args) -> None:
     from transformers import LlamaForCausalLM
     model_dir = resolve_model(None if spec == "smollm2" else spec, CACHE)
@@ -161,6 +178,7 @@ def bench_model(spec: str, args) -> None:
     for e in sides.values():
         e.stop()
     peak, dec_mm = matmul_roofline(fp32.model, args.repeats)
+    drift, same_argmax = int8_drift(fp32.model, int8.model, prompts[:8])
 
     total = args.requests * args.new_tokens
     f_pre = flops(a, args.requests * args.prompt_tokens, args.prompt_tokens // 2)
@@ -183,6 +201,8 @@ def bench_model(spec: str, args) -> None:
         print(f"| {k} | {total / wall:.1f} | {hf_wall / wall:.2f}x | {f_pre / pre / 1e9:.1f} ({100 * f_pre / pre / 1e9 / peak:.0f}%)"
               f" | {f_dec / dec / 1e9:.1f} ({100 * f_dec / dec / 1e9 / peak:.0f}%) | {same}/{args.requests} rows, "
               f"{100 * tok_same / total:.0f}% tokens |")
+    print(f"int8 drift from fp32 (teacher-forced, {8 * args.prompt_tokens} positions): logits relative error "
+          f"{drift:.3f}, argmax identical at {100 * same_argmax:.0f}% of positions")
     ttft = {k: statistics.median(r["ttft"] for r in v) * 1e3 for k, v in b1.items()}
     tpot = {k: statistics.median(r["tpot"] for r in v) * 1e3 for k, v in b1.items()}
     print(f"batch 1: TTFT engine {ttft['engine fp32']:.1f} ms vs HF {ttft['HF generate fp32']:.1f} ms "
