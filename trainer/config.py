@@ -111,7 +111,7 @@ class TrainConfig:
         if self.task not in TASKS:
             raise TrainError(f"unknown --task {self.task!r}; choose one of {', '.join(TASKS)}")
         if self.chat and self.task != "lm":
-            raise TrainError("--chat is for --task lm (a prompt rendered as a user message, the completion as the reply)")
+            raise TrainError("--chat is for --task lm (the prompt becomes a user message, the completion the reply)")
         if not self.data:
             raise TrainError("no training data: pass --data FILE[:WEIGHT] at least once")
         for src in self.data:
