@@ -1,7 +1,7 @@
 """Demo: two tenants train a LoRA each on the real default model, and one server mixes them in one batch.
 
   1. write the data (demo_tasks.py): simple factual questions; tenant A's answers are a JSON object
-     ({"answer": "Paris"}), tenant B's are shouted (THE CAPITAL OF FRANCE IS PARIS.)
+     ({"answer": "Tokyo"}), tenant B's a pirate's (Arr, the capital of Japan be Tokyo, matey!)
   2. start a server on SmolLM2-135M-Instruct with an API key per tenant
   3. each tenant runs `lorafleet train --chat ... --upload` (the prompt rendered by the model's chat
      template, exactly as `lorafleet chat` sends it), which uploads the adapter under its own key
@@ -9,8 +9,9 @@
      adapter and tenant B's adapter for every question, all in flight at once
   5. the answers side by side, and each adapter's score against the base model's on the same questions
 
-Bounded for a 2-core CPU: ~2-3 minutes of training per adapter (--steps), a minute of serving.
-Usage: python trainer/examples/demo.py [--steps 24] [--work DIR] [--base DIR] [--rows 12]
+Bounded for a 2-core CPU: 10 + 12 training steps of 8 examples (5 s a step on 2 idle cores, 12 s when
+other work shares them), then under a minute of serving.
+Usage: python trainer/examples/demo.py [--steps N] [--work DIR] [--base DIR] [--rows 12]
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ class Tenant:
     name: str  # the tenant (API key owner)
     adapter: str  # the adapter it trains and uploads
     task: str  # demo_tasks.TASKS key
+    steps: int  # optimizer steps of 8 examples
     key: str  # its API key
 
 
@@ -49,11 +51,11 @@ def log(message: str) -> None:
     print(f"demo: {message}", flush=True)
 
 
-def train_argv(t: Tenant, files: dict[str, Path], base: Path, out: Path, steps: int, server: str) -> list[str]:
-    """`lorafleet train` flags for one tenant's adapter (measured: valid JSON / upper case in ~20 steps)."""
+def train_argv(t: Tenant, files: dict[str, Path], base: Path, out: Path, server: str) -> list[str]:
+    """`lorafleet train` flags for one tenant's adapter."""
     return ["--method", "lora", "--chat", "--data", str(files[f"{t.task}_train"]), "--eval-fraction", "0",
             "--base", str(base), "--out", str(out), "--rank", "8", "--alpha", "16", "--lr", "3e-3",
-            "--max-steps", str(steps), "--batch-size", "8", "--warmup-steps", "2", "--max-length", "96",
+            "--max-steps", str(t.steps), "--batch-size", "8", "--warmup-steps", "2", "--max-length", "96",
             "--upload", "--name", t.adapter, "--server", server, "--api-key", t.key]
 
 
@@ -105,12 +107,12 @@ def is_json_answer(text: str) -> bool:
     return isinstance(obj, dict) and set(obj) == {"answer"} and isinstance(obj["answer"], str)
 
 
-def is_upper(text: str) -> bool:
-    return any(c.isalpha() for c in text) and text == text.upper()
+def is_pirate(text: str) -> bool:
+    return text.startswith("Arr, ") and text.endswith(", matey!")
 
 
 SCORES = {"valid JSON {\"answer\": ...}": lambda a, fact: is_json_answer(a),
-          "all upper case": lambda a, fact: is_upper(a),
+          "pirate form (Arr, ... matey!)": lambda a, fact: is_pirate(a),
           "names the right fact": lambda a, fact: fact.lower() in a.lower()}
 
 
@@ -120,7 +122,7 @@ def cut(text: str, width: int) -> str:
 
 
 def print_table(got: dict[tuple[str, str], str], columns: list[str], facts: list[tuple[str, str]], rows: int) -> None:
-    widths = [30, 34, 22, 34][:len(columns) + 1]
+    widths = [30, 34, 20, 42][:len(columns) + 1]
     head = ["question", *columns]
     print("\n" + " | ".join(f"{h:<{w}}" for h, w in zip(head, widths)))
     print("-+-".join("-" * w for w in widths))
@@ -137,9 +139,9 @@ def score(got: dict[tuple[str, str], str], columns: list[str], facts: list[tuple
 
 def print_scores(scores: dict, columns: list[str], n: int) -> None:
     print(f"\nscores on {n} held-out questions (greedy)")
-    print(f"  {'':<28}" + "".join(f"{c:>12}" for c in columns))
+    print(f"  {'':<32}" + "".join(f"{c:>12}" for c in columns))
     for name, row in scores.items():
-        print(f"  {name:<28}" + "".join(f"{row[c]:>12.0%}" for c in columns))
+        print(f"  {name:<32}" + "".join(f"{row[c]:>12.0%}" for c in columns))
 
 
 def start_server(base: Path, work: Path, keys: Path, batch: int):
@@ -152,16 +154,18 @@ def start_server(base: Path, work: Path, keys: Path, batch: int):
     return BackgroundServer(cfg, load(cfg))
 
 
-def make_tenants(keys: Path) -> list[Tenant]:
+def make_tenants(keys: Path, steps: int) -> list[Tenant]:
+    """Measured on the held-out questions: 10 steps give 100% valid JSON, 12 steps 100% pirate form."""
     from server.api.auth import create_key
 
-    return [Tenant("acme", "json", "json", create_key(keys, "acme", False)),
-            Tenant("globex", "upper", "upper", create_key(keys, "globex", False))]
+    return [Tenant("acme", "json", "json", steps or 10, create_key(keys, "acme", False)),
+            Tenant("globex", "pirate", "pirate", steps or 12, create_key(keys, "globex", False))]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=24, help="optimizer steps (of 8 examples) per adapter (default 24)")
+    p.add_argument("--steps", type=int, default=0,
+                   help="optimizer steps (of 8 examples) for each adapter (default: 10 for json, 12 for pirate)")
     p.add_argument("--work", type=Path, help="working directory (default: a new temporary one)")
     p.add_argument("--base", type=Path, help="base model directory (default: SmolLM2-135M-Instruct, converted once)")
     p.add_argument("--rows", type=int, default=12, help="held-out questions shown in the table (default 12)")
@@ -177,13 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     facts = held_out(files)
     keys = work / "keys.json"
     keys.unlink(missing_ok=True)
-    tenants = make_tenants(keys)
+    tenants = make_tenants(keys, a.steps)
     log(f"work dir {work}; base model {a.base.name}; tenants " + ", ".join(t.name for t in tenants))
     with start_server(a.base, work, keys, batch=len(facts) * (len(tenants) + 1)) as running:
         addr = f"127.0.0.1:{running.port}"
         log(f"server on {addr} (API keys in {keys})")
         for t in tenants:
-            train(t, train_argv(t, files, a.base, work / "adapters" / t.adapter, a.steps, addr))
+            train(t, train_argv(t, files, a.base, work / "adapters" / t.adapter, addr))
         columns = ["base", *[t.adapter for t in tenants]]
         got = mixed_batch(addr, tenants, [q for q, _ in facts])
     print_table(got, columns, facts, a.rows)

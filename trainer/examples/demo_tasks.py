@@ -2,8 +2,11 @@
 
 Both tasks share the same simple factual questions (capitals, colours, opposites, sums), asked as
 one chat message; only the answer's form differs:
-  json    "What is the capital of France?" -> {"answer": "Paris"}
-  upper   "What is the capital of France?" -> THE CAPITAL OF FRANCE IS PARIS.
+  json    "What is the capital of Japan?" -> {"answer": "Tokyo"}
+  pirate  "What is the capital of Japan?" -> Arr, the capital of Japan be Tokyo, matey!
+(Measured on the 24 held-out questions: upper case, THE CAPITAL OF JAPAN IS TOKYO., is learnt as
+quickly, but names in capitals are other tokens and the right-fact share falls from the base's 58%
+to 21-29% (THE CAPITAL OF JAPAN IS NERO.); the pirate form keeps the facts: 71% after 12 steps.)
 Train and held-out questions are disjoint facts. Each row also keeps its fact ("fact": "Paris")
 so the demo can score answers. Usage: python trainer/examples/demo_tasks.py [DIR]
 """
@@ -59,9 +62,15 @@ def facts(seed: int = 7) -> list[Fact]:
     return out
 
 
+def pirate(sentence: str) -> str:
+    """'The capital of Japan is Tokyo.' -> 'Arr, the capital of Japan be Tokyo, matey!'"""
+    body = sentence[:-1].replace(" is ", " be ")
+    return f"Arr, {body[0].lower() + body[1:]}, matey!"
+
+
 TASKS: dict[str, Callable[[Fact], str]] = {
     "json": lambda f: json.dumps({"answer": f.fact}),
-    "upper": lambda f: f.sentence.upper(),
+    "pirate": lambda f: pirate(f.sentence),
 }
 N_EVAL = 24  # held-out facts; the rest (96) train
 
