@@ -122,7 +122,7 @@ def cut(text: str, width: int) -> str:
 
 
 def print_table(got: dict[tuple[str, str], str], columns: list[str], facts: list[tuple[str, str]], rows: int) -> None:
-    widths = [30, 34, 20, 42][:len(columns) + 1]
+    widths = [30, 30, 20, 52][:len(columns) + 1]
     head = ["question", *columns]
     print("\n" + " | ".join(f"{h:<{w}}" for h, w in zip(head, widths)))
     print("-+-".join("-" * w for w in widths))
