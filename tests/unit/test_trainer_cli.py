@@ -88,6 +88,8 @@ def test_completion_cut_off_by_max_length(tiny_model_dir, tmp_path, capsys):
     (["--upload", "--name", "Bad Name"], "invalid --name"),
     (["--batch-size", "2", "--grad-accum", "4"], "--batch-size 2 is smaller than --grad-accum 4"),
     (["--teacher-model", "/nonexistent"], "/nonexistent: not a Hugging Face model directory"),
+    (["--chat"], "has no chat template"),
+    (["--chat", "--task", "cls"], "--chat is for --task lm"),
 ])
 def test_bad_flags_are_one_clear_line(tiny_model_dir, tmp_path, capsys, args, message):
     data = _write(tmp_path / "train.jsonl", [GOOD_LM] * 4)
@@ -113,3 +115,35 @@ def test_a_small_run_through_the_cli_exports_and_logs_metrics(tiny_model_dir, tm
     assert records[0]["step"] == 0 and "eval_loss" in records[0]
     assert [r["step"] for r in records[1:]] == [1, 2, 3]
     assert all({"loss", "lr", "grad_norm", "tokens_per_s"} <= r.keys() for r in records[1:])
+
+
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def test_chat_examples_are_rendered_as_the_server_renders_a_chat(tiny_model_dir, tmp_path):
+    """--chat: prompt ids = the chat template's rendering of one user message, encoded as the server
+    encodes a chat request; the completion ends with the end-of-turn token; loss on the reply only."""
+    from server.model.chat import load_chat_template
+    from trainer.data import IGNORE, Tokens, load_datasets
+    from trainer.methods import read_model_config
+    from tests.unit.trainer_fixtures import config
+
+    base = tmp_path / "chat-model"
+    base.mkdir()
+    for f in tiny_model_dir.iterdir():
+        (base / f.name).symlink_to(f)
+    (base / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    data = _write(tmp_path / "train.jsonl", [{"prompt": "What is 2 plus 2?", "completion": "four"}])
+    tok = Tokens.load(base, read_model_config(base))
+    chat = config(base, tmp_path / "out", data, None, chat=True)
+    (ex,), = load_datasets(chat, tok).train
+    (plain,), = load_datasets(config(base, tmp_path / "out", data, None), tok).train
+
+    text = load_chat_template(base, tok.tokenizer).render([("user", "What is 2 plus 2?")])
+    assert text.endswith("<|user|>\nWhat is 2 plus 2?</s>\n<|assistant|>\n")
+    prompt = tok.tokenizer.encode(text, add_special_tokens=False).ids
+    reply = tok.tokenizer.encode("four", add_special_tokens=False).ids
+    assert ex.input_ids == prompt + reply + [tok.eos_id]
+    assert ex.labels == [IGNORE] * len(prompt) + reply + [tok.eos_id]
+    assert plain.input_ids != ex.input_ids  # without --chat the prompt is not wrapped
