@@ -69,30 +69,24 @@ class OpenAIHttpUser(User):
             response_length=tokens, response=None, context={}, exception=error)
 
     def get_json(self, path: str, name: str, headers: dict[str, str], timeout: float) -> dict | None:
-        t0 = time.perf_counter()
-        try:
-            r = self.session.get(self.http_base + path, headers=headers, timeout=timeout)
-            if r.status_code != 200:
-                raise _failure(r)
-            doc = r.json()
-        except (requests.RequestException, ValueError, HttpFailure) as e:
-            self._fire(name, t0, 0, e)
-            return None
-        self._fire(name, t0, 0, None)
-        return doc
+        return self._call("GET", path, name, None, headers, timeout)
 
     def post(self, path: str, name: str, body: dict, headers: dict[str, str], timeout: float) -> dict | None:
         """A non-streaming call; its answer, or None after recording the failure."""
+        return self._call("POST", path, name, body, headers, timeout)
+
+    def _call(self, method: str, path: str, name: str, body: dict | None, headers: dict[str, str],
+              timeout: float) -> dict | None:
         t0 = time.perf_counter()
         try:
-            r = self.session.post(self.http_base + path, json=body, headers=headers, timeout=timeout)
+            r = self.session.request(method, self.http_base + path, json=body, headers=headers, timeout=timeout)
             if r.status_code != 200:
                 raise _failure(r)
             doc = r.json()
         except (requests.RequestException, ValueError, HttpFailure) as e:
             self._fire(name, t0, 0, e)
             return None
-        self._fire(name, t0, doc["usage"]["completion_tokens"], None)
+        self._fire(name, t0, doc.get("usage", {}).get("completion_tokens", 0) if body is not None else 0, None)
         return doc
 
     def post_stream(self, path: str, name: str, body: dict, headers: dict[str, str], timeout: float) -> None:

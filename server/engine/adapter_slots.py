@@ -255,7 +255,7 @@ class AdapterSlots:
 @dataclass(frozen=True)
 class StepAdapters:
     """The model's AdapterHooks for one step."""
-    store: AdapterSlots
+    slots: AdapterSlots
     lora: kernels.AdapterPlan | None
     lora_targets: frozenset[str]          # targets some LoRA-family row of this step touches
     dora: kernels.AdapterPlan | None      # rows whose slot has a column scale or shift
@@ -274,25 +274,25 @@ class StepAdapters:
     def pre_linear(self, layer: int, target: str, x: torch.Tensor) -> torch.Tensor:
         if self.ia3 is not None and target in IA3_IN.values():
             x = x.clone()
-            kernels.ia3(x, self.store.ia3[layer][target].inp, self.ia3)
+            kernels.ia3(x, self.slots.ia3[layer][target].inp, self.ia3)
         return x
 
     def post_linear(self, layer: int, target: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.lora is not None and target in self.lora_targets:
-            st = self.store.lora[layer][target]
+            st = self.slots.lora[layer][target]
             if len(st.B) == 1:
                 kernels.lora(y, x, st.A, st.B[0], st.scale[0], self.lora)
             else:
-                kernels.lora_packed(y, x, st.A, st.B, st.scale, self.store.out_slices[target], self.lora)
+                kernels.lora_packed(y, x, st.A, st.B, st.scale, self.slots.out_slices[target], self.lora)
         if self.dora is not None and target in self.dora_targets:
-            ds = self.store.dora[layer][target]
+            ds = self.slots.dora[layer][target]
             kernels.col_scale(y, ds.g, ds.shift if self.dora_shift else None, self.dora)
         if self.ia3 is not None:
-            kernels.ia3(y, self.store.ia3[layer][target].out, self.ia3)
+            kernels.ia3(y, self.slots.ia3[layer][target].out, self.ia3)
         return y
 
     def block_out(self, layer: int, place: str, h: torch.Tensor) -> torch.Tensor:
         if self.bn is not None:
-            st = self.store.bn[layer][place]
-            kernels.bottleneck(h, st.D, st.U, st.bd, st.bu, self.store.bn_act, self.bn)
+            st = self.slots.bn[layer][place]
+            kernels.bottleneck(h, st.D, st.U, st.bd, st.bu, self.slots.bn_act, self.bn)
         return h

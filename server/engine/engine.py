@@ -273,13 +273,14 @@ class Engine:
             return None
         self.steps += 1
         rows = [w.seq for w in work if w.want_logits]
-        classified = [(seq, h) for seq, h in zip(rows, hidden) if seq.classify]
-        generating = [(seq, h) for seq, h in zip(rows, hidden) if not seq.classify]
-        for seq, h in classified:
-            labels, probs = self._classify(seq, h)
-            self._finish(seq, seq.finish(FinishReason.STOP, probabilities=probs, labels=labels))
-        seqs = [seq for seq, _ in generating]
-        tokens = self._sample(seqs, torch.stack([h for _, h in generating])) if generating else []
+        gen = [i for i, seq in enumerate(rows) if not seq.classify]
+        for i, seq in enumerate(rows):
+            if seq.classify:
+                labels, probs = self._classify(seq, hidden[i])
+                self._finish(seq, seq.finish(FinishReason.STOP, probabilities=probs, labels=labels))
+        seqs = [rows[i] for i in gen]
+        gen_hidden = hidden if len(gen) == len(rows) else hidden[gen]     # no copy without classify rows
+        tokens = self._sample(seqs, gen_hidden) if seqs else []
         first_token = tuple(time.monotonic() - s.arrival for s in seqs if s.first_token_at is None)
         self._emit(seqs, tokens)
         return StepStats(
