@@ -164,10 +164,12 @@ async def start(cfg: ServerConfig, loaded: LoadedModel) -> RunningServer:
         await hs.set(name, health_pb2.HealthCheckResponse.SERVING)
     loop = asyncio.get_running_loop()
 
-    def not_serving() -> None:   # engine thread: hand over to the loop
-        for name in ["", *SERVICES]:
-            asyncio.run_coroutine_threadsafe(hs.set(name, health_pb2.HealthCheckResponse.NOT_SERVING), loop)
-    engine.on_crash.append(not_serving)
+    def engine_health(serving: bool) -> None:   # engine thread: hand over to the loop
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        if not draining.on:
+            for name in ["", *SERVICES]:
+                asyncio.run_coroutine_threadsafe(hs.set(name, status), loop)
+    engine.on_health.append(engine_health)
     http = metrics.serve_metrics(cfg.metrics_port, cfg.host) if cfg.metrics_port >= 0 else None
     mport = http.server_address[1] if http else None
     running = RunningServer(server, port, mport, engine, hs, draining, auth, http)

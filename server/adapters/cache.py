@@ -14,6 +14,7 @@ the stacked device tensors).
   invalidate(key)        a version was deleted (the engine drains the registry's `freed` queue):
                          dropped from both tiers now, or at its last release if it is pinned.
   residency()            key -> 'device' | 'host', a snapshot other threads may read once published.
+  reset_device()         forget every device slot (after an engine restart); the host tier stays.
 
 Threading: every method belongs to the engine thread; nothing here takes a lock.
 """
@@ -131,6 +132,17 @@ class AdapterCache(Generic[K]):
             self._doomed.add(key)
         else:
             self._drop(key)
+
+    def reset_device(self) -> None:
+        """Forget every device slot (the engine restarted: slots may be half-written). Pins must
+        all be released first; the host tier stays."""
+        if self._pins:
+            raise ValueError(f"reset_device with {len(self._pins)} adapters still pinned")
+        for key in self._doomed:
+            self._host_drop(key)
+        self._doomed.clear()
+        self._slot_keys = [None] * self.num_slots
+        self._resident.clear()
 
     def slot_of(self, key: K) -> int | None:
         return self._resident.get(key)

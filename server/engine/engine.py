@@ -7,6 +7,13 @@ the sequence and of its pinned adapter) and `Sequence.cancel()` (which wakes the
 the registry frees arrive on its `freed` queue, which the loop drains. Every step's batch
 description is built once and passed to the model; a step returns `StepStats`, which
 `metrics.record_step` exports.
+
+Faults are contained where they happen. A step that raises is run again in halves until the rows
+that fail are alone (`_run`); a row whose sampling or detokenizing raises, or whose logits are not
+finite, fails alone; each failure is the row's own status (its LoraFleetError; FAILED_PRECONDITION
+naming an adapter that overflows; INTERNAL, logged, for a bug). A bug outside any row (the
+scheduler, say) is caught by the supervisor (`_loop`), which fails the admitted requests with
+UNAVAILABLE and starts the loop afresh.
 """
 from __future__ import annotations
 
@@ -14,8 +21,9 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -26,7 +34,7 @@ from server.adapters.registry import AdapterRef, AdapterRegistry
 from server.engine.adapter_slots import AdapterSlots
 from server.engine.batch import Segment, make_forward_batch
 from server.engine.kv_cache import KVCache
-from server.engine.sampling import sample
+from server.engine.sampling import NON_FINITE, sample
 from server.engine.scheduler import Scheduled, Scheduler
 from server.engine.sequence import FinishEvent, FinishReason, Sequence
 from server.errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument, LoraFleetError,
@@ -34,10 +42,13 @@ from server.errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument
 from server.model.loader import LoadedModel
 
 log = logging.getLogger(__name__)
+MAX_RESTARTS = 5              # the supervisor gives up after more restarts than this ...
+RESTART_WINDOW_S = 60.0       # ... within this many seconds
 
 
 class EngineCrashed(LoraFleetError):
-    """The engine loop died of a bug: calls fail with INTERNAL (not in the status table)."""
+    """The engine loop failed again and again and stays down: calls fail with INTERNAL (not in the
+    status table)."""
 
 
 @dataclass(frozen=True)
@@ -67,9 +78,9 @@ class Engine:
         self.loaded = loaded
         self.adapters = adapters
         self.model = loaded.model
-        self.kv = KVCache(self.model.args, max_batch_size, max_context_tokens, self.model.device,
-                          self.model.dtype)
-        self.scheduler = Scheduler(self.kv, max_batch_size, max_prefill_tokens, decode_prefill_tokens)
+        self._sizes = (max_batch_size, max_context_tokens, max_prefill_tokens, decode_prefill_tokens)
+        self.kv = self._new_kv()
+        self.scheduler = self._new_scheduler()
         self.max_queued = max_queued
         self._inbox: queue.SimpleQueue[Sequence | None] = queue.SimpleQueue()
         self._pending: Counter[str] = Counter()   # tenant -> submitted, not yet admitted
@@ -79,8 +90,10 @@ class Engine:
         self._last_cache_stats = None
         self.residency: dict[AdapterKey, str] = {}   # published snapshot: key -> 'device' | 'host'
         self.crashed: BaseException | None = None
-        self.on_crash: list = []           # callables run (engine thread) when the loop dies of a bug
+        self.on_health: list[Callable[[bool], None]] = []   # run (engine thread) with False when the
+        #                                   loop fails (restart or gives up), True once it runs again
         self.steps = 0
+        self.restarts = 0
 
     # ------------------------------------------------------------------ any thread
     @property
@@ -134,25 +147,80 @@ class Engine:
 
     # ------------------------------------------------------------------ engine thread
     def _loop(self) -> None:
+        """The supervisor: runs the step loop; if a bug escapes it (never a request's inputs: those
+        fail their rows inside the step), fails the admitted requests with UNAVAILABLE (clients
+        retry), rebuilds the KV cache, scheduler and device adapter slots, and runs the loop again;
+        health is NOT_SERVING meanwhile. More than MAX_RESTARTS within RESTART_WINDOW_S is a bug
+        that recurs: the engine then stays down (calls get INTERNAL)."""
+        restarts: deque[float] = deque()
         try:
             while not self._stop.is_set():
-                self._drain_inbox(block=not self.scheduler.has_work())
-                self._drop_freed()
-                self._reap()
-                self._admit()
-                work = self.scheduler.schedule()
-                if work:
-                    stats = self._step(work)
-                    if stats is not None:
-                        metrics.record_step(stats)
-                metrics.record_load(len(self.scheduler.running), len(self.scheduler.waiting), self.kv.usage)
-        except BaseException as e:  # a bug: fail everything loudly rather than hang callers
+                try:
+                    self._serve()
+                except Exception as e:  # noqa: BLE001 - a bug: contain it, then start afresh
+                    log.exception("engine loop failed; failing the admitted requests and restarting it")
+                    now = time.monotonic()
+                    restarts.append(now)
+                    while restarts and now - restarts[0] > RESTART_WINDOW_S:
+                        restarts.popleft()
+                    self._set_health(False)
+                    if len(restarts) > MAX_RESTARTS:
+                        log.error("the engine failed %d times within %gs; it stays down", len(restarts),
+                                  RESTART_WINDOW_S)
+                        self.crashed = e
+                        return
+                    self._restart()
+                    self.restarts += 1
+                    self._set_health(True)
+        except BaseException as e:  # noqa: BLE001 - the supervisor itself failed: fail loudly
             log.exception("engine thread crashed")
             self.crashed = e
-            for fn in self.on_crash:
-                fn()
+            self._set_health(False)
         finally:
             self._fail_all()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            self._drain_inbox(block=not self.scheduler.has_work())
+            self._drop_freed()
+            self._reap()
+            self._admit()
+            work = self.scheduler.schedule()
+            if work:
+                stats = self._step(work)
+                if stats is not None:
+                    metrics.record_step(stats)
+            metrics.record_load(len(self.scheduler.running), len(self.scheduler.waiting), self.kv.usage)
+
+    def _new_kv(self) -> KVCache:
+        batch, context, _, _ = self._sizes
+        return KVCache(self.model.args, batch, context, self.model.device, self.model.dtype)
+
+    def _new_scheduler(self) -> Scheduler:
+        batch, _, prefill, decode_prefill = self._sizes
+        return Scheduler(self.kv, batch, prefill, decode_prefill)
+
+    def _set_health(self, serving: bool) -> None:
+        for fn in self.on_health:
+            try:
+                fn(serving)
+            except Exception:  # noqa: BLE001 - a callback must not take the engine down
+                log.exception("engine health callback failed")
+
+    def _restart(self) -> None:
+        """After a bug: admitted requests fail with UNAVAILABLE (their KV and adapter slots may be
+        half-written); waiting ones keep their place; caches start empty."""
+        err = Unavailable("the engine restarted after an internal error while this request ran; retry it")
+        for seq in list(self.scheduler.running):
+            self._finish(seq, seq.finish(FinishReason.ERROR, err))
+        waiting = list(self.scheduler.waiting)
+        self.kv = self._new_kv()
+        self.scheduler = self._new_scheduler()
+        for seq in waiting:
+            self.scheduler.add(seq)
+        if self.adapters is not None:
+            self.adapters.cache.reset_device()
+            self._export_cache_stats()
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -208,7 +276,10 @@ class Engine:
             if seq.error is not None:
                 self._finish(seq, seq.finish(FinishReason.ERROR, seq.error))
             elif seq.kv_offset:
-                self._write_prefix(seq)
+                try:
+                    self._write_prefix(seq)
+                except Exception as e:  # noqa: BLE001 - this row's fault
+                    self._fail(seq, e, "writing the adapter's prefix")
 
     def _make_ready(self, seq: Sequence) -> bool:
         """Make the sequence's adapter resident in a device slot (False: every slot is pinned
@@ -219,6 +290,11 @@ class Engine:
             slot = self.adapters.cache.acquire(seq.adapter.key)
         except LoraFleetError as e:
             seq.error = e
+            return True
+        except Exception as e:  # noqa: BLE001 - a fault loading this adapter fails this request only
+            log.error("loading adapter %s failed", seq.adapter.key, exc_info=e)
+            seq.error = LoraFleetError(f"internal error while loading adapter {seq.adapter.display!r} "
+                                       f"({type(e).__name__}); the server log has details")
             return True
         if slot is None:
             return False
@@ -266,62 +342,120 @@ class Engine:
                 token_slots.append(slot)
         return self.adapters.slots.step(token_slots, prompt_rows)
 
-    # ---- one step: run -> sample -> emit
+    # ---- one step: run -> sample -> emit. A fault in one row fails that row, never the step.
     def _step(self, work: list[Scheduled]) -> StepStats | None:
-        hidden = self._run(work)
-        if hidden is None:
+        rows, hidden = self._run(work)
+        if not rows:
             return None
         self.steps += 1
-        rows = [w.seq for w in work if w.want_logits]
-        gen = [i for i, seq in enumerate(rows) if not seq.classify]
+        gen: list[Sequence] = []
+        gen_index: list[int] = []
         for i, seq in enumerate(rows):
-            if seq.classify:
+            if not seq.classify:
+                gen.append(seq)
+                gen_index.append(i)
+                continue
+            try:
                 labels, probs = self._classify(seq, hidden[i])
-                self._finish(seq, seq.finish(FinishReason.STOP, probabilities=probs, labels=labels))
-        seqs = [rows[i] for i in gen]
-        gen_hidden = hidden if len(gen) == len(rows) else hidden[gen]     # no copy without classify rows
-        tokens = self._sample(seqs, gen_hidden) if seqs else []
-        first_token = tuple(time.monotonic() - s.arrival for s in seqs if s.first_token_at is None)
-        self._emit(seqs, tokens)
+            except Exception as e:  # noqa: BLE001 - this row's fault
+                self._fail(seq, e, "classifying")
+                continue
+            self._finish(seq, seq.finish(FinishReason.STOP, probabilities=probs, labels=labels))
+        gen_hidden = hidden if len(gen) == len(rows) else hidden[gen_index]   # no copy without classify rows
+        tokens = self._sample(gen, gen_hidden) if gen else []
+        first_token = tuple(time.monotonic() - s.arrival for s in gen if s.first_token_at is None)
+        self._emit(gen, tokens)
         return StepStats(
             rows=len(work), tokens=sum(len(w.token_ids) for w in work),
             prompt_tokens=sum(len(w.token_ids) for w in work if w.first_pos < len(w.seq.prompt_ids)),
             distinct_adapters=len({w.seq.adapter_slot for w in work} - {None}),
-            generated=dict(Counter(s.tenant for s in seqs)), first_token_seconds=first_token)
+            generated=dict(Counter(s.tenant for s in gen)), first_token_seconds=first_token)
 
-    def _run(self, work: list[Scheduled]) -> torch.Tensor | None:
-        """The forward pass: hidden states [rows wanting logits, dim], or None when it failed
-        (its sequences are failed; the server goes on)."""
-        segs = [Segment(w.seq.kv_slot, w.token_ids, w.first_pos, w.want_logits) for w in work]
-        batch = make_forward_batch(segs, self.model.device)
+    def _run(self, work: list[Scheduled]) -> tuple[list[Sequence], torch.Tensor | None]:
+        """The forward pass: the sequences wanting logits and their hidden states [rows, dim]. When
+        it raises, the step is run again in halves (a re-run writes the same K/V: nothing is
+        committed before a part succeeds) until the rows that fail are alone; those fail, the
+        rest of the step goes on."""
         try:
+            batch = make_forward_batch([Segment(w.seq.kv_slot, w.token_ids, w.first_pos, w.want_logits)
+                                        for w in work], self.model.device)
             hidden = self.model.forward(batch, self.kv.layers, self._hooks(work), return_hidden=True)
-        except Exception as e:  # noqa: BLE001 - a failed step fails its sequences, not the server
-            log.exception("forward failed; failing the %d sequences of this step", len(work))
-            err = LoraFleetError(f"internal error during the forward pass: {type(e).__name__}")
-            for w in work:
-                self._finish(w.seq, w.seq.finish(FinishReason.ERROR, err))
-            return None
+        except Exception as e:  # noqa: BLE001 - isolate the rows that cause it
+            if len(work) == 1:
+                self._fail(work[0].seq, e, "running the forward pass")
+                return [], None
+            mid = len(work) // 2
+            parts = [self._run(work[:mid]), self._run(work[mid:])]
+            rows = [seq for part_rows, _ in parts for seq in part_rows]
+            hiddens = [h for part_rows, h in parts if part_rows]
+            return rows, (torch.cat(hiddens) if len(hiddens) > 1 else hiddens[0] if hiddens else None)
         for w in work:
             w.seq.num_computed = w.first_pos + len(w.token_ids)
-        return hidden
+        return [w.seq for w in work if w.want_logits], hidden
 
-    def _sample(self, seqs: list[Sequence], hidden: torch.Tensor) -> list[int]:
-        """Next token per row from hidden states [rows, dim] (a row's `logits_trace`, when set,
-        records its logits: tests compare them with the oracle)."""
+    def _fail(self, seq: Sequence, e: BaseException, doing: str) -> None:
+        """Fail one sequence for an exception raised while `doing` its part of a step."""
+        if isinstance(e, LoraFleetError):
+            err = e
+        elif isinstance(e, torch.OutOfMemoryError):
+            err = ResourceExhausted(f"out of device memory while {doing} this request; retry it")
+        else:
+            log.error("request %s failed while %s", seq.request_id, doing, exc_info=e)
+            err = LoraFleetError(f"internal error while {doing} this request ({type(e).__name__}); "
+                                 "the server log has details")
+        self._finish(seq, seq.finish(FinishReason.ERROR, err))
+
+    def _non_finite(self, seq: Sequence) -> LoraFleetError:
+        if seq.adapter is not None:
+            return FailedPrecondition(
+                f"adapter {seq.adapter.display!r} produced non-finite values (overflow) on this request's "
+                "input: its weights are too large for the served model; fix or re-train it")
+        return LoraFleetError("internal error: the base model produced non-finite logits for this request")
+
+    def _sample(self, seqs: list[Sequence], hidden: torch.Tensor) -> list[int | None]:
+        """Next token per row from hidden states [rows, dim] (None: the row failed). When the
+        batched draw raises, each row is drawn alone (rows drawn before the fault keep their
+        draws: their generators have advanced) and only the rows that raise fail."""
+        try:
+            drawn = self._draw(seqs, hidden)
+        except Exception:  # noqa: BLE001 - isolate the row at fault
+            drawn = []
+            for i, seq in enumerate(seqs):
+                try:
+                    drawn.extend(self._draw([seq], hidden[i:i + 1]))
+                except Exception as e:  # noqa: BLE001 - this row's fault
+                    self._fail(seq, e, "sampling")
+                    drawn.append(None)
+        out: list[int | None] = []
+        for seq, tok in zip(seqs, drawn):
+            if tok is NON_FINITE:
+                self._finish(seq, seq.finish(FinishReason.ERROR, self._non_finite(seq)))
+                tok = None
+            out.append(tok)
+        return out
+
+    def _draw(self, seqs: list[Sequence], hidden: torch.Tensor) -> list:
+        """Logits -> tokens (or NON_FINITE) for rows [rows, dim]; a row's `logits_trace`, when
+        set, records its logits (tests compare them with the oracle)."""
         logits = self.model.logits(hidden)
         for seq, row in zip(seqs, logits):
             if seq.logits_trace is not None:
                 seq.logits_trace.append(row.float().cpu().clone())
         return sample(logits, [s.row_state() for s in seqs])
 
-    def _emit(self, seqs: list[Sequence], tokens: list[int]) -> None:
+    def _emit(self, seqs: list[Sequence], tokens: list[int | None]) -> None:
         for seq, tok in zip(seqs, tokens):
-            ev = seq.append_token(tok, self.loaded.tokenizer, self.loaded.eos_ids)
+            if tok is None:
+                continue
+            try:
+                ev = seq.append_token(tok, self.loaded.tokenizer, self.loaded.eos_ids)
+            except Exception as e:  # noqa: BLE001 - this row's fault
+                self._fail(seq, e, "detokenizing")
+                continue
             if isinstance(ev, FinishEvent):
                 self._finish(seq, ev)
             elif ev is not None:
-                seq.sink(ev)
+                self._send(seq, ev)
 
     def _classify(self, seq: Sequence, h: torch.Tensor) -> tuple[tuple[str, ...], list[float]]:
         """Label names and probabilities from the adapter's head on the last token's hidden state [dim]."""
@@ -329,7 +463,10 @@ class Engine:
         logits = head.weight @ h.float().cpu()
         if head.bias is not None:
             logits = logits + head.bias
-        return head.labels, logits.softmax(-1).tolist()
+        probs = logits.softmax(-1)
+        if not bool(torch.isfinite(probs).all()):
+            raise self._non_finite(seq)
+        return head.labels, probs.tolist()
 
     def _release_adapter(self, seq: Sequence) -> None:
         if seq.adapter_slot is not None:
@@ -346,7 +483,15 @@ class Engine:
         n = len(seq.output_ids)
         per_token = (now - seq.first_token_at) / (n - 1) if seq.first_token_at is not None and n > 1 else None
         metrics.record_finish(ev.reason.value, now - seq.arrival, per_token)
-        seq.sink(ev)
+        self._send(seq, ev)
+
+    @staticmethod
+    def _send(seq: Sequence, ev) -> None:
+        """Hand an event to the request's sink (its event loop may be gone at shutdown)."""
+        try:
+            seq.sink(ev)
+        except Exception:  # noqa: BLE001 - a closed loop: nobody is listening any more
+            log.warning("could not deliver an event of request %s (its caller's loop is closed)", seq.request_id)
 
     def _fail_all(self) -> None:
         err = (EngineCrashed("the engine failed while this request ran") if self.crashed is not None
@@ -360,4 +505,4 @@ class Engine:
                 break
             if item is not None:
                 self._release_adapter(item)
-                item.sink(item.finish(FinishReason.ERROR, err))
+                self._send(item, item.finish(FinishReason.ERROR, err))

@@ -53,26 +53,56 @@ def test_sigterm_drains_in_flight_and_exits_zero(tiny_model_dir, tmp_path):
             proc.kill()
 
 
-def test_engine_crash_fails_calls_and_turns_health_not_serving(tiny_loaded, tmp_path):
+def _health_becomes(c: LoraFleetClient, want) -> None:
+    health = health_pb2_grpc.HealthStub(c.channel)
+    deadline = time.monotonic() + 10
+    status = None
+    while time.monotonic() < deadline:
+        status = health.Check(health_pb2.HealthCheckRequest()).status
+        if status == want:
+            return
+        time.sleep(0.05)
+    assert status == want
+
+
+def test_engine_bug_restarts_the_loop_and_health_comes_back(tiny_loaded, tmp_path):
+    """A bug outside any request's rows (the scheduler) fails the call in flight with UNAVAILABLE
+    (retryable); the supervisor restarts the loop and the next call is served."""
+    cfg = make_config(tmp_path)
+    with BackgroundServer(cfg, tiny_loaded) as srv, LoraFleetClient(f"127.0.0.1:{srv.port}", timeout=30) as c:
+        assert c.generate("fine", max_new_tokens=2).completion_tokens >= 1
+        sched = srv.engine.scheduler
+        real = sched.schedule
+        calls = {"n": 0}
+
+        def once():
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise RuntimeError("a bug in the scheduler")
+            return real()
+        sched.schedule = once
+        with pytest.raises(grpc.RpcError) as e:
+            c.generate("crash", max_new_tokens=8, ignore_eos=True)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value.details()
+        _health_becomes(c, health_pb2.HealthCheckResponse.SERVING)
+        assert c.generate("after", max_new_tokens=2).completion_tokens >= 1
+        assert srv.engine.alive and srv.engine.restarts == 1
+
+
+def test_engine_bug_that_recurs_fails_calls_and_turns_health_not_serving(tiny_loaded, tmp_path, monkeypatch):
+    from server.engine.scheduler import Scheduler
     cfg = make_config(tmp_path)
     with BackgroundServer(cfg, tiny_loaded) as srv, LoraFleetClient(f"127.0.0.1:{srv.port}", timeout=30) as c:
         assert c.generate("fine", max_new_tokens=2).completion_tokens >= 1
 
-        def boom():
+        def boom(self):
             raise RuntimeError("a bug in the scheduler")
-        srv.engine.scheduler.schedule = boom
-        with pytest.raises(grpc.RpcError) as e:
-            c.generate("crash", max_new_tokens=2)
-        assert e.value.code() == grpc.StatusCode.INTERNAL
-        health = health_pb2_grpc.HealthStub(c.channel)
-        deadline = time.monotonic() + 10
-        status = None
-        while time.monotonic() < deadline:
-            status = health.Check(health_pb2.HealthCheckRequest()).status
-            if status == health_pb2.HealthCheckResponse.NOT_SERVING:
-                break
-            time.sleep(0.05)
-        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        monkeypatch.setattr(Scheduler, "schedule", boom)
+        deadline = time.monotonic() + 30
+        while srv.engine.alive and time.monotonic() < deadline:
+            with pytest.raises(grpc.RpcError):
+                c.generate("crash", max_new_tokens=2)
+        _health_becomes(c, health_pb2.HealthCheckResponse.NOT_SERVING)
         with pytest.raises(grpc.RpcError) as e:
             c.generate("after", max_new_tokens=2)
         assert e.value.code() == grpc.StatusCode.INTERNAL
