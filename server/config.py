@@ -68,6 +68,9 @@ class ServerConfig:
     max_adapter_rank: int = knob(64, "largest LoRA r / bottleneck size")
     max_adapter_bytes: int = knob(256 * 1024 * 1024, "largest upload archive")
     max_virtual_tokens: int = knob(128, "longest prefix / prompt tuning")
+    adapter_max_value: float = knob(0.0, "largest |value| in an adapter's tensors and largest gain of one adapter"
+                                    " linear (README: 'Adapter value bounds'); 0 = derived from the served dtype and"
+                                    " hidden size (about 3e4 for float32 and bfloat16)")
     host_adapters: int = knob(256, "adapters cached in host memory behind the device slots")
     host_adapter_bytes: int = knob(4 * 1024 ** 3, "host adapter cache size in bytes")
     tenant_max_adapters: int = knob(100, "default quota: adapters stored (a keys-file entry may override)")

@@ -20,7 +20,7 @@ from server.adapters.cache import AdapterCache
 from server.adapters.formats import BaseModelShape
 from server.adapters.registry import AdapterRegistry
 from server.adapters.store import AdapterStore
-from server.adapters.validate import AdapterLimits
+from server.adapters.validate import AdapterLimits, value_bound
 from server.api.adapters_service import AdaptersService
 from server.api.auth import Authenticator, AuthInterceptor, Quotas, keys_main
 from server.api.common import MalformedRequestInterceptor
@@ -85,15 +85,17 @@ def load(cfg: ServerConfig) -> LoadedModel:
 
 def build_adapters(cfg: ServerConfig, loaded: LoadedModel) -> tuple[AdapterStore, AdapterServing]:
     """Store (scanned: corrupt versions quarantined) -> registry -> device slots <- tiered cache."""
+    m = loaded.model
+    bound = cfg.adapter_max_value or value_bound(torch.finfo(m.dtype).max, m.args.dim)
     limits = AdapterLimits(max_rank=cfg.max_adapter_rank, max_archive_bytes=cfg.max_adapter_bytes,
-                           max_virtual_tokens=cfg.max_virtual_tokens)
+                           max_virtual_tokens=cfg.max_virtual_tokens, max_value=bound)
     store = AdapterStore(cfg.data_dir, BaseModelShape.from_hf_config(loaded.hf_config), limits)
     report = store.scan()
     log.info("adapter store %s: %d versions served, %d quarantined", cfg.data_dir, len(report.served),
              len(report.quarantined))
     registry = AdapterRegistry(store, report.served)
-    m = loaded.model
-    slots = AdapterSlots(m.args, cfg.adapter_slots, cfg.max_adapter_rank, m.device, m.dtype, base=m.layers)
+    slots = AdapterSlots(m.args, cfg.adapter_slots, cfg.max_adapter_rank, m.device, m.dtype, base=m.layers,
+                         max_gain=bound)
     cache = AdapterCache(cfg.adapter_slots, cfg.host_adapters, cfg.host_adapter_bytes, registry.load, slots.write)
     return store, AdapterServing(registry, cache, slots)
 

@@ -69,10 +69,11 @@ def fold_to_lora(kind: AdapterKind, cfg: dict, groups: dict[tuple[int, str], Par
     return out
 
 
-def dora_scale(W: torch.Tensor, t: LoraTarget, what: str) -> torch.Tensor:
+def dora_scale(W: torch.Tensor, t: LoraTarget, what: str, max_gain: float = float("inf")) -> torch.Tensor:
     """g = m / ||W + s B A||_row  [d_out], in float32. W [d_out, d_in] is the frozen base weight (any
-    dtype and device; the result is on W's device). FailedPrecondition where the norm vanishes: the
-    adapter cancels a row of the base weight and PEFT itself would divide by zero."""
+    dtype and device; the result is on W's device). FailedPrecondition where the norm vanishes (the
+    adapter cancels a row of the base weight and PEFT itself would divide by zero) or where |g|
+    passes `max_gain` (the output would be scaled past what the served dtype holds)."""
     dev = W.device
     W = W.float()
     delta = t.scale * (t.B.to(dev) @ t.A.to(dev))                     # [d_out, d_in]
@@ -87,4 +88,8 @@ def dora_scale(W: torch.Tensor, t: LoraTarget, what: str) -> torch.Tensor:
     g = t.magnitude.to(dev) / norm
     if not bool(torch.isfinite(g).all()):
         raise FailedPrecondition(f"DoRA {what}: magnitude / norm is not finite")
+    biggest = float(g.abs().max())
+    if biggest > max_gain:
+        raise FailedPrecondition(f"DoRA {what}: magnitude / ||W + scale * B @ A|| reaches {biggest:.3g}; this "
+                                 f"server accepts column scales up to {max_gain:.3g}")
     return g

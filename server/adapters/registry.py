@@ -194,6 +194,17 @@ class AdapterRegistry:
             self._store.purge(deleted)
         return deleted.versions
 
+    def quarantine(self, key: AdapterKey, reason: str) -> None:
+        """Stop serving one version that proved unsafe (the engine's first-load probe): new resolves
+        get NotFound, requests holding it keep their pin, the store moves it to quarantine/."""
+        with self._lock:
+            versions = self._index.get(key.tenant, {}).get(key.name, {})
+            if versions.pop(key.version, None) is None:
+                return
+            if not versions:
+                del self._index[key.tenant][key.name]
+        self._store.quarantine_version(key, reason)
+
     def _free(self, key: AdapterKey, purge: DeletedAdapter | None) -> None:
         self.freed.put(key)
         if purge is not None:

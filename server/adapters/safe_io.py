@@ -110,8 +110,9 @@ def _check_offsets(entries: dict[str, TensorHeader], data_len: int) -> None:
 
 # ---------------------------------------------------------------- tensors
 
-def load_tensors(weights: bytes) -> dict[str, torch.Tensor]:
-    """safetensors bytes (header already checked) -> float32 CPU tensors; NaN/Inf rejected."""
+def load_tensors(weights: bytes, max_abs: float = float("inf")) -> dict[str, torch.Tensor]:
+    """safetensors bytes (header already checked) -> float32 CPU tensors; NaN/Inf, and any value
+    of magnitude above `max_abs`, rejected."""
     try:
         raw = load_safetensors(weights)
     except Exception as e:  # the checked header makes this unlikely; never let it escape as INTERNAL
@@ -121,5 +122,9 @@ def load_tensors(weights: bytes) -> dict[str, torch.Tensor]:
         t = t.to(torch.float32).contiguous()  # F64 values beyond float32 range become Inf and are rejected
         if not bool(torch.isfinite(t).all()):
             raise InvalidArgument(f"tensor {name} contains NaN or Inf")
+        biggest = float(t.abs().max()) if t.numel() else 0.0
+        if biggest > max_abs:
+            raise InvalidArgument(f"tensor {name} holds a value of magnitude {biggest:.3g}; this server accepts "
+                                  f"adapter values up to {max_abs:.3g} (see the README, 'Adapter value bounds')")
         out[name] = t
     return out

@@ -409,6 +409,16 @@ class AdapterStore:
             with self._marks.lock(tenant, name):
                 self._marks.raise_to(tenant, name, versions[-1], name_dir / HWM)
 
+    def quarantine_version(self, key: AdapterKey, reason: str) -> None:
+        """Move one stored version to quarantine/ (an unsafe adapter found after its upload); a
+        version already gone (another replica quarantined or deleted it) is left as it is."""
+        name_dir = self._name_dir(key.tenant, key.name)
+        with self._marks.lock(key.tenant, key.name):
+            vdir = name_dir / f"v{key.version}"
+            if _is_real_dir(vdir):
+                self._quarantine(vdir, reason)
+                fsync_dir(name_dir)
+
     def _quarantine(self, path: Path, reason: str) -> None:
         rel = path.relative_to(self.root / "adapters")
         target = self.root / "quarantine" / f"{str(rel).replace(os.sep, '__')}.{time.time_ns()}"

@@ -11,7 +11,18 @@ Status policy (one rule each, the same everywhere):
 Order: archive size -> sha256 -> zip directory (members, declared sizes; lorafleet.archive.read_archive) ->
 capped reads -> config JSON (size, schema) -> safetensors header (length, entry count, dtypes,
 offsets) -> names, shapes, ranks vs base model -> only then `safetensors.torch.load` -> float32 ->
-finite. No pickle, never torch.load.
+finite and bounded -> per-linear gains bounded. No pickle, never torch.load.
+
+Value bounds (finite is not enough: a LoRA with values 1e19, or lora_alpha 1e300, overflows the
+served dtype in the first forward). One bound G (`AdapterLimits.max_value`, from `value_bound`)
+caps every tensor value |v| <= G and every adapter linear's gain: the delta a target adds is at
+most gain * max|x|, with gain = |scale| * ||B||_inf * ||A||_inf (largest row sum of |entries|) for
+the LoRA family after folding, ||U||_inf * ||D||_inf for bottleneck adapters, and |scale * bias|
+<= G for LoRA bias. G is derived from the served dtype and the hidden size so that three chained
+gains of G (v, o and the residual add of one block), squared and summed over the hidden size in the
+next RMSNorm, stay finite: G^8 * hidden < the dtype's largest value (fp32/bf16: G ~ 3e4, far
+above any trained adapter). What bounds cannot show (the base amplifying a bounded delta), the
+engine's first-load probe does: an adapter whose outputs are not finite is quarantined.
 """
 from __future__ import annotations
 
@@ -19,6 +30,8 @@ import hashlib
 import math
 import re
 from dataclasses import dataclass
+
+import torch
 
 from server.adapters import formats, peft_variants
 from server.adapters.formats import AdapterKind, AdapterWeights, BaseModelShape, TensorRole
@@ -38,6 +51,17 @@ _UNSUPPORTED_LORA = ("fan_in_fan_out", "alora_invocation_tokens", "use_qalora",
                      "arrow_config", "kasa_config", "velora_config", "monteclora_config", "megatron_config")
 
 
+VALUE_BOUND_FLOOR = 16.0      # float16's formula gives ~2: bounds that tight would refuse real adapters
+
+
+def value_bound(max_finite: float, hidden_size: int) -> float:
+    """G with G^8 * hidden_size < max_finite (see the module docstring), at least VALUE_BOUND_FLOOR;
+    `max_finite` is torch.finfo(served dtype).max."""
+    g = (max_finite / hidden_size) ** 0.125
+    step = 10.0 ** (math.floor(math.log10(g)) - 1)          # rounded down to two significant digits
+    return max(VALUE_BOUND_FLOOR, math.floor(g / step) * step)
+
+
 @dataclass(frozen=True)
 class AdapterLimits:
     max_rank: int = 64  # LoRA r (every module) and bottleneck size
@@ -47,6 +71,8 @@ class AdapterLimits:
     max_total_bytes: int = 512 * MiB  # all tensors once converted to float32
     max_virtual_tokens: int = 128  # prefix / prompt tuning length
     max_labels: int = 1024  # rows of a classification head
+    max_value: float = 23000.0  # G: largest |value| and per-linear gain (value_bound(); this default is
+    #                             fp32's for a hidden size of 4096)
 
 
 def validate_sha256(sha256: object) -> str:
@@ -495,7 +521,34 @@ def parse_files(config_bytes: bytes, weights: bytes, base: BaseModelShape, limit
     kind = check_config(cfg, base, limits, expected_kind)
     header = read_safetensors_header(weights, limits.max_tensors)
     check_tensors(kind, cfg, header, base, limits)
-    return formats.assemble(kind, cfg, load_tensors(weights), base)
+    adapter = formats.assemble(kind, cfg, load_tensors(weights, limits.max_value), base)
+    check_gains(adapter, limits.max_value)
+    return adapter
+
+
+def _row_norm(m: torch.Tensor) -> float:
+    """||m||_inf: the largest sum of |entries| over rows, in float64 (no overflow while checking)."""
+    return float(m.double().abs().sum(-1).max()) if m.numel() else 0.0
+
+
+def check_gains(w: AdapterWeights, bound: float) -> None:
+    """Every adapter linear's gain (see the module docstring) at most `bound`; InvalidArgument naming
+    the first target over it."""
+    def over(what: str, gain: float) -> None:
+        if not gain <= bound:
+            raise InvalidArgument(f"{what} has gain {gain:.3g} (scale x ||B|| x ||A||); this server accepts at "
+                                  f"most {bound:.3g}, or outputs overflow (see the README, 'Adapter value bounds')")
+
+    for (layer, module), t in w.lora.items():
+        what = f"layer {layer} {module}"
+        over(what, abs(t.scale) * _row_norm(t.B) * _row_norm(t.A))
+        if t.bias is not None:
+            shift = abs(t.scale) * float(t.bias.double().abs().max())
+            if not shift <= bound:
+                raise InvalidArgument(f"{what}: scale x lora_B.bias reaches {shift:.3g}; this server accepts at "
+                                      f"most {bound:.3g}")
+    for (layer, place), t in w.bottleneck.items():
+        over(f"layer {layer} {place} bottleneck", _row_norm(t.up) * _row_norm(t.down))
 
 
 def parse_upload(archive: bytes, base: BaseModelShape, limits: AdapterLimits,

@@ -84,10 +84,11 @@ class SlotInfo:
 
 class AdapterSlots:
     def __init__(self, args: ModelArgs, num_slots: int, max_rank: int, device: torch.device,
-                 dtype: torch.dtype, base: Sequence[LayerWeights] | None = None):
+                 dtype: torch.dtype, base: Sequence[LayerWeights] | None = None, max_gain: float = float("inf")):
         """`base`: the frozen model's layers (LlamaModel.layers), read when a DoRA adapter is written
-        (its scale depends on W); without them DoRA adapters are refused at write time."""
-        self.args, self.num_slots, self.r = args, num_slots, max_rank
+        (its scale depends on W); without them DoRA adapters are refused at write time. `max_gain`:
+        the largest DoRA column scale accepted (validate.AdapterLimits.max_value)."""
+        self.args, self.num_slots, self.r, self.max_gain = args, num_slots, max_rank, max_gain
         self.device, self.dtype, self.base = device, dtype, base
         S, r, d = num_slots, max_rank, args.dim
         q, kv, f = args.q_size, args.kv_size, args.intermediate_size
@@ -185,7 +186,7 @@ class AdapterSlots:
                 ds.shift[slot, cols] = t.scale * t.bias
             if t.magnitude is not None:
                 W = getattr(self.base[layer], BASE_WEIGHT[target]).dense()[cols]    # [d_out_i, d_in]
-                g = dora_scale(W, t, f"layer {layer} {module}")                      # [d_out_i] float32
+                g = dora_scale(W, t, f"layer {layer} {module}", self.max_gain)       # [d_out_i] float32
                 ds.g[slot, cols] = g
                 b0 = getattr(self.base[layer], BASE_WEIGHT[target]).bias            # the base bias
                 if b0 is not None:

@@ -34,7 +34,7 @@ from server.adapters.registry import AdapterRef, AdapterRegistry
 from server.engine.adapter_slots import AdapterSlots
 from server.engine.batch import Segment, make_forward_batch
 from server.engine.kv_cache import KVCache
-from server.engine.sampling import NON_FINITE, sample
+from server.engine.sampling import NON_FINITE, SamplingParams, sample
 from server.engine.scheduler import Scheduled, Scheduler
 from server.engine.sequence import FinishEvent, FinishReason, Sequence
 from server.errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument, LoraFleetError,
@@ -42,6 +42,7 @@ from server.errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument
 from server.model.loader import LoadedModel
 
 log = logging.getLogger(__name__)
+PROBE_IDS = (1, 2, 3, 5, 8, 13, 21, 34)     # the first-load probe's prompt (ids every vocabulary has)
 MAX_RESTARTS = 5              # the supervisor gives up after more restarts than this ...
 RESTART_WINDOW_S = 60.0       # ... within this many seconds
 
@@ -94,6 +95,7 @@ class Engine:
         #                                   loop fails (restart or gives up), True once it runs again
         self.steps = 0
         self.restarts = 0
+        self._probed: set[AdapterKey] = set()    # versions whose first-load probe passed
 
     # ------------------------------------------------------------------ any thread
     @property
@@ -298,6 +300,13 @@ class Engine:
             return True
         if slot is None:
             return False
+        key = seq.adapter.key
+        if key not in self._probed:
+            failure = self._probe(slot)
+            if failure is not None:
+                seq.error = self._quarantine(seq.adapter, failure)
+                return True
+            self._probed.add(key)
         seq.adapter_slot = slot
         info = self.adapters.slots.info[slot]
         seq.attach_virtual(info.prefix_kv.shape[3] if info.prefix_kv is not None else 0,
@@ -311,6 +320,52 @@ class Engine:
             seq.error = FailedPrecondition(
                 f"adapter {seq.adapter.display!r} has no classification head; Classify needs one")
         return True
+
+    def _probe(self, slot: int) -> str | None:
+        """Run the adapter in `slot` once on PROBE_IDS (its virtual tokens included), in a KV cache
+        of its own; None when every output (hidden states, logits, head) is finite, else what was not."""
+        info = self.adapters.slots.info[slot]
+        n_prefix = info.prefix_kv.shape[3] if info.prefix_kv is not None else 0
+        n_prompt = info.prompt_embeds.shape[0] if info.prompt_embeds is not None else 0
+        seq = Sequence("probe", list(PROBE_IDS), SamplingParams(max_new_tokens=1), lambda ev: None)
+        seq.attach_virtual(n_prefix, n_prompt)
+        seq.adapter_slot, seq.kv_slot = slot, 0
+        a = self.model.args
+        shape = (1, a.n_kv_heads, n_prefix + len(seq.prompt_ids), a.head_dim)
+        kv = [(torch.zeros(shape, device=self.model.device, dtype=self.model.dtype),
+               torch.zeros(shape, device=self.model.device, dtype=self.model.dtype)) for _ in range(a.n_layers)]
+        for layer, (kc, vc) in enumerate(kv):
+            if n_prefix:
+                kc[0, :, :n_prefix] = info.prefix_kv[layer, 0]
+                vc[0, :, :n_prefix] = info.prefix_kv[layer, 1]
+        work = [Scheduled(seq, seq.prompt_ids, n_prefix, True)]
+        batch = make_forward_batch([Segment(0, seq.prompt_ids, n_prefix, True)], self.model.device)
+        hidden = self.model.forward(batch, kv, self._hooks(work), return_hidden=True)
+        if not bool(torch.isfinite(hidden).all()):
+            return "hidden states"
+        if not bool(torch.isfinite(self.model.logits(hidden)).all()):
+            return "logits"
+        if info.head is not None:
+            scores = info.head.weight @ hidden[0].float().cpu()
+            if not bool(torch.isfinite(scores).all()):
+                return "classification scores"
+        return None
+
+    def _quarantine(self, ref: AdapterRef, failure: str) -> LoraFleetError:
+        """The adapter's first-load probe gave non-finite outputs: stop serving that version on
+        every path (this cache, the registry, the store's quarantine/) and say so."""
+        reason = f"non-finite {failure} on the first-load probe"
+        log.warning("adapter %s: %s; quarantining it", ref.key, reason)
+        self.adapters.cache.release(ref.key)
+        self.adapters.cache.invalidate(ref.key)
+        try:
+            self.adapters.registry.quarantine(ref.key, reason)
+        except Exception:  # noqa: BLE001 - the version is no longer served here either way
+            log.exception("could not quarantine adapter %s in the store", ref.key)
+        self._export_cache_stats()
+        return FailedPrecondition(
+            f"adapter {ref.display!r} produces non-finite {failure} (its values overflow the served model); "
+            "it has been quarantined and is no longer served: fix or re-train it, then upload it again")
 
     def _export_cache_stats(self) -> None:
         """Cache counters to metrics, and a fresh residency snapshot for other threads to read."""

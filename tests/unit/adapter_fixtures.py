@@ -107,6 +107,13 @@ def bottleneck_head(seed: int = 0) -> ClassificationHead:
                               ("neg", "pos"))
 
 
+def bottleneck_archive_scaled(value: float) -> bytes:
+    """A bottleneck adapter whose down and up weights are all `value` (gain r * d * value^2)."""
+    targets = {k: BottleneckTarget(torch.full_like(t.down, value), t.down_bias, torch.full_like(t.up, value),
+                                   t.up_bias, t.activation) for k, t in bottleneck_targets().items()}
+    return make_archive(*formats.bottleneck_files(targets, BASE))
+
+
 def bottleneck_archive(seed: int = 0, **kwargs) -> bytes:
     return make_archive(*formats.bottleneck_files(bottleneck_targets(seed, **kwargs), BASE))
 
@@ -278,6 +285,26 @@ def hostile_corpus():
          bad, "dtype I32")
     case("nan", lambda: with_tensors(lora("lora"), _set(q_b, torch.full((64, 4), float("nan")))), bad, "NaN or Inf")
     case("inf", lambda: with_tensors(lora("lora"), _set(q_a, torch.full((4, 64), float("inf")))), bad, "NaN or Inf")
+    # issue 20: finite but huge values overflow the served dtype; each is refused at upload
+    case("lora-A-1e19", lambda: with_tensors(lora("lora"), _set(q_a, torch.full((4, 64), 1e19))), bad,
+         "accepts adapter values up to")
+    case("lora-B-1e19", lambda: with_tensors(lora("lora"), _set(q_b, torch.full((64, 4), 1e19))), bad,
+         "accepts adapter values up to")
+    case("lora-gain-over-bound", lambda: with_tensors(lora("lora"), lambda ts: {
+        **ts, q_a: torch.full((4, 64), 1e3), q_b: torch.full((64, 4), 1e3)}), bad, "has gain")
+    case("lora-alpha-1e300", lambda: with_config(lora("lora"), lora_alpha=1e300), bad, "has gain")
+    case("lora-alpha-pattern-1e300", lambda: with_config(lora("lora"), alpha_pattern={"q_proj": 1e300}), bad,
+         "has gain")
+    case("prefix-1e30", lambda: with_tensors(peft_archive("prefix"), lambda ts: {
+        k: torch.full_like(v, 1e30) for k, v in ts.items()}), bad, "accepts adapter values up to")
+    case("prompt-1e30", lambda: with_tensors(peft_archive("prompt"), lambda ts: {
+        k: torch.full_like(v, 1e30) for k, v in ts.items()}), bad, "accepts adapter values up to")
+    case("ia3-1e30", lambda: with_tensors(peft_archive("ia3"), lambda ts: {
+        k: torch.full_like(v, 1e30) for k, v in ts.items()}), bad, "accepts adapter values up to")
+    case("head-1e30", lambda: with_tensors(lora("lora_cls"), lambda ts: {
+        k: (torch.full_like(v, 1e30) if "score" in k else v) for k, v in ts.items()}), bad,
+         "accepts adapter values up to")
+    case("bottleneck-gain-over-bound", lambda: bottleneck_archive_scaled(3e2), bad, "has gain")
     case("rank-above-max", lambda: lora("lora_r80"), limit, "rank r 80 is above the limit of 64")
     case("rank-above-lowered-max", lambda: lora("lora"), limit, "limit of 2", AdapterLimits(max_rank=2))
     case("10000-tiny-tensors", lambda: _weights(_many_tensors(10_000)), limit, "10000 tensors")
@@ -404,6 +431,8 @@ def variant_hostile_corpus():
     case("dora-magnitude-missing", lambda: with_tensors(dora(), _drop(q_mag)), bad, "lora_magnitude_vector")
     case("dora-magnitude-inf", lambda: with_tensors(dora(), _set(q_mag, torch.full((64,), float("inf")))), bad,
          "NaN or Inf")
+    case("dora-magnitude-1e38", lambda: with_tensors(dora(), _set(q_mag, torch.full((64,), 1e38))), bad,
+         "accepts adapter values up to")
     case("dora-magnitude-without-use-dora", lambda: with_config(dora(), use_dora=False), bad, "needs exactly")
     case("dora-with-lora-bias", lambda: with_config(dora(), lora_bias=True), bad, "lora_bias with use_dora")
     case("dora-on-embeddings-config", lambda: with_config(dora(), target_modules=["q_proj", "embed_tokens"]), bad,
@@ -415,6 +444,10 @@ def variant_hostile_corpus():
     q_bias = _layer0("q_proj", "lora_B.bias")
     case("lora-bias-wrong-length", lambda: with_tensors(lbias(), _set(q_bias, torch.ones(63))), unfit, "needs [64]")
     case("lora-bias-missing", lambda: with_tensors(lbias(), _drop(q_bias)), bad, "lora_B.bias")
+    case("lora-bias-3e38", lambda: with_tensors(lbias(), _set(q_bias, torch.full((64,), 3e38))), bad,
+         "accepts adapter values up to")
+    case("lora-bias-shift-over-bound", lambda: with_config(with_tensors(lbias(), _set(q_bias, torch.full((64,), 1e4))),
+                                                           lora_alpha=400), bad, "lora_B.bias reaches")
     case("lora-bias-not-declared", lambda: with_config(lbias(), lora_bias=False), bad, "needs exactly")
     # AdaLoRA
     case("adalora-mask-count-disagrees", lambda: with_config(ada(), rank_pattern=_masks(**{"0_q_proj": [1] * 6})),
@@ -453,6 +486,11 @@ def variant_hostile_corpus():
                                                                        torch.ones(32))), unfit, "needs [64]")
     case("vera-rank-above-max", lambda: vera(), limit, "VeRA rank r 8 is above the limit of 4",
          AdapterLimits(max_rank=4))
+    case("vera-lambda-1e38", lambda: with_tensors(vera(), _set(_layer0("q_proj", "vera_lambda_d"),
+                                                               torch.full((8,), 1e38))), bad,
+         "accepts adapter values up to")
+    case("vera-lambda-gain-over-bound", lambda: with_tensors(vera(), _set(_layer0("q_proj", "vera_lambda_b"),
+                                                                          torch.full((64,), 2e4))), bad, "has gain")
     case("vera-only-projections", lambda: with_tensors(vera(), lambda ts: {k: v for k, v in ts.items()
                                                                           if "vera_lambda" not in k}),
          bad, "no VeRA module tensors")
