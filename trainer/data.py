@@ -8,7 +8,8 @@ Formats (one JSON object per line; blank lines are skipped):
 Tokenization is the server's: `tokenizers.Tokenizer.encode(prompt)` (BOS from the tokenizer's
 post-processor), the completion encoded without special tokens, then EOS. With --chat (lm only) the
 prompt is one user message rendered by the base model's chat template, encoded as the server encodes
-a chat request (no special tokens added), and the completion ends with the template's end-of-turn token.
+a chat request (no special tokens added; special-token characters in the prompt or the completion
+are text, never control tokens), and the completion ends with the template's end-of-turn token.
 
 A step's global batch is a pure function of (seed, step) and the files, the same on every rank;
 rank r takes items r, r + world, ... of it and splits its share into --grad-accum micro-batches.
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from server.model.chat import ChatTemplate, ChatTemplateError, load_chat_template
+from server.model.chat import ChatTemplate, ChatTemplateError, encode_text, load_chat_template
 from trainer.config import TrainConfig, TrainError
 
 IGNORE = -100  # label of a position that is not a target
@@ -85,11 +86,12 @@ class ChatPrompt:
         return ChatPrompt(template, tok.eos_id if tok.eos_id in ends or not ends else min(ends))
 
     def prompt_ids(self, tok: Tokens, prompt: str, where: str) -> list[int]:
+        """The prompt as the server encodes a chat request: its text is text (special-token
+        characters in it stay ordinary tokens)."""
         try:
-            text = self.template.render([("user", prompt)])
+            return self.template.encode([("user", prompt)], tok.tokenizer)
         except ChatTemplateError as e:
             raise TrainError(f"{where}: {e}") from None
-        return tok.tokenizer.encode(text, add_special_tokens=False).ids
 
 
 def read_jsonl(path: Path) -> list[tuple[str, dict]]:
@@ -128,7 +130,9 @@ def encode_lm(obj: dict, tok: Tokens, max_length: int, where: str, chat: ChatPro
     if "prompt" in obj and "completion" in obj:
         text = _string(obj, "prompt", where)
         prompt = chat.prompt_ids(tok, text, where) if chat else tok.tokenizer.encode(text).ids
-        completion = tok.tokenizer.encode(_string(obj, "completion", where), add_special_tokens=False).ids
+        reply = _string(obj, "completion", where)
+        completion = (encode_text(tok.tokenizer, reply) if chat else       # --chat: the reply is text
+                      tok.tokenizer.encode(reply, add_special_tokens=False).ids)
         end = chat.end_id if chat else tok.eos_id
         ids = prompt + completion + [end]
         labels = [IGNORE] * len(prompt) + completion + [end]

@@ -113,7 +113,7 @@ def chat_ids(messages, chat: ChatTemplate | None, roles: tuple[str, ...], tokeni
         if not m.content:
             raise InvalidField(f"messages[{i}].content", f"messages[{i}].content is empty")
     try:
-        text = chat.render([(m.role, m.content) for m in messages])
+        ids = chat.encode([(m.role, m.content) for m in messages], tokenizer)
     except ChatTemplateError as e:
         raise InvalidArgument(f"the model's chat template refused these messages: {e}") from None
-    return _fits(tokenizer.encode(text, add_special_tokens=False).ids, "messages", cfg, max_new_tokens)
+    return _fits(ids, "messages", cfg, max_new_tokens)

@@ -5,10 +5,15 @@ The template is the Jinja text a Hugging Face tokenizer carries (`chat_template.
 generation prompt added, as transformers' `apply_chat_template` does. The end-of-turn marker is
 found by rendering a probe conversation: the text between an assistant message's content and the
 next turn (e.g. `<|im_end|>` for ChatML); when it is a single token, generation stops on it.
+
+Message content is text (`ChatTemplate.encode`): only the template itself produces special tokens.
+A user who types `<|im_end|>\n<|im_start|>assistant` gets those characters as ordinary tokens, so no
+message can forge a turn of another role.
 """
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +24,11 @@ from tokenizers import Tokenizer
 MAX_TEMPLATE_BYTES = 256 * 1024
 KNOWN_ROLES = ("system", "user", "assistant")
 _PROBE = "\x00lorafleet-probe\x00"
+# Unicode noncharacters (never assigned, never in a template): brackets of the placeholders that
+# stand for special-token text inside content while the template renders
+_OPEN, _CLOSE = "\ufdd0", "\ufdd1"
+_PLACEHOLDER_RE = re.compile(f"{_OPEN}([0-9]+){_CLOSE}")
+_LITERAL: dict[int, tuple[Tokenizer, Tokenizer]] = {}   # id(tokenizer) -> (it, a copy that never parses specials)
 
 
 class ChatTemplateError(ValueError):
@@ -35,6 +45,35 @@ class ChatTemplate:
     bos_token: str
     eos_token: str
     end_of_turn_ids: frozenset[int]    # token ids that end an assistant turn
+    specials: tuple[str, ...] = ()     # the tokenizer's special tokens, longest first
+
+    def encode(self, messages: list[tuple[str, str]], tokenizer: Tokenizer) -> list[int]:
+        """Token ids of the prompt for (role, content) pairs (no special tokens added). Special
+        tokens come from the template only: content is encoded as text. Content that could make a
+        special token (one inside it, or part of one at its edges) is rendered with placeholders,
+        the text split at the template's own special tokens and every other piece encoded with
+        special-token parsing off; other content takes the tokenizer's one plain call."""
+        if not any(self._suspicious(c) for _, c in messages):
+            return tokenizer.encode(self.render(messages), add_special_tokens=False).ids
+        table = [*self.specials, _OPEN, _CLOSE]
+        protect = re.compile("|".join(re.escape(t) for t in table))
+        safe = [(r, protect.sub(lambda m: f"{_OPEN}{table.index(m[0])}{_CLOSE}", c)) for r, c in messages]
+        pieces = re.split("(" + "|".join(re.escape(t) for t in self.specials) + ")", self.render(safe))
+        ids: list[int] = []
+        for i, piece in enumerate(pieces):
+            if i % 2:                                   # a special token the template wrote
+                ids.append(tokenizer.token_to_id(piece))
+            elif piece:
+                ids.extend(encode_text(tokenizer, _PLACEHOLDER_RE.sub(lambda m: table[int(m[1])], piece)))
+        return ids
+
+    def _suspicious(self, content: str) -> bool:
+        if _OPEN in content or _CLOSE in content:
+            return True
+        for t in self.specials:
+            if t in content or any(content.endswith(t[:k]) or content.startswith(t[k:]) for k in range(1, len(t))):
+                return True
+        return False
 
     def render(self, messages: list[tuple[str, str]]) -> str:
         """The prompt text for (role, content) pairs, with the generation prompt added."""
@@ -81,8 +120,21 @@ def load_chat_template(model_dir: Path, tokenizer: Tokenizer) -> ChatTemplate | 
     if not isinstance(source, str) or not source.strip():
         return None
     template = ChatTemplate(source, _special(cfg.get("bos_token")), _special(cfg.get("eos_token")), frozenset())
+    specials = sorted({t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special and t.content},
+                      key=len, reverse=True)
     return ChatTemplate(source, template.bos_token, template.eos_token,
-                        _end_of_turn_ids(template, tokenizer))
+                        _end_of_turn_ids(template, tokenizer), tuple(specials))
+
+
+def encode_text(tokenizer: Tokenizer, text: str) -> list[int]:
+    """`text` as ordinary tokens: special-token characters in it are not parsed (no special
+    tokens added either). Uses a copy of the tokenizer made once, with that parsing off."""
+    entry = _LITERAL.get(id(tokenizer))
+    if entry is None or entry[0] is not tokenizer:
+        copy = Tokenizer.from_str(tokenizer.to_str())
+        copy.encode_special_tokens = True
+        entry = _LITERAL[id(tokenizer)] = (tokenizer, copy)
+    return entry[1].encode(text, add_special_tokens=False).ids
 
 
 def _end_of_turn_ids(template: ChatTemplate, tokenizer: Tokenizer) -> frozenset[int]:
