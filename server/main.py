@@ -101,8 +101,10 @@ def build_adapters(cfg: ServerConfig, loaded: LoadedModel) -> tuple[AdapterStore
 
 
 def build_engine(cfg: ServerConfig, loaded: LoadedModel, adapters: AdapterServing | None) -> Engine:
+    """With an API keys file (several tenants) one KV slot is kept for a tenant with nothing running."""
     return Engine(loaded, cfg.max_batch_size, cfg.max_context_tokens, cfg.max_queued_requests,
-                  cfg.max_prefill_tokens, adapters, cfg.decode_prefill_tokens)
+                  cfg.max_prefill_tokens, adapters, cfg.decode_prefill_tokens,
+                  reserve_slots=1 if cfg.api_keys is not None and cfg.max_batch_size > 1 else 0)
 
 
 @dataclass

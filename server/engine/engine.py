@@ -75,11 +75,13 @@ class StepStats:
 class Engine:
     def __init__(self, loaded: LoadedModel, max_batch_size: int, max_context_tokens: int,
                  max_queued: int, max_prefill_tokens: int, adapters: AdapterServing | None = None,
-                 decode_prefill_tokens: int | None = None):
+                 decode_prefill_tokens: int | None = None, reserve_slots: int = 0):
+        """`reserve_slots`: KV slots kept for a tenant with nothing running (Scheduler); 0 when
+        the server has one tenant."""
         self.loaded = loaded
         self.adapters = adapters
         self.model = loaded.model
-        self._sizes = (max_batch_size, max_context_tokens, max_prefill_tokens, decode_prefill_tokens)
+        self._sizes = (max_batch_size, max_context_tokens, max_prefill_tokens, decode_prefill_tokens, reserve_slots)
         self.kv = self._new_kv()
         self.scheduler = self._new_scheduler()
         self.max_queued = max_queued
@@ -131,9 +133,7 @@ class Engine:
             if self._stop.is_set():
                 raise Unavailable("the server is shutting down; retry on another replica")
             with self._pending_lock:
-                if sum(self._pending.values()) >= self.max_queued:
-                    raise ResourceExhausted(
-                        f"the server queue is full ({self.max_queued} requests waiting); retry later")
+                self._check_share(seq.tenant)
                 self._pending[seq.tenant] += 1
         except BaseException:
             if adapter is not None and self.adapters is not None:
@@ -142,6 +142,21 @@ class Engine:
         seq.adapter = adapter
         seq.bind_engine(self.wake)
         self._inbox.put(seq)
+
+    def _check_share(self, tenant: str) -> None:
+        """The queue's fairness rule (call with the lock held): at most `max_queued` requests wait;
+        one tenant holds at most three quarters of the places, and in the last quarter a tenant may
+        add requests only while it holds fewer than a sixteenth: however many requests one tenant
+        sends (whatever its quota), other tenants' requests still find room."""
+        total, mine = sum(self._pending.values()), self._pending.get(tenant, 0)
+        if total >= self.max_queued:
+            raise ResourceExhausted(f"the server queue is full ({self.max_queued} requests waiting); retry later")
+        reserve = self.max_queued // 4
+        if mine >= self.max_queued - reserve or (total >= self.max_queued - reserve
+                                                  and mine >= max(1, self.max_queued // 16)):
+            raise ResourceExhausted(
+                f"tenant {tenant!r} has {mine} of the server queue's {self.max_queued} places; the rest "
+                f"({total - mine} taken) is kept for other tenants' requests; retry later")
 
     def wake(self) -> None:
         """Make a blocked engine loop look at its state (a cancel)."""
@@ -195,12 +210,12 @@ class Engine:
             metrics.record_load(len(self.scheduler.running), len(self.scheduler.waiting), self.kv.usage)
 
     def _new_kv(self) -> KVCache:
-        batch, context, _, _ = self._sizes
+        batch, context, *_ = self._sizes
         return KVCache(self.model.args, batch, context, self.model.device, self.model.dtype)
 
     def _new_scheduler(self) -> Scheduler:
-        batch, _, prefill, decode_prefill = self._sizes
-        return Scheduler(self.kv, batch, prefill, decode_prefill)
+        batch, _, prefill, decode_prefill, reserve = self._sizes
+        return Scheduler(self.kv, batch, prefill, decode_prefill, reserve)
 
     def _set_health(self, serving: bool) -> None:
         for fn in self.on_health:

@@ -5,12 +5,16 @@ Between two steps, waiting sequences are admitted into free slots and finished o
 Fairness between tenants, at three places:
   admission   round-robin over tenants (FIFO within a tenant); while other tenants wait, a
               tenant may not take the slots kept for them (one per waiting tenant, up to a quarter
-              of the slots), so one tenant's burst cannot hold every KV slot;
-  prefill     chunks are handed out round-robin over tenants, each tenant's share of the step's
-              budget at most an equal part, so a short prompt is not queued behind a long one;
-  budget      a step that carries decode rows takes at most `decode_prefill_tokens` prompt tokens
-              (the rest: `max_prefill_tokens`), so running decodes keep their pace while long
-              prompts and classification batches are prefilled beside them (chunked prefill).
+              of the slots), so one tenant's burst cannot hold every KV slot; and the last
+              `reserve_slots` free slots are only for a tenant with nothing running, so a newcomer
+              is admitted at the next step even when one tenant's long requests fill the rest;
+  prefill     the step's budget is shared out by tenant (max-min fair: each tenant an equal part,
+              what a tenant does not need goes to the others), FIFO within a tenant, so a short
+              prompt is not queued behind a long one;
+  budget      a step that carries decode rows, or a short prompt of one tenant beside another
+              tenant's long prefill, takes at most `decode_prefill_tokens` prompt tokens (else
+              `max_prefill_tokens`): running decodes and newly arrived short requests keep their
+              pace while long prompts and classification batches are prefilled beside them.
 A sequence whose adapter cannot be made resident now (every adapter slot pinned) stays queued
 without blocking other tenants.
 """
@@ -80,9 +84,10 @@ class FairQueue:
 
 class Scheduler:
     def __init__(self, slots: SlotAllocator, max_batch_size: int, max_prefill_tokens: int,
-                 decode_prefill_tokens: int | None = None):
+                 decode_prefill_tokens: int | None = None, reserve_slots: int = 0):
         self.slots = slots
         self.max_batch_size = max_batch_size
+        self.reserve_slots = min(reserve_slots, max_batch_size - 1)
         self.max_prefill_tokens = max_prefill_tokens
         self.decode_prefill_tokens = min(max_prefill_tokens, decode_prefill_tokens or max_prefill_tokens)
         self.waiting = FairQueue()
@@ -121,6 +126,8 @@ class Scheduler:
                 break
             if running[seq.tenant] >= self._tenant_cap(seq.tenant):
                 continue
+            if running[seq.tenant] and self.max_batch_size - len(self.running) <= self.reserve_slots:
+                continue                      # the last free slots wait for a tenant with none
             slot = self.slots.allocate()
             if slot is None:
                 break
@@ -142,25 +149,46 @@ class Scheduler:
 
     def schedule(self) -> list[Scheduled]:
         """This step's work: one token for every decoding sequence, then prefill chunks within
-        the step's prefill budget, round-robin over tenants (admission order within one)."""
+        the step's prefill budget, shared fairly by tenant (admission order within one)."""
         out = []
         for seq in sorted(self.running, key=lambda s: s.kv_slot):   # consecutive slots: no KV gather
             if not seq.in_prefill:
                 ids, pos = seq.next_tokens(1)
                 out.append(Scheduled(seq, ids, pos, True))
-        budget = self.decode_prefill_tokens if out else self.max_prefill_tokens
         by_tenant: dict[str, list[Sequence]] = {}
         for seq in self.running:
             if seq.in_prefill:
                 by_tenant.setdefault(seq.tenant, []).append(seq)
-        share = max(MIN_PREFILL_CHUNK, budget // max(1, len(by_tenant)))
-        for seq in _round_robin(list(by_tenant.values())):
+        left = {t: sum(len(q.prompt_ids) - q.num_computed for q in qs) for t, qs in by_tenant.items()}
+        short_beside_long = len(left) > 1 and min(left.values()) <= self.decode_prefill_tokens
+        budget = self.decode_prefill_tokens if out or short_beside_long else self.max_prefill_tokens
+        for tenant, share in _fair_shares(left, budget).items():
+            for seq in by_tenant[tenant]:                     # admission order within a tenant
+                if share <= 0:
+                    break
+                ids, pos = seq.next_tokens(share)
+                share -= len(ids)
+                out.append(Scheduled(seq, ids, pos, pos + len(ids) == seq.kv_offset + len(seq.prompt_ids)))
+        return out
+
+
+def _fair_shares(demand: dict[str, int], budget: int) -> dict[str, int]:
+    """Max-min fair split of `budget` tokens over tenants' demands (each tenant at least
+    MIN_PREFILL_CHUNK while the budget lasts): equal parts, what a tenant does not need shared
+    again among the rest."""
+    shares, open_ = dict.fromkeys(demand, 0), dict(demand)
+    while open_ and budget > 0:
+        part = max(MIN_PREFILL_CHUNK, budget // len(open_))
+        for tenant in sorted(open_, key=open_.get):           # smallest demand first
+            give = min(part, open_[tenant], budget)
+            shares[tenant] += give
+            budget -= give
+            open_[tenant] -= give
+            if not open_[tenant]:
+                del open_[tenant]
             if budget <= 0:
                 break
-            ids, pos = seq.next_tokens(min(budget, share))
-            budget -= len(ids)
-            out.append(Scheduled(seq, ids, pos, pos + len(ids) == seq.kv_offset + len(seq.prompt_ids)))
-        return out
+    return shares
 
 
 def _round_robin(queues: list[list[Sequence]]) -> Iterator[Sequence]:

@@ -229,3 +229,26 @@ def test_a_bug_that_recurs_leaves_the_engine_down(tiny_loaded, monkeypatch):
         assert e.restarts == MAX_RESTARTS and health[-1] is False
     finally:
         e.stop()
+
+
+# ---------------------------------------------------------------- the queue is shared (finding 9)
+
+def test_one_tenant_cannot_fill_the_queue(tiny_loaded):
+    """A tenant whose own quota is above the queue's size still leaves room for others: at most
+    3/4 of the places, and in the last quarter only tenants holding few requests may add more."""
+    from server.errors import ResourceExhausted
+    e = Engine(tiny_loaded, max_batch_size=1, max_context_tokens=64, max_queued=32, max_prefill_tokens=32)
+    # not started: nothing is admitted, the queue only fills
+    def put(tenant: str) -> bool:
+        try:
+            e.submit(Sequence("q", [1, 2], SamplingParams(max_new_tokens=1), Collector(), tenant=tenant))
+            return True
+        except ResourceExhausted:
+            return False
+
+    assert sum(put("flood") for _ in range(100)) == 24
+    assert [put("b") for _ in range(3)] == [True, True, False]      # a sixteenth of 32 in the last quarter
+    assert put("c") and put("c") and not put("c")
+    assert put("d") and put("d") and put("e") and put("e")
+    assert not put("f") and not put("flood")                           # 32 taken: full for everyone
+    assert e.queued() == 32

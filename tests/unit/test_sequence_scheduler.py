@@ -209,3 +209,46 @@ def test_a_burst_cannot_take_the_slots_kept_for_waiting_tenants():
     alone.add(late)
     alone.remove(alone.running[0])
     assert alone.admit() == [late]                    # the freed slot goes to the waiting tenant
+
+
+def test_a_slot_is_kept_for_a_tenant_with_nothing_running():
+    """Issue 20, finding 9: one tenant's long requests hold every slot but the reserved one; a
+    newcomer is admitted at once, without waiting for one of them to finish."""
+    s = Scheduler(Slots(4), max_batch_size=4, max_prefill_tokens=100, reserve_slots=1)
+    for x in [tseq("a") for _ in range(6)]:
+        s.add(x)
+    assert len(s.admit()) == 3
+    late = tseq("b")
+    s.add(late)
+    assert s.admit() == [late]
+    s.add(tseq("c"))
+    assert s.admit() == []                     # no slot free: c waits for one, a cannot take it either
+
+
+def test_prefill_budget_is_shared_max_min_fair_by_tenant():
+    s = Scheduler(Slots(8), max_batch_size=8, max_prefill_tokens=300, decode_prefill_tokens=32)
+    heavy = [long_seq("a", 400) for _ in range(3)]
+    medium = long_seq("b", 120)
+    for x in [*heavy, medium]:
+        s.add(x)
+    s.admit()
+    got = {}
+    for w in s.schedule():
+        got[w.seq.tenant] = got.get(w.seq.tenant, 0) + len(w.token_ids)
+    assert got == {"a": 180, "b": 120}                 # b needs less than half: a gets the rest
+
+
+def test_a_short_prompt_beside_a_long_prefill_gets_a_short_step():
+    """The step that carries tenant b's 8-token prompt next to tenant a's long prefill is short
+    (decode_prefill_tokens), so b's first token is not held behind a full prefill step."""
+    s = Scheduler(Slots(8), max_batch_size=8, max_prefill_tokens=512, decode_prefill_tokens=64)
+    for x in [long_seq("a", 447) for _ in range(4)]:
+        s.add(x)
+    lone = long_seq("b", 8)
+    s.add(lone)
+    s.admit()
+    work = s.schedule()
+    assert sum(len(w.token_ids) for w in work) == 64
+    assert [len(w.token_ids) for w in work if w.seq is lone] == [8]
+    s.remove(lone)
+    assert sum(len(w.token_ids) for w in s.schedule()) == 512      # a alone: the full budget
