@@ -8,7 +8,8 @@ when the last ref of a deleted version is released, its key is put on `freed` (a
 drains to drop the version from its adapter cache) and the files are purged.
 
 Thread-safe: gRPC threads resolve, upload and delete; the engine thread releases. The store's
-purge runs outside the registry lock, on whichever thread dropped the last ref.
+purge runs outside the registry lock, on whichever thread dropped the last ref. Every rescan of a
+shared store (`refresh`) also sweeps what dead replicas left in it (AdapterStore.sweep).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from server.adapters.formats import AdapterKind, AdapterWeights
+from server.adapters.reservations import QuotaCheck
 from server.adapters.store import AdapterInfo, AdapterStore, DeletedAdapter, Upload
 from server.adapters.refs import AdapterKey, TenantRef, validate_name
 from server.errors import NotFound
@@ -125,13 +127,15 @@ class AdapterRegistry:
     # ------------------------------------------------------------ management
 
     def begin_upload(self, tenant: str, name: str, declared_size: int, sha256: str | None = None,
-                     expected_kind: AdapterKind | None = None) -> RegistryUpload:
-        """Streaming upload (see AdapterStore.begin_upload); commit() makes it the latest version."""
-        return RegistryUpload(self, self._store.begin_upload(tenant, name, declared_size, sha256, expected_kind))
+                     expected_kind: AdapterKind | None = None, quota: QuotaCheck | None = None) -> RegistryUpload:
+        """Streaming upload (see AdapterStore.begin_upload, quota included); commit() makes it the
+        latest version. May wait on another replica's hold of the tenant's quota lock."""
+        return RegistryUpload(self, self._store.begin_upload(tenant, name, declared_size, sha256, expected_kind,
+                                                             quota))
 
     def put(self, tenant: str, name: str, archive: bytes, sha256: str | None = None,
-            expected_kind: AdapterKind | None = None) -> AdapterInfo:
-        info = self._store.put(tenant, name, archive, sha256, expected_kind)
+            expected_kind: AdapterKind | None = None, quota: QuotaCheck | None = None) -> AdapterInfo:
+        info = self._store.put(tenant, name, archive, sha256, expected_kind, quota)
         self.publish(info)
         return info
 
@@ -144,8 +148,12 @@ class AdapterRegistry:
 
     def refresh(self) -> tuple[int, int]:
         """Follow a store shared with other replicas: serve versions they wrote, hide names they
-        deleted. Returns (versions added, versions dropped). New versions are verified on their
-        first load (sha256 and full validation), like every load."""
+        deleted; sweep what dead replicas left. Returns (versions added, versions dropped). New
+        versions are verified on their first load (sha256 and full validation), like every load."""
+        try:
+            self._store.sweep()
+        except OSError as e:  # leftovers wait for the next rescan; following the store matters more
+            log.warning("rescan: sweeping leftovers of dead writers failed: %s", e)
         on_disk: dict[AdapterKey, AdapterInfo] = {}
         for tenant in self._store.tenants():
             try:

@@ -4,10 +4,15 @@ Layout under `root` (every path component from user text has passed validate_nam
   adapters/<tenant>/<name>/v<N>/adapter.zip   the upload archive, byte for byte
   adapters/<tenant>/<name>/v<N>/meta.json     {"kind", "sha256", "size", "created", "version"}
   versions/<tenant>/<name>.hwm|.lock  version high-water mark and lock (see version_marks.py)
-  tmp/        uploads in progress and staged versions (same filesystem; emptied by scan() when no
-              other process has the store open)
-  trash/      deleted adapters still held by in-flight requests (emptied likewise)
-  quarantine/ versions that failed verification at scan(), moved aside with a WARNING log line
+  owners/<id>/     one per open store, locked by it while it lives (owners.py)
+  tmp/<id>/        its uploads in progress and staged versions (same filesystem)
+  trash/<id>/      adapters it deleted that its in-flight requests still hold
+  reservations/    per-tenant quota reservations of uploads in flight (reservations.py)
+  quarantine/      versions that failed verification at scan(), moved aside with a WARNING log line
+
+Whatever a dead store left in tmp/ and trash/ is swept by any replica: `sweep()`, at every scan()
+and every registry rescan (owners.py says what counts as dead). Tenant quotas passed to
+begin_upload hold across every replica sharing the store (reservations.py).
 
 A version appears only by one rename of a fully written, fsynced, validated directory, so a failed
 or interrupted upload leaves nothing in adapters/. Versions are never reused for a name, even after
@@ -17,6 +22,7 @@ written before the marks existed kept `adapters/<t>/<n>/.hwm`, only on delete; i
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -30,7 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from server.adapters import owners as owners_mod
 from server.adapters.formats import AdapterKind, AdapterWeights, BaseModelShape
+from server.adapters.reservations import QuotaCheck, Reservation, Reservations, TenantHoldings
 from server.adapters.safe_io import load_json_object
 from server.adapters.refs import NAME_RE, VERSION_RE, AdapterKey, validate_name
 from server.adapters.validate import AdapterLimits, check_sha256, parse_upload, validate_sha256
@@ -98,18 +106,26 @@ class Upload:
     """Streaming writer for one upload: write(chunk)..., then commit(); any other exit leaves nothing.
 
     Use as a context manager: leaving the block without commit() (an exception, a cancelled RPC)
-    aborts and removes the temp file.
+    aborts and removes the temp file. Once commit() has begun, it alone cleans up: abort() from
+    another thread meanwhile is a no-op (it would drop the quota reservation of a version about
+    to appear).
     """
 
     def __init__(self, store: "AdapterStore", tenant: str, name: str, declared_size: int,
-                 sha256: str | None, expected_kind: AdapterKind | None) -> None:
+                 sha256: str | None, expected_kind: AdapterKind | None,
+                 reservation: Reservation | None = None) -> None:
         self._store, self.tenant, self.name = store, tenant, name
         self.declared_size, self._sha256, self._kind = declared_size, sha256, expected_kind
-        self._path = store.root / "tmp" / f"{uuid.uuid4().hex}.part"
-        self._file: BinaryIO | None = open(self._path, "xb")
+        self._reservation = reservation  # released by abort(), or as the version appears
+        self._path = store.tmp / f"{uuid.uuid4().hex}.part"
+        try:
+            self._file: BinaryIO | None = open(self._path, "xb")
+        except BaseException:
+            Reservations.release(reservation)
+            raise
         self._hash = hashlib.sha256()
         self._written = 0
-        self._done = False
+        self._done = self._committing = False
 
     def write(self, chunk: bytes) -> None:
         if self._file is None:
@@ -125,6 +141,7 @@ class Upload:
         """Verify size and sha256, validate fully, then publish as the next version."""
         if self._file is None:
             raise FailedPrecondition("upload is already committed or aborted")
+        self._committing = True
         try:
             if self._written != self.declared_size:
                 raise InvalidArgument(f"upload ended after {self._written} of {self.declared_size} declared bytes")
@@ -137,18 +154,24 @@ class Upload:
             self._file = None
             data = self._path.read_bytes()
             weights = parse_upload(data, self._store.base, self._store.limits, self._kind)
-            info = self._store._publish(self._path, self.tenant, self.name, weights.kind, digest, len(data))
+            info = self._store._publish(self._path, self.tenant, self.name, weights.kind, digest, len(data),
+                                        self._reservation)
         except BaseException:
-            self.abort()
+            self._discard()
             raise
         self._done = True
         return info
 
     def abort(self) -> None:
+        if not self._committing:
+            self._discard()
+
+    def _discard(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
         self._path.unlink(missing_ok=True)
+        Reservations.release(self._reservation)
 
     def __enter__(self) -> "Upload":
         return self
@@ -164,24 +187,34 @@ class AdapterStore:
 
     def __init__(self, root: Path, base: BaseModelShape, limits: AdapterLimits) -> None:
         self.root, self.base, self.limits = Path(root), base, limits
-        for sub in ("adapters", "versions", "tmp", "trash", "quarantine"):
+        for sub in ("adapters", "versions", "owners", "tmp", "trash", "reservations", "quarantine"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        self._marks = VersionMarks(self.root / "versions", self.root / "tmp")
         # presence: a shared flock on the root directory while this store is open (every replica of
-        # a shared store holds one); scan() empties tmp/ and trash/ only when it can take it exclusively
+        # a shared store holds one); scan() sweeps entries no owner names only when it can take it
+        # exclusively. Taken before registering, so a store sweeping alone sees no newcomer's files.
         self._presence = os.open(self.root, os.O_RDONLY)
         fcntl.flock(self._presence, fcntl.LOCK_SH)
         self._closer = weakref.finalize(self, os.close, self._presence)
+        self._owners = owners_mod.Owners(self.root / "owners")
+        self.tmp, self._trash = self.root / "tmp" / self._owners.id, self.root / "trash" / self._owners.id
+        self.tmp.mkdir()
+        self._trash.mkdir()
+        self._marks = VersionMarks(self.root / "versions", self.tmp)
+        self._reservations = Reservations(self.root / "reservations", self._owners, self._stored)
 
     def close(self) -> None:
-        """Drop this store's presence (what the kernel does when the process dies)."""
+        """Drop this store's presence and ownership (what the kernel does when the process dies):
+        its uploads in progress, reservations and trash become leftovers for any replica to sweep."""
+        self._owners.close()
         self._closer()
 
     # ------------------------------------------------------------ writes
 
     def begin_upload(self, tenant: str, name: str, declared_size: int, sha256: str | None = None,
-                     expected_kind: AdapterKind | None = None) -> Upload:
-        """Start a streaming upload. InvalidArgument for bad names/size/sha256; ResourceExhausted over the limit."""
+                     expected_kind: AdapterKind | None = None, quota: QuotaCheck | None = None) -> Upload:
+        """Start a streaming upload. InvalidArgument for bad names/size/sha256; ResourceExhausted over the limit.
+        `quota`: asked under the tenant's store-wide lock with what the tenant holds on disk and in
+        flight in every live process; if it passes, the upload is reserved until commit or abort."""
         validate_name(tenant, "tenant name")
         validate_name(name, "adapter name")
         if sha256 is not None:
@@ -190,18 +223,19 @@ class AdapterStore:
             raise InvalidArgument(f"declared upload size must be a positive integer, got {declared_size!r}")
         if declared_size > self.limits.max_archive_bytes:
             raise ResourceExhausted(f"upload is {declared_size} bytes; the limit is {self.limits.max_archive_bytes}")
-        return Upload(self, tenant, name, declared_size, sha256, expected_kind)
+        reservation = None if quota is None else self._reservations.reserve(tenant, name, declared_size, quota)
+        return Upload(self, tenant, name, declared_size, sha256, expected_kind, reservation)
 
     def put(self, tenant: str, name: str, archive: bytes, sha256: str | None = None,
-            expected_kind: AdapterKind | None = None) -> AdapterInfo:
+            expected_kind: AdapterKind | None = None, quota: QuotaCheck | None = None) -> AdapterInfo:
         """The whole archive at once; same checks as begin_upload + commit."""
-        with self.begin_upload(tenant, name, len(archive), sha256, expected_kind) as up:
+        with self.begin_upload(tenant, name, len(archive), sha256, expected_kind, quota) as up:
             up.write(archive)
             return up.commit()
 
     def _publish(self, part: Path, tenant: str, name: str, kind: AdapterKind, sha256: str,
-                 size: int) -> AdapterInfo:
-        stage = self.root / "tmp" / f"{uuid.uuid4().hex}.d"
+                 size: int, reservation: Reservation | None = None) -> AdapterInfo:
+        stage = self.tmp / f"{uuid.uuid4().hex}.d"
         stage.mkdir()
         try:
             os.rename(part, stage / ARCHIVE)
@@ -213,7 +247,8 @@ class AdapterStore:
                 self._marks.set(tenant, name, version)  # durable before v<N> exists: N is never handed out again
                 info = AdapterInfo(tenant, name, version, kind, sha256, size, time.time())
                 try:
-                    self._place(stage, name_dir, info)
+                    with self._reservations.settling(reservation):  # v<N> counts from the moment it exists
+                        self._place(stage, name_dir, info)
                 except BaseException:
                     if not (name_dir / f"v{version}").exists():  # nobody saw N: give it back (a kill -9 burns it)
                         self._marks.set(tenant, name, before)
@@ -247,7 +282,7 @@ class AdapterStore:
             if not versions:
                 raise NotFound(f"adapter {name!r} not found")
             self._marks.raise_to(tenant, name, versions[-1], name_dir / HWM)  # a no-op unless the store predates the mark
-            trash = self.root / "trash" / uuid.uuid4().hex
+            trash = self._trash / uuid.uuid4().hex
             os.rename(name_dir, trash)
             fsync_dir(name_dir.parent)
         return DeletedAdapter(tenant, name, versions, trash)
@@ -308,6 +343,22 @@ class AdapterStore:
         infos = self.list(tenant)
         return TenantUsage(len({i.name for i in infos}), len(infos), sum(i.size for i in infos))
 
+    def holdings(self, tenant: str) -> TenantHoldings:
+        """What a quota check sees: stored on disk plus live uploads in flight, every replica together."""
+        return self._reservations.holdings(validate_name(tenant, "tenant name"))
+
+    def _stored(self, tenant: str) -> tuple[frozenset[str], int]:
+        """Names with a version on disk and the bytes of their archives (read from the directory
+        tree, not metadata, so a version deleted or quarantined meanwhile is simply not there)."""
+        names, size = set(), 0
+        tenant_dir = self.root / "adapters" / tenant
+        for name_dir in tenant_dir.iterdir() if _is_real_dir(tenant_dir) else ():
+            with contextlib.suppress(FileNotFoundError):  # deleted meanwhile
+                for v in self._dir_versions(name_dir) if _is_store_dir(name_dir) else ():
+                    size += (name_dir / f"v{v}" / ARCHIVE).stat().st_size
+                    names.add(name_dir.name)
+        return frozenset(names), size
+
     def load(self, tenant: str, name: str, version: int) -> AdapterWeights:
         """Read, verify (sha256 vs meta -> DataLoss) and parse one version. NotFound if absent."""
         info = self.info(tenant, name, version)
@@ -333,30 +384,30 @@ class AdapterStore:
 
     # ------------------------------------------------------------ start-up
 
-    def _sweep(self) -> None:
-        """Empty tmp/ and trash/ (what killed processes left) if no other process has this store
-        open: another replica's uploads in progress and deleted-but-in-use versions live there too.
-        Call before this store writes anything (the lock is re-taken, not converted atomically)."""
+    def sweep(self, alone: bool = False) -> list[Path]:
+        """Remove what dead stores left in tmp/ and trash/ (uploads in progress, staged versions,
+        deleted versions), never a live one's; returns what went. Any replica, at any time.
+        `alone`: no other process has the store open (held exclusively), so entries no owner names
+        (left by versions before owners/ existed) go too."""
+        return owners_mod.sweep(self._owners, (self.root / "tmp", self.root / "trash"), alone)
+
+    def _sweep_at_start(self) -> None:
+        """sweep(), alone if no other process has this store open. The presence lock is re-taken,
+        not converted atomically."""
         try:
             fcntl.flock(self._presence, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # others are live (or the filesystem cannot tell): keep the leftovers
+        except OSError:  # others are live (or the filesystem cannot tell)
             fcntl.flock(self._presence, fcntl.LOCK_SH)
-            log.info("adapter store %s is open in another process: tmp/ and trash/ kept", self.root)
+            self.sweep()
             return
         try:
-            for sub in ("tmp", "trash"):
-                for p in (self.root / sub).iterdir():
-                    if _is_real_dir(p):
-                        shutil.rmtree(p)
-                    else:
-                        p.unlink()
+            self.sweep(alone=True)
         finally:
             fcntl.flock(self._presence, fcntl.LOCK_SH)
 
     def scan(self) -> ScanReport:
-        """Empty tmp/ and trash/ (unless shared with a live process), re-verify every version;
-        quarantine the corrupt, serve the rest."""
-        self._sweep()
+        """Sweep leftovers of dead stores, re-verify every version; quarantine the corrupt, serve the rest."""
+        self._sweep_at_start()
         served: list[AdapterInfo] = []
         quarantined: list[tuple[str, str]] = []
         unfit: list[tuple[str, str]] = []

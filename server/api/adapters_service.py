@@ -8,16 +8,16 @@ from lorafleet.v1 import lorafleet_pb2 as pb
 from lorafleet.v1 import lorafleet_pb2_grpc as pb_grpc
 from server import metrics
 from server.adapters.refs import SHARED_TENANT, TenantRef, parse_tenant_ref
-from server.adapters.registry import AdapterRegistry
+from server.adapters.registry import AdapterRegistry, RegistryUpload
 from server.adapters.store import AdapterInfo, AdapterStore
-from server.adapters.formats import AdapterWeights
-from server.api import requests
+from server.adapters.formats import AdapterKind, AdapterWeights
+from server.api import requests, tenancy
 from server.api.auth import Authenticator, Principal
 from server.api.common import status_of, unary
 from server.api.service import Draining
 from server.config import ServerConfig
 from server.engine.engine import Engine
-from server.errors import InvalidArgument, PermissionDenied, QuotaExceeded, ResourceExhausted
+from server.errors import InvalidArgument, PermissionDenied, QuotaExceeded
 
 MAX_PAGE = 500
 UPLOAD_OUTCOME = {"INVALID_ARGUMENT": "invalid", "FAILED_PRECONDITION": "invalid",
@@ -46,9 +46,6 @@ class AdaptersService(pb_grpc.AdaptersServicer):
                  store: AdapterStore, engine: Engine, draining: Draining):
         self.cfg, self.auth, self.registry, self.store = cfg, auth, registry, store
         self.engine, self.draining = engine, draining
-        # uploads in flight, reserved against quota at their start (event loop only, so a check and
-        # its reservation are one atomic step): tenant -> upload token -> (name, declared bytes)
-        self._reserved: dict[str, dict[object, tuple[str, int]]] = {}
 
     def _info(self, info: AdapterInfo, detail: bool = False) -> pb.AdapterInfo:
         shared = info.tenant == SHARED_TENANT
@@ -66,35 +63,21 @@ class AdaptersService(pb_grpc.AdaptersServicer):
                 msg.labels.extend(w.head.labels)
         return msg
 
-    def _reserve_quota(self, tenant: str, name: str, size: int, principal: Principal) -> object:
-        """Check the quota counting uploads still in flight, and reserve this one (no await in
-        between: concurrent uploads cannot all pass the same check). `_release_quota` settles it."""
-        if size > self.cfg.max_adapter_bytes:
-            raise ResourceExhausted(f"the upload declares {size} bytes; this server accepts at most "
-                                    f"{self.cfg.max_adapter_bytes} per adapter")
-        token = object()
-        if tenant == SHARED_TENANT:
-            return token
-        usage, q = self.store.usage(tenant), principal.quotas
-        pending = self._reserved.setdefault(tenant, {})
-        names = {i.name for i in self.registry.list(tenant)}
-        adapters = len(names | {n for n, _ in pending.values()})
-        if name not in names and adapters >= q.max_adapters:
-            raise QuotaExceeded(f"tenant {tenant!r} stores {adapters} adapters (uploads in progress included); "
-                                f"quota max_adapters={q.max_adapters}", f"tenant:{tenant}", "max_adapters")
-        used = usage.bytes + sum(b for _, b in pending.values())
-        if used + size > q.max_adapter_bytes:
-            raise QuotaExceeded(f"tenant {tenant!r} stores {used} bytes (uploads in progress included); this "
-                                f"upload of {size} would pass quota max_adapter_bytes={q.max_adapter_bytes}",
-                                f"tenant:{tenant}", "max_adapter_bytes")
-        pending[token] = (name, size)
-        return token
-
-    def _release_quota(self, tenant: str, token: object) -> None:
-        pending = self._reserved.get(tenant, {})
-        pending.pop(token, None)
-        if not pending:
-            self._reserved.pop(tenant, None)
+    async def _begin_upload(self, tenant: str, name: str, size: int, sha256: str | None, kind: AdapterKind | None,
+                            principal: Principal) -> RegistryUpload:
+        """Reserve the upload against the tenant's quota, every replica of the store counted
+        (server/api/tenancy.py), off the event loop: it may wait on another replica's hold of the
+        tenant's lock. An upload begun for a call cancelled meanwhile is aborted when it is ready,
+        so its reservation never outlives the call."""
+        tenancy.check_upload_size(size, self.cfg.max_adapter_bytes)
+        quota = tenancy.upload_quota(tenant, principal.quotas)
+        task = asyncio.ensure_future(asyncio.to_thread(self.registry.begin_upload, tenant, name, size, sha256,
+                                                       kind, quota))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(lambda t: t.cancelled() or t.exception() or t.result().abort())
+            raise
 
     @unary("UploadAdapter", on_error=_count_failed_upload)
     async def UploadAdapter(self, request_iterator, context):
@@ -113,20 +96,16 @@ class AdaptersService(pb_grpc.AdaptersServicer):
         if m.total_bytes == 0:
             raise InvalidArgument("metadata.total_bytes must be the archive's size in bytes")
         kind = requests.adapter_kind(m.kind)
-        token = self._reserve_quota(target.tenant, target.name, m.total_bytes, principal)
+        up = await self._begin_upload(target.tenant, target.name, m.total_bytes, m.sha256 or None, kind, principal)
         try:
-            up = self.registry.begin_upload(target.tenant, target.name, m.total_bytes, m.sha256 or None, kind)
-            try:
-                async for msg in request_iterator:
-                    if not msg.HasField("chunk"):
-                        raise InvalidArgument("after the metadata, every UploadAdapter message carries a chunk")
-                    up.write(msg.chunk)
-                info = await asyncio.to_thread(up.commit)
-            except BaseException:
-                up.abort()
-                raise
-        finally:
-            self._release_quota(target.tenant, token)
+            async for msg in request_iterator:
+                if not msg.HasField("chunk"):
+                    raise InvalidArgument("after the metadata, every UploadAdapter message carries a chunk")
+                up.write(msg.chunk)
+            info = await asyncio.to_thread(up.commit)
+        except BaseException:
+            up.abort()
+            raise
         metrics.UPLOADS.labels("ok").inc()
         return await asyncio.to_thread(self._info, info, True)
 

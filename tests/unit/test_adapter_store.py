@@ -9,16 +9,20 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from server.adapters import owners as owners_mod
 from server.adapters import store as store_mod
 from server.adapters.formats import AdapterKind
 from server.adapters.store import AdapterStore
 from server.adapters.validate import AdapterLimits
-from server.errors import DataLoss, InvalidArgument, NotFound, ResourceExhausted
+from server.api.auth import Quotas
+from server.api.tenancy import UploadQuota
+from server.errors import DataLoss, InvalidArgument, NotFound, QuotaExceeded, ResourceExhausted
 from tests.unit.adapter_fixtures import BASE, LIMITS, bottleneck_archive, hostile_corpus, peft_archive, tree
 
 CORPUS = hostile_corpus()
@@ -412,3 +416,241 @@ def test_scan_by_another_replica_keeps_its_uploads_and_trash(store):
     last = AdapterStore(store.root, BASE, LIMITS)  # alone now: leftovers go
     last.scan()
     assert tree(store.root / "tmp") == [] and tree(store.root / "trash") == []
+
+
+# ------------------------------------------------------------ quotas and leftovers across replicas (issue 20, 8)
+
+def _quota(max_adapters: int = 100, max_adapter_bytes: int = 1 << 30) -> "UploadQuota":
+    return UploadQuota("acme", Quotas(max_adapters, max_adapter_bytes, 8, 8))
+
+
+def _reservations(root: Path) -> list[str]:
+    return tree(root / "reservations")
+
+
+@pytest.fixture
+def pair(tmp_path):
+    """Two replicas of one store in one process (each flock is on its own open file, so they
+    exclude each other as two processes would)."""
+    return AdapterStore(tmp_path / "s", BASE, LIMITS), AdapterStore(tmp_path / "s", BASE, LIMITS)
+
+
+def test_max_adapters_counts_the_other_stores_uploads_in_flight(pair):
+    a, b = pair
+    archive, quota = peft_archive("prompt"), _quota(max_adapters=2)
+    up_x = a.begin_upload("acme", "x", len(archive), quota=quota)
+    up_y = b.begin_upload("acme", "y", len(archive), quota=quota)
+    for store, name in ((a, "z"), (b, "z")):
+        with pytest.raises(QuotaExceeded, match="stores 2 adapters") as e:
+            store.begin_upload("acme", name, len(archive), quota=quota)
+        assert e.value.quota == "max_adapters"
+    # a name already held (in flight elsewhere, or stored) is a new version, not a new adapter
+    with b.begin_upload("acme", "x", len(archive), quota=quota) as up:
+        up.write(archive)
+        assert up.commit().version == 1
+    up_x.write(archive)
+    assert up_x.commit().version == 2
+    held = a.holdings("acme")
+    assert (held.stored_names, held.pending_names) == ({"x"}, {"y"})
+    assert (held.stored_bytes, held.pending_bytes) == (2 * len(archive), len(archive))
+    up_y.abort()
+    assert _reservations(a.root) == [] and a.holdings("acme").names == {"x"}
+    assert a.put("acme", "z", archive, quota=quota).version == 1
+    with pytest.raises(QuotaExceeded):
+        b.put("acme", "w", archive, quota=quota)
+    assert b.put("acme", "z", archive, quota=quota).version == 2
+
+
+def test_max_adapter_bytes_counts_stored_and_in_flight_on_every_store(pair):
+    a, b = pair
+    archive = peft_archive("prompt")
+    quota = _quota(max_adapter_bytes=3 * len(archive) + len(archive) // 2)
+    a.put("acme", "one", archive, quota=quota)
+    up = b.begin_upload("acme", "two", len(archive), quota=quota)
+    a.begin_upload("acme", "three", len(archive), quota=quota).abort()   # 3 fit
+    held = a.begin_upload("acme", "three", len(archive), quota=quota)
+    with pytest.raises(QuotaExceeded, match="would pass quota max_adapter_bytes") as e:
+        b.begin_upload("acme", "four", len(archive), quota=quota)
+    assert e.value.quota == "max_adapter_bytes"
+    up.abort()
+    b.begin_upload("acme", "four", len(archive), quota=quota).abort()
+    held.abort()
+    assert b.holdings("acme").bytes == len(archive)
+
+
+def test_a_closed_stores_reservations_never_count(pair):
+    """A store that goes away (the process died) mid-upload: its reservation is not counted and the
+    next check removes it; the other store's stays."""
+    a, b = pair
+    archive, quota = peft_archive("prompt"), _quota(max_adapters=2)
+    a.begin_upload("acme", "x", len(archive), quota=quota).write(archive[:100])
+    live = b.begin_upload("acme", "y", len(archive), quota=quota)
+    assert len(_reservations(a.root)) == 2
+    a.close()
+    held = b.holdings("acme")
+    assert held.pending_names == {"y"} and held.pending_bytes == len(archive)
+    assert len(_reservations(b.root)) == 1
+    with b.begin_upload("acme", "z", len(archive), quota=quota) as up:
+        up.write(archive)
+        up.commit()
+    live.write(archive)
+    assert live.commit().version == 1 and _reservations(b.root) == []
+
+
+def test_abort_while_committing_keeps_the_reservation_until_the_version_appears(pair, monkeypatch):
+    """The RPC is cancelled while commit() runs in its thread: the reserved place stays taken."""
+    a, b = pair
+    archive, quota = peft_archive("prompt"), _quota(max_adapters=1)
+    up = a.begin_upload("acme", "x", len(archive), quota=quota)
+    up.write(archive)
+    real_parse = store_mod.parse_upload
+
+    def parse_while_cancelled(*args):
+        up.abort()
+        with pytest.raises(QuotaExceeded):
+            b.begin_upload("acme", "y", len(archive), quota=quota)
+        return real_parse(*args)
+
+    monkeypatch.setattr(store_mod, "parse_upload", parse_while_cancelled)
+    assert up.commit().version == 1 and _reservations(a.root) == []
+    with pytest.raises(QuotaExceeded):
+        b.begin_upload("acme", "y", len(archive), quota=quota)
+
+
+def test_racing_uploads_through_two_stores_store_exactly_the_quota(pair):
+    archive, quota, outcomes = peft_archive("prompt"), _quota(max_adapters=3), []
+    start = threading.Barrier(8)
+
+    def upload(store: AdapterStore, name: str) -> None:
+        start.wait(30)
+        try:
+            store.put("acme", name, archive, quota=quota)
+            outcomes.append("ok")
+        except QuotaExceeded:
+            outcomes.append("quota")
+
+    threads = [threading.Thread(target=upload, args=(pair[i % 2], f"n{i}")) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(outcomes) == ["ok"] * 3 + ["quota"] * 5
+    assert len({i.name for i in pair[0].list("acme")}) == 3 and _reservations(pair[0].root) == []
+
+
+def test_sweep_removes_a_dead_stores_leftovers_and_keeps_live_ones(tmp_path):
+    archive = peft_archive("prompt")
+    dead, live, third = (AdapterStore(tmp_path, BASE, LIMITS) for _ in range(3))
+    for s, name in ((dead, "d"), (live, "l")):
+        s.put("acme", name, archive)
+        s.delete("acme", name)    # its trash: still held by the store's requests
+    dead_up = dead.begin_upload("acme", "x", len(archive))
+    dead_up.write(archive[:100])
+    live_up = live.begin_upload("acme", "y", len(archive))
+    live_up.write(archive[:100])
+    (dead.tmp / "stale.d").mkdir()
+    live_trash = next((tmp_path / "trash" / live._owners.id).iterdir())
+    dead.close()   # third still has the store open: no one is alone, ownership decides
+    removed = third.sweep()
+    assert sorted(p.parent.name for p in removed) == ["tmp", "trash"]
+    assert {p.name for p in removed} == {dead._owners.id}
+    assert not (tmp_path / "owners" / dead._owners.id).exists()
+    assert [p.name for p in live.tmp.iterdir()] == [live_up._path.name] and live_trash.is_dir()
+    live_up.write(archive[100:])
+    assert live_up.commit().version == 1
+    assert third.sweep() == [] and tree(tmp_path / "tmp") == []
+
+
+def test_entries_no_owner_names_wait_for_being_alone_or_old_age(tmp_path):
+    """Leftovers of stores older than owners/: kept while another store is open, unless old."""
+    s, other = AdapterStore(tmp_path, BASE, LIMITS), AdapterStore(tmp_path, BASE, LIMITS)
+    young, old = tmp_path / "tmp" / "young.part", tmp_path / "trash" / ("0" * 32)
+    young.write_bytes(b"x")
+    old.mkdir()
+    stale = time.time() - owners_mod.LEFTOVER_AGE_S - 60
+    os.utime(old, (stale, stale))
+    assert s.sweep() == [old] and young.exists()
+    s.scan()
+    assert young.exists()      # other is open
+    other.close()
+    s.scan()
+    assert not young.exists()  # alone
+
+
+_WRITER = """
+import sys, time
+from pathlib import Path
+from server.adapters.store import AdapterStore
+from server.api.auth import Quotas
+from server.api.tenancy import UploadQuota
+from tests.unit.adapter_fixtures import BASE, LIMITS
+root, name, go, archive = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]).read_bytes()
+quota = UploadQuota("acme", Quotas(int(sys.argv[5]), 1 << 30, 8, 8)) if len(sys.argv) > 5 else None
+up = AdapterStore(root, BASE, LIMITS).begin_upload("acme", name, len(archive), **({"quota": quota} if quota else {}))
+up.write(archive[:100])
+print("ready", flush=True)
+deadline = time.monotonic() + 120
+while not go.exists():
+    if time.monotonic() > deadline:
+        sys.exit("never told to go on")
+    time.sleep(0.01)
+up.write(archive[100:])
+print(up.commit().version, flush=True)
+"""
+
+
+def _parts(root: Path) -> list[str]:
+    return sorted(p.name for p in (root / "tmp").rglob("*.part"))
+
+
+def _writers(tmp_path, root, *names_and_args):
+    """Start one writer subprocess per (name, *extra args); each stops after writing 100 bytes."""
+    archive = tmp_path / "a.zip"
+    archive.write_bytes(peft_archive("prompt"))
+    procs = [_python(_WRITER, root, name, tmp_path / f"go-{name}", archive, *extra) for name, *extra in names_and_args]
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready", p.stderr.read()[-2000:]
+    return procs
+
+
+@pytest.mark.slow
+def test_kill_9_writer_leftovers_swept_by_another_live_process(store, tmp_path):
+    """A writer killed mid-upload leaves a .part; another replica's scan removes it although a live
+    writer (a third process) has the store open too, and leaves that writer's .part alone."""
+    killed, live = _writers(tmp_path, store.root, ("dead",), ("alive",))
+    try:
+        assert len(_parts(store.root)) == 2
+        killed.kill()
+        killed.wait(30)
+        before = _parts(store.root)
+        AdapterStore(store.root, BASE, LIMITS).scan()   # a replica (re)starting on the shared store
+        after = _parts(store.root)
+        assert len(after) == 1 and after[0] in before, (before, after)
+        (tmp_path / "go-alive").touch()
+        out, err = live.communicate(timeout=60)
+        assert live.returncode == 0 and out.split() == ["1"], err[-2000:]
+        assert store.versions("acme", "alive") == [1] and _parts(store.root) == []
+    finally:
+        for p in (killed, live):
+            p.kill()
+
+
+@pytest.mark.slow
+def test_kill_9_writer_reservation_never_counts(store, tmp_path):
+    """max_adapters=2: a killed writer's reservation frees its place; a live writer's holds its own."""
+    killed, live = _writers(tmp_path, store.root, ("dead", 2), ("alive", 2))
+    try:
+        quota = _quota(max_adapters=2)
+        with pytest.raises(QuotaExceeded):
+            store.begin_upload("acme", "third", 10, quota=quota)
+        killed.kill()
+        killed.wait(30)
+        up = store.begin_upload("acme", "third", 10, quota=quota)
+        assert store.holdings("acme").pending_names == {"alive", "third"}
+        up.abort()
+        (tmp_path / "go-alive").touch()
+        out, err = live.communicate(timeout=60)
+        assert live.returncode == 0 and out.split()[-1] == "1", err[-2000:]
+    finally:
+        for p in (killed, live):
+            p.kill()
