@@ -48,7 +48,7 @@ class ServerConfig:
     max_new_tokens: int = knob(256, "largest max_new_tokens accepted")
     default_new_tokens: int = knob(64, "max_new_tokens when a request leaves it 0")
     max_queued_requests: int = knob(256, "requests waiting for a slot; beyond it calls get RESOURCE_EXHAUSTED at once")
-    max_prefill_tokens: int = knob(512, "prompt tokens processed per engine step when no sequence is decoding"
+    max_prefill_tokens: int = knob(256, "prompt tokens processed per engine step when no sequence is decoding"
                                    " (bounds how long one step, and so a newly arrived request, waits)")
     decode_prefill_tokens: int = knob(64, "prompt tokens processed per engine step while sequences are decoding"
                                       " (chunked prefill: bounds the latency long prompts add to running requests)")
