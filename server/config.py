@@ -57,6 +57,13 @@ class ServerConfig:
     max_stop_string_chars: int = knob(64, "characters per stop string")
     max_classify_batch: int = knob(64, "texts per Classify call")
     max_message_bytes: int = knob(4 * 1024 * 1024, "largest gRPC message, and largest HTTP request body, accepted")
+    max_json_depth: int = knob(32, "deepest nesting of arrays and objects in an HTTP JSON body (checked on the bytes,"
+                               " before parsing)")
+    max_json_items: int = knob(8192, "array items plus object members in one HTTP JSON body (counted on the bytes,"
+                               " before parsing; raise it with --max-chat-messages)")
+    http_max_buffered_bytes: int = knob(64 * 1024 * 1024, "request-body bytes all HTTP requests together may hold"
+                                        " while their bodies arrive (each body is also capped by"
+                                        " --max-message-bytes); a body beyond it gets 429")
     shutdown_grace_s: float = knob(10.0, "on SIGTERM/Ctrl-C, seconds in-flight requests get to finish")
     threads: int = knob(0, "torch CPU threads (0 = torch default)")
     api_keys: Path | None = knob(None, "JSON keys file (hashes of API keys -> tenant, role, quotas); reloaded on"
@@ -128,6 +135,9 @@ def validate_config(cfg: ServerConfig) -> ServerConfig:
     if cfg.api_keys is not None and not cfg.api_keys.is_file():
         problems.append(f"--api-keys {cfg.api_keys}: no such file (create one with "
                         "`lorafleet-server keys create`)")
+    if cfg.max_json_depth < 4 or cfg.max_json_items < 16:
+        problems.append("--max-json-depth must be at least 4 and --max-json-items at least 16 (an OpenAI chat body"
+                        " nests 4 deep)")
     if (cfg.tls_cert is None) != (cfg.tls_key is None):
         problems.append("--tls-cert and --tls-key go together")
     if cfg.tls_client_ca is not None and cfg.tls_cert is None:

@@ -172,7 +172,7 @@ async def start(cfg: ServerConfig, loaded: LoadedModel) -> RunningServer:
     mport = http.server_address[1] if http else None
     running = RunningServer(server, port, mport, engine, hs, draining, auth, http)
     if cfg.http_port >= 0:
-        app = OpenAIApp(generation, auth, adapters.registry, loaded.name, cfg.max_message_bytes)
+        app = OpenAIApp(generation, auth, adapters.registry, loaded.name, cfg)
         running.http = HttpDoor(app.app, cfg.host, cfg.http_port, cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
         await running.http.start()
     if cfg.rescan_interval_s > 0:
