@@ -57,6 +57,36 @@ class ServerConfig:
     max_stop_string_chars: int = knob(64, "characters per stop string")
     max_classify_batch: int = knob(64, "texts per Classify call")
     max_message_bytes: int = knob(4 * 1024 * 1024, "largest gRPC message, and largest HTTP request body, accepted")
+    max_json_depth: int = knob(32, "deepest nesting of arrays and objects in an HTTP JSON body (checked on the bytes,"
+                               " before parsing)")
+    max_json_items: int = knob(8192, "array items plus object members in one HTTP JSON body (counted on the bytes,"
+                               " before parsing; raise it with --max-chat-messages)")
+    http_max_connections: int = knob(0, "open HTTP connections at most; a new one beyond it gets 503 and is closed."
+                                     " 0 = a share of the open-file limit, so that gRPC and the adapter store"
+                                     " always keep file descriptors")
+    http_header_timeout_s: float = knob(10.0, "seconds a client gets to send a request's line and headers, from"
+                                        " the connection's opening or the first byte of its next request; then"
+                                        " 408 and the connection is closed")
+    http_body_timeout_s: float = knob(30.0, "seconds a client gets to send a request's whole body once its headers"
+                                      " are in; then 408 and the connection is closed")
+    http_idle_timeout_s: float = knob(15.0, "seconds an idle keep-alive HTTP connection stays open between requests")
+    http_max_buffered_bytes: int = knob(64 * 1024 * 1024, "request-body bytes all HTTP requests together may hold"
+                                        " while their bodies arrive (each body is also capped by"
+                                        " --max-message-bytes); a body beyond it gets 429")
+    grpc_max_connections: int = knob(0, "open gRPC connections at most (beyond it a new one is closed at once;"
+                                     " clients see UNAVAILABLE). 0 = a share of the open-file limit")
+    grpc_handshake_timeout_s: float = knob(10.0, "seconds a new gRPC connection gets to finish its HTTP/2 (and TLS)"
+                                           " handshake")
+    grpc_keepalive_time_s: float = knob(60.0, "while calls are in flight, ping a gRPC client that has been silent"
+                                        " this long (a dead peer's calls end and free their slots); 0 = never")
+    grpc_keepalive_timeout_s: float = knob(20.0, "close a gRPC connection whose keepalive ping is not answered"
+                                           " within this many seconds")
+    grpc_max_connection_idle_s: float = knob(300.0, "close (GOAWAY) a gRPC connection without calls for this long;"
+                                             " clients reconnect on their next call; 0 = never")
+    grpc_max_connection_age_s: float = knob(3600.0, "close (GOAWAY) a gRPC connection this old (give or take 10"
+                                            " percent), so no client holds one forever; 0 = never")
+    grpc_max_connection_age_grace_s: float = knob(300.0, "calls in flight on a connection closed for its age get"
+                                                  " this long to finish")
     shutdown_grace_s: float = knob(10.0, "on SIGTERM/Ctrl-C, seconds in-flight requests get to finish")
     threads: int = knob(0, "torch CPU threads (0 = torch default)")
     api_keys: Path | None = knob(None, "JSON keys file (hashes of API keys -> tenant, role, quotas); reloaded on"
@@ -131,6 +161,12 @@ def validate_config(cfg: ServerConfig) -> ServerConfig:
     if cfg.api_keys is not None and not cfg.api_keys.is_file():
         problems.append(f"--api-keys {cfg.api_keys}: no such file (create one with "
                         "`lorafleet-server keys create`)")
+    timeouts = {"http-header": cfg.http_header_timeout_s, "http-body": cfg.http_body_timeout_s,
+                "http-idle": cfg.http_idle_timeout_s, "grpc-handshake": cfg.grpc_handshake_timeout_s}
+    problems += [f"--{name}-timeout-s must be above 0" for name, value in timeouts.items() if value <= 0]
+    if cfg.max_json_depth < 4 or cfg.max_json_items < 16:
+        problems.append("--max-json-depth must be at least 4 and --max-json-items at least 16 (an OpenAI chat body"
+                        " nests 4 deep)")
     if (cfg.tls_cert is None) != (cfg.tls_key is None):
         problems.append("--tls-cert and --tls-key go together")
     if cfg.tls_client_ca is not None and cfg.tls_cert is None:

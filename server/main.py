@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
 import sys
 import threading
@@ -28,7 +29,8 @@ from server.api.service import Draining, Generation, InferenceService, TenantLim
 from server.config import ServerConfig, config_from_args
 from server.engine.adapter_slots import AdapterSlots
 from server.engine.engine import AdapterServing, Engine
-from server.http.door import HttpDoor
+from server.http.connections import ConnectionLimits
+from server.http.door import HttpDoor, bind
 from server.http.openai import OpenAIApp
 from server.model.default import resolve_model
 from server.model.loader import LoadedModel, ModelLoadError, load_model
@@ -36,6 +38,8 @@ from server.model.quantize import quantize_model
 
 log = logging.getLogger("lorafleet")
 SERVICES = [pb.DESCRIPTOR.services_by_name[n].full_name for n in ("Inference", "Adapters")]
+FD_RESERVE = 256                 # file descriptors kept from the connection caps: store, model, logs, threads
+MAX_DERIVED_CONNECTIONS = 4096   # per door, when its cap is derived from the open-file limit
 
 
 def keep_freed_memory() -> bool:
@@ -137,6 +141,57 @@ class RunningServer:
             self.metrics_http.server_close()
 
 
+def raise_fd_limit() -> int:
+    """Raise the soft open-file limit to the hard one (systemd's default soft limit, 1,024, is far
+    below what a server's connections need); returns the soft limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for want in ((hard, 1 << 20) if soft != hard else ()):   # an unlimited hard limit may refuse itself
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            break
+        except (ValueError, OSError):
+            continue
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def connection_caps(cfg: ServerConfig) -> tuple[int, int]:
+    """(HTTP, gRPC) connection caps: the flags, or else each door a half of the open-file limit
+    less FD_RESERVE, so that connections alone never exhaust the process's file descriptors."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    soft = 1 << 20 if soft == resource.RLIM_INFINITY else soft
+    share = max(16, min(MAX_DERIVED_CONNECTIONS, (soft - FD_RESERVE) // 2))
+    return cfg.http_max_connections or share, cfg.grpc_max_connections or share
+
+
+def grpc_options(cfg: ServerConfig, max_connections: int) -> list[tuple[str, int]]:
+    """The gRPC server's channel arguments: message sizes, an exclusive port, the connection cap,
+    handshake deadline, keepalive, idle and age limits (a 0 knob leaves gRPC's default: never)."""
+    def ms(seconds: float) -> int:
+        return int(seconds * 1000)
+    opts = [("grpc.max_receive_message_length", cfg.max_message_bytes),
+            ("grpc.max_send_message_length", cfg.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_allowed_incoming_connections", max_connections),
+            ("grpc.server_handshake_timeout_ms", ms(cfg.grpc_handshake_timeout_s))]
+    if cfg.grpc_keepalive_time_s > 0:
+        opts += [("grpc.keepalive_time_ms", ms(cfg.grpc_keepalive_time_s)),
+                 ("grpc.keepalive_timeout_ms", ms(cfg.grpc_keepalive_timeout_s))]
+    if cfg.grpc_max_connection_idle_s > 0:
+        opts.append(("grpc.max_connection_idle_ms", ms(cfg.grpc_max_connection_idle_s)))
+    if cfg.grpc_max_connection_age_s > 0:
+        opts += [("grpc.max_connection_age_ms", ms(cfg.grpc_max_connection_age_s)),
+                 ("grpc.max_connection_age_grace_ms", ms(cfg.grpc_max_connection_age_grace_s))]
+    return opts
+
+
+def check_ports_free(cfg: ServerConfig) -> None:
+    """Every fixed port bound exclusively once before the model loads: a port in use is one line
+    and exit status 1, with nothing started to tear down (the real binds are exclusive too)."""
+    for what, port in (("gRPC", cfg.port), ("HTTP", cfg.http_port), ("metrics", cfg.metrics_port)):
+        if port > 0:
+            bind(cfg.host, port, what).close()
+
+
 async def start(cfg: ServerConfig, loaded: LoadedModel) -> RunningServer:
     metrics.configure(cfg.metrics_per_tenant, cfg.metrics_max_tenants)
     store, adapters = build_adapters(cfg, loaded)
@@ -145,10 +200,10 @@ async def start(cfg: ServerConfig, loaded: LoadedModel) -> RunningServer:
     quotas = Quotas(cfg.tenant_max_adapters, cfg.tenant_max_adapter_bytes, cfg.tenant_max_concurrent,
                     cfg.tenant_max_queued)
     auth = Authenticator(cfg.api_keys, quotas)
-    opts = [("grpc.max_receive_message_length", cfg.max_message_bytes),
-            ("grpc.max_send_message_length", cfg.max_message_bytes)]
+    http_cap, grpc_cap = connection_caps(cfg)
     # a backstop below our own queue: excess calls are refused by gRPC before any Python handler runs
-    server = grpc.aio.server(options=opts, interceptors=[AuthInterceptor(auth), MalformedRequestInterceptor()],
+    server = grpc.aio.server(options=grpc_options(cfg, grpc_cap),
+                             interceptors=[AuthInterceptor(auth), MalformedRequestInterceptor()],
                              maximum_concurrent_rpcs=cfg.max_queued_requests + cfg.max_batch_size + 64)
     draining = Draining()
     generation = Generation(cfg, engine, draining, adapters.registry, TenantLimiter(engine))
@@ -159,10 +214,14 @@ async def start(cfg: ServerConfig, loaded: LoadedModel) -> RunningServer:
     hs = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
     reflection.enable_server_reflection(SERVICES + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_secure_port(f"{cfg.host}:{cfg.port}", _tls(cfg)) if cfg.tls_cert \
-        else server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    try:
+        port = server.add_secure_port(f"{cfg.host}:{cfg.port}", _tls(cfg)) if cfg.tls_cert \
+            else server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise SystemExit(f"lorafleet-server: cannot bind {cfg.host}:{cfg.port}")
+        engine.stop()
+        raise SystemExit(f"lorafleet-server: cannot bind the gRPC port {cfg.host}:{cfg.port}")
     await server.start()
     for name in ["", *SERVICES]:
         await hs.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -178,8 +237,10 @@ async def start(cfg: ServerConfig, loaded: LoadedModel) -> RunningServer:
     mport = http.server_address[1] if http else None
     running = RunningServer(server, port, mport, engine, hs, draining, auth, http)
     if cfg.http_port >= 0:
-        app = OpenAIApp(generation, auth, adapters.registry, loaded.name, cfg.max_message_bytes)
-        running.http = HttpDoor(app.app, cfg.host, cfg.http_port, cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+        app = OpenAIApp(generation, auth, adapters.registry, loaded.name, cfg)
+        limits = ConnectionLimits(http_cap, cfg.http_header_timeout_s, cfg.http_body_timeout_s)
+        running.http = HttpDoor(app.app, cfg.host, cfg.http_port, limits, cfg.http_idle_timeout_s,
+                                cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
         await running.http.start()
     if cfg.rescan_interval_s > 0:
         running.background.append(asyncio.create_task(_rescan(adapters.registry, cfg.rescan_interval_s)))
@@ -226,6 +287,7 @@ class BackgroundServer:
 
 
 async def serve(cfg: ServerConfig) -> None:
+    check_ports_free(cfg)
     loaded = load(cfg)
     running = await start(cfg, loaded)
     a = loaded.model.args
@@ -258,6 +320,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(keys_main(argv[1:]))
     cfg = config_from_args(argv)
     keep_freed_memory()
+    raise_fd_limit()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.info("configuration:\n%s", cfg.describe())
     try:

@@ -12,6 +12,10 @@ Requests (observed by the servicers through server/api/common.py):
                                                            protocol = grpc | http
   lorafleet_tenant_requests_total{tenant,code,protocol}  counter  generations finished per tenant (see tenant_label)
   lorafleet_tenant_tokens_total{tenant,kind}      counter  tokens per tenant; kind = prompt | generated
+  lorafleet_http_connections                      gauge    HTTP door connections open now
+  lorafleet_http_connections_closed_total{reason} counter  HTTP connections the server closed on its own;
+                                                           reason = limit (refused at --http-max-connections) |
+                                                           header_timeout | body_timeout
 
 Engine (the engine thread reports through record_step / record_load / record_finish / record_cache):
   lorafleet_time_to_first_token_seconds           hist     arrival to first generated token
@@ -40,14 +44,20 @@ Adapters (the engine's cache statistics through record_cache, and the upload ser
   lorafleet_adapter_uploads_total{outcome}        counter  finished uploads; outcome = ok | invalid |
                                                            too_large | checksum | quota | error
 
+The /metrics endpoint itself (`serve_metrics`) binds its port exclusively, gives each scrape
+connection METRICS_TIMEOUT_S and serves at most METRICS_MAX_CONNECTIONS at once.
+
 Per-tenant series are off unless `configure(per_tenant=True, ...)`; while off, every tenant is
 counted under tenant="other", so the series exist and sum to the totals either way.
 """
 from __future__ import annotations
 
+import socket
 import threading
+from wsgiref.simple_server import make_server
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                    25.0, 60.0, 120.0, 300.0)
@@ -63,6 +73,9 @@ UPLOAD_OUTCOMES = ("ok", "invalid", "too_large", "checksum", "quota", "error")
 TOKEN_KINDS = ("prompt", "generated")
 OTHER_TENANT = "other"
 DEFAULT_MAX_TENANTS = 50
+METRICS_TIMEOUT_S = 10.0
+METRICS_MAX_CONNECTIONS = 16
+HTTP_CLOSE_REASONS = ("limit", "header_timeout", "body_timeout")
 
 # ---------------------------------------------------------------- requests
 PROTOCOLS = ("grpc", "http")
@@ -74,6 +87,10 @@ TENANT_REQUESTS = Counter("lorafleet_tenant_requests",
 TENANT_TOKENS = Counter("lorafleet_tenant_tokens",
                         "Tokens by tenant (bounded, see tenant_label); kind = prompt | generated",
                         ["tenant", "kind"])
+HTTP_CONNECTIONS = Gauge("lorafleet_http_connections", "HTTP door connections open now")
+HTTP_CONNECTIONS_CLOSED = Counter("lorafleet_http_connections_closed",
+                                  "HTTP connections the server closed on its own, by reason (limit | "
+                                  "header_timeout | body_timeout)", ["reason"])
 
 # ---------------------------------------------------------------- engine
 TIME_TO_FIRST_TOKEN = Histogram("lorafleet_time_to_first_token_seconds",
@@ -123,6 +140,8 @@ for _tier in TIERS:
         _m.labels(_tier)
 for _outcome in UPLOAD_OUTCOMES:
     UPLOADS.labels(_outcome)
+for _reason in HTTP_CLOSE_REASONS:
+    HTTP_CONNECTIONS_CLOSED.labels(_reason)
 
 
 # ---------------------------------------------------------------- per-tenant label
@@ -171,10 +190,43 @@ def tenant_label(tenant: str) -> str:
     return _tenants.label(tenant)
 
 
+class _ScrapeHandler(_SilentHandler):
+    timeout = METRICS_TIMEOUT_S            # a silent or slow scraper's socket times out
+
+
+class _MetricsServer(ThreadingWSGIServer):
+    """A thread per scrape, at most METRICS_MAX_CONNECTIONS of them; more are closed at once."""
+
+    allow_reuse_address = True             # SO_REUSEADDR only: a port another server holds is refused
+
+    def __init__(self, server_address: tuple[str, int], handler_class) -> None:
+        self.slots = threading.BoundedSemaphore(METRICS_MAX_CONNECTIONS)
+        self.address_family = socket.AF_INET6 if ":" in server_address[0] else socket.AF_INET
+        super().__init__(server_address, handler_class)
+
+    def process_request(self, request, client_address) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
 def serve_metrics(port: int, host: str):
     """Start the /metrics HTTP endpoint (0 picks a port); returns the HTTP server
-    (`.server_address[1]` is the port, `.shutdown()` stops it)."""
-    server, _thread = start_http_server(port, addr=host)
+    (`.server_address[1]` is the port, `.shutdown()` stops it). A port in use is one line and
+    exit status 1 (SystemExit)."""
+    try:
+        server = make_server(host, port, make_wsgi_app(), _MetricsServer, handler_class=_ScrapeHandler)
+    except OSError as err:
+        raise SystemExit(f"lorafleet-server: cannot bind the metrics port {host}:{port}: {err.strerror or err}") \
+            from None
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server
 
 

@@ -1,11 +1,14 @@
 """What every servicer shares: the one table from domain errors to gRPC status codes (with
 `google.rpc` rich details), and the handler decorators that apply it and count the call.
 
-Only bugs become INTERNAL (logged with a traceback, never shown to the caller).
+Only bugs become INTERNAL (logged with a traceback, never shown to the caller). Running out of
+file descriptors is RESOURCE_EXHAUSTED with one rate-limited log line, never INTERNAL. A message
+shown to a caller is bounded (`MAX_MESSAGE_CHARS`) and always encodable, whatever it quotes.
 """
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import logging
 import time
@@ -13,6 +16,7 @@ from typing import AsyncIterator, Awaitable, Callable
 
 import grpc
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc._cython.cygrpc import ExecuteBatchError
 from grpc_status import rpc_status
 
 from server import errors as e
@@ -20,6 +24,9 @@ from server import metrics
 
 log = logging.getLogger(__name__)
 OVERLOAD_DELAY_S = 0.05
+MAX_MESSAGE_CHARS = 1000
+MAX_FIELD_CHARS = 200
+OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
 
 STATUS: dict[type[e.LoraFleetError], grpc.StatusCode] = {
     e.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -35,20 +42,65 @@ STATUS: dict[type[e.LoraFleetError], grpc.StatusCode] = {
 }
 
 
+class RateLimitedLog:
+    """At most one log line per `interval` seconds; the lines held back are counted in the next."""
+
+    def __init__(self, interval: float = 10.0, logger: logging.Logger = log) -> None:
+        self.interval, self.logger, self.last, self.held = interval, logger, float("-inf"), 0
+
+    def warning(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            self.held += 1
+            return
+        suffix = f" (+{self.held} more since the last line)" if self.held else ""
+        self.last, self.held = now, 0
+        self.logger.warning(message + suffix, *args)
+
+
+FD_LOG = RateLimitedLog()
+
+
 def status_of(err: BaseException) -> grpc.StatusCode:
+    if out_of_fds(err):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
     for cls in type(err).__mro__:
         if cls in STATUS:
             return STATUS[cls]
     return grpc.StatusCode.INTERNAL
 
 
+def out_of_fds(err: BaseException) -> bool:
+    return isinstance(err, OSError) and err.errno in OUT_OF_FDS
+
+
 def is_bug(err: BaseException) -> bool:
     return status_of(err) == grpc.StatusCode.INTERNAL and not isinstance(err, e.LoraFleetError)
 
 
+def bounded(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """`text` with lone surrogates escaped, cut to `limit` characters (ending in "…"): safe to send."""
+    cut = len(text) > limit
+    text = text[:limit].encode("utf-8", "backslashreplace").decode("utf-8")
+    return text[:limit - 1] + "…" if cut or len(text) > limit else text
+
+
 def public_message(err: BaseException) -> str:
     """What the caller is told: the domain error's text; for a bug only its type (the log has the rest)."""
-    return f"internal error ({type(err).__name__}); the server log has details" if is_bug(err) else str(err)
+    if is_bug(err):
+        return f"internal error ({type(err).__name__}); the server log has details"
+    if out_of_fds(err):
+        return "the server is out of file descriptors (too many open connections or files); retry shortly"
+    return bounded(str(err))
+
+
+def log_failure(method: str, err: BaseException) -> None:
+    """The server log's account of a failed call: a bug's traceback; one rate-limited line for
+    fd exhaustion; nothing for the caller's own mistakes."""
+    if is_bug(err):
+        log.error("%s failed", method, exc_info=err)
+    elif out_of_fds(err):
+        FD_LOG.warning("%s refused: out of file descriptors (%s)", method, err)
 
 
 def rich_status(err: BaseException) -> status_pb2.Status:
@@ -59,10 +111,11 @@ def rich_status(err: BaseException) -> status_pb2.Status:
     detail = None
     if isinstance(err, e.QuotaExceeded):
         detail = error_details_pb2.QuotaFailure(violations=[
-            error_details_pb2.QuotaFailure.Violation(subject=err.subject, description=str(err))])
+            error_details_pb2.QuotaFailure.Violation(subject=err.subject, description=message)])
     elif isinstance(err, e.InvalidField):
         detail = error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=err.field, description=str(err))])
+            error_details_pb2.BadRequest.FieldViolation(field=bounded(err.field, MAX_FIELD_CHARS),
+                                                        description=message)])
     if detail is not None:
         status.details.add().Pack(detail)
     return status
@@ -76,9 +129,20 @@ async def abort(context: grpc.aio.ServicerContext, method: str, err: BaseExcepti
         # Server-side back-off: a client that retries at once cannot turn rejections into a busy
         # loop that starves the engine thread (GIL and CPU); the answer stays quick and explicit.
         await asyncio.sleep(OVERLOAD_DELAY_S)
-    if is_bug(err):
-        log.error("%s failed", method, exc_info=err)
-    await context.abort_with_status(rpc_status.to_status(rich_status(err)))
+    log_failure(method, err)
+    try:
+        await context.abort_with_status(rpc_status.to_status(rich_status(err)))
+    except ExecuteBatchError:
+        if not _deadline_passed(context, err):
+            raise
+        # gRPC ended the call at its deadline while the engine was ending it too: there is no one
+        # left to send a status to. End the handler as a cancelled call, which gRPC logs at debug.
+        raise asyncio.CancelledError() from None
+
+
+def _deadline_passed(context: grpc.aio.ServicerContext, err: BaseException) -> bool:
+    remaining = context.time_remaining()
+    return isinstance(err, e.DeadlineExceeded) or (remaining is not None and remaining <= 0)
 
 
 PASS_THROUGH = (asyncio.CancelledError, grpc.aio.AbortError)
@@ -126,22 +190,6 @@ class _Malformed:
 
     def __init__(self, err: Exception) -> None:
         self.err = err
-
-
-class RateLimitedLog:
-    """At most one log line per `interval` seconds; the lines held back are counted in the next."""
-
-    def __init__(self, interval: float = 10.0) -> None:
-        self.interval, self.last, self.held = interval, float("-inf"), 0
-
-    def warning(self, message: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self.last < self.interval:
-            self.held += 1
-            return
-        suffix = f" (+{self.held} more since the last line)" if self.held else ""
-        self.last, self.held = now, 0
-        log.warning(message + suffix, *args)
 
 
 MALFORMED_LOG = RateLimitedLog()

@@ -2,9 +2,10 @@
 `GET /v1/models[/{model}]`, on the same engine, registry, keys and quotas as gRPC.
 
 A Starlette app; uvicorn serves it on the gRPC server's event loop (`server.http.door`). Per call:
-authenticate (`Authorization: Bearer <key>`, the same Authenticator), read the body up to
---max-message-bytes (413 beyond, before any parsing), parse and validate it (`schema`), then the
-one generation path (`Generation.submit` / `Generation.events`) that the gRPC servicer uses.
+authenticate (`Authorization: Bearer <key>`, the same Authenticator), read the body within its
+limits (`body`: bytes, bytes buffered by all requests, JSON depth and items, before any parsing),
+parse and validate it (`schema`), then the one generation path (`Generation.submit` /
+`Generation.events`) that the gRPC servicer uses.
 
 `model` is the base model's name or an adapter reference in the caller's namespace (`name`,
 `name@N`, `shared/name`); an adapter of another tenant is the same 404 as one nobody has.
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import time
 import uuid
 from typing import AsyncIterator, Awaitable, Callable, TypeVar
@@ -37,12 +37,13 @@ from server import errors as e
 from server.adapters.refs import SHARED_TENANT, parse_tenant_ref
 from server.adapters.registry import AdapterRegistry
 from server.api.auth import Authenticator, Principal
-from server.api.common import OVERLOAD_DELAY_S, is_bug, public_message, status_of
+from server.api.common import MAX_FIELD_CHARS, OVERLOAD_DELAY_S, bounded, log_failure, public_message, status_of
 from server.api.service import Generation
+from server.config import ServerConfig
 from server.engine.sequence import Event, FinishEvent, FinishReason
 from server.http import schema
+from server.http.body import BodyBudget, BodyLimits, BodyTooLarge, read_json
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # gRPC code name -> (HTTP status, OpenAI error type)
@@ -63,10 +64,6 @@ ERRORS: dict[str, tuple[int, str]] = {
 FINISH = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop", FinishReason.EOS: "stop"}
 
 
-class BodyTooLarge(e.ResourceExhausted):
-    """A request body above --max-message-bytes: 413, counted as RESOURCE_EXHAUSTED."""
-
-
 class ClientGone(Exception):
     """The client disconnected before the answer was ready."""
 
@@ -75,7 +72,7 @@ def error_body(err: BaseException) -> tuple[int, dict, dict[str, str]]:
     """(HTTP status, OpenAI error JSON, extra headers) for any exception."""
     code = status_of(err).name
     status, kind = ERRORS.get(code, (500, "server_error"))
-    param = schema.openai_field(err.field) if isinstance(err, e.InvalidField) else None
+    param = bounded(schema.openai_field(err.field), MAX_FIELD_CHARS) if isinstance(err, e.InvalidField) else None
     message = public_message(err)
     if isinstance(err, e.InvalidField):
         message = schema.openai_field(message)
@@ -98,29 +95,10 @@ def error_body(err: BaseException) -> tuple[int, dict, dict[str, str]]:
 async def error_response(method: str, err: BaseException) -> JSONResponse:
     status, body, headers = error_body(err)
     metrics.REQUESTS.labels(method, status_of(err).name, "http").inc()
-    if is_bug(err):
-        log.error("%s failed", method, exc_info=err)
+    log_failure(method, err)
     if status == 429 and not isinstance(err, BodyTooLarge):
         await asyncio.sleep(OVERLOAD_DELAY_S)      # the same server-side back-off as gRPC's
     return JSONResponse(body, status, headers)
-
-
-async def read_json(request: Request, limit: int) -> object:
-    """The body as JSON, refusing more than `limit` bytes before reading (Content-Length) or
-    while reading (chunked); never parses a partial body."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge(f"the request body is {declared} bytes; this server accepts at most {limit}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"the request body is over {limit} bytes, the most this server accepts")
-        chunks.append(chunk)
-    try:
-        return json.loads(b"".join(chunks))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise e.InvalidField("body", f"the request body is not valid JSON ({err})") from None
 
 
 async def _disconnected(request: Request) -> None:
@@ -172,9 +150,11 @@ class OpenAIApp:
     """Holds what the routes need; `app` is the ASGI application."""
 
     def __init__(self, gen: Generation, auth: Authenticator, registry: AdapterRegistry, model_name: str,
-                 max_body_bytes: int):
-        self.gen, self.auth, self.registry = gen, auth, registry
-        self.model_name, self.max_body = model_name, max_body_bytes
+                 cfg: ServerConfig):
+        self.gen, self.auth, self.registry, self.model_name = gen, auth, registry, model_name
+        self.body_limits = BodyLimits(cfg.max_message_bytes, cfg.max_json_depth, cfg.max_json_items)
+        self.bodies = BodyBudget(cfg.http_max_buffered_bytes)
+        self.max_entries = {"messages": cfg.max_chat_messages, "stop": cfg.max_stop_strings}
         self.created = int(time.time())
         self.app = Starlette(routes=[
             Route("/v1/chat/completions", self._handler("ChatCompletions", self.chat), methods=["POST"]),
@@ -243,12 +223,15 @@ class OpenAIApp:
 
     # ---------------------------------------------------------------- generation
     async def chat(self, request: Request, principal: Principal) -> Response:
-        req = schema.parse(schema.ChatRequest, await read_json(request, self.max_body))
+        req = await self._parse(request, schema.ChatRequest)
         return await self._generate(request, principal, req, "ChatCompletions", ChatFormat(req.model))
 
     async def completions(self, request: Request, principal: Principal) -> Response:
-        req = schema.parse(schema.CompletionRequest, await read_json(request, self.max_body))
+        req = await self._parse(request, schema.CompletionRequest)
         return await self._generate(request, principal, req, "Completions", CompletionFormat(req.model))
+
+    async def _parse(self, request: Request, model: type):
+        return schema.parse(model, await read_json(request, self.body_limits, self.bodies), self.max_entries)
 
     async def _generate(self, request: Request, principal: Principal, req, method: str, fmt) -> Response:
         rid = uuid.uuid4().hex
@@ -296,8 +279,7 @@ async def _stream(fmt, rid: str, first: Event, agen: AsyncIterator[Event], inclu
         code = "OK"
     except Exception as err:  # noqa: BLE001 - the status line is sent; report in the stream
         code = status_of(err).name
-        if is_bug(err):
-            log.error("%s failed mid-stream", method, exc_info=err)
+        log_failure(f"{method} (mid-stream)", err)
         yield sse(error_body(err)[1])
     finally:
         metrics.REQUESTS.labels(method, code, "http").inc()

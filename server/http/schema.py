@@ -9,19 +9,24 @@ names them) reach our sampler; the SDKs send them with `extra_body`.
 
 Limits (max tokens, stop strings, prompt length, chat roles) are checked once, by
 `server.api.requests` on the built `pb.GenerateRequest`; `openai_field` renames the fields its
-errors name to the OpenAI spelling.
+errors name to the OpenAI spelling. Two checks come first, because only JSON needs them: every
+string must be valid Unicode (JSON's `"\ud800"` decodes to a lone surrogate, which protobuf cannot
+encode), and the number of chat messages and stop strings is checked before any entry is built. An
+error never echoes more than a short excerpt of what was sent.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from lorafleet.v1 import lorafleet_pb2 as pb
 from server.errors import InvalidField
 
 MAX_U32 = (1 << 32) - 1
 MAX_SEED = (1 << 63) - 1
+SHOWN_CHARS = 60                     # the longest excerpt of a value an error message quotes
 # OpenAI fields this server does not implement: accepted only with the value that changes nothing
 NO_OP: dict[str, tuple[Any, ...]] = {
     "n": (None, 1), "best_of": (None, 1), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
@@ -32,18 +37,31 @@ NO_OP: dict[str, tuple[Any, ...]] = {
 FIELD_NAMES = (("params.max_new_tokens", "max_tokens"), ("max_new_tokens", "max_tokens"), ("params.", ""))
 
 
+def _unicode(text: str) -> str:
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise PydanticCustomError("unicode", "holds a lone surrogate at index {index}, which is not Unicode "
+                                      "text; send UTF-8 text", {"index": err.start}) from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]     # every string of a body
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Strict):
-    role: str
-    content: str | list[TextPart]
+    role: Text
+    content: Text | list[TextPart]
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -54,20 +72,20 @@ class StreamOptions(_Strict):
 
 
 class _Request(_Strict):
-    model: str
+    model: Text
     max_tokens: int | None = Field(None, ge=1, le=MAX_U32)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None                      # accepted, ignored
+    user: Text | None = None                      # accepted, ignored
     # accepted only at their no-op value (NO_OP)
     n: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[Text, float] | None = None
     # lorafleet's sampler, beyond OpenAI's fields (vLLM's names)
     top_k: int | None = Field(None, ge=0, le=MAX_U32)
     repetition_penalty: float | None = Field(None, gt=0.0)
@@ -79,10 +97,10 @@ class _Request(_Strict):
             value = getattr(self, name, None)
             if value not in allowed:
                 if name == "n":
-                    raise InvalidField("n", f"n={value!r} is not supported: this server returns one choice "
+                    raise InvalidField("n", f"n={_shown(value)} is not supported: this server returns one choice "
                                             "per request (n=1); send n requests instead")
                 shown = " or ".join(repr(a) for a in allowed if a is not None)
-                raise InvalidField(name, f"{name}={value!r} is not supported by this server "
+                raise InvalidField(name, f"{name}={_shown(value)} is not supported by this server "
                                          f"(accepted only as {shown}, which changes nothing)")
         return self
 
@@ -118,11 +136,11 @@ class ChatRequest(_Request):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str]
+    prompt: Text | list[Text]
     logprobs: int | None = None
     echo: bool | None = None
     best_of: int | None = None
-    suffix: str | None = None
+    suffix: Text | None = None
 
     def to_pb(self, adapter: str, request_id: str) -> pb.GenerateRequest:
         prompt = self.prompt
@@ -134,10 +152,16 @@ class CompletionRequest(_Request):
         return pb.GenerateRequest(prompt=prompt, adapter=adapter, params=self.params(), request_id=request_id)
 
 
-def parse(model: type[_Request], doc: object) -> _Request:
-    """Validate a decoded JSON body; InvalidField names the first offending field."""
+def parse(model: type[_Request], doc: object, max_entries: dict[str, int]) -> _Request:
+    """Validate a decoded JSON body; InvalidField names the first offending field. A list field
+    named in `max_entries` (messages: --max-chat-messages, stop: --max-stop-strings) that holds
+    more is refused before any of its entries is built."""
     if not isinstance(doc, dict):
         raise InvalidField("body", "the request body must be a JSON object")
+    for name, limit in max_entries.items():
+        value = doc.get(name)
+        if name in model.model_fields and isinstance(value, list) and len(value) > limit:
+            raise InvalidField(name, f"{name} holds {len(value)} entries; at most {limit}")
     try:
         return model.model_validate(doc)
     except ValidationError as e:
@@ -162,13 +186,15 @@ def _path(loc: tuple) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         elif part.isidentifier() and part not in ("str", "int", "float", "bool", "list", "dict"):
-            out += ("." if out else "") + part
+            out += ("." if out else "") + (part if len(part) <= SHOWN_CHARS else part[:SHOWN_CHARS - 1] + "…")
     return out or "body"
 
 
 def _shown(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    """A short excerpt of a value for an error message (repr: a lone surrogate is shown escaped)."""
+    text = repr(value) if not isinstance(value, (dict, list)) or len(value) <= 8 else \
+        f"{type(value).__name__} of {len(value)} entries"
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 1] + "…"
 
 
 def openai_field(field: str) -> str:
