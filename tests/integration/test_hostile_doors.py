@@ -291,7 +291,7 @@ def test_an_idle_grpc_connection_is_sent_away(grpc_short):
 
 
 def test_grpc_options_bind_exclusively_and_bound_connections():
-    from server.main import grpc_options
+    from server.net import grpc_options
     cfg = make_config(Path("/nonexistent"), grpc_max_connection_age_s=0, grpc_keepalive_time_s=30)
     opts = dict(grpc_options(cfg, 77))
     assert opts["grpc.so_reuseport"] == 0 and opts["grpc.max_allowed_incoming_connections"] == 77
@@ -366,7 +366,7 @@ def test_a_port_in_use_is_one_line_and_a_failed_exit(tmp_path, tiny_model_dir, f
 
 
 def test_the_soft_fd_limit_is_raised_to_the_hard_one():
-    code = "from server.main import raise_fd_limit; print(raise_fd_limit())"
+    code = "from server.net import raise_fd_limit; print(raise_fd_limit())"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=WAIT_S,
                          env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'proto'}"},
                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 1024)))
