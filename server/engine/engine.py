@@ -195,6 +195,7 @@ class Engine:
             self._set_health(False)
         finally:
             self._fail_all()
+            metrics.record_load(0, 0, 0.0)          # nothing runs or waits any more: gauges say so
 
     def _serve(self) -> None:
         while not self._stop.is_set():
