@@ -26,6 +26,7 @@ Checks (exit status 0 only when every one holds; 1 when one fails; 2 when the ru
   gauges drained       lorafleet_running_requests and lorafleet_waiting_requests read 0 on the real
                        /metrics within --drain-s after the traffic stops
   health               gRPC health SERVING at the end, the server process alive
+  server log clean     no ERROR line and no traceback in the server's log (its SIGTERM drain included)
 RSS of the server process (/proc) before and after the traffic is reported; --max-rss-growth-mib
 makes its growth a check too. The report (and --json FILE) lands beside the server log in --reports.
 """
@@ -395,6 +396,20 @@ def prepare_model(spec: str, workdir: Path) -> str:
     return str(d)
 
 
+def log_errors(log: Path) -> list[str]:
+    """The server log's ERROR lines and, for each traceback, its last line (the exception)."""
+    out, lines = [], log.read_text(errors="replace").splitlines()
+    for i, line in enumerate(lines):
+        if " ERROR " in line:
+            out.append(line.split(" ", 2)[-1][:200])            # without the timestamp
+        elif line.startswith("Traceback"):
+            j = i + 1
+            while j < len(lines) and (lines[j].startswith((" ", "\t")) or not lines[j].strip()):
+                j += 1
+            out.append("  " + (lines[j] if j < len(lines) else "(cut traceback)")[:200])
+    return out
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -484,6 +499,7 @@ class Report:
     gauges_after: dict[str, float]
     drain_s: float
     health: str
+    log_errors: list[str]                     # ERROR lines and tracebacks' last lines in the server log
     rss_start_mib: float                      # after provisioning, before any traffic
     rss_before_mib: float                     # after the warm-up (the baseline of the growth)
     rss_peak_mib: float
@@ -494,7 +510,7 @@ class Report:
     def checks(self) -> dict[str, bool]:
         out = {"server errors": self.server_errors == 0, "unexpected statuses": not self.unexpected,
                "uploads lost": not self.uploads_lost, "gauges drained": self.drained,
-               "health": self.health == "SERVING"}
+               "health": self.health == "SERVING", "server log clean": not self.log_errors}
         if self.max_rss_growth_mib:
             out["rss growth"] = self.rss_after_mib - self.rss_before_mib <= self.max_rss_growth_mib
         return out
@@ -522,6 +538,8 @@ class Report:
         gauges_ = " ".join(f"{n.removeprefix('lorafleet_')}={v:g}" for n, v in self.gauges_after.items())
         check("gauges drained", f"{gauges_} after {self.drain_s:.1f} s", "gauges drained")
         check("health", self.health, "health")
+        check("server log clean", f"{len(self.log_errors)} ERROR lines / tracebacks", "server log clean")
+        out += [f"    {x}" for x in dict.fromkeys(self.log_errors[:200])][:8]
         growth = self.rss_after_mib - self.rss_before_mib
         rss = (f"{self.rss_before_mib:.0f} -> {self.rss_after_mib:.0f} MiB ({growth:+.1f} MiB since the warm-up; "
                f"{self.rss_start_mib:.0f} MiB before any traffic, peak {self.rss_peak_mib:.0f})")
@@ -584,17 +602,24 @@ def soak(opts, workdir: Path, log: Path) -> Report:
         drained, after, drain_s = wait_drained(metrics_url, opts.drain_s)
         checked, lost = lost_uploads(fleet, ledger)
         status = health(target) if proc.poll() is None else f"exited {proc.returncode}"
+        rss_after = rss_mib(proc.pid) if proc.poll() is None else float("nan")
+        stop(proc)                                   # a clean SIGTERM drain is part of the log check
         return report_of(elapsed, tally, uploads_checked=checked, uploads_lost=lost, drained=drained,
-                         gauges_after=after, drain_s=drain_s, health=status, rss_start_mib=rss_start,
-                         rss_before_mib=rss_before, rss_peak_mib=peak,
-                         rss_after_mib=rss_mib(proc.pid) if proc.poll() is None else float("nan"),
-                         max_rss_growth_mib=opts.max_rss_growth_mib)
+                         gauges_after=after, drain_s=drain_s, health=status, log_errors=log_errors(log),
+                         rss_start_mib=rss_start, rss_before_mib=rss_before, rss_peak_mib=peak,
+                         rss_after_mib=rss_after, max_rss_growth_mib=opts.max_rss_growth_mib)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def main(argv: list[str] | None = None) -> int:
