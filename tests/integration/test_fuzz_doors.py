@@ -59,6 +59,7 @@ from server.main import BackgroundServer
 from server.model.loader import LoadedModel, load_model
 from tests.integration.conftest import make_config
 
+pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")   # examples with 12 kB prompts
 EXAMPLES = int(os.environ.get("LORAFLEET_FUZZ_EXAMPLES", "40"))
 SEED = os.environ.get("LORAFLEET_FUZZ_SEED")
 SHRINK = os.environ.get("LORAFLEET_FUZZ_SHRINK", "1") != "0"
