@@ -16,10 +16,7 @@ from typing import Iterator
 import requests
 from locust import User
 
-# the door's HTTP statuses -> our gRPC status names (server/http/openai.py, ERRORS)
-CODES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
-         409: "ALREADY_EXISTS", 413: "RESOURCE_EXHAUSTED", 429: "RESOURCE_EXHAUSTED", 499: "CANCELLED",
-         500: "INTERNAL", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+from loadtest.traffic import HTTP_CODES as CODES
 
 
 class HttpFailure(Exception):

@@ -20,6 +20,10 @@ from typing import Iterator
 from lorafleet.v1 import lorafleet_pb2 as pb
 
 LABELS = ("negative", "neutral", "positive")   # the classification head of load-test adapters
+# the HTTP door's statuses -> our gRPC status names (server/http/openai.py, ERRORS)
+HTTP_CODES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+              409: "ALREADY_EXISTS", 413: "RESOURCE_EXHAUSTED", 429: "RESOURCE_EXHAUSTED", 499: "CANCELLED",
+              500: "INTERNAL", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
 WORDS = ("adapter tenant slot segment shrink expand prefill decode batch token cache queue model "
          "replica route metric latency stream kernel rank scale").split()
 
