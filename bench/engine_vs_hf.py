@@ -191,7 +191,8 @@ def bench_model(spec: str, args) -> None:
     f_pre = flops(a, args.requests * args.prompt_tokens, args.prompt_tokens // 2)
     f_dec = flops(a, args.requests * (args.new_tokens - 1), args.prompt_tokens + args.new_tokens // 2)
     hf_tok = results["HF generate fp32"]
-    print(f"\nmodel {model_dir.name} (hidden {a.hidden_size}, {a.num_layers} layers, vocab {a.vocab_size}): {args.requests} "
+    print(f"\nmodel {model_dir.name} (hidden {a.hidden_size}, {a.num_layers} layers, vocab {a.vocab_size}): "
+          f"{args.requests} "
           f"requests x {args.prompt_tokens} prompt x {args.new_tokens} new tokens, greedy, {args.threads} threads, "
           f"median of {args.repeats} interleaved runs")
     print(f"matmul peak (1024 rows, same shapes): {peak:.1f} GFLOP/s;  decode-step base matmuls at "
@@ -208,7 +209,8 @@ def bench_model(spec: str, args) -> None:
         print(f"| {k} | {total / wall:.1f} | {hf_wall / wall:.2f}x | {f_pre / pre / 1e9:.1f} ({100 * f_pre / pre / 1e9 / peak:.0f}%)"
               f" | {f_dec / dec / 1e9:.1f} ({100 * f_dec / dec / 1e9 / peak:.0f}%) | {same}/{args.requests} rows, "
               f"{100 * tok_same / total:.0f}% tokens |")
-    print(f"int8 drift from fp32 (teacher-forced, {len(prompts[:8]) * args.prompt_tokens} positions): logits relative error "
+    print(f"int8 drift from fp32 (teacher-forced, {len(prompts[:8]) * args.prompt_tokens} positions): "
+          f"logits relative error "
           f"{drift:.3f}, argmax identical at {100 * same_argmax:.0f}% of positions")
     ttft = {k: statistics.median(r["ttft"] for r in v) * 1e3 for k, v in b1.items()}
     tpot = {k: statistics.median(r["tpot"] for r in v) * 1e3 for k, v in b1.items()}
