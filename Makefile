@@ -8,12 +8,13 @@ ARGS ?=
 PROTO_SRC := proto/lorafleet/v1/lorafleet.proto
 PROTO_OUT := proto/lorafleet/v1/lorafleet_pb2.py
 
-.PHONY: setup setup-ops proto serve test test-unit test-integration bench loadtest demo clean help gpu-wheels gpu-check
+.PHONY: setup setup-ops proto serve test test-unit test-integration bench bench-smoke loadtest demo clean help gpu-wheels gpu-check
 
 help:
 	@echo "make serve   start the server on the embedded default model: gRPC :50051, OpenAI HTTP :8000 (ARGS='--port 6000' passes flags)"
 	@echo "make test    install (first time) and run the whole test suite"
-	@echo "make bench   run the benchmarks (prints ratios against baselines measured in the same run)"
+	@echo "make bench   run the benchmarks as the README quotes them (ratios against baselines measured in the same run; long)"
+	@echo "make bench-smoke  every bench/*.py with --smoke: tiny model, a few steps, seconds each (make test runs it too)"
 	@echo "make proto   regenerate the gRPC stubs from proto/"
 	@echo "make demo    train two adapters for two tenants, serve both, send one mixed batch"
 	@echo "make loadtest  run locust against a fresh server (ARGS='--duration 30 --users 32')"
@@ -55,12 +56,19 @@ test-unit: $(STAMP) $(PROTO_OUT)
 test-integration: $(STAMP) setup-ops
 	$(PY) -m pytest -q tests/integration $(ARGS)
 
+# the README's commands; mixed_adapters and profile_step without --quick take many minutes more on 2 cores
 bench: $(STAMP) $(PROTO_OUT)
 	$(PY) bench/engine_vs_hf.py
 	$(PY) bench/kernels.py
-	$(PY) bench/mixed_adapters.py
+	$(PY) bench/mixed_adapters.py --quick
 	$(PY) bench/adapter_load.py
+	$(PY) bench/fairness.py --model random-512
+	$(PY) bench/profile_step.py --quick
 	$(PY) bench/affinity_sim.py
+
+# every bench end to end in seconds (tests/integration/test_benches.py, which `make test` runs)
+bench-smoke: $(STAMP) $(PROTO_OUT)
+	$(PY) -m pytest -q tests/integration/test_benches.py $(ARGS)
 
 loadtest: $(STAMP) $(PROTO_OUT)
 	$(PY) loadtest/run.py $(ARGS)

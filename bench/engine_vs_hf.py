@@ -10,6 +10,9 @@ For each model (default: SmolLM2-135M-Instruct's shape, then the tiny test model
 All sides run interleaved in one process (A, B, C, A, B, C ...); medians of --repeats.
 
     PYTHONPATH=.:proto .venv/bin/python bench/engine_vs_hf.py [--models smollm2,tiny] [--repeats 3] [--quick]
+
+--quick: 16 new tokens (about a minute per model). --smoke: the tiny model only, 4 requests x 8 prompt x 4 new
+tokens, one repeat: every phase runs in seconds (`make test` runs it).
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from server.main import keep_freed_memory  # noqa: E402
 from server.model.default import resolve_model  # noqa: E402
 from server.model.loader import load_model  # noqa: E402
 from server.model.quantize import BaseLinear, quantize_model  # noqa: E402
+from server.model.shape import BaseModelShape  # noqa: E402
 
 CACHE = Path.home() / ".cache/lorafleet/models"
 
@@ -80,11 +84,14 @@ def run_hf(hf, prompts: list[list[int]], new_tokens: int) -> dict:
             "tpot": (wall - first) / max(new_tokens - 1, 1)}
 
 
-def flops(args, rows: int, ctx: int) -> float:
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def flops(shape: BaseModelShape, rows: int, ctx: int) -> float:
     """Forward FLOPs of `rows` tokens attending to ~ctx keys each, LM head on every row."""
-    lin = args.dim * (args.q_size + 2 * args.kv_size) + args.q_size * args.dim + 3 * args.dim * args.intermediate_size
-    attn = 2 * args.n_heads * args.head_dim * ctx
-    return 2.0 * rows * (args.n_layers * (lin + attn) + args.dim * args.vocab_size)
+    lin = sum(d_in * d_out for d_in, d_out in map(shape.linear_dims, LINEARS))
+    attn = 2 * shape.num_heads * shape.head_dim * ctx
+    return 2.0 * rows * (shape.num_layers * (lin + attn) + shape.hidden_size * shape.vocab_size)
 
 
 def best_ms(fn, n: int = 5) -> float:
@@ -97,7 +104,7 @@ def best_ms(fn, n: int = 5) -> float:
     return statistics.median(ts) * 1e3
 
 
-def matmul_roofline(model, repeats: int) -> tuple[float, float]:
+def matmul_roofline(model, shape: BaseModelShape, repeats: int) -> tuple[float, float]:
     """(peak GFLOP/s: the best of plain `x @ w` and oneDNN at 1024 rows of the model's linear
     shapes; decode GFLOP/s: the model's own base linears + LM head at 32 rows). Interleaved."""
     lw = model.layers[0]
@@ -106,7 +113,7 @@ def matmul_roofline(model, repeats: int) -> tuple[float, float]:
     peak_rows, dec_rows = 1024, 32
     xs = [torch.randn(peak_rows, w.shape[0]) for w, _ in dense]
     xd = [torch.randn(dec_rows, lin.d_in) for lin in lins]
-    hd = torch.randn(dec_rows, model.args.dim)
+    hd = torch.randn(dec_rows, shape.hidden_size)
     f_peak = sum(2 * peak_rows * w.numel() for w, _ in dense)
     f_dec = sum(2 * dec_rows * lin.d_in * lin.d_out for lin in lins)
     f_head = 2 * dec_rows * model.lm_head.d_in * model.lm_head.d_out
@@ -118,7 +125,7 @@ def matmul_roofline(model, repeats: int) -> tuple[float, float]:
             peaks.append(f_peak / min(plain, onednn) / 1e6)
             layer = best_ms(lambda: [lin(x) for x, lin in zip(xd, lins)])
             head = best_ms(lambda: model.lm_head(hd), 2)
-            decs.append((f_dec * model.args.n_layers + f_head) / (layer * model.args.n_layers + head) / 1e6)
+            decs.append((f_dec * shape.num_layers + f_head) / (layer * shape.num_layers + head) / 1e6)
     return statistics.median(peaks), statistics.median(decs)
 
 
@@ -147,7 +154,7 @@ def bench_model(spec: str, args) -> None:
     quantize_model(int8.model, "int8")
     hf = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None
-    a = fp32.model.args
+    a = BaseModelShape.from_hf_config(fp32.hf_config)
     g = torch.Generator().manual_seed(0)
     prompts = [[1] + torch.randint(3, min(a.vocab_size, 259 if a.vocab_size < 1000 else 20000),
                                    (args.prompt_tokens - 1,), generator=g).tolist() for _ in range(args.requests)]
@@ -177,18 +184,19 @@ def bench_model(spec: str, args) -> None:
         b1["HF generate fp32"].append(run_hf(hf, prompts[:1], args.new_tokens))
     for e in sides.values():
         e.stop()
-    peak, dec_mm = matmul_roofline(fp32.model, args.repeats)
+    peak, dec_mm = matmul_roofline(fp32.model, a, args.repeats)
     drift, same_argmax = int8_drift(fp32.model, int8.model, prompts[:8])
 
     total = args.requests * args.new_tokens
     f_pre = flops(a, args.requests * args.prompt_tokens, args.prompt_tokens // 2)
     f_dec = flops(a, args.requests * (args.new_tokens - 1), args.prompt_tokens + args.new_tokens // 2)
     hf_tok = results["HF generate fp32"]
-    print(f"\nmodel {model_dir.name} (hidden {a.dim}, {a.n_layers} layers, vocab {a.vocab_size}): {args.requests} "
+    print(f"\nmodel {model_dir.name} (hidden {a.hidden_size}, {a.num_layers} layers, vocab {a.vocab_size}): "
+          f"{args.requests} "
           f"requests x {args.prompt_tokens} prompt x {args.new_tokens} new tokens, greedy, {args.threads} threads, "
           f"median of {args.repeats} interleaved runs")
     print(f"matmul peak (1024 rows, same shapes): {peak:.1f} GFLOP/s;  decode-step base matmuls at "
-          f"{args.requests} rows: {dec_mm:.1f} GFLOP/s = {100 * dec_mm / peak:.0f}% of peak (target >= 60%)")
+          f"32 rows: {dec_mm:.1f} GFLOP/s = {100 * dec_mm / peak:.0f}% of peak (target >= 60%)")
     print(f"| side | tokens/s | vs HF | prefill GFLOP/s (% peak) | decode GFLOP/s (% peak) | greedy tokens = HF |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     hf_wall = statistics.median(r["wall"] for r in hf_tok)
@@ -201,15 +209,18 @@ def bench_model(spec: str, args) -> None:
         print(f"| {k} | {total / wall:.1f} | {hf_wall / wall:.2f}x | {f_pre / pre / 1e9:.1f} ({100 * f_pre / pre / 1e9 / peak:.0f}%)"
               f" | {f_dec / dec / 1e9:.1f} ({100 * f_dec / dec / 1e9 / peak:.0f}%) | {same}/{args.requests} rows, "
               f"{100 * tok_same / total:.0f}% tokens |")
-    print(f"int8 drift from fp32 (teacher-forced, {8 * args.prompt_tokens} positions): logits relative error "
+    print(f"int8 drift from fp32 (teacher-forced, {len(prompts[:8]) * args.prompt_tokens} positions): "
+          f"logits relative error "
           f"{drift:.3f}, argmax identical at {100 * same_argmax:.0f}% of positions")
     ttft = {k: statistics.median(r["ttft"] for r in v) * 1e3 for k, v in b1.items()}
     tpot = {k: statistics.median(r["tpot"] for r in v) * 1e3 for k, v in b1.items()}
     print(f"batch 1: TTFT engine {ttft['engine fp32']:.1f} ms vs HF {ttft['HF generate fp32']:.1f} ms "
           f"({ttft['HF generate fp32'] / ttft['engine fp32']:.2f}x); TPOT engine {tpot['engine fp32']:.1f} ms vs HF "
           f"{tpot['HF generate fp32']:.1f} ms ({tpot['HF generate fp32'] / tpot['engine fp32']:.2f}x, target >= 1)")
-    print(f"targets: engine fp32 / HF >= 1.5: {hf_wall / statistics.median(r['wall'] for r in results['engine fp32']):.2f}; "
-          f"int8 / HF fp32 >= 3: {hf_wall / statistics.median(r['wall'] for r in results['engine int8']):.2f}", flush=True)
+    print(f"ratio: {model_dir.name} engine fp32 / HF = "
+          f"{hf_wall / statistics.median(r['wall'] for r in results['engine fp32']):.2f} (target >= 1.5); "
+          f"engine int8 / HF fp32 = {hf_wall / statistics.median(r['wall'] for r in results['engine int8']):.2f} "
+          f"(target >= 3)", flush=True)
 
 
 def main() -> None:
@@ -221,9 +232,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="16 new tokens, 3 repeats: about a minute per model")
+    ap.add_argument("--smoke", action="store_true", help="tiny model, 4 x 8 prompt x 4 new, one repeat: checks it runs")
     args = ap.parse_args()
     if args.quick:
         args.new_tokens = 16
+    if args.smoke:
+        args.models, args.requests, args.prompt_tokens, args.new_tokens, args.repeats = "tiny", 4, 8, 4, 1
     torch.set_num_threads(args.threads)
     keep_freed_memory()                       # as the server does (server/main.py)
     for spec in args.models.split(","):

@@ -2,6 +2,7 @@
 
     make gpu-check                                  # on the GPU machine (its own python3)
     python3 bench/gpu_check.py --device cpu --quick # dry run of every section, anywhere
+    python3 bench/gpu_check.py --smoke              # the dry run less kernel_tests (`make test` runs it)
 
 Sections (each catches its own failure, so one failure never loses the report):
 
@@ -15,7 +16,8 @@ Sections (each catches its own failure, so one failure never loses the report):
   engine_bench   engine tok/s vs transformers generate() at batch 32 on a random model of
                  SmolLM2-135M's shape built from a config here (target >= 2x)
 
-Writes gpu_check.json and gpu_check.txt under $OUT, or gpu-report/ when OUT is unset.
+Writes gpu_check.json and gpu_check.txt under $OUT, or gpu-report/ when OUT is unset (--smoke: a
+temporary directory), and ends with ratio lines (engine vs generate(), kernel vs copy bandwidth).
 Nothing here needs a network; the whole run is meant to finish under 8 minutes.
 """
 
@@ -296,6 +298,21 @@ def text_report(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def ratio_lines(report: dict) -> list[str]:
+    """The headline ratios of the sections that ran (STYLE.md rule 7), one line each."""
+    lines, dev = [], report["args"]["device"]
+    engine = report["sections"].get("engine_bench", {})
+    if "ratio" in engine:
+        lines.append(f"ratio: engine tok/s / transformers generate() tok/s = {engine['ratio']:.2f} on {dev} "
+                     "(target >= 2 on CUDA)")
+    kernels = report["sections"].get("kernel_bench", {})
+    for name in ("torch", "triton"):
+        if name in kernels:
+            lines.append(f"ratio: {name} lora kernel bandwidth / device copy bandwidth = "
+                         f"{kernels[name]['share_of_copy']:.3f} on {dev} (target for triton >= 0.60 on CUDA)")
+    return lines
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -303,9 +320,15 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=450, help="skip sections that start after this")
     ap.add_argument("--test-timeout", type=int, default=240)
     ap.add_argument("--only", default="", help="comma-separated section names")
+    ap.add_argument("--smoke", action="store_true", help="the CPU dry run (--device cpu --quick) of every section "
+                    "but kernel_tests, which `make test` runs anyway; seconds")
     args = ap.parse_args()
+    if args.smoke:
+        args.device, args.quick = "cpu", True
+        args.only = args.only or "parity_fp32,parity_bf16,kernel_bench,engine_bench"
     args.interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    out_dir = Path(os.environ.get("OUT") or ROOT / "gpu-report")
+    default_out = Path(tempfile.mkdtemp(prefix="lorafleet-gpu-check-")) if args.smoke else ROOT / "gpu-report"
+    out_dir = Path(os.environ.get("OUT") or default_out)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "args": vars(args),
               "environment": environment(), "sections": {}}
@@ -324,6 +347,7 @@ def main() -> int:
     (out_dir / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
     (out_dir / "gpu_check.txt").write_text(text_report(report))
     print(text_report(report))
+    print("\n".join(ratio_lines(report)))
     return 0 if all(s["status"] == "passed" for s in report["sections"].values()) else 1
 
 

@@ -1,6 +1,6 @@
 """Benchmark of the batched adapter kernels against per-adapter baselines (CPU).
 
-    .venv/bin/python bench/kernels.py [--quick] [--keep-freed-memory]
+    .venv/bin/python bench/kernels.py [--quick] [--keep-freed-memory] [--smoke]
 
 fp32, torch threads = 2, one stacked adapter store of 64 slots. For each case
 it times, as medians of interleaved repeats in one run:
@@ -20,7 +20,8 @@ and prints ``lora/base`` (overhead) and ``loop/lora``, ``gather/lora``
 (speedups), plus the path the plan chose. The heterogeneous-rank cases (half
 the adapters rank 4, half 64) compare rank buckets with padding every row to
 r_max. ``noise`` is p90/p10 of the base timings: on a shared machine, rerun
-when it is far above 1.
+when it is far above 1. ``--quick``: 15 repeats instead of 40. ``--smoke``: the
+d=512 cases only, 2 repeats (a few seconds; ``make test`` runs it).
 """
 
 from __future__ import annotations
@@ -119,6 +120,7 @@ def run_case(d: int, kind: str, n_adapters: int, ranks: torch.Tensor, reps: int,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
+    ap.add_argument("--smoke", action="store_true", help="d=512 only, 2 repeats: checks it runs")
     ap.add_argument("--keep-freed-memory", action="store_true",
                     help="tune glibc malloc to reuse freed buffers, as the server does "
                          "(server.main.keep_freed_memory)")
@@ -129,7 +131,8 @@ def main() -> None:
     torch.set_num_threads(2)
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    reps = 15 if args.quick else 40
+    reps = 2 if args.smoke else 15 if args.quick else 40
+    dims = (512,) if args.smoke else (4096, 512)
     uniform = torch.full((NUM_SLOTS,), 16)
     half = NUM_SLOTS // 2
     mixed = {"interleaved": torch.tensor([4, 64] * half),  # slot parity decides rank
@@ -139,7 +142,8 @@ def main() -> None:
           f"malloc {'tuned' if args.keep_freed_memory else 'default'}")
     head = f"{'case':<30}{'base ms':>9}{'lora ms':>9}{'plan us':>8}{'lora/base':>10}"
     print(head + f"{'loop/lora':>10}{'gather/lora':>12}{'read/base':>10}{'noise':>6}  path")
-    for d in (4096, 512):
+    speedups = []
+    for d in dims:
         for kind, n in (("decode", 64), ("decode", 8), ("prefill", 8)):
             n_reps = reps if d == 512 else max(5, reps // (4 if kind == "decode" else 8))
             t, path = run_case(d, kind, n, uniform, n_reps, False, gen)
@@ -149,11 +153,13 @@ def main() -> None:
             print(f"{label:<30}{t['base'] * 1e3:9.3f}{t['lora'] * 1e3:9.3f}{t['plan'] * 1e6:8.0f}"
                   f"{t['lora'] / t['base']:10.1%}{t['loop'] / t['lora']:9.1f}x{gather}"
                   f"{read}{t['noise']:6.2f}  {path}")
+            speedups.append(f"d={d} {kind} {n} = {t['loop'] / t['lora']:.1f}")
     print("\nheterogeneous ranks (half the adapters rank 4, half 64): ours vs every slot "
           "at r_max=64;\nslots of the two ranks interleaved in the stack, or in two ranges")
     print(f"{'case':<30}{'base ms':>9}{'lora ms':>9}{'plan us':>8}{'lora/base':>10}"
           f"{'padded/base':>12}{'padded/lora':>12}{'noise':>6}  path")
-    for d in (4096, 512):
+    buckets = []
+    for d in dims:
         for kind, n, layout in (("decode", 64, "interleaved"), ("decode", 64, "grouped"),
                                 ("prefill", 8, "interleaved")):
             n_reps = reps if d == 512 else max(5, reps // (4 if kind == "decode" else 8))
@@ -162,6 +168,9 @@ def main() -> None:
             print(f"{label:<30}{t['base'] * 1e3:9.3f}{t['lora'] * 1e3:9.3f}{t['plan'] * 1e6:8.0f}"
                   f"{t['lora'] / t['base']:10.1%}{t['padded'] / t['base']:12.1%}"
                   f"{t['padded'] / t['lora']:11.2f}x{t['noise']:6.2f}  {path}")
+            buckets.append(f"d={d} {kind} {layout[:5]} = {t['padded'] / t['lora']:.2f}")
+    print(f"\nratio: PEFT's per-adapter loop / ours: {', '.join(speedups)}")
+    print(f"ratio: every slot at r_max / ours (rank buckets): {', '.join(buckets)}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,11 @@ its bytes-moved floor: (base weights + the step's distinct adapter weights + KV 
 bandwidth this machine reaches in the same run (targets: (d)/(a) >= 0.85, (c) <= 1.3x floor,
 (c)/(e) >= 3), and DoRA's cost (c)/(g) (target <= 1.1).
 
-    PYTHONPATH=.:proto .venv/bin/python bench/mixed_adapters.py [--model SPEC] [--repeats 3] [--quick]
+    PYTHONPATH=.:proto .venv/bin/python bench/mixed_adapters.py [--model SPEC] [--repeats 3] [--quick] [--smoke]
+
+--quick: 16 new tokens and 32 zipf adapters instead of 128 (SmolLM2 on 2 cores: several minutes; the full
+run is longer). --smoke: the tiny model, 8 requests (so 8 adapters per case, 8 zipf adapters), 4 new
+tokens, one repeat: every case runs in seconds (`make test` runs it).
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ from server.engine.sequence import FinishEvent, Sequence  # noqa: E402
 from server.main import build_adapters, keep_freed_memory  # noqa: E402
 from server.model.default import resolve_model  # noqa: E402
 from server.model.loader import load_model  # noqa: E402
+from server.model.shape import BaseModelShape  # noqa: E402
 
 TENANT = "bench"
 
@@ -104,20 +109,17 @@ def run(engine: Engine, registry, prompts, adapters: list[str | None], n: int) -
     return wall, (end - max(s.first_token_at for s in seqs)) / max(n - 1, 1)
 
 
-def bytes_floor(model, adapters: list[str | None], ranks: dict[str, tuple[int, list[str]]], ctx: int) -> dict:
-    """Bytes one decode step must read: base linears + LM head, each distinct adapter's A and B on
-    its targets, every row's K and V up to ctx."""
-    a = model.args
-    base = sum(lin.nbytes() for lw in model.layers for lin in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down))
-    base += model.lm_head.nbytes()
-    dims = {"q_proj": (a.dim, a.q_size), "k_proj": (a.dim, a.kv_size), "v_proj": (a.dim, a.kv_size),
-            "o_proj": (a.q_size, a.dim), "gate_proj": (a.dim, a.intermediate_size),
-            "up_proj": (a.dim, a.intermediate_size), "down_proj": (a.intermediate_size, a.dim)}
+def bytes_floor(shape: BaseModelShape, adapters: list[str | None], ranks: dict[str, tuple[int, list[str]]],
+                ctx: int) -> dict:
+    """Bytes one decode step must read (fp32): base linears + LM head, each distinct adapter's A and B
+    on its targets, every row's K and V up to ctx."""
+    dims = {t: shape.linear_dims(t) for t in ALL}
+    base = 4 * (shape.num_layers * sum(i * o for i, o in dims.values()) + shape.hidden_size * shape.vocab_size)
     ad = 0
     for name in {x for x in adapters if x}:
         r, targets = ranks[name]
-        ad += a.n_layers * sum(r * (dims[t][0] + dims[t][1]) for t in targets) * 4
-    kv = len(adapters) * a.n_layers * 2 * ctx * a.kv_size * 4
+        ad += shape.num_layers * sum(r * (dims[t][0] + dims[t][1]) for t in targets) * 4
+    kv = len(adapters) * shape.num_layers * 2 * ctx * shape.num_kv_heads * shape.head_dim * 4
     return {"base": base, "adapters": ad, "kv": kv, "total": base + ad + kv}
 
 
@@ -156,65 +158,76 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--requests", type=int, default=32, help="rows per batch, and distinct adapters per case")
     ap.add_argument("--quick", action="store_true", help="16 new tokens, 32 zipf adapters instead of 128")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny model, 8 requests, 8 zipf adapters, 4 new tokens, one repeat: checks it runs")
     args = ap.parse_args()
     n_zipf = 32 if args.quick else 128
     if args.quick:
         args.new_tokens = 16
+    if args.smoke:
+        args.model, args.requests, n_zipf, args.new_tokens, args.repeats = "tiny", 8, 8, 4, 1
     torch.set_num_threads(args.threads)
     keep_freed_memory()                       # as the server does (server/main.py)
+    with tempfile.TemporaryDirectory(prefix="lorafleet-mixed-") as work:
+        measure(args, n_zipf, Path(work))
+
+
+def measure(args: argparse.Namespace, n_zipf: int, work: Path) -> None:
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
-    work = Path(tempfile.mkdtemp(prefix="lorafleet-mixed-"))
+    R = args.requests
     base_dir = resolve_model(args.model, Path.home() / ".cache/lorafleet/models")
     loaded = load_model(base_dir, torch.device("cpu"), torch.float32)
-    zipf_rows = zipf_draw(32, n_zipf, 0)
+    zipf_rows = zipf_draw(R, n_zipf, 0)
     zipf_used = sorted(set(zipf_rows))
-    cfg = ServerConfig(data_dir=work / "store", adapter_slots=96 + len(zipf_used), max_adapter_rank=16,
+    cfg = ServerConfig(data_dir=work / "store", adapter_slots=3 * R + len(zipf_used), max_adapter_rank=16,
                        tenant_max_adapter_bytes=1 << 40, max_adapter_bytes=1 << 30)
     _store, serving = build_adapters(cfg, loaded)
     reg = serving.registry
-    print(f"building 32 LoRA r16 (all targets) + {n_zipf} LoRA r8 (q/k/v/o) + 32 mixed adapters on "
-          f"{base_dir.name} ...", flush=True)
+    print(f"building {R} LoRA r16 (all targets) + {len(zipf_used)} of {n_zipf} LoRA r8 (q/k/v/o) + {R} DoRA r16 "
+          f"+ {R} mixed adapters on {base_dir.name} ...", flush=True)
     ranks: dict[str, tuple[int, list[str]]] = {}
-    lora_dirs = [make_peft(base_dir, work / f"lora{i}", "lora", i) for i in range(32)]
+    lora_dirs = [make_peft(base_dir, work / f"lora{i}", "lora", i) for i in range(R)]
     for i, d in enumerate(lora_dirs):
         reg.put(TENANT, f"lora{i}", archive_dir(d))
         ranks[f"lora{i}"] = (16, ALL)
     for i in zipf_used:                                       # only the drawn ones are ever resident
         reg.put(TENANT, f"z{i}", archive_dir(make_peft(base_dir, work / f"z{i}", "lora8", 500 + i)))
         ranks[f"z{i}"] = (8, ALL[:4])
-    for i in range(32):
+    for i in range(R):
         reg.put(TENANT, f"dora{i}", archive_dir(make_peft(base_dir, work / f"dora{i}", "dora", 2000 + i)))
     kinds = ["lora", "ia3", "bottleneck", "prefix", "prompt"]
-    for i in range(32):
+    for i in range(R):
         k = kinds[i % len(kinds)]
         d = make_bottleneck(base_dir, work / f"m{i}", i) if k == "bottleneck" else make_peft(base_dir, work / f"m{i}", k, 1000 + i)
         reg.put(TENANT, f"mix{i}", archive_dir(d))
     _PEFT.clear()
     ctx = 32 + args.new_tokens
-    engine = Engine(loaded, max_batch_size=32, max_context_tokens=ctx + 16, max_queued=1024, max_prefill_tokens=1024,
-                    adapters=serving)
+    engine = Engine(loaded, max_batch_size=R, max_context_tokens=ctx + 16, max_queued=1024,
+                    max_prefill_tokens=R * 32, adapters=serving)
     engine.start()
     peft_model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32),
                                            str(lora_dirs[0]), adapter_name="lora0").eval()
-    for i in range(1, 32):
+    for i in range(1, R):
         peft_model.load_adapter(str(lora_dirs[i]), adapter_name=f"lora{i}")
     g = torch.Generator().manual_seed(0)
-    hi = min(loaded.model.args.vocab_size, 20000)
-    prompts = [[1] + torch.randint(3, hi, (31,), generator=g).tolist() for _ in range(32)]
+    shape = BaseModelShape.from_hf_config(loaded.hf_config)
+    hi = min(shape.vocab_size, 20000)
+    prompts = [[1] + torch.randint(3, hi, (31,), generator=g).tolist() for _ in range(R)]
     cases = {
-        "a": [None] * 32,
-        "b": ["lora0"] * 32,
-        "c": [f"lora{i}" for i in range(32)],
+        "a": [None] * R,
+        "b": ["lora0"] * R,
+        "c": [f"lora{i}" for i in range(R)],
         "d": [f"z{i}" for i in zipf_rows],
-        "f": [f"mix{i}" for i in range(32)],
-        "g": [f"dora{i}" for i in range(32)],
+        "f": [f"mix{i}" for i in range(R)],
+        "g": [f"dora{i}" for i in range(R)],
     }
     for c in cases.values():                                  # warm-up, and every slot loaded
         run(engine, reg, prompts, c, 2)
-    run_peft(peft_model, prompts[:4], [f"lora{i}" for i in range(4)], 2)
+    run_peft(peft_model, prompts[:4], cases["c"][:4], 2)
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in [*cases, "e"]}
     bws = []
     for _ in range(args.repeats):                             # interleaved
@@ -225,28 +238,28 @@ def main() -> None:
         times["e"].append((run_peft(peft_model, prompts, cases["c"], args.new_tokens), float("nan")))
         bws.append(bandwidth())
     engine.stop()
-    tput = {k: 32 * args.new_tokens / statistics.median(w for w, _ in v) for k, v in times.items()}
+    tput = {k: R * args.new_tokens / statistics.median(w for w, _ in v) for k, v in times.items()}
     step = {k: statistics.median(s for _, s in v) for k, v in times.items() if k != "e"}
     bw = statistics.median(bws)
-    print(f"model {base_dir.name}: 32 requests x 32 prompt x {args.new_tokens} new tokens, greedy, "
+    print(f"model {base_dir.name}: {R} requests x 32 prompt x {args.new_tokens} new tokens, greedy, "
           f"{args.threads} threads, median of {args.repeats} interleaved runs")
-    names = {"a": "no adapters", "b": "1 LoRA r16, all rows", "c": "32 LoRA r16, all 7 targets",
+    names = {"a": "no adapters", "b": "1 LoRA r16, all rows", "c": f"{R} LoRA r16, all 7 targets",
              "d": f"zipf(1.0) over {n_zipf} LoRA r8 q/k/v/o ({len(zipf_used)} distinct)",
-             "f": "32 mixed kinds (LoRA/IA3/bottleneck/prefix/prompt)",
-             "e": "PEFT generate(adapter_names), adapters of (c)", "g": "32 DoRA r16, all 7 targets"}
+             "f": f"{R} mixed kinds (LoRA/IA3/bottleneck/prefix/prompt)",
+             "e": "PEFT generate(adapter_names), adapters of (c)", "g": f"{R} DoRA r16, all 7 targets"}
     print("| case | tokens/s | vs (a) | decode step ms |")
     print("| --- | ---: | ---: | ---: |")
     for k in ("a", "b", "c", "d", "f", "g", "e"):
         ms = f"{step[k] * 1e3:.1f}" if k in step else "-"
         print(f"| ({k}) {names[k]} | {tput[k]:.1f} | {tput[k] / tput['a']:.2f} | {ms} |")
-    fl = bytes_floor(loaded.model, cases["c"], ranks, ctx)
+    fl = bytes_floor(shape, cases["c"], ranks, ctx)
     floor_s = fl["total"] / bw
-    print(f"(c)/(a) = {tput['c'] / tput['a']:.2f}   (d)/(a) = {tput['d'] / tput['a']:.2f} (target >= 0.85)   "
+    print(f"ratio: (c)/(a) = {tput['c'] / tput['a']:.2f}   (d)/(a) = {tput['d'] / tput['a']:.2f} (target >= 0.85)   "
           f"(c)/(e) = {tput['c'] / tput['e']:.2f} (target >= 3)")
     print(f"(c) bytes per decode step: base {fl['base'] / 1e6:.0f} MB + adapters {fl['adapters'] / 1e6:.0f} MB + "
           f"KV {fl['kv'] / 1e6:.0f} MB = {fl['total'] / 1e6:.0f} MB; at {bw / 1e9:.1f} GB/s (measured) the floor is "
           f"{floor_s * 1e3:.1f} ms; (c) takes {step['c'] * 1e3:.1f} ms = {step['c'] / floor_s:.2f}x floor (target <= 1.3)")
-    print(f"DoRA cost (c)/(g) = {tput['c'] / tput['g']:.2f}x LoRA of the same rank (target <= 1.1)")
+    print(f"ratio: DoRA cost (c)/(g) = {tput['c'] / tput['g']:.2f}x LoRA of the same rank (target <= 1.1)")
 
 
 if __name__ == "__main__":

@@ -9,9 +9,13 @@ under torch.profiler and splits each step's wall time into
   sampling      `sampling.sample` (argmax / top-k / top-p, host copy of the tokens)
   python        batch building + the forward's own Python between ops (wall - ops)
 
-Prints one table (ms per step and share of the step). Median of --repeats profiled runs.
+Prints one table (ms per step and share of the step) and the matmul share of each step as a ratio
+line. Median of --repeats profiled runs.
 
-    PYTHONPATH=.:proto .venv/bin/python bench/profile_step.py [--model SPEC] [--quantize int8] [--quick]
+    PYTHONPATH=.:proto .venv/bin/python bench/profile_step.py [--model SPEC] [--quantize int8] [--quick] [--smoke]
+
+--quick: batches 1 and 32, one repeat. --smoke: the tiny model, batches 1 and 8, one repeat (seconds;
+`make test` runs it).
 """
 from __future__ import annotations
 
@@ -88,9 +92,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="batches 1 and 32, one repeat")
+    ap.add_argument("--smoke", action="store_true", help="tiny model, batches 1 and 8, one repeat: checks it runs")
     args = ap.parse_args()
     if args.quick:
         args.batches, args.repeats = "1,32", 1
+    if args.smoke:
+        args.model, args.batches, args.repeats = "tiny", "1,8", 1
     torch.set_num_threads(args.threads)
     model_dir = resolve_model(args.model, Path.home() / ".cache/lorafleet/models")
     loaded = load_model(model_dir, torch.device("cpu"), torch.float32)
@@ -103,6 +110,7 @@ def main() -> None:
           f"quantize={args.quantize}, prompt {args.prompt_tokens} tokens, {args.threads} threads, "
           f"median of {args.repeats}; ms per step (share)")
     print(f"{'step':<12}" + "".join(f"{c:>17}" for c in (*CATEGORIES, "total")))
+    shares = []
     for B in batches:
         prompts = [torch.randint(3, 259, (args.prompt_tokens,), generator=g).tolist() for _ in range(B)]
         rows = [RowState(SamplingParams(max_new_tokens=1), p, None) for p in prompts]
@@ -114,6 +122,8 @@ def main() -> None:
             med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
             cells = "".join(f"{med[c]:9.1f} ({100 * med[c] / med['total']:3.0f}%)" for c in CATEGORIES)
             print(f"{name + ' b' + str(B):<12}{cells}{med['total']:11.1f}", flush=True)
+            shares.append(f"{name} b{B} = {med['matmul'] / med['total']:.2f}")
+    print(f"ratio: matmul time / step time: {', '.join(shares)}")
 
 
 if __name__ == "__main__":

@@ -15,9 +15,14 @@ from typing import Any
 DEFAULT_CACHE = Path(os.path.expanduser("~")) / ".cache" / "lorafleet"
 
 
-def knob(default: Any, help: str, flag: str | None = None, choices: tuple | None = None) -> Any:
-    """A config field: default, help text (for --help), optional flag name and choices."""
-    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
+REQUIRED: Any = dataclasses.MISSING     # a knob's default when it has none (a required field, a required flag)
+
+
+def knob(default: Any, help: str, flag: str | None = None, choices: tuple | None = None, **cli: Any) -> Any:
+    """A config field: default (or REQUIRED), help text (for --help), optional flag name and choices.
+    `cli`: further settings for a parser that derives its flags from the fields (trainer.cli: group,
+    metavar and argparse's own keywords); build_parser below needs none."""
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices, **cli})
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,13 @@ import dataclasses
 import logging
 import os
 import sys
+import types
+import typing
 from pathlib import Path
 
-from server.kernels.activation import NAMES as ACTIVATION_NAMES
-from trainer.config import DEFAULT_LR, LINEAR_MODULES, METHODS, DataSource, TrainConfig, TrainError
+from trainer.config import LORA, DataSource, TrainConfig, TrainError
 
 DEFAULT_MODELS = Path.home() / ".cache" / "lorafleet" / "models"
-TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
 EPILOG = """\
 data formats (JSONL, one object per line):
   --task lm   {"prompt": "...", "completion": "..."}  (loss on the completion + EOS only)  or  {"text": "..."}
@@ -27,107 +27,44 @@ distributed: torchrun --nproc_per_node N -m trainer ...  (same flags; --batch-si
 """
 
 
-def _data_source(text: str) -> DataSource:
-    path, sep, weight = text.rpartition(":")
-    if sep and path:
-        try:
-            return DataSource(Path(path), float(weight))
-        except ValueError:
-            pass
-    return DataSource(Path(text), 1.0)
+_data_source = DataSource.parse
+GROUP_HELP = {LORA: "DoRA takes the LoRA options and learns a magnitude per output row"}
+METAVARS = {int: "N", float: "X"}
 
 
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
+def _flag_type(hint: object) -> object:
+    """The argparse `type` of a TrainConfig field's type: X | None -> X; tuple[str, ...] -> comma list."""
+    if isinstance(hint, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return _csv if typing.get_origin(hint) is tuple else hint
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("what to train")
-    g.add_argument("--method", required=True, choices=METHODS, help="adapter kind")
-    g.add_argument("--task", default="lm", choices=("lm", "cls"),
-                   help="lm: causal-LM fine-tuning; cls: sequence classification with a head")
-    g.add_argument("--data", action="append", type=_data_source, required=True, metavar="FILE[:WEIGHT]",
-                   help="training JSONL; repeat for a multi-task mixture sampled by WEIGHT (default 1)")
-    g.add_argument("--eval", dest="eval_path", type=Path, metavar="FILE",
-                   help="evaluation JSONL (default: hold out --eval-fraction of each --data file)")
-    g.add_argument("--eval-fraction", type=float, metavar="X",
-                   help="held-out share without --eval (0 = none)")
-    g.add_argument("--chat", action="store_true",
-                   help="lm: render each prompt as one user message with the base model's chat template, as the "
-                        "server's chat call does; the completion is the assistant's reply (ends at end-of-turn)")
-    g.add_argument("--labels", type=_csv, metavar="A,B,...",
-                   help="cls: label names in head order (default: the sorted labels of the training data)")
-    g.add_argument("--base", type=Path, metavar="DIR",
-                   help="base model directory (default: the server's default, SmolLM2-135M-Instruct, converted once)")
-    g.add_argument("--out", type=Path, required=True, metavar="DIR",
-                   help="adapter output directory (also holds checkpoints/ and metrics.jsonl)")
-    g = p.add_argument_group("LoRA / DoRA / IA3", "DoRA takes the LoRA options and learns a magnitude per output row")
-    g.add_argument("--rank", type=int, metavar="N", help="LoRA rank r")
-    g.add_argument("--alpha", type=float, metavar="X",
-                   help="LoRA alpha; scale = alpha / r")
-    g.add_argument("--rslora", action="store_true", help="rank-stabilised LoRA: scale = alpha / sqrt(r)")
-    g.add_argument("--dropout", type=float, metavar="X", help="LoRA dropout")
-    g.add_argument("--targets", type=_csv, metavar="M,M,...",
-                   help=f"modules to adapt, of {', '.join(LINEAR_MODULES)} "
-                        "(default: all seven for LoRA and DoRA; k_proj,v_proj,down_proj for IA3)")
-    g = p.add_argument_group("bottleneck adapters")
-    g.add_argument("--bottleneck-size", type=int, metavar="N", help="bottleneck width r")
-    g.add_argument("--activation", choices=ACTIVATION_NAMES,
-                   help="nonlinearity between down and up")
-    g.add_argument("--placement", type=_csv, metavar="attn,mlp",
-                   help="after the attention block and/or the MLP block")
-    g = p.add_argument_group("prefix / prompt tuning")
-    g.add_argument("--virtual-tokens", type=int, metavar="N", help="number of virtual tokens")
-    g.add_argument("--prefix-projection", action="store_true",
-                   help="prefix: train through an MLP reparameterisation (folded away at export)")
-    g.add_argument("--prefix-hidden", type=int, metavar="N",
-                   help="prefix: MLP width (default: hidden size)")
-    g.add_argument("--prompt-init-text", metavar="TEXT",
-                   help="prompt: initialise from this text's token embeddings (default: random)")
-    g = p.add_argument_group("loop")
-    g.add_argument("--epochs", type=int, metavar="N", help="passes over the training data")
-    g.add_argument("--max-steps", type=int, metavar="N",
-                   help="optimizer steps; overrides --epochs when > 0")
-    g.add_argument("--batch-size", type=int, metavar="N",
-                   help="GLOBAL examples per optimizer step, over all processes and accumulation")
-    g.add_argument("--grad-accum", type=int, metavar="N",
-                   help="micro-batches per step on each process")
-    g.add_argument("--lr", type=float, metavar="X", help="peak learning rate (default per method: "
-                   + ", ".join(f"{m} {v:g}" for m, v in DEFAULT_LR.items()) + ")")
-    g.add_argument("--weight-decay", type=float, metavar="X", help="AdamW weight decay")
-    g.add_argument("--warmup-steps", type=int, metavar="N",
-                   help="linear warmup, then cosine to 0")
-    g.add_argument("--max-grad-norm", type=float, metavar="X",
-                   help="clip the global grad norm; 0 = off")
-    g.add_argument("--eval-every", type=int, metavar="N",
-                   help="steps between evaluations (default: total / 5)")
-    g.add_argument("--early-stopping-patience", type=int, metavar="N",
-                   help="stop after this many evaluations without a lower eval loss; 0 = off. "
-                        "The export holds the weights of the best evaluation.")
-    g.add_argument("--checkpoint-every", type=int, metavar="N",
-                   help="steps between checkpoints (default: each eval)")
-    g.add_argument("--keep-checkpoints", type=int, metavar="N", help="newest checkpoints kept")
-    g.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
-                   help="continue from a checkpoint directory, or (no value) the newest under --out")
-    g.add_argument("--seed", type=int, metavar="N",
-                   help="seeds the adapter init, data order and split")
-    g.add_argument("--max-length", type=int, metavar="N",
-                   help="truncate examples to this many tokens")
-    g.add_argument("--metrics-log", type=Path, metavar="FILE", help="JSONL metrics (default OUT/metrics.jsonl)")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"),
-                   help="auto takes the GPU when present (bf16 autocast there; fp32 on CPU)")
-    g.add_argument("--threads", type=int, metavar="N",
-                   help="CPU threads per process (default: cores / processes)")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
-    g = p.add_argument_group("knowledge distillation")
-    g.add_argument("--teacher-adapter", type=Path, metavar="DIR",
-                   help="teacher = the base (or --teacher-model) with this adapter directory")
-    g.add_argument("--teacher-model", type=Path, metavar="DIR",
-                   help="teacher = this local Hugging Face model directory (same tokenizer as --base)")
-    g.add_argument("--distill-alpha", type=float, metavar="X",
-                   help="loss = alpha * CE + (1 - alpha) * T^2 * KL(teacher || student)")
-    g.add_argument("--distill-temperature", type=float, metavar="T",
-                   help="softmax temperature of both models in the KL term")
+    """One flag per TrainConfig field (its knob: help, default, choices, group, flag settings), then the
+    upload flags, which are the CLI's own."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        meta = dict(f.metadata)
+        title, flag, choices = meta.pop("group"), meta.pop("flag"), meta.pop("choices")
+        if title not in groups:
+            groups[title] = p.add_argument_group(title, GROUP_HELP.get(title))
+        required = f.default is dataclasses.MISSING
+        kw: dict = {"dest": f.name, "required": required, "default": None if required else f.default}
+        if hints[f.name] is bool:
+            kw["action"] = "store_true"
+        else:
+            kw["type"] = _flag_type(hints[f.name])
+            if choices:
+                kw["choices"] = choices
+            elif kw["type"] in METAVARS:
+                kw["metavar"] = METAVARS[kw["type"]]
+        kw.update(meta)                  # the knob's own settings win: help, metavar, action, nargs, required
+        groups[title].add_argument(flag or "--" + f.name.replace("_", "-"), **kw)
     g = p.add_argument_group("upload after export")
     g.add_argument("--upload", action="store_true", help="upload the exported adapter to a server")
     g.add_argument("--name", help="adapter name on the server")
@@ -135,7 +72,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="server for --upload (default localhost:50051)")
     g.add_argument("--api-key", default=os.environ.get("LORAFLEET_API_KEY"), metavar="KEY",
                    help="API key (default $LORAFLEET_API_KEY)")
-    p.set_defaults(**TRAIN_DEFAULTS)     # one declaration of every default: TrainConfig
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -161,23 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(a: argparse.Namespace) -> TrainConfig:
-    base = a.base
-    if base is None:
+    values = {f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig)}
+    values["data"] = tuple(values["data"])                 # appended to a list, one per --data
+    if values["base"] is None:
         from server.model.default import resolve_model
-        base = resolve_model(None, DEFAULT_MODELS)        # SmolLM2-135M-Instruct, as the server serves
-    return TrainConfig(
-        method=a.method, task=a.task, data=tuple(a.data), out=a.out, base=base, eval_path=a.eval_path,
-        eval_fraction=a.eval_fraction, labels=a.labels, chat=a.chat, rank=a.rank, alpha=a.alpha, rslora=a.rslora,
-        dropout=a.dropout, targets=a.targets, bottleneck_size=a.bottleneck_size, activation=a.activation,
-        placement=a.placement, virtual_tokens=a.virtual_tokens, prefix_projection=a.prefix_projection,
-        prefix_hidden=a.prefix_hidden, prompt_init_text=a.prompt_init_text, epochs=a.epochs,
-        max_steps=a.max_steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr,
-        weight_decay=a.weight_decay, warmup_steps=a.warmup_steps, max_grad_norm=a.max_grad_norm,
-        eval_every=a.eval_every, early_stopping_patience=a.early_stopping_patience,
-        checkpoint_every=a.checkpoint_every, keep_checkpoints=a.keep_checkpoints, seed=a.seed,
-        max_length=a.max_length, resume=a.resume, teacher_adapter=a.teacher_adapter, teacher_model=a.teacher_model,
-        distill_alpha=a.distill_alpha, distill_temperature=a.distill_temperature, metrics_log=a.metrics_log,
-        device=a.device, threads=a.threads, quiet=a.quiet)
+        values["base"] = resolve_model(None, DEFAULT_MODELS)   # SmolLM2-135M-Instruct, as the server serves
+    return TrainConfig(**values)
 
 
 def _check_upload(a: argparse.Namespace) -> None:

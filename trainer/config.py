@@ -1,11 +1,16 @@
 """One frozen dataclass for every training knob, and the one error type users see.
 
-Built by `trainer.cli` from flags; every other trainer module reads it and nothing else.
+Each knob is declared once, as `server.config` declares the server's (`knob(default, help, ...)`):
+`trainer.cli` derives the flags, their defaults and --help from the fields and maps a parse back into
+a TrainConfig; every other trainer module reads it and nothing else.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from server.config import REQUIRED, knob
+from server.kernels.activation import NAMES as ACTIVATION_NAMES
 
 METHODS = ("lora", "dora", "ia3", "bottleneck", "prefix", "prompt")
 TASKS = ("lm", "cls")
@@ -25,59 +30,100 @@ class DataSource:
     path: Path
     weight: float  # relative sampling weight in a multi-task mixture
 
+    @staticmethod
+    def parse(text: str) -> "DataSource":
+        """'FILE[:WEIGHT]' (the --data flag); a colon not followed by a number is part of the path."""
+        path, sep, weight = text.rpartition(":")
+        if sep and path:
+            try:
+                return DataSource(Path(path), float(weight))
+            except ValueError:
+                pass
+        return DataSource(Path(text), 1.0)
 
-@dataclass(frozen=True)
+
+# The flag groups of `lorafleet train --help` (trainer.cli), in the order they are shown
+WHAT, LORA, BOTTLENECK, VIRTUAL, LOOP, DISTILL = ("what to train", "LoRA / DoRA / IA3", "bottleneck adapters",
+                                                   "prefix / prompt tuning", "loop", "knowledge distillation")
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    method: str
-    task: str
-    data: tuple[DataSource, ...]
-    out: Path
-    base: Path
-    eval_path: Path | None = None
-    eval_fraction: float = 0.1  # held out from each --data file when there is no --eval
-    labels: tuple[str, ...] = ()  # cls: fixed label order; empty = sorted labels of the training data
-    chat: bool = False  # lm: prompts rendered as one user message by the base model's chat template
+    """Each knob declared once: type, default (REQUIRED: none), help, flag group, and where the flag
+    differs from the field, its name, metavar or argparse settings; trainer.cli derives the flags."""
+
+    method: str = knob(REQUIRED, "adapter kind", choices=METHODS, group=WHAT)
+    task: str = knob("lm", "lm: causal-LM fine-tuning; cls: sequence classification with a head", choices=TASKS,
+                     group=WHAT)
+    data: tuple[DataSource, ...] = knob(
+        REQUIRED, "training JSONL; repeat for a multi-task mixture sampled by WEIGHT (default 1)", group=WHAT,
+        metavar="FILE[:WEIGHT]", action="append", type=DataSource.parse)
+    eval_path: Path | None = knob(None, "evaluation JSONL (default: hold out --eval-fraction of each --data file)",
+                                  flag="--eval", group=WHAT, metavar="FILE")  # None = held out from --data
+    eval_fraction: float = knob(0.1, "held-out share without --eval (0 = none)", group=WHAT)
+    chat: bool = knob(False, "lm: render each prompt as one user message with the base model's chat template, as "
+                      "the server's chat call does; the completion is the assistant's reply (ends at end-of-turn)",
+                      group=WHAT)
+    labels: tuple[str, ...] = knob((), "cls: label names in head order (default: the sorted labels of the training "
+                                   "data)", group=WHAT, metavar="A,B,...")  # empty = sorted labels of the data
+    # a required field but an optional flag: without --base, trainer.cli resolves the default model
+    base: Path = knob(REQUIRED, "base model directory (default: the server's default, SmolLM2-135M-Instruct, "
+                      "converted once)", group=WHAT, metavar="DIR", required=False)
+    out: Path = knob(REQUIRED, "adapter output directory (also holds checkpoints/ and metrics.jsonl)", group=WHAT,
+                     metavar="DIR")
     # LoRA / DoRA (LoRA plus a learned magnitude per output row) / IA3
-    rank: int = 8
-    alpha: float = 16.0
-    rslora: bool = False
-    dropout: float = 0.0
-    targets: tuple[str, ...] = ()  # empty = DEFAULT_TARGETS[method]
+    rank: int = knob(8, "LoRA rank r", group=LORA)
+    alpha: float = knob(16.0, "LoRA alpha; scale = alpha / r", group=LORA)
+    rslora: bool = knob(False, "rank-stabilised LoRA: scale = alpha / sqrt(r)", group=LORA)
+    dropout: float = knob(0.0, "LoRA dropout", group=LORA)
+    targets: tuple[str, ...] = knob((), f"modules to adapt, of {', '.join(LINEAR_MODULES)} (default: all seven for "
+                                    "LoRA and DoRA; k_proj,v_proj,down_proj for IA3)", group=LORA,
+                                    metavar="M,M,...")  # empty = DEFAULT_TARGETS[method]
     # bottleneck
-    bottleneck_size: int = 16
-    activation: str = "relu"
-    placement: tuple[str, ...] = ("attn", "mlp")
+    bottleneck_size: int = knob(16, "bottleneck width r", group=BOTTLENECK)
+    activation: str = knob("relu", "nonlinearity between down and up", choices=ACTIVATION_NAMES, group=BOTTLENECK)
+    placement: tuple[str, ...] = knob(("attn", "mlp"), "after the attention block and/or the MLP block",
+                                      group=BOTTLENECK, metavar="attn,mlp")
     # prefix / prompt tuning
-    virtual_tokens: int = 8
-    prefix_projection: bool = False
-    prefix_hidden: int = 0  # width of the reparameterisation MLP; 0 = the model's hidden size
-    prompt_init_text: str | None = None
+    virtual_tokens: int = knob(8, "number of virtual tokens", group=VIRTUAL)
+    prefix_projection: bool = knob(False, "prefix: train through an MLP reparameterisation (folded away at export)",
+                                   group=VIRTUAL)
+    prefix_hidden: int = knob(0, "prefix: MLP width (default: hidden size)", group=VIRTUAL)  # 0 = hidden size
+    prompt_init_text: str | None = knob(None, "prompt: initialise from this text's token embeddings (default: "
+                                        "random)", group=VIRTUAL, metavar="TEXT")
     # loop
-    epochs: int = 1
-    max_steps: int = 0  # > 0 overrides epochs
-    batch_size: int = 16  # global examples per optimizer step, over all ranks and accumulation
-    grad_accum: int = 1
-    lr: float = 0.0  # 0 = DEFAULT_LR[method]
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-    eval_every: int = 0  # 0 = five evaluations per run (and one at the end)
-    early_stopping_patience: int = 0  # evaluations without improvement; 0 = off
-    checkpoint_every: int = 0  # 0 = at every evaluation
-    keep_checkpoints: int = 2
-    seed: int = 0
-    max_length: int = 256
-    resume: str | None = None  # "latest" or a checkpoint directory
+    epochs: int = knob(1, "passes over the training data", group=LOOP)
+    max_steps: int = knob(0, "optimizer steps; overrides --epochs when > 0", group=LOOP)
+    batch_size: int = knob(16, "GLOBAL examples per optimizer step, over all processes and accumulation", group=LOOP)
+    grad_accum: int = knob(1, "micro-batches per step on each process", group=LOOP)
+    lr: float = knob(0.0, "peak learning rate (default per method: "
+                     + ", ".join(f"{m} {v:g}" for m, v in DEFAULT_LR.items()) + ")", group=LOOP)  # 0 = DEFAULT_LR
+    weight_decay: float = knob(0.0, "AdamW weight decay", group=LOOP)
+    warmup_steps: int = knob(0, "linear warmup, then cosine to 0", group=LOOP)
+    max_grad_norm: float = knob(1.0, "clip the global grad norm; 0 = off", group=LOOP)
+    eval_every: int = knob(0, "steps between evaluations (default: total / 5)", group=LOOP)  # 0 = 5 per run + the end
+    early_stopping_patience: int = knob(0, "stop after this many evaluations without a lower eval loss; 0 = off. "
+                                        "The export holds the weights of the best evaluation.", group=LOOP)
+    checkpoint_every: int = knob(0, "steps between checkpoints (default: each eval)", group=LOOP)  # 0 = at each eval
+    keep_checkpoints: int = knob(2, "newest checkpoints kept", group=LOOP)
+    resume: str | None = knob(None, "continue from a checkpoint directory, or (no value) the newest under --out",
+                              group=LOOP, metavar="CHECKPOINT", nargs="?", const="latest")
+    seed: int = knob(0, "seeds the adapter init, data order and split", group=LOOP)
+    max_length: int = knob(256, "truncate examples to this many tokens", group=LOOP)
+    metrics_log: Path | None = knob(None, "JSONL metrics (default OUT/metrics.jsonl)", group=LOOP,
+                                    metavar="FILE")  # None = OUT/metrics.jsonl
+    device: str = knob("auto", "auto takes the GPU when present (bf16 autocast there; fp32 on CPU)",
+                       choices=("auto", "cpu", "cuda"), group=LOOP)
+    threads: int = knob(0, "CPU threads per process (default: cores / processes)", group=LOOP)  # 0 = cores / ranks
+    quiet: bool = knob(False, "no progress bar", group=LOOP)
     # distillation
-    teacher_adapter: Path | None = None
-    teacher_model: Path | None = None
-    distill_alpha: float = 0.5
-    distill_temperature: float = 2.0
-    # runtime
-    metrics_log: Path | None = None  # None = OUT/metrics.jsonl
-    device: str = "auto"
-    threads: int = 0
-    quiet: bool = False
+    teacher_adapter: Path | None = knob(None, "teacher = the base (or --teacher-model) with this adapter directory",
+                                        group=DISTILL, metavar="DIR")
+    teacher_model: Path | None = knob(None, "teacher = this local Hugging Face model directory (same tokenizer as "
+                                      "--base)", group=DISTILL, metavar="DIR")
+    distill_alpha: float = knob(0.5, "loss = alpha * CE + (1 - alpha) * T^2 * KL(teacher || student)", group=DISTILL)
+    distill_temperature: float = knob(2.0, "softmax temperature of both models in the KL term", group=DISTILL,
+                                      metavar="T")
 
     @property
     def distill(self) -> bool:

@@ -1,6 +1,7 @@
 """The trainer's command line: documented flags, and one clear line (exit 2, no traceback) per bad input."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -27,6 +28,29 @@ def test_help_documents_every_option():
     assert not missing
     for action in build_parser()._actions:
         assert action.help, action.option_strings
+
+
+def test_every_config_field_is_one_flag_and_maps_back():
+    """The flags are derived from TrainConfig's knobs: every field has one, its default is the field's,
+    and config_from_args maps a parse back to the same TrainConfig."""
+    from trainer.cli import config_from_args
+    from trainer.config import DataSource, TrainConfig
+
+    p = build_parser()
+    dests = {a.dest: a for a in p._actions}
+    fields = dataclasses.fields(TrainConfig)
+    assert {f.name for f in fields} <= dests.keys()
+    for f in fields:
+        if f.default is not dataclasses.MISSING:
+            assert dests[f.name].default == f.default, f.name
+    assert {a.dest for a in p._actions if a.required} == {"method", "data", "out"}
+    a = p.parse_args(["--method", "ia3", "--data", "a.jsonl:0.5", "--data", "b.jsonl", "--out", "o", "--base", "b",
+                      "--rank", "4", "--targets", "q_proj, v_proj", "--resume", "--eval", "e.jsonl", "--rslora",
+                      "--distill-temperature", "3"])
+    want = TrainConfig(method="ia3", data=(DataSource(Path("a.jsonl"), 0.5), DataSource(Path("b.jsonl"), 1.0)),
+                       out=Path("o"), base=Path("b"), rank=4, targets=("q_proj", "v_proj"), resume="latest",
+                       eval_path=Path("e.jsonl"), rslora=True, distill_temperature=3.0)
+    assert config_from_args(a) == want
 
 
 def test_data_weights_parse():
