@@ -24,7 +24,9 @@ from server.adapters.validate import AdapterLimits, value_bound
 from server.api.adapters_service import AdaptersService
 from server.api.auth import Authenticator, AuthInterceptor, Quotas, keys_main
 from server.api.common import MalformedRequestInterceptor
-from server.api.service import Draining, Generation, InferenceService, TenantLimiter
+from server.api.generation import Draining, Generation
+from server.api.service import InferenceService
+from server.api.tenancy import TenantLimiter
 from server.config import ServerConfig, config_from_args
 from server.engine.adapter_slots import AdapterSlots
 from server.engine.engine import AdapterServing, Engine
@@ -153,11 +155,11 @@ async def start(cfg: ServerConfig, loaded: LoadedModel) -> RunningServer:
                              interceptors=[AuthInterceptor(auth), MalformedRequestInterceptor()],
                              maximum_concurrent_rpcs=cfg.max_queued_requests + cfg.max_batch_size + 64)
     draining = Draining()
-    generation = Generation(cfg, engine, draining, adapters.registry, TenantLimiter(engine))
-    inference = InferenceService(cfg, engine, auth, generation)
+    generation = Generation(cfg, engine, draining, adapters.registry, TenantLimiter(engine.queued))
+    inference = InferenceService(cfg, engine, generation)
     pb_grpc.add_InferenceServicer_to_server(inference, server)
     pb_grpc.add_AdaptersServicer_to_server(
-        AdaptersService(cfg, auth, adapters.registry, store, engine, draining), server)
+        AdaptersService(cfg, adapters.registry, store, engine, draining), server)
     hs = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
     reflection.enable_server_reflection(SERVICES + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)

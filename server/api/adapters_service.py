@@ -11,10 +11,10 @@ from server.adapters.refs import SHARED_TENANT, TenantRef, parse_tenant_ref
 from server.adapters.registry import AdapterRegistry, RegistryUpload
 from server.adapters.store import AdapterInfo, AdapterStore
 from server.adapters.formats import AdapterKind, AdapterWeights
-from server.api import requests, tenancy
-from server.api.auth import Authenticator, Principal
+from server.api import convert, tenancy
+from server.api.auth import Principal, caller
 from server.api.common import status_of, unary
-from server.api.service import Draining
+from server.api.generation import Draining
 from server.config import ServerConfig
 from server.engine.engine import Engine
 from server.errors import InvalidArgument, PermissionDenied, QuotaExceeded
@@ -42,16 +42,16 @@ def _targets(w: AdapterWeights) -> list[str]:
 
 
 class AdaptersService(pb_grpc.AdaptersServicer):
-    def __init__(self, cfg: ServerConfig, auth: Authenticator, registry: AdapterRegistry,
-                 store: AdapterStore, engine: Engine, draining: Draining):
-        self.cfg, self.auth, self.registry, self.store = cfg, auth, registry, store
+    def __init__(self, cfg: ServerConfig, registry: AdapterRegistry, store: AdapterStore, engine: Engine,
+                 draining: Draining):
+        self.cfg, self.registry, self.store = cfg, registry, store
         self.engine, self.draining = engine, draining
 
     def _info(self, info: AdapterInfo, detail: bool = False) -> pb.AdapterInfo:
         shared = info.tenant == SHARED_TENANT
         msg = pb.AdapterInfo(
             name=(f"{SHARED_TENANT}/" if shared else "") + info.name, version=info.version,
-            kind=requests.kind_to_pb(info.kind), size_bytes=info.size, sha256=info.sha256,
+            kind=convert.kind_to_pb(info.kind), size_bytes=info.size, sha256=info.sha256,
             created_unix=int(info.created), versions=self.store.versions(info.tenant, info.name),
             resident_tier=self.engine.residency.get(info.key, "disk"), shared=shared)
         if detail:
@@ -82,7 +82,7 @@ class AdaptersService(pb_grpc.AdaptersServicer):
     @unary("UploadAdapter", on_error=_count_failed_upload)
     async def UploadAdapter(self, request_iterator, context):
         self.draining.check()
-        principal = self.auth.principal(context.invocation_metadata())
+        principal = caller()
         first = None
         async for msg in request_iterator:
             first = msg
@@ -95,7 +95,7 @@ class AdaptersService(pb_grpc.AdaptersServicer):
         target = _namespace(principal, (f"{SHARED_TENANT}/" if m.shared else "") + m.name, write=True)
         if m.total_bytes == 0:
             raise InvalidArgument("metadata.total_bytes must be the archive's size in bytes")
-        kind = requests.adapter_kind(m.kind)
+        kind = convert.adapter_kind(m.kind)
         up = await self._begin_upload(target.tenant, target.name, m.total_bytes, m.sha256 or None, kind, principal)
         try:
             async for msg in request_iterator:
@@ -111,7 +111,7 @@ class AdaptersService(pb_grpc.AdaptersServicer):
 
     @unary("ListAdapters")
     async def ListAdapters(self, request, context):
-        principal = self.auth.principal(context.invocation_metadata())
+        principal = caller()
         size = request.page_size or 50
         if size > MAX_PAGE:
             raise InvalidArgument(f"page_size {size} is above the maximum of {MAX_PAGE}")
@@ -132,7 +132,7 @@ class AdaptersService(pb_grpc.AdaptersServicer):
 
     @unary("GetAdapter")
     async def GetAdapter(self, request, context):
-        principal = self.auth.principal(context.invocation_metadata())
+        principal = caller()
         target = _namespace(principal, request.name, write=False)
         info = self.registry.info(target)
         return await asyncio.to_thread(self._info, info, True)
@@ -140,7 +140,7 @@ class AdaptersService(pb_grpc.AdaptersServicer):
     @unary("DeleteAdapter")
     async def DeleteAdapter(self, request, context):
         self.draining.check()
-        principal = self.auth.principal(context.invocation_metadata())
+        principal = caller()
         target = _namespace(principal, request.name, write=True)
         if target.version is not None:
             raise InvalidArgument(f"DeleteAdapter removes every version of a name; "

@@ -18,6 +18,7 @@ RFC 7235); two authorization headers are refused rather than guessed between.
 from __future__ import annotations
 
 import argparse
+import contextvars
 import dataclasses
 import hashlib
 import hmac
@@ -159,21 +160,58 @@ class Authenticator:
         raise Unauthenticated("invalid API key")
 
 
+_CALLER: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("lorafleet_caller", default=None)
+
+
+def caller() -> Principal:
+    """The principal AuthInterceptor authenticated for the gRPC call being handled."""
+    principal = _CALLER.get()
+    if principal is None:                     # a handler reached without the interceptor: a bug
+        raise RuntimeError("no authenticated caller: the call did not pass AuthInterceptor")
+    return principal
+
+
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses unauthenticated calls before any handler runs (health and reflection are open)."""
+    """Authenticates every call once, before any handler runs (health and reflection are open):
+    an unknown key is UNAUTHENTICATED at once; a known one is the call's `caller()` (a context
+    variable of the call's own task) for the handlers."""
 
     def __init__(self, auth: Authenticator):
         self.auth = auth
 
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
-        if self.auth.single_tenant or method.startswith(EXEMPT_PREFIXES):
+        if method.startswith(EXEMPT_PREFIXES):
             return await continuation(handler_call_details)
         try:
-            self.auth.principal(handler_call_details.invocation_metadata)
+            principal = self.auth.principal(handler_call_details.invocation_metadata)
         except Unauthenticated as e:
             return _deny(str(e))
-        return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
+        return _as_caller(handler, principal) if handler is not None else None
+
+
+def _as_caller(handler: grpc.RpcMethodHandler, principal: Principal) -> grpc.RpcMethodHandler:
+    """The same handler, run with `caller()` set to `principal` (each call runs in its own task, so
+    the value never leaks to another call)."""
+    args = (handler.request_deserializer, handler.response_serializer)
+    if handler.unary_unary:
+        async def unary_unary(request, context):
+            _CALLER.set(principal)
+            return await handler.unary_unary(request, context)
+        return grpc.unary_unary_rpc_method_handler(unary_unary, *args)
+    if handler.unary_stream:
+        async def unary_stream(request, context):
+            _CALLER.set(principal)
+            async for msg in handler.unary_stream(request, context):
+                yield msg
+        return grpc.unary_stream_rpc_method_handler(unary_stream, *args)
+    if handler.stream_unary:
+        async def stream_unary(request_iterator, context):
+            _CALLER.set(principal)
+            return await handler.stream_unary(request_iterator, context)
+        return grpc.stream_unary_rpc_method_handler(stream_unary, *args)
+    raise ValueError("bidirectional streaming methods are not served")
 
 
 def _deny(message: str) -> grpc.RpcMethodHandler:

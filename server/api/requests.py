@@ -1,55 +1,127 @@
-"""Proto <-> domain: requests become validated domain values (every field is hostile until
-checked here; each rejection is an InvalidField naming the field and the limit), and domain
-enums become their proto spelling."""
+"""The domain request: what a caller asked the generation path for. Each door builds it from its own
+wire format (gRPC: `server/api/convert.py`; HTTP: `server/http/schema.py`) and `validate` checks it
+once, here. Every field is hostile until checked; each rejection is an InvalidField naming the field
+in the caller's own spelling (`FieldNames`: proto paths on gRPC, OpenAI names on HTTP) and the limit.
+"""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from tokenizers import Tokenizer
 
-from lorafleet.v1 import lorafleet_pb2 as pb
-from server.adapters.formats import AdapterKind
+from server.adapters.refs import TenantRef
 from server.config import ServerConfig
 from server.engine.sampling import SamplingParams
-from server.engine.sequence import FinishReason
 from server.errors import FailedPrecondition, InvalidArgument, InvalidField
 from server.model.chat import ChatTemplate, ChatTemplateError
 
 MAX_REQUEST_ID_CHARS = 128
+MAX_TOP_K = 100_000
+MAX_TEMPERATURE = 100.0
+MAX_REPETITION_PENALTY = 10.0
 
 
-def sampling_params(p: pb.SamplingParams, cfg: ServerConfig) -> SamplingParams:
-    def finite(name: str, v: float, lo: float, hi: float) -> float:
+@dataclass(frozen=True)
+class FieldNames:
+    """How a door spells each field of the domain request in its errors."""
+    prompt: str
+    messages: str
+    max_new_tokens: str
+    temperature: str
+    top_p: str
+    top_k: str
+    seed: str
+    stop: str
+    repetition_penalty: str
+    request_id: str
+
+
+GRPC_FIELDS = FieldNames("prompt", "messages", "params.max_new_tokens", "params.temperature", "params.top_p",
+                         "params.top_k", "params.seed", "params.stop", "params.repetition_penalty", "request_id")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The sampling fields as sent; 0 or empty means the server's default (max_new_tokens) or off."""
+    max_new_tokens: int = 0
+    temperature: float = 0.0              # 0 = greedy
+    top_p: float = 0.0                    # 0 (or 1) = off
+    top_k: int = 0                        # 0 = off
+    seed: int = 0                         # 0 = the server picks one
+    stop: tuple[str, ...] = ()
+    repetition_penalty: float = 0.0       # 0 (or 1) = off
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation call: a prompt, or chat messages (role, content), on the base model or an
+    adapter (already parsed in the caller's namespace), not yet validated."""
+    sampling: Sampling
+    prompt: str = ""
+    messages: tuple[tuple[str, str], ...] = ()
+    adapter: TenantRef | None = None
+    request_id: str = ""
+    fields: FieldNames = GRPC_FIELDS
+
+
+@dataclass(frozen=True)
+class ValidRequest:
+    """A GenerationRequest that passed `validate`: what the engine gets."""
+    ids: list[int]                        # the prompt's tokens (chat: rendered by the template)
+    params: SamplingParams
+    request_id: str                       # '' when the caller sent none
+    stop_ids: frozenset[int]              # end-of-turn tokens of a chat
+
+
+def validate(req: GenerationRequest, cfg: ServerConfig, tokenizer: Tokenizer, chat: ChatTemplate | None,
+             roles: tuple[str, ...]) -> ValidRequest:
+    f = req.fields
+    params = sampling_params(req.sampling, cfg, f)
+    rid = request_id(req.request_id, f.request_id)
+    if req.messages:
+        if req.prompt:
+            raise InvalidArgument(f"send either {f.prompt} or {f.messages}, not both")
+        ids = chat_ids(req.messages, chat, roles, tokenizer, cfg, params.max_new_tokens, f.messages)
+        return ValidRequest(ids, params, rid, chat.end_of_turn_ids)
+    return ValidRequest(prompt_ids(req.prompt, tokenizer, cfg, params.max_new_tokens, f.prompt), params, rid,
+                        frozenset())
+
+
+def sampling_params(s: Sampling, cfg: ServerConfig, f: FieldNames = GRPC_FIELDS) -> SamplingParams:
+    def in_range(name: str, v: float, lo: float, hi: float) -> float:
         if not math.isfinite(v) or not lo <= v <= hi:
-            raise InvalidField(f"params.{name}", f"params.{name}={v} is out of range [{lo}, {hi}]")
+            raise InvalidField(name, f"{name}={v} is out of range [{lo}, {hi}]")
         return float(v)
 
-    n = p.max_new_tokens or cfg.default_new_tokens
+    n = s.max_new_tokens or cfg.default_new_tokens
     if n > cfg.max_new_tokens:
-        raise InvalidField("params.max_new_tokens", f"params.max_new_tokens={n} exceeds this server's limit of {cfg.max_new_tokens}")
-    if len(p.stop) > cfg.max_stop_strings:
-        raise InvalidField("params.stop", f"params.stop has {len(p.stop)} strings; at most {cfg.max_stop_strings} allowed")
-    for s in p.stop:
-        if not s or len(s) > cfg.max_stop_string_chars:
-            raise InvalidField(
-                "params.stop", f"params.stop strings must be 1..{cfg.max_stop_string_chars} characters (got {len(s)})")
-    if p.top_k > 100_000:
-        raise InvalidField("params.top_k", f"params.top_k={p.top_k} is out of range [0, 100000]")
+        raise InvalidField(f.max_new_tokens, f"{f.max_new_tokens}={n} exceeds this server's limit of "
+                                             f"{cfg.max_new_tokens}")
+    if len(s.stop) > cfg.max_stop_strings:
+        raise InvalidField(f.stop, f"{f.stop} has {len(s.stop)} strings; at most {cfg.max_stop_strings} allowed")
+    for stop in s.stop:
+        if not stop or len(stop) > cfg.max_stop_string_chars:
+            raise InvalidField(f.stop, f"{f.stop} strings must be 1..{cfg.max_stop_string_chars} characters "
+                                       f"(got {len(stop)})")
+    if not 0 <= s.top_k <= MAX_TOP_K:
+        raise InvalidField(f.top_k, f"{f.top_k}={s.top_k} is out of range [0, {MAX_TOP_K}]")
     return SamplingParams(
         max_new_tokens=n,
-        temperature=finite("temperature", p.temperature, 0.0, 100.0),
-        top_p=finite("top_p", p.top_p, 0.0, 1.0) or 1.0,
-        top_k=int(p.top_k),
-        seed=int(p.seed) if p.seed else None,
-        stop=tuple(p.stop),
-        repetition_penalty=finite("repetition_penalty", p.repetition_penalty, 0.0, 10.0) or 1.0,
-        ignore_eos=p.ignore_eos,
+        temperature=in_range(f.temperature, s.temperature, 0.0, MAX_TEMPERATURE),
+        top_p=in_range(f.top_p, s.top_p, 0.0, 1.0) or 1.0,
+        top_k=int(s.top_k),
+        seed=int(s.seed) if s.seed else None,
+        stop=tuple(s.stop),
+        repetition_penalty=in_range(f.repetition_penalty, s.repetition_penalty, 0.0, MAX_REPETITION_PENALTY) or 1.0,
+        ignore_eos=s.ignore_eos,
     )
 
 
-def request_id(rid: str) -> str:
+def request_id(rid: str, field: str = "request_id") -> str:
     if len(rid) > MAX_REQUEST_ID_CHARS or not rid.isprintable():
-        raise InvalidField("request_id", f"request_id must be at most {MAX_REQUEST_ID_CHARS} printable characters")
+        raise InvalidField(field, f"{field} must be at most {MAX_REQUEST_ID_CHARS} printable characters")
     return rid
 
 
@@ -70,50 +142,31 @@ def _fits(ids: list[int], field: str, cfg: ServerConfig, max_new_tokens: int) ->
                               f"{cfg.max_prompt_tokens} (context {cfg.max_context_tokens} tokens)")
     if len(ids) + max_new_tokens > cfg.max_context_tokens:
         raise InvalidField(
-            field, f"{field} ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context of "
+            field, f"{field} ({len(ids)} tokens) + {max_new_tokens} new tokens exceeds the context of "
             f"{cfg.max_context_tokens} tokens; shorten the prompt or ask for fewer tokens")
     return ids
 
 
-def adapter_kind(value: int) -> AdapterKind | None:
-    """UploadMetadata.kind -> the expected kind (None: unspecified, any kind)."""
-    if value == pb.ADAPTER_KIND_UNSPECIFIED:
-        return None
-    name = pb.AdapterKind.Name(value) if value in pb.AdapterKind.values() else ""
-    kind = AdapterKind.__members__.get(name.removeprefix("ADAPTER_KIND_"))
-    if kind is None:
-        raise InvalidField("metadata.kind", f"metadata.kind={value} is not an adapter kind this server knows "
-                           f"({', '.join(k.value for k in AdapterKind)})")
-    return kind
-
-
-def kind_to_pb(kind: AdapterKind) -> int:
-    return pb.AdapterKind.Value("ADAPTER_KIND_" + kind.value)
-
-
-def finish_to_pb(reason: FinishReason) -> int:
-    return pb.FinishReason.Value("FINISH_REASON_" + reason.name)
-
-
-def chat_ids(messages, chat: ChatTemplate | None, roles: tuple[str, ...], tokenizer: Tokenizer,
-             cfg: ServerConfig, max_new_tokens: int) -> list[int]:
-    """GenerateRequest.messages -> prompt token ids, rendered by the model's chat template."""
+def chat_ids(messages: tuple[tuple[str, str], ...], chat: ChatTemplate | None, roles: tuple[str, ...],
+             tokenizer: Tokenizer, cfg: ServerConfig, max_new_tokens: int, field: str = "messages") -> list[int]:
+    """(role, content) pairs -> prompt token ids, rendered by the model's chat template (the count
+    first, before any per-message work)."""
     if chat is None:
         raise FailedPrecondition("this model has no chat template (no chat_template in its tokenizer_config.json"
-                                 " or chat_template.jinja): send `prompt` instead, or serve an instruct model"
+                                 " or chat_template.jinja): send a prompt instead, or serve an instruct model"
                                  " such as the default SmolLM2-135M-Instruct")
     if len(messages) > cfg.max_chat_messages:
-        raise InvalidField("messages", f"messages holds {len(messages)} entries; at most {cfg.max_chat_messages}")
-    if sum(len(m.content) for m in messages) > cfg.max_prompt_tokens * 64:
-        raise InvalidField("messages", f"messages hold far more text than the limit of {cfg.max_prompt_tokens} tokens")
-    for i, m in enumerate(messages):
-        if m.role not in roles:
-            raise InvalidField(f"messages[{i}].role", f"messages[{i}].role {m.role[:40]!r} is not one of this "
+        raise InvalidField(field, f"{field} holds {len(messages)} entries; at most {cfg.max_chat_messages}")
+    if sum(len(content) for _, content in messages) > cfg.max_prompt_tokens * 64:
+        raise InvalidField(field, f"{field} hold far more text than the limit of {cfg.max_prompt_tokens} tokens")
+    for i, (role, content) in enumerate(messages):
+        if role not in roles:
+            raise InvalidField(f"{field}[{i}].role", f"{field}[{i}].role {role[:40]!r} is not one of this "
                                f"model's chat roles ({', '.join(roles)})")
-        if not m.content:
-            raise InvalidField(f"messages[{i}].content", f"messages[{i}].content is empty")
+        if not content:
+            raise InvalidField(f"{field}[{i}].content", f"{field}[{i}].content is empty")
     try:
-        ids = chat.encode([(m.role, m.content) for m in messages], tokenizer)
+        ids = chat.encode(list(messages), tokenizer)
     except ChatTemplateError as e:
         raise InvalidArgument(f"the model's chat template refused these messages: {e}") from None
-    return _fits(ids, "messages", cfg, max_new_tokens)
+    return _fits(ids, field, cfg, max_new_tokens)

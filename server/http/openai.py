@@ -4,8 +4,8 @@
 A Starlette app; uvicorn serves it on the gRPC server's event loop (`server.http.door`). Per call:
 authenticate (`Authorization: Bearer <key>`, the same Authenticator), read the body within its
 limits (`body`: bytes, bytes buffered by all requests, JSON depth and items, before any parsing),
-parse and validate it (`schema`), then the one generation path (`Generation.submit` /
-`Generation.events`) that the gRPC servicer uses.
+parse it (`schema`) into the domain request, which the one generation path (`Generation.submit` /
+`Generation.events`) that the gRPC servicer uses validates; its errors name OpenAI's fields.
 
 `model` is the base model's name or an adapter reference in the caller's namespace (`name`,
 `name@N`, `shared/name`); an adapter of another tenant is the same 404 as one nobody has.
@@ -34,11 +34,11 @@ from starlette.routing import Route
 
 from server import metrics
 from server import errors as e
-from server.adapters.refs import SHARED_TENANT, parse_tenant_ref
+from server.adapters.refs import SHARED_TENANT, TenantRef, parse_tenant_ref
 from server.adapters.registry import AdapterRegistry
 from server.api.auth import Authenticator, Principal
 from server.api.common import MAX_FIELD_CHARS, OVERLOAD_DELAY_S, bounded, log_failure, public_message, status_of
-from server.api.service import Generation
+from server.api.generation import Generation
 from server.config import ServerConfig
 from server.engine.sequence import Event, FinishEvent, FinishReason
 from server.http import schema
@@ -72,10 +72,8 @@ def error_body(err: BaseException) -> tuple[int, dict, dict[str, str]]:
     """(HTTP status, OpenAI error JSON, extra headers) for any exception."""
     code = status_of(err).name
     status, kind = ERRORS.get(code, (500, "server_error"))
-    param = bounded(schema.openai_field(err.field), MAX_FIELD_CHARS) if isinstance(err, e.InvalidField) else None
+    param = bounded(err.field, MAX_FIELD_CHARS) if isinstance(err, e.InvalidField) else None
     message = public_message(err)
-    if isinstance(err, e.InvalidField):
-        message = schema.openai_field(message)
     detail, headers = None, {}
     if isinstance(err, BodyTooLarge):
         status, detail = 413, "request_too_large"
@@ -215,11 +213,9 @@ class OpenAIApp:
             raise e.NotFound(f"model {model[:80]!r} not found: use {self.model_name!r} (the base model) or "
                              "one of your adapters (GET /v1/models)") from None
 
-    def _adapter(self, principal: Principal, model: str) -> str:
-        if model == self.model_name:
-            return ""
-        self._ref(principal, model)
-        return model
+    def _adapter(self, principal: Principal, model: str) -> TenantRef | None:
+        """`model` as the request's adapter: None for the base model."""
+        return None if model == self.model_name else self._ref(principal, model)
 
     # ---------------------------------------------------------------- generation
     async def chat(self, request: Request, principal: Principal) -> Response:
@@ -235,7 +231,7 @@ class OpenAIApp:
 
     async def _generate(self, request: Request, principal: Principal, req, method: str, fmt) -> Response:
         rid = uuid.uuid4().hex
-        seq, events = self.gen.submit(principal, req.to_pb(self._adapter(principal, req.model), rid), None)
+        seq, events = self.gen.submit(principal, req.to_domain(self._adapter(principal, req.model)), None)
         agen = self.gen.events(seq, events, "http")
         try:
             if not req.stream:

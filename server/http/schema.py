@@ -1,4 +1,5 @@
-"""OpenAI request bodies -> `pb.GenerateRequest`, the one request type the generation path validates.
+"""OpenAI request bodies -> the domain `GenerationRequest` (server/api/requests.py), which the one
+generation path validates.
 
 The models are strict (no "5" for 5) and closed: a field this server does not know is a 400 that
 names it. OpenAI fields we do not implement are refused unless they hold their no-op value
@@ -8,20 +9,22 @@ Three sampling fields beyond OpenAI's (`top_k`, `repetition_penalty`, `ignore_eo
 names them) reach our sampler; the SDKs send them with `extra_body`.
 
 Limits (max tokens, stop strings, prompt length, chat roles) are checked once, by
-`server.api.requests` on the built `pb.GenerateRequest`; `openai_field` renames the fields its
-errors name to the OpenAI spelling. Two checks come first, because only JSON needs them: every
+`server.api.requests.validate`, whose errors name the fields as OpenAI spells them (`OPENAI_FIELDS`).
+Two checks come first, because only JSON needs them: every
 string must be valid Unicode (JSON's `"\ud800"` decodes to a lone surrogate, which protobuf cannot
 encode), and the number of chat messages and stop strings is checked before any entry is built. An
 error never echoes more than a short excerpt of what was sent.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
-from lorafleet.v1 import lorafleet_pb2 as pb
+from server.adapters.refs import TenantRef
+from server.api.requests import FieldNames, GenerationRequest, Sampling
 from server.errors import InvalidField
 
 MAX_U32 = (1 << 32) - 1
@@ -33,8 +36,9 @@ NO_OP: dict[str, tuple[Any, ...]] = {
     "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "suffix": (None, ""),
     "logit_bias": (None, {}),
 }
-# the domain's field names (server.api.requests) -> the OpenAI spelling
-FIELD_NAMES = (("params.max_new_tokens", "max_tokens"), ("max_new_tokens", "max_tokens"), ("params.", ""))
+# how the domain request's fields are spelled in OpenAI's bodies (the names errors give)
+OPENAI_FIELDS = FieldNames("prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+                           "repetition_penalty", "request_id")
 
 
 def _unicode(text: str) -> str:
@@ -111,14 +115,17 @@ class _Request(_Strict):
     def new_tokens(self) -> int:
         return self.max_tokens or 0
 
-    def params(self) -> pb.SamplingParams:
+    def sampling(self) -> Sampling:
         """OpenAI's defaults: temperature 1 and top_p 1 when left out (send temperature 0 for greedy);
         max_tokens left out takes the server's --default-new-tokens."""
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
-        return pb.SamplingParams(
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return Sampling(
             max_new_tokens=self.new_tokens(), temperature=1.0 if self.temperature is None else self.temperature,
             top_p=self.top_p or 1.0, top_k=self.top_k or 0, seed=self.seed or 0, stop=stop,
             repetition_penalty=self.repetition_penalty or 0.0, ignore_eos=self.ignore_eos)
+
+    def fields(self) -> FieldNames:
+        return OPENAI_FIELDS
 
 
 class ChatRequest(_Request):
@@ -130,9 +137,14 @@ class ChatRequest(_Request):
     def new_tokens(self) -> int:
         return self.max_completion_tokens or self.max_tokens or 0
 
-    def to_pb(self, adapter: str, request_id: str) -> pb.GenerateRequest:
-        msgs = [pb.ChatMessage(role=m.role, content=m.text()) for m in self.messages]
-        return pb.GenerateRequest(messages=msgs, adapter=adapter, params=self.params(), request_id=request_id)
+    def fields(self) -> FieldNames:
+        if self.max_completion_tokens is not None:
+            return replace(OPENAI_FIELDS, max_new_tokens="max_completion_tokens")
+        return OPENAI_FIELDS
+
+    def to_domain(self, adapter: TenantRef | None) -> GenerationRequest:
+        return GenerationRequest(self.sampling(), messages=tuple((m.role, m.text()) for m in self.messages),
+                                 adapter=adapter, fields=self.fields())
 
 
 class CompletionRequest(_Request):
@@ -142,14 +154,14 @@ class CompletionRequest(_Request):
     best_of: int | None = None
     suffix: Text | None = None
 
-    def to_pb(self, adapter: str, request_id: str) -> pb.GenerateRequest:
+    def to_domain(self, adapter: TenantRef | None) -> GenerationRequest:
         prompt = self.prompt
         if isinstance(prompt, list):
             if len(prompt) != 1:
                 raise InvalidField("prompt", f"prompt holds {len(prompt)} strings; this server takes one "
                                              "prompt per request (a string, or a list of one string)")
             prompt = prompt[0]
-        return pb.GenerateRequest(prompt=prompt, adapter=adapter, params=self.params(), request_id=request_id)
+        return GenerationRequest(self.sampling(), prompt=prompt, adapter=adapter, fields=self.fields())
 
 
 def parse(model: type[_Request], doc: object, max_entries: dict[str, int]) -> _Request:
@@ -195,9 +207,3 @@ def _shown(value: object) -> str:
     text = repr(value) if not isinstance(value, (dict, list)) or len(value) <= 8 else \
         f"{type(value).__name__} of {len(value)} entries"
     return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 1] + "…"
-
-
-def openai_field(field: str) -> str:
-    for ours, theirs in FIELD_NAMES:
-        field = field.replace(ours, theirs)
-    return field

@@ -187,6 +187,10 @@ def test_quota_is_429_with_the_quota_named(door):
     (b'{"model": "tiny-chat", "prompt": 42}', 400, "prompt", "valid string"),
     (b'{"model": "tiny-chat", "prompt": "hi", "stop": [1]}', 400, "stop[0]", "valid string"),
     (b'{"model": "tiny-chat", "prompt": "hi", "max_tokens": 5000}', 400, "max_tokens", "limit of 900"),
+    (b'{"model": "tiny-chat", "prompt": "hi", "top_k": 200000}', 400, "top_k", "top_k=200000 is out of range"),
+    (b'{"model": "tiny-chat", "prompt": "hi", "repetition_penalty": 11}', 400, "repetition_penalty",
+     "repetition_penalty=11.0 is out of range"),
+    (b'{"model": "tiny-chat", "prompt": ""}', 400, "prompt", "prompt is empty"),
     (b'{"model": "tiny-chat", "prompt": "hi", "stop": ["a","b","c","d","e","f","g","h","i"]}', 400, "stop",
      "at most 8"),
     (b'{"model": "tiny-chat", "prompt": "hi", "n": 2}', 400, "n", "n=1"),
@@ -304,3 +308,42 @@ def test_the_door_serves_tls_and_mutual_tls_from_the_grpc_flags(tiny_loaded, tmp
         trust.load_cert_chain(str(pki / "client.pem"), str(pki / "client.key"))
         r = httpx.get(url, verify=trust, timeout=WAIT_S)
         assert r.status_code == 200 and r.json()["data"][0]["id"] == tiny_loaded.name
+
+
+def test_chat_errors_name_openais_fields(door):
+    """Issue 21: the HTTP door builds the domain request itself; validation names the field as the
+    caller spelled it (max_completion_tokens, messages[1].role), never a proto path."""
+    running, keys = door
+    client = sdk(running, keys["acme"])
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                       max_completion_tokens=5000)
+    assert e.value.param == "max_completion_tokens" and "max_completion_tokens=5000" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": "hi"},
+                                                                            {"role": "wizard", "content": "x"}])
+    assert e.value.param == "messages[1].role" and "params." not in e.value.body["message"]
+
+
+def test_grpc_errors_name_proto_fields_and_a_call_authenticates_once(door, monkeypatch):
+    """The same checks over gRPC name the proto field (params.top_k, in a BadRequest detail); the
+    interceptor authenticates each call once and the servicer reads that caller."""
+    import grpc
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+    from server.api.auth import Authenticator
+    running, keys = door
+    calls = []
+    real = Authenticator.principal
+    monkeypatch.setattr(Authenticator, "principal", lambda self, md: calls.append(1) or real(self, md))
+    with grpc_client(running, keys["acme"]) as c:
+        with pytest.raises(grpc.RpcError) as e:
+            c.generate("hi", top_k=200_000)
+        status = rpc_status.from_call(e.value)
+        bad = error_details_pb2.BadRequest()
+        status.details[0].Unpack(bad)
+        assert bad.field_violations[0].field == "params.top_k" and "params.top_k=200000" in e.value.details()
+        calls.clear()
+        assert c.generate("hi", max_new_tokens=2).completion_tokens >= 1
+        c.list_adapters()
+        assert len(calls) == 2
