@@ -7,9 +7,10 @@ from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 import grpc
 
-from client.common import (DEFAULT, GenerateResult, Message, StreamPiece, backoff_seconds, call_metadata,
-                           classifications, credentials, generate_request, generate_result, should_retry, stream_piece,
-                           upload_messages)
+from client.common import (DEFAULT, GenerateResult, Message, Progress, StreamPiece, backoff_seconds, call_metadata,
+                           check_upload_size, classifications, credentials, generate_request, generate_result,
+                           should_retry, stream_piece, upload_stream)
+from lorafleet.archive import DirArchive
 from lorafleet.v1 import lorafleet_pb2 as pb
 from lorafleet.v1 import lorafleet_pb2_grpc as pb_grpc
 
@@ -76,10 +77,16 @@ class AsyncLoraFleetClient:
     async def server_info(self) -> pb.ServerInfo:
         return await self.inference.GetServerInfo(pb.GetServerInfoRequest(), **self._kw())
 
-    async def upload_adapter(self, directory: Path, name: str, shared: bool = False,
-                             kind: str | None = None, timeout: float | None | object = DEFAULT) -> pb.AdapterInfo:
-        msgs = upload_messages(directory, name, shared, kind)
-        return await self.adapters.UploadAdapter(iter(msgs), **self._kw(timeout))
+    async def upload_adapter(self, directory: Path, name: str, shared: bool = False, kind: str | None = None,
+                             timeout: float | None | object = DEFAULT,
+                             progress: Progress | None = None) -> pb.AdapterInfo:
+        """LoraFleetClient.upload_adapter: the size asked first, the archive streamed from disk
+        (hashed in a worker thread; its 1 MiB reads while sending run on the event loop)."""
+        archive = DirArchive(directory)
+        check_upload_size(archive, (await self.server_info()).limits.max_adapter_bytes)
+        sha256 = await asyncio.to_thread(archive.digest)
+        return await self.adapters.UploadAdapter(upload_stream(archive, sha256, name, shared, kind, progress),
+                                                 **self._kw(timeout))
 
     async def list_adapters(self, page_size: int = 100) -> list[pb.AdapterInfo]:
         out, token = [], ""

@@ -7,9 +7,10 @@ from typing import Callable, Iterator, TypeVar
 
 import grpc
 
-from client.common import (DEFAULT, GenerateResult, Message, StreamPiece, backoff_seconds, call_metadata,
-                           classifications, credentials, generate_request, generate_result, should_retry, stream_piece,
-                           upload_messages)
+from client.common import (DEFAULT, GenerateResult, Message, Progress, StreamPiece, backoff_seconds, call_metadata,
+                           check_upload_size, classifications, credentials, generate_request, generate_result,
+                           should_retry, stream_piece, upload_stream)
+from lorafleet.archive import DirArchive
 from lorafleet.v1 import lorafleet_pb2 as pb
 from lorafleet.v1 import lorafleet_pb2_grpc as pb_grpc
 
@@ -84,10 +85,18 @@ class LoraFleetClient:
         req = pb.ClassifyRequest(texts=texts, adapter=adapter)
         return classifications(self._retry(lambda: self.inference.Classify(req, **self._kw(timeout))))
 
-    def upload_adapter(self, directory: Path, name: str, shared: bool = False,
-                       kind: str | None = None, timeout: float | None | object = DEFAULT) -> pb.AdapterInfo:
-        """Upload a PEFT or lorafleet adapter directory under `name` (a new version if it exists)."""
-        return self.adapters.UploadAdapter(iter(upload_messages(directory, name, shared, kind)), **self._kw(timeout))
+    def upload_adapter(self, directory: Path, name: str, shared: bool = False, kind: str | None = None,
+                       timeout: float | None | object = DEFAULT, progress: Progress | None = None) -> pb.AdapterInfo:
+        """Upload a PEFT or lorafleet adapter directory under `name` (a new version if it exists).
+
+        Asks the server's limit first (GetServerInfo) and raises UploadTooLarge, having sent
+        nothing, when the archive is over it; then streams the archive from disk in 1 MiB chunks
+        (never held whole), calling `progress(sent, total)` after each."""
+        archive = DirArchive(directory)
+        check_upload_size(archive, self.server_info().limits.max_adapter_bytes)
+        sha256 = archive.digest()
+        return self.adapters.UploadAdapter(upload_stream(archive, sha256, name, shared, kind, progress),
+                                           **self._kw(timeout))
 
     def list_adapters(self, page_size: int = 100) -> list[pb.AdapterInfo]:
         out, token = [], ""

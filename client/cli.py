@@ -13,13 +13,15 @@ import grpc
 from google.protobuf import json_format
 
 from client.api import LoraFleetClient
-from client.common import KIND_NAMES
+from client.common import KIND_NAMES, human_bytes, looks_like_http_port
+
+DEFAULT_SERVER = "127.0.0.1:50051"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lorafleet", description="Talk to a lorafleet server; train adapters "
                                 "(`lorafleet train --help`). API keys: `lorafleet-server keys create`.")
-    p.add_argument("--server", default=os.environ.get("LORAFLEET_SERVER", "127.0.0.1:50051"),
+    p.add_argument("--server", default=os.environ.get("LORAFLEET_SERVER", DEFAULT_SERVER),
                    help="host:port of the server (env LORAFLEET_SERVER)")
     p.add_argument("--api-key", default=os.environ.get("LORAFLEET_API_KEY"),
                    help="API key, sent as 'authorization: Bearer KEY' (env LORAFLEET_API_KEY)")
@@ -68,6 +70,39 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="show the served model and the server's limits")
     sub.add_parser("train", help="train an adapter (see `lorafleet train --help`)", add_help=False)
     return p
+
+
+class _Progress:
+    """`LABEL:  42% of 256.0 MiB` rewritten in place on stderr when it is a terminal; nothing
+    otherwise (scripts, logs). The client package needs only grpcio and protobuf, so no tqdm."""
+
+    def __init__(self, label: str, stream=sys.stderr):
+        self.label, self.stream, self.shown = label, stream, -1
+        self.on = hasattr(stream, "isatty") and stream.isatty()
+
+    def __call__(self, done: int, total: int) -> None:
+        pct = 100 * done // max(total, 1)
+        if self.on and pct != self.shown:
+            self.shown = pct
+            tail = "; the server is checking it ..." if done >= total else ""
+            self.stream.write(f"\r{self.label}: {pct:3d}% of {human_bytes(total)}{tail}")
+            self.stream.flush()
+
+    def __enter__(self) -> "_Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.on and self.shown >= 0:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _rpc_error_line(e: grpc.RpcError, server: str) -> str:
+    if looks_like_http_port(e):
+        return (f"lorafleet: {server} answered in HTTP/1.x: this looks like the HTTP port (the OpenAI-compatible "
+                f"door); the gRPC port is {DEFAULT_SERVER.rsplit(':', 1)[1]} by default (--server HOST:PORT or "
+                f"LORAFLEET_SERVER)")
+    return f"lorafleet: {e.code().name}: {e.details()}"
 
 
 def _show(msg) -> None:
@@ -155,14 +190,15 @@ def main(argv: list[str] | None = None) -> int:
             elif args.command == "classify":
                 print(json.dumps(c.classify(args.texts, args.adapter), indent=2))
             elif args.command == "upload":
-                info = c.upload_adapter(args.directory, args.name, shared=args.shared)
+                with _Progress(f"uploading {args.name}") as progress:
+                    info = c.upload_adapter(args.directory, args.name, shared=args.shared, progress=progress)
                 print(f"uploaded {info.name} version {info.version} ({KIND_NAMES[info.kind]}, "
                       f"{info.size_bytes} bytes, sha256 {info.sha256[:12]}...)")
             elif args.command == "adapters":
                 _adapters(c, args)
             return 0
         except grpc.RpcError as e:
-            print(f"lorafleet: {e.code().name}: {e.details()}", file=sys.stderr)
+            print(_rpc_error_line(e, args.server), file=sys.stderr)
             return 1
         except (OSError, ValueError) as e:
             print(f"lorafleet: {e}", file=sys.stderr)

