@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lorafleet.archive import archive_dir  # noqa: E402
 from server.adapters import formats  # noqa: E402
-from server.adapters.formats import BaseModelShape, BottleneckTarget  # noqa: E402
+from server.adapters.weights import BottleneckTarget  # noqa: E402
+from server.model.shape import BaseModelShape  # noqa: E402
 from server.adapters.refs import parse_tenant_ref  # noqa: E402
 from server.config import ServerConfig  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402

@@ -17,7 +17,7 @@ from lorafleet.v1 import lorafleet_pb2 as pb
 from lorafleet.v1 import lorafleet_pb2_grpc as pb_grpc
 from server import kernels, metrics
 from server.adapters.cache import AdapterCache
-from server.adapters.formats import BaseModelShape
+from server.model.shape import BaseModelShape
 from server.adapters.registry import AdapterRegistry
 from server.adapters.store import AdapterStore
 from server.adapters.validate import AdapterLimits, value_bound

@@ -8,7 +8,7 @@ import math
 from tokenizers import Tokenizer
 
 from lorafleet.v1 import lorafleet_pb2 as pb
-from server.adapters.formats import AdapterKind
+from server.adapters.weights import AdapterKind
 from server.config import ServerConfig
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import FinishReason

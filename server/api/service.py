@@ -10,7 +10,7 @@ from typing import AsyncIterator
 from lorafleet.v1 import lorafleet_pb2 as pb
 from lorafleet.v1 import lorafleet_pb2_grpc as pb_grpc
 from server import kernels, metrics
-from server.adapters.formats import AdapterKind
+from server.adapters.weights import AdapterKind
 from server.adapters.refs import parse_tenant_ref
 from server.adapters.registry import AdapterRegistry
 from server.api import requests

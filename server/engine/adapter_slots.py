@@ -31,7 +31,7 @@ import torch
 
 from server import kernels
 from server.kernels.activation import Activation
-from server.adapters.formats import LORA_FAMILY, AdapterKind, AdapterWeights, ClassificationHead
+from server.adapters.weights import LORA_FAMILY, AdapterKind, AdapterWeights, ClassificationHead
 from server.adapters.peft_variants import dora_scale
 from server.errors import FailedPrecondition
 from server.model.llama import LayerWeights, ModelArgs
