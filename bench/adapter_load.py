@@ -85,7 +85,7 @@ def main() -> None:
         copies.append(time.perf_counter() - t)
     copy = statistics.median(copies)
     ft = statistics.median(first_token)
-    print(f"default model ({m.args.dim} hidden, {m.args.n_layers} layers), rank-16 LoRA on q/k/v/o, "
+    print(f"default model ({m.shape.hidden_size} hidden, {m.shape.num_layers} layers), rank-16 LoRA on q/k/v/o, "
           f"{args.threads} threads")
     print(f"one decode step, 32 rows          : {step * 1e3:8.2f} ms   (the unit)")
     print(f"upload complete -> first token    : {ft * 1e3:8.2f} ms   = {ft / step:6.2f} decode steps")

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lorafleet.archive import archive_dir  # noqa: E402
 from server.adapters import formats  # noqa: E402
 from server.adapters.weights import BottleneckTarget  # noqa: E402
-from server.model.shape import BaseModelShape  # noqa: E402
+from server.model.shape import LINEAR_MODULES, BaseModelShape  # noqa: E402
 from server.adapters.refs import parse_tenant_ref  # noqa: E402
 from server.config import ServerConfig  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
@@ -45,7 +45,7 @@ from server.model.loader import load_model  # noqa: E402
 TENANT = "bench"
 
 
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL = list(LINEAR_MODULES)
 _PEFT: dict[str, object] = {}      # kind -> one PEFT model, re-randomised per adapter (building is slow)
 
 
@@ -108,17 +108,14 @@ def run(engine: Engine, registry, prompts, adapters: list[str | None], n: int) -
 def bytes_floor(model, adapters: list[str | None], ranks: dict[str, tuple[int, list[str]]], ctx: int) -> dict:
     """Bytes one decode step must read: base linears + LM head, each distinct adapter's A and B on
     its targets, every row's K and V up to ctx."""
-    a = model.args
+    a = model.shape
     base = sum(lin.nbytes() for lw in model.layers for lin in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down))
     base += model.lm_head.nbytes()
-    dims = {"q_proj": (a.dim, a.q_size), "k_proj": (a.dim, a.kv_size), "v_proj": (a.dim, a.kv_size),
-            "o_proj": (a.q_size, a.dim), "gate_proj": (a.dim, a.intermediate_size),
-            "up_proj": (a.dim, a.intermediate_size), "down_proj": (a.intermediate_size, a.dim)}
     ad = 0
     for name in {x for x in adapters if x}:
         r, targets = ranks[name]
-        ad += a.n_layers * sum(r * (dims[t][0] + dims[t][1]) for t in targets) * 4
-    kv = len(adapters) * a.n_layers * 2 * ctx * a.kv_size * 4
+        ad += a.num_layers * sum(r * sum(a.linear_dims(t)) for t in targets) * 4
+    kv = len(adapters) * a.num_layers * 2 * ctx * a.kv_size * 4
     return {"base": base, "adapters": ad, "kv": kv, "total": base + ad + kv}
 
 
@@ -203,7 +200,7 @@ def main() -> None:
     for i in range(1, 32):
         peft_model.load_adapter(str(lora_dirs[i]), adapter_name=f"lora{i}")
     g = torch.Generator().manual_seed(0)
-    hi = min(loaded.model.args.vocab_size, 20000)
+    hi = min(loaded.model.shape.vocab_size, 20000)
     prompts = [[1] + torch.randint(3, hi, (31,), generator=g).tolist() for _ in range(32)]
     cases = {
         "a": [None] * 32,

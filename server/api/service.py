@@ -213,11 +213,11 @@ class InferenceService(pb_grpc.InferenceServicer):
     @unary("GetServerInfo")
     async def GetServerInfo(self, request, context):
         self.auth.principal(context.invocation_metadata())
-        a, c = self.engine.model.args, self.cfg
+        a, c = self.engine.model.shape, self.cfg
         return pb.ServerInfo(
             version=VERSION, model_name=self.engine.loaded.name,
             model_architecture=(self.engine.loaded.hf_config.get("architectures") or ["?"])[0],
-            vocab_size=a.vocab_size, hidden_size=a.dim, num_layers=a.n_layers,
+            vocab_size=a.vocab_size, hidden_size=a.hidden_size, num_layers=a.num_layers,
             device=str(self.engine.model.device), dtype=str(self.engine.model.dtype).replace("torch.", ""),
             limits=pb.ServerLimits(
                 max_prompt_tokens=c.max_prompt_tokens, max_new_tokens=c.max_new_tokens,

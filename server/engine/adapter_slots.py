@@ -19,6 +19,8 @@ adapter in the form its kind needs, in typed stacks (one per layer and fused tar
   Prompt       virtual-token embeddings [n, d], swapped into the input embeddings at prefill
   Head         classification head (weight [labels, d], bias, label names), any kind may carry one
 
+Fused targets, their parts and the LayerWeights field of each: `server.model.shape` (LINEARS).
+
 `StepAdapters` is built once per step from each row's slot and passed to the forward as its
 hooks (no per-step state lives on the model or on this store).
 """
@@ -34,13 +36,10 @@ from server.kernels.activation import Activation
 from server.adapters.weights import LORA_FAMILY, AdapterKind, AdapterWeights, ClassificationHead
 from server.adapters.peft_variants import dora_scale
 from server.errors import FailedPrecondition
-from server.model.llama import LayerWeights, ModelArgs
+from server.model.llama import LayerWeights
+from server.model.shape import MODULES, TARGET_WEIGHT, TARGETS, UNFUSED, BaseModelShape
 
-# each Llama linear -> (fused target of the forward, its position in that target's output)
-MODULE_TARGET = {"q_proj": ("qkv", 0), "k_proj": ("qkv", 1), "v_proj": ("qkv", 2), "o_proj": ("o", 0),
-                 "gate_proj": ("gate_up", 0), "up_proj": ("gate_up", 1), "down_proj": ("down", 0)}
-IA3_IN = {"o_proj": "o", "down_proj": "down"}
-BASE_WEIGHT = {"qkv": "wqkv", "o": "wo", "gate_up": "w_gate_up", "down": "w_down"}  # LayerWeights fields
+IA3_IN = UNFUSED   # IA3 input scales are served where a module is its target alone (o_proj, down_proj)
 
 
 @dataclass(frozen=True)
@@ -83,17 +82,16 @@ class SlotInfo:
 
 
 class AdapterSlots:
-    def __init__(self, args: ModelArgs, num_slots: int, max_rank: int, device: torch.device,
+    def __init__(self, shape: BaseModelShape, num_slots: int, max_rank: int, device: torch.device,
                  dtype: torch.dtype, base: Sequence[LayerWeights] | None = None, max_gain: float = float("inf")):
         """`base`: the frozen model's layers (LlamaModel.layers), read when a DoRA adapter is written
         (its scale depends on W); without them DoRA adapters are refused at write time. `max_gain`:
         the largest DoRA column scale accepted (validate.AdapterLimits.max_value)."""
-        self.args, self.num_slots, self.r, self.max_gain = args, num_slots, max_rank, max_gain
+        self.shape, self.num_slots, self.r, self.max_gain = shape, num_slots, max_rank, max_gain
         self.device, self.dtype, self.base = device, dtype, base
-        S, r, d = num_slots, max_rank, args.dim
-        q, kv, f = args.q_size, args.kv_size, args.intermediate_size
-        self.out_dims = {"qkv": (q, kv, kv), "o": (d,), "gate_up": (f, f), "down": (d,)}
-        self.in_dims = {"qkv": d, "o": q, "gate_up": d, "down": f}
+        S, r, d = num_slots, max_rank, shape.hidden_size
+        self.out_dims = {t: shape.target_dims(t)[1] for t in TARGETS}   # d_out of each part
+        self.in_dims = {t: shape.target_dims(t)[0] for t in TARGETS}
         starts = {t: [sum(outs[:i]) for i in range(len(outs))] for t, outs in self.out_dims.items()}
         self.out_slices = {t: [slice(a, a + o) for a, o in zip(starts[t], outs)]   # columns of each
                            for t, outs in self.out_dims.items()}                      # part of a fused output
@@ -104,7 +102,7 @@ class AdapterSlots:
         def ones(*shape: int) -> torch.Tensor:
             return torch.ones(shape, device=device, dtype=dtype)
 
-        L, widths = args.n_layers, {t: sum(outs) for t, outs in self.out_dims.items()}
+        L, widths = shape.num_layers, {t: sum(outs) for t, outs in self.out_dims.items()}
         self.lora = [{t: LoraStack(zeros(S, len(outs) * r, self.in_dims[t]),
                                    [zeros(S, r, o).transpose(1, 2) for o in outs], [zeros(S) for _ in outs])
                       for t, outs in self.out_dims.items()} for _ in range(L)]
@@ -175,7 +173,7 @@ class AdapterSlots:
         if w.kind is AdapterKind.DORA and self.base is None:
             raise FailedPrecondition("this server was started without the base weights DoRA needs")
         for (layer, module), t in w.lora.items():
-            target, i = MODULE_TARGET[module]
+            target, i = MODULES[module].target, MODULES[module].part
             st, r = self.lora[layer][target], t.A.shape[0]
             st.A[slot, i * self.r:i * self.r + r] = t.A
             st.B[i][slot, :, :r] = t.B
@@ -185,17 +183,17 @@ class AdapterSlots:
             if t.bias is not None:
                 ds.shift[slot, cols] = t.scale * t.bias
             if t.magnitude is not None:
-                W = getattr(self.base[layer], BASE_WEIGHT[target]).dense()[cols]    # [d_out_i, d_in]
+                W = getattr(self.base[layer], TARGET_WEIGHT[target]).dense()[cols]  # [d_out_i, d_in]
                 g = dora_scale(W, t, f"layer {layer} {module}", self.max_gain)       # [d_out_i] float32
                 ds.g[slot, cols] = g
-                b0 = getattr(self.base[layer], BASE_WEIGHT[target]).bias            # the base bias
+                b0 = getattr(self.base[layer], TARGET_WEIGHT[target]).bias          # the base bias
                 if b0 is not None:
                     ds.shift[slot, cols] = (1 - g) * b0[cols].float()
                     self.dora_shift[slot] = True
             self.dora_shift[slot] |= t.bias is not None
         self.lora_rank[slot] = w.rank
-        self.lora_targets[slot] = frozenset(MODULE_TARGET[m][0] for _, m in w.lora)
-        self.dora_targets[slot] = frozenset(MODULE_TARGET[m][0] for (_, m), t in w.lora.items()
+        self.lora_targets[slot] = frozenset(MODULES[m].target for _, m in w.lora)
+        self.dora_targets[slot] = frozenset(MODULES[m].target for (_, m), t in w.lora.items()
                                             if t.bias is not None or t.magnitude is not None)
 
     def _write_ia3(self, slot: int, w: AdapterWeights) -> None:
@@ -207,7 +205,7 @@ class AdapterSlots:
                         f"only, not {module}")
                 self.ia3[layer][IA3_IN[module]].inp[slot] = t.vec
             else:
-                target, i = MODULE_TARGET[module]
+                target, i = MODULES[module].target, MODULES[module].part
                 self.ia3[layer][target].out[slot, self.out_slices[target][i]] = t.vec
 
     def _write_bottleneck(self, slot: int, w: AdapterWeights) -> None:

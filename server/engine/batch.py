@@ -17,13 +17,13 @@ class Segment:
 
 
 def make_forward_batch(segments: list[Segment], device: torch.device) -> ForwardBatch:
-    ids, pos, slots, logit_rows = [], [], [], []
+    ids, pos, kv_slots, logit_rows = [], [], [], []
     decode, prefill = [], []                      # (first row, segment)
     for s in segments:
         row, n = len(ids), len(s.token_ids)
         ids.extend(s.token_ids)
         pos.extend(range(s.first_pos, s.first_pos + n))
-        slots.extend([s.kv_slot] * n)
+        kv_slots.extend([s.kv_slot] * n)
         if s.want_logits:
             logit_rows.append(row + n - 1)
         (decode if n == 1 else prefill).append((row, s))
@@ -31,9 +31,9 @@ def make_forward_batch(segments: list[Segment], device: torch.device) -> Forward
     def longs(xs: list[int]) -> torch.Tensor:
         return torch.tensor(xs, dtype=torch.long, device=device)
 
-    dec_slots = [s.kv_slot for _, s in decode]
+    dec_kv = [s.kv_slot for _, s in decode]
     dec_lens = longs([s.first_pos + 1 for _, s in decode])
-    consecutive = bool(decode) and dec_slots == list(range(dec_slots[0], dec_slots[0] + len(dec_slots)))
+    consecutive = bool(decode) and dec_kv == list(range(dec_kv[0], dec_kv[0] + len(dec_kv)))
     dec_mask = torch.arange(int(dec_lens.max()) if decode else 0, device=device) < dec_lens[:, None]
 
     lq = max((len(s.token_ids) for _, s in prefill), default=0)
@@ -50,10 +50,10 @@ def make_forward_batch(segments: list[Segment], device: torch.device) -> Forward
     p_mask = torch.arange(lk)[None, None, :] <= p_qpos[:, :, None]   # [P, Lq, Lk]
 
     return ForwardBatch(
-        input_ids=longs(ids), positions=longs(pos), token_slots=longs(slots), logit_rows=longs(logit_rows),
-        decode_rows=longs([r for r, _ in decode]), decode_slots=longs(dec_slots),
+        input_ids=longs(ids), positions=longs(pos), token_kv_slots=longs(kv_slots), logit_rows=longs(logit_rows),
+        decode_rows=longs([r for r, _ in decode]), decode_kv_slots=longs(dec_kv),
         decode_mask=dec_mask[:, None, None, :],
-        decode_slot_range=(dec_slots[0], len(dec_slots)) if consecutive else None,
+        decode_kv_range=(dec_kv[0], len(dec_kv)) if consecutive else None,
         decode_only=not prefill and bool(decode),
         prefill_rows=p_rows.to(device), prefill_valid=p_valid.to(device),
-        prefill_slots=longs([s.kv_slot for _, s in prefill]), prefill_mask=p_mask[:, None].to(device))
+        prefill_kv_slots=longs([s.kv_slot for _, s in prefill]), prefill_mask=p_mask[:, None].to(device))

@@ -211,7 +211,7 @@ class Engine:
 
     def _new_kv(self) -> KVCache:
         batch, context, *_ = self._sizes
-        return KVCache(self.model.args, batch, context, self.model.device, self.model.dtype)
+        return KVCache(self.model.shape, batch, context, self.model.device, self.model.dtype)
 
     def _new_scheduler(self) -> Scheduler:
         batch, _, prefill, decode_prefill, reserve = self._sizes
@@ -345,10 +345,10 @@ class Engine:
         seq = Sequence("probe", list(PROBE_IDS), SamplingParams(max_new_tokens=1), lambda ev: None)
         seq.attach_virtual(n_prefix, n_prompt)
         seq.adapter_slot, seq.kv_slot = slot, 0
-        a = self.model.args
-        shape = (1, a.n_kv_heads, n_prefix + len(seq.prompt_ids), a.head_dim)
-        kv = [(torch.zeros(shape, device=self.model.device, dtype=self.model.dtype),
-               torch.zeros(shape, device=self.model.device, dtype=self.model.dtype)) for _ in range(a.n_layers)]
+        a = self.model.shape
+        size = (1, a.num_kv_heads, n_prefix + len(seq.prompt_ids), a.head_dim)
+        kv = [(torch.zeros(size, device=self.model.device, dtype=self.model.dtype),
+               torch.zeros(size, device=self.model.device, dtype=self.model.dtype)) for _ in range(a.num_layers)]
         for layer, (kc, vc) in enumerate(kv):
             if n_prefix:
                 kc[0, :, :n_prefix] = info.prefix_kv[layer, 0]
