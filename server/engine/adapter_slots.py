@@ -8,10 +8,10 @@ adapter in the form its kind needs, in typed stacks (one per layer and fused tar
                per slot (modules of smaller rank are zero-padded up to r_s). B (and the
                bottleneck's U) are stored transposed, [S, r, d_out] contiguous, and handed to the
                kernels as [S, d_out, r] views: the expand bmm then reads contiguous rows.
-  DoraScale    per-slot output column scale g and shift, applied after the LoRA add: DoRA's
-               g = m / ||W + s B A||_row (computed here at write time from the frozen base weight;
-               shift (1 - g) * b0 where the base linear has a bias b0), and LoRA bias (g = 1,
-               shift s * b). 1 and 0 where a slot has none.
+  ColumnAffine per-slot output column scale and shift, y = scale * y + shift, applied after the
+               LoRA add: DoRA's scale g = m / ||W + s B A||_row (computed here at write time from
+               the frozen base weight; shift (1 - g) * b0 where the base linear has a bias b0),
+               and LoRA bias (scale 1, shift s * b). 1 and 0 where a slot has none.
   Ia3Stack     output scales of q/k/v (fused), o, gate/up (fused), down; input scales of o and
                down (PEFT's feedforward modules); 1 where the adapter has none
   BottleneckStack  per layer and place (attn | mlp): D [S, r, d], U [S, d, r], biases
@@ -21,8 +21,8 @@ adapter in the form its kind needs, in typed stacks (one per layer and fused tar
 
 Fused targets, their parts and the LayerWeights field of each: `server.model.shape` (LINEARS).
 
-`StepAdapters` is built once per step from each row's slot and passed to the forward as its
-hooks (no per-step state lives on the model or on this store).
+`StepAdapters` is built once per step from each row's adapter slot and passed to the forward as
+its hooks (no per-step state lives on the model or on this store).
 """
 from __future__ import annotations
 
@@ -51,9 +51,10 @@ class LoraStack:
 
 
 @dataclass(frozen=True)
-class DoraScale:
-    """Per-slot column scale and shift of one fused target's output: y = g * y + shift."""
-    g: torch.Tensor                  # [S, sum(d_out_i)], 1 where a slot has no DoRA
+class ColumnAffine:
+    """Per-slot column scale and shift of one fused target's output: y = scale * y + shift
+    (DoRA's magnitude / norm, the shift of a base bias under it, a LoRA bias)."""
+    scale: torch.Tensor              # [S, sum(d_out_i)], 1 where a slot has no DoRA
     shift: torch.Tensor              # [S, sum(d_out_i)], 0 where a slot has no bias term
 
 
@@ -77,7 +78,7 @@ class BottleneckStack:
 class SlotInfo:
     kind: AdapterKind
     prefix_kv: torch.Tensor | None        # [layers, 2, kv_heads, n, hd] (device)
-    prompt_embeds: torch.Tensor | None    # [n, dim] (device)
+    prompt_embeds: torch.Tensor | None    # [n, hidden] (device)
     head: ClassificationHead | None       # float32, CPU
 
 
@@ -106,7 +107,7 @@ class AdapterSlots:
         self.lora = [{t: LoraStack(zeros(S, len(outs) * r, self.in_dims[t]),
                                    [zeros(S, r, o).transpose(1, 2) for o in outs], [zeros(S) for _ in outs])
                       for t, outs in self.out_dims.items()} for _ in range(L)]
-        self.dora = [{t: DoraScale(ones(S, w), zeros(S, w)) for t, w in widths.items()} for _ in range(L)]
+        self.col_affine = [{t: ColumnAffine(ones(S, w), zeros(S, w)) for t, w in widths.items()} for _ in range(L)]
         self.ia3 = [{t: Ia3Stack(ones(S, w), ones(S, self.in_dims[t]) if t in IA3_IN.values() else None)
                      for t, w in widths.items()} for _ in range(L)]
         self.bn = [{p: BottleneckStack(zeros(S, r, d), zeros(S, r, d).transpose(1, 2), zeros(S, r), zeros(S, d))
@@ -116,9 +117,9 @@ class AdapterSlots:
         self.bn_act = torch.zeros(S, dtype=torch.long, device=device)
         self.ones_rank = torch.ones(S, dtype=torch.long, device=device)
         self.info: list[SlotInfo | None] = [None] * S
-        self.lora_targets: list[frozenset[str]] = [frozenset()] * S   # targets a slot's LoRA touches
-        self.dora_targets: list[frozenset[str]] = [frozenset()] * S   # targets with a scale or shift
-        self.dora_shift = [False] * S                                  # some target has a shift
+        self.lora_targets: list[frozenset[str]] = [frozenset()] * S     # targets a slot's LoRA touches
+        self.affine_targets: list[frozenset[str]] = [frozenset()] * S   # targets with a column scale or shift
+        self.affine_shift = [False] * S                                  # some target has a shift
 
     # ------------------------------------------------------------------ writing a slot
     def write(self, slot: int, w: AdapterWeights) -> None:
@@ -150,10 +151,10 @@ class AdapterSlots:
                 for B, s in zip(st.B, st.scale):
                     B[slot].zero_()
                     s[slot] = 0
-        for layer in self.dora:
-            for ds in layer.values():
-                ds.g[slot] = 1
-                ds.shift[slot] = 0
+        for layer in self.col_affine:
+            for ca in layer.values():
+                ca.scale[slot] = 1
+                ca.shift[slot] = 0
         for layer in self.ia3:
             for st in layer.values():
                 st.out[slot] = 1
@@ -164,8 +165,8 @@ class AdapterSlots:
                 for x in (st.D, st.U, st.bd, st.bu):
                     x[slot].zero_()
         self.lora_rank[slot] = self.bn_rank[slot] = self.bn_act[slot] = 0
-        self.lora_targets[slot] = self.dora_targets[slot] = frozenset()
-        self.dora_shift[slot] = False
+        self.lora_targets[slot] = self.affine_targets[slot] = frozenset()
+        self.affine_shift[slot] = False
         self.info[slot] = None
 
     def _write_lora(self, slot: int, w: AdapterWeights) -> None:
@@ -179,22 +180,22 @@ class AdapterSlots:
             st.B[i][slot, :, :r] = t.B
             st.scale[i][slot] = t.scale
             cols = self.out_slices[target][i]
-            ds = self.dora[layer][target]
+            ca = self.col_affine[layer][target]
             if t.bias is not None:
-                ds.shift[slot, cols] = t.scale * t.bias
+                ca.shift[slot, cols] = t.scale * t.bias
             if t.magnitude is not None:
-                W = getattr(self.base[layer], TARGET_WEIGHT[target]).dense()[cols]  # [d_out_i, d_in]
+                base = getattr(self.base[layer], TARGET_WEIGHT[target])
+                W = base.dense()[cols]                                               # [d_out_i, d_in]
                 g = dora_scale(W, t, f"layer {layer} {module}", self.max_gain)       # [d_out_i] float32
-                ds.g[slot, cols] = g
-                b0 = getattr(self.base[layer], TARGET_WEIGHT[target]).bias          # the base bias
-                if b0 is not None:
-                    ds.shift[slot, cols] = (1 - g) * b0[cols].float()
-                    self.dora_shift[slot] = True
-            self.dora_shift[slot] |= t.bias is not None
+                ca.scale[slot, cols] = g
+                if base.bias is not None:                                            # the base bias b0
+                    ca.shift[slot, cols] = (1 - g) * base.bias[cols].float()
+                    self.affine_shift[slot] = True
+            self.affine_shift[slot] |= t.bias is not None
         self.lora_rank[slot] = w.rank
         self.lora_targets[slot] = frozenset(MODULES[m].target for _, m in w.lora)
-        self.dora_targets[slot] = frozenset(MODULES[m].target for (_, m), t in w.lora.items()
-                                            if t.bias is not None or t.magnitude is not None)
+        self.affine_targets[slot] = frozenset(MODULES[m].target for (_, m), t in w.lora.items()
+                                              if t.bias is not None or t.magnitude is not None)
 
     def _write_ia3(self, slot: int, w: AdapterWeights) -> None:
         for (layer, module), t in w.ia3.items():
@@ -224,17 +225,17 @@ class AdapterSlots:
         self.bn_act[slot] = Activation.of(acts.pop())
 
     # ------------------------------------------------------------------ per step
-    def step(self, token_slots: list[int], prompt_rows: list[tuple[int, int, int]]) -> "StepAdapters":
-        """token_slots [T]: each row's adapter slot or -1; prompt_rows: (row, slot, virtual index)
-        for rows that carry a prompt-tuning virtual token."""
+    def step(self, row_slots: list[int], prompt_rows: list[tuple[int, int, int]]) -> "StepAdapters":
+        """row_slots [T]: each row's adapter slot or -1; prompt_rows: (row, adapter slot, virtual
+        index) for rows that carry a prompt-tuning virtual token."""
         def plan(rows: list[int], ranks: torch.Tensor) -> kernels.AdapterPlan | None:
             if all(s < 0 for s in rows):
                 return None
             return kernels.make_plan(torch.tensor(rows, dtype=torch.long, device=self.device), ranks)
 
-        kinds = [self.info[s].kind if s >= 0 else None for s in token_slots]
-        lora_rows = [s if k in LORA_FAMILY and self.lora_targets[s] else -1 for s, k in zip(token_slots, kinds)]
-        dora_rows = [s if s >= 0 and self.dora_targets[s] else -1 for s in lora_rows]
+        kinds = [self.info[s].kind if s >= 0 else None for s in row_slots]
+        lora_rows = [s if k in LORA_FAMILY and self.lora_targets[s] else -1 for s, k in zip(row_slots, kinds)]
+        affine_rows = [s if s >= 0 and self.affine_targets[s] else -1 for s in lora_rows]
         prompt = None
         if prompt_rows:
             rows = torch.tensor([r for r, _, _ in prompt_rows], dtype=torch.long, device=self.device)
@@ -243,11 +244,11 @@ class AdapterSlots:
         return StepAdapters(
             self, plan(lora_rows, self.lora_rank),
             frozenset().union(*(self.lora_targets[s] for s in set(lora_rows) if s >= 0)),
-            plan(dora_rows, self.ones_rank),
-            frozenset().union(*(self.dora_targets[s] for s in set(dora_rows) if s >= 0)),
-            any(self.dora_shift[s] for s in set(dora_rows) if s >= 0),
-            plan([s if k is AdapterKind.IA3 else -1 for s, k in zip(token_slots, kinds)], self.ones_rank),
-            plan([s if k is AdapterKind.BOTTLENECK else -1 for s, k in zip(token_slots, kinds)], self.bn_rank),
+            plan(affine_rows, self.ones_rank),
+            frozenset().union(*(self.affine_targets[s] for s in set(affine_rows) if s >= 0)),
+            any(self.affine_shift[s] for s in set(affine_rows) if s >= 0),
+            plan([s if k is AdapterKind.IA3 else -1 for s, k in zip(row_slots, kinds)], self.ones_rank),
+            plan([s if k is AdapterKind.BOTTLENECK else -1 for s, k in zip(row_slots, kinds)], self.bn_rank),
             prompt)
 
 
@@ -257,12 +258,12 @@ class StepAdapters:
     slots: AdapterSlots
     lora: kernels.AdapterPlan | None
     lora_targets: frozenset[str]          # targets some LoRA-family row of this step touches
-    dora: kernels.AdapterPlan | None      # rows whose slot has a column scale or shift
-    dora_targets: frozenset[str]          # targets where some of those rows have one
-    dora_shift: bool                      # some of those rows have a shift (else only scales apply)
+    col_affine: kernels.AdapterPlan | None   # rows whose adapter slot has a column scale or shift
+    affine_targets: frozenset[str]        # targets where some of those rows have one
+    affine_shift: bool                    # some of those rows have a shift (else only scales apply)
     ia3: kernels.AdapterPlan | None
     bn: kernels.AdapterPlan | None
-    prompt: tuple[torch.Tensor, torch.Tensor] | None   # rows [V], embeddings [V, dim]
+    prompt: tuple[torch.Tensor, torch.Tensor] | None   # rows [V], embeddings [V, hidden]
 
     def embed(self, h: torch.Tensor) -> torch.Tensor:
         if self.prompt is not None:
@@ -283,9 +284,9 @@ class StepAdapters:
                 kernels.lora(y, x, st.A, st.B[0], st.scale[0], self.lora)
             else:
                 kernels.lora_packed(y, x, st.A, st.B, st.scale, self.slots.out_slices[target], self.lora)
-        if self.dora is not None and target in self.dora_targets:
-            ds = self.slots.dora[layer][target]
-            kernels.col_scale(y, ds.g, ds.shift if self.dora_shift else None, self.dora)
+        if self.col_affine is not None and target in self.affine_targets:
+            ca = self.slots.col_affine[layer][target]
+            kernels.col_scale(y, ca.scale, ca.shift if self.affine_shift else None, self.col_affine)
         if self.ia3 is not None:
             kernels.ia3(y, self.slots.ia3[layer][target].out, self.ia3)
         return y

@@ -1,22 +1,32 @@
-"""Turn the scheduler's choice for one step into the model's `ForwardBatch` (built once per step)."""
+"""One step's work and its batch: the scheduler's `Segment`s, turned into the model's `ForwardBatch`
+(built once per step)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from server.model.llama import ForwardBatch
 
+if TYPE_CHECKING:
+    from server.engine.sequence import Sequence
+
 
 @dataclass(frozen=True)
 class Segment:
+    """A run of consecutive tokens of one sequence in one step: what the scheduler hands out and
+    what the batch is built from."""
     kv_slot: int              # KV slot of the sequence
     token_ids: list[int]      # tokens to run this step (1 for decode, a chunk for prefill)
     first_pos: int            # position of token_ids[0] in the sequence (after virtual tokens)
-    want_logits: bool         # return logits for the last token
+    want_logits: bool         # return logits for the last token (the step ends the prefill, or decodes)
+    seq: Sequence | None = None   # the request it runs; None for a bare forward (tests, calibration)
 
 
 def make_forward_batch(segments: list[Segment], device: torch.device) -> ForwardBatch:
+    """The step's `ForwardBatch`: segments' tokens flattened in order, rows of one-token segments
+    as decode rows, the others as prefill chunks padded to the longest."""
     ids, pos, kv_slots, logit_rows = [], [], [], []
     decode, prefill = [], []                      # (first row, segment)
     for s in segments:
