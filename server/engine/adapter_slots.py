@@ -22,20 +22,23 @@ adapter in the form its kind needs, in typed stacks (one per layer and fused tar
 Fused targets, their parts and the LayerWeights field of each: `server.model.shape` (LINEARS).
 
 `StepAdapters` is built once per step from each row's adapter slot and passed to the forward as
-its hooks (no per-step state lives on the model or on this store).
+its hooks (no per-step state lives on the model or on this store). Its plans are made from the
+host-side row -> adapter slot lists (one host->device copy per plan, nothing read back), each
+with only the layouts the chosen kernels read (`kernels.layouts`).
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from server import kernels
-from server.kernels.activation import Activation
-from server.adapters.weights import LORA_FAMILY, AdapterKind, AdapterWeights, ClassificationHead
 from server.adapters.peft_variants import dora_scale
+from server.adapters.weights import LORA_FAMILY, AdapterKind, AdapterWeights, ClassificationHead
 from server.errors import FailedPrecondition
+from server.kernels.activation import Activation
 from server.model.llama import LayerWeights
 from server.model.shape import MODULES, TARGET_WEIGHT, TARGETS, UNFUSED, BaseModelShape
 
@@ -112,10 +115,11 @@ class AdapterSlots:
                      for t, w in widths.items()} for _ in range(L)]
         self.bn = [{p: BottleneckStack(zeros(S, r, d), zeros(S, r, d).transpose(1, 2), zeros(S, r), zeros(S, d))
                     for p in ("attn", "mlp")} for _ in range(L)]
-        self.lora_rank = torch.zeros(S, dtype=torch.long, device=device)
-        self.bn_rank = torch.zeros(S, dtype=torch.long, device=device)
-        self.bn_act = torch.zeros(S, dtype=torch.long, device=device)
-        self.ones_rank = torch.ones(S, dtype=torch.long, device=device)
+        # true rank of each slot, on the host (the plans are made there) and on the device (kernels)
+        self.lora_rank, self.lora_rank_host = torch.zeros(S, dtype=torch.long, device=device), np.zeros(S, np.int64)
+        self.bn_rank, self.bn_rank_host = torch.zeros(S, dtype=torch.long, device=device), np.zeros(S, np.int64)
+        self.ones_rank, self.ones_rank_host = torch.ones(S, dtype=torch.long, device=device), np.ones(S, np.int64)
+        self.bn_act = torch.zeros(S, dtype=torch.long, device=device)             # [S] Activation
         self.info: list[SlotInfo | None] = [None] * S
         self.lora_targets: list[frozenset[str]] = [frozenset()] * S     # targets a slot's LoRA touches
         self.affine_targets: list[frozenset[str]] = [frozenset()] * S   # targets with a column scale or shift
@@ -165,6 +169,7 @@ class AdapterSlots:
                 for x in (st.D, st.U, st.bd, st.bu):
                     x[slot].zero_()
         self.lora_rank[slot] = self.bn_rank[slot] = self.bn_act[slot] = 0
+        self.lora_rank_host[slot] = self.bn_rank_host[slot] = 0
         self.lora_targets[slot] = self.affine_targets[slot] = frozenset()
         self.affine_shift[slot] = False
         self.info[slot] = None
@@ -192,7 +197,7 @@ class AdapterSlots:
                     ca.shift[slot, cols] = (1 - g) * base.bias[cols].float()
                     self.affine_shift[slot] = True
             self.affine_shift[slot] |= t.bias is not None
-        self.lora_rank[slot] = w.rank
+        self.lora_rank[slot] = self.lora_rank_host[slot] = w.rank
         self.lora_targets[slot] = frozenset(MODULES[m].target for _, m in w.lora)
         self.affine_targets[slot] = frozenset(MODULES[m].target for (_, m), t in w.lora.items()
                                               if t.bias is not None or t.magnitude is not None)
@@ -221,34 +226,36 @@ class AdapterSlots:
                 st.bd[slot, :r] = t.down_bias
             if t.up_bias is not None:
                 st.bu[slot] = t.up_bias
-        self.bn_rank[slot] = w.rank
+        self.bn_rank[slot] = self.bn_rank_host[slot] = w.rank
         self.bn_act[slot] = Activation.of(acts.pop())
 
     # ------------------------------------------------------------------ per step
     def step(self, row_slots: list[int], prompt_rows: list[tuple[int, int, int]]) -> "StepAdapters":
         """row_slots [T]: each row's adapter slot or -1; prompt_rows: (row, adapter slot, virtual
         index) for rows that carry a prompt-tuning virtual token."""
-        def plan(rows: list[int], ranks: torch.Tensor) -> kernels.AdapterPlan | None:
+        def plan(rows: list[int], ranks: tuple[np.ndarray, torch.Tensor], *ops: str) -> kernels.AdapterPlan | None:
             if all(s < 0 for s in rows):
                 return None
-            return kernels.make_plan(torch.tensor(rows, dtype=torch.long, device=self.device), ranks)
+            return kernels.plan_rows(rows, *ranks, layouts=kernels.layouts(self.device, *ops))
 
         kinds = [self.info[s].kind if s >= 0 else None for s in row_slots]
         lora_rows = [s if k in LORA_FAMILY and self.lora_targets[s] else -1 for s, k in zip(row_slots, kinds)]
         affine_rows = [s if s >= 0 and self.affine_targets[s] else -1 for s in lora_rows]
+        ones = (self.ones_rank_host, self.ones_rank)
         prompt = None
         if prompt_rows:
             rows = torch.tensor([r for r, _, _ in prompt_rows], dtype=torch.long, device=self.device)
             vals = torch.stack([self.info[s].prompt_embeds[i] for _, s, i in prompt_rows])
             prompt = (rows, vals)
         return StepAdapters(
-            self, plan(lora_rows, self.lora_rank),
+            self, plan(lora_rows, (self.lora_rank_host, self.lora_rank), "lora", "lora_packed"),
             frozenset().union(*(self.lora_targets[s] for s in set(lora_rows) if s >= 0)),
-            plan(affine_rows, self.ones_rank),
+            plan(affine_rows, ones, "col_scale"),
             frozenset().union(*(self.affine_targets[s] for s in set(affine_rows) if s >= 0)),
             any(self.affine_shift[s] for s in set(affine_rows) if s >= 0),
-            plan([s if k is AdapterKind.IA3 else -1 for s, k in zip(row_slots, kinds)], self.ones_rank),
-            plan([s if k is AdapterKind.BOTTLENECK else -1 for s, k in zip(row_slots, kinds)], self.bn_rank),
+            plan([s if k is AdapterKind.IA3 else -1 for s, k in zip(row_slots, kinds)], ones, "ia3"),
+            plan([s if k is AdapterKind.BOTTLENECK else -1 for s, k in zip(row_slots, kinds)],
+                 (self.bn_rank_host, self.bn_rank), "bottleneck"),
             prompt)
 
 
