@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from server.model.shape import LINEAR_MODULES, MLP_MODULES
+from server.model.shape import LINEAR_MODULES, MLP_MODULES  # noqa: F401 - MLP_MODULES: for trainer.methods
 
 METHODS = ("lora", "dora", "ia3", "bottleneck", "prefix", "prompt")
 TASKS = ("lm", "cls")
