@@ -34,7 +34,8 @@ from server.engine.sequence import FinishEvent, Sequence  # noqa: E402
 from server.main import keep_freed_memory  # noqa: E402
 from server.model.default import resolve_model  # noqa: E402
 from server.model.loader import load_model  # noqa: E402
-from server.model.quantize import BaseLinear, quantize_model  # noqa: E402
+from server.model.linear import BaseLinear  # noqa: E402
+from server.model.quantize import quantize_model  # noqa: E402
 from server.model.shape import BaseModelShape  # noqa: E402
 
 CACHE = Path.home() / ".cache/lorafleet/models"
@@ -84,14 +85,12 @@ def run_hf(hf, prompts: list[list[int]], new_tokens: int) -> dict:
             "tpot": (wall - first) / max(new_tokens - 1, 1)}
 
 
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def flops(shape: BaseModelShape, rows: int, ctx: int) -> float:
+def flops(shape, rows: int, ctx: int) -> float:
     """Forward FLOPs of `rows` tokens attending to ~ctx keys each, LM head on every row."""
-    lin = sum(d_in * d_out for d_in, d_out in map(shape.linear_dims, LINEARS))
+    d = shape.hidden_size
+    lin = d * (shape.q_size + 2 * shape.kv_size) + shape.q_size * d + 3 * d * shape.intermediate_size
     attn = 2 * shape.num_heads * shape.head_dim * ctx
-    return 2.0 * rows * (shape.num_layers * (lin + attn) + shape.hidden_size * shape.vocab_size)
+    return 2.0 * rows * (shape.num_layers * (lin + attn) + d * shape.vocab_size)
 
 
 def best_ms(fn, n: int = 5) -> float:
@@ -113,7 +112,7 @@ def matmul_roofline(model, shape: BaseModelShape, repeats: int) -> tuple[float, 
     peak_rows, dec_rows = 1024, 32
     xs = [torch.randn(peak_rows, w.shape[0]) for w, _ in dense]
     xd = [torch.randn(dec_rows, lin.d_in) for lin in lins]
-    hd = torch.randn(dec_rows, shape.hidden_size)
+    hd = torch.randn(dec_rows, model.shape.hidden_size)
     f_peak = sum(2 * peak_rows * w.numel() for w, _ in dense)
     f_dec = sum(2 * dec_rows * lin.d_in * lin.d_out for lin in lins)
     f_head = 2 * dec_rows * model.lm_head.d_in * model.lm_head.d_out
@@ -125,7 +124,7 @@ def matmul_roofline(model, shape: BaseModelShape, repeats: int) -> tuple[float, 
             peaks.append(f_peak / min(plain, onednn) / 1e6)
             layer = best_ms(lambda: [lin(x) for x, lin in zip(xd, lins)])
             head = best_ms(lambda: model.lm_head(hd), 2)
-            decs.append((f_dec * shape.num_layers + f_head) / (layer * shape.num_layers + head) / 1e6)
+            decs.append((f_dec * model.shape.num_layers + f_head) / (layer * model.shape.num_layers + head) / 1e6)
     return statistics.median(peaks), statistics.median(decs)
 
 
@@ -136,7 +135,7 @@ def int8_drift(fp32, int8, prompts: list[list[int]]) -> tuple[float, float]:
     from server.engine.kv_cache import KVCache
     outs = []
     for m in (fp32, int8):
-        kv = KVCache(m.args, len(prompts), len(prompts[0]), m.device, m.dtype)
+        kv = KVCache(m.shape, len(prompts), len(prompts[0]), m.device, m.dtype)
         segs = [Segment(i, p, 0, False) for i, p in enumerate(prompts)]
         batch = make_forward_batch(segs, m.device)
         batch = dataclasses.replace(batch, logit_rows=torch.arange(batch.input_ids.numel()))
@@ -154,7 +153,7 @@ def bench_model(spec: str, args) -> None:
     quantize_model(int8.model, "int8")
     hf = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None
-    a = BaseModelShape.from_hf_config(fp32.hf_config)
+    a = fp32.model.shape
     g = torch.Generator().manual_seed(0)
     prompts = [[1] + torch.randint(3, min(a.vocab_size, 259 if a.vocab_size < 1000 else 20000),
                                    (args.prompt_tokens - 1,), generator=g).tolist() for _ in range(args.requests)]
@@ -191,8 +190,7 @@ def bench_model(spec: str, args) -> None:
     f_pre = flops(a, args.requests * args.prompt_tokens, args.prompt_tokens // 2)
     f_dec = flops(a, args.requests * (args.new_tokens - 1), args.prompt_tokens + args.new_tokens // 2)
     hf_tok = results["HF generate fp32"]
-    print(f"\nmodel {model_dir.name} (hidden {a.hidden_size}, {a.num_layers} layers, vocab {a.vocab_size}): "
-          f"{args.requests} "
+    print(f"\nmodel {model_dir.name} (hidden {a.hidden_size}, {a.num_layers} layers, vocab {a.vocab_size}): {args.requests} "
           f"requests x {args.prompt_tokens} prompt x {args.new_tokens} new tokens, greedy, {args.threads} threads, "
           f"median of {args.repeats} interleaved runs")
     print(f"matmul peak (1024 rows, same shapes): {peak:.1f} GFLOP/s;  decode-step base matmuls at "

@@ -101,7 +101,7 @@ def parity(args: argparse.Namespace, dtype: torch.dtype) -> dict:
     hf = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(dev).eval()
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 259, (n,), generator=g).tolist() for n in (1, 5, 17, 40)]
-    kv = KVCache(model.args, len(prompts), 128, dev, dtype)
+    kv = KVCache(model.shape, len(prompts), 128, dev, dtype)
     segs = [Segment(kv_slot=i, token_ids=p, first_pos=0, want_logits=True) for i, p in enumerate(prompts)]
     with torch.inference_mode():
         ours = model.forward(make_forward_batch(segs, dev), kv.layers).float()
@@ -112,7 +112,7 @@ def parity(args: argparse.Namespace, dtype: torch.dtype) -> dict:
         prompt, n_new = prompts[2], 16
         ref = hf.generate(torch.tensor([prompt], device=dev), max_new_tokens=n_new, do_sample=False,
                           eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-        kv = KVCache(model.args, 1, 128, dev, dtype)
+        kv = KVCache(model.shape, 1, 128, dev, dtype)
         out = model.forward(make_forward_batch([Segment(0, prompt, 0, True)], dev), kv.layers)
         got: list[int] = []
         for _ in range(n_new):

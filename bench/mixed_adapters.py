@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lorafleet.archive import archive_dir  # noqa: E402
 from server.adapters import formats  # noqa: E402
-from server.adapters.formats import BaseModelShape, BottleneckTarget  # noqa: E402
+from server.adapters.weights import BottleneckTarget  # noqa: E402
+from server.model.shape import LINEAR_MODULES, BaseModelShape  # noqa: E402
 from server.adapters.refs import parse_tenant_ref  # noqa: E402
 from server.config import ServerConfig  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
@@ -44,12 +45,11 @@ from server.engine.sequence import FinishEvent, Sequence  # noqa: E402
 from server.main import build_adapters, keep_freed_memory  # noqa: E402
 from server.model.default import resolve_model  # noqa: E402
 from server.model.loader import load_model  # noqa: E402
-from server.model.shape import BaseModelShape  # noqa: E402
 
 TENANT = "bench"
 
 
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL = list(LINEAR_MODULES)
 _PEFT: dict[str, object] = {}      # kind -> one PEFT model, re-randomised per adapter (building is slow)
 
 
@@ -109,17 +109,17 @@ def run(engine: Engine, registry, prompts, adapters: list[str | None], n: int) -
     return wall, (end - max(s.first_token_at for s in seqs)) / max(n - 1, 1)
 
 
-def bytes_floor(shape: BaseModelShape, adapters: list[str | None], ranks: dict[str, tuple[int, list[str]]],
-                ctx: int) -> dict:
-    """Bytes one decode step must read (fp32): base linears + LM head, each distinct adapter's A and B
-    on its targets, every row's K and V up to ctx."""
-    dims = {t: shape.linear_dims(t) for t in ALL}
-    base = 4 * (shape.num_layers * sum(i * o for i, o in dims.values()) + shape.hidden_size * shape.vocab_size)
+def bytes_floor(model, adapters: list[str | None], ranks: dict[str, tuple[int, list[str]]], ctx: int) -> dict:
+    """Bytes one decode step must read: base linears + LM head, each distinct adapter's A and B on
+    its targets, every row's K and V up to ctx."""
+    a = model.shape
+    base = sum(lin.nbytes() for lw in model.layers for lin in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down))
+    base += model.lm_head.nbytes()
     ad = 0
     for name in {x for x in adapters if x}:
         r, targets = ranks[name]
-        ad += shape.num_layers * sum(r * (dims[t][0] + dims[t][1]) for t in targets) * 4
-    kv = len(adapters) * shape.num_layers * 2 * ctx * shape.num_kv_heads * shape.head_dim * 4
+        ad += a.num_layers * sum(r * sum(a.linear_dims(t)) for t in targets) * 4
+    kv = len(adapters) * a.num_layers * 2 * ctx * a.kv_size * 4
     return {"base": base, "adapters": ad, "kv": kv, "total": base + ad + kv}
 
 
@@ -214,8 +214,7 @@ def measure(args: argparse.Namespace, n_zipf: int, work: Path) -> None:
     for i in range(1, R):
         peft_model.load_adapter(str(lora_dirs[i]), adapter_name=f"lora{i}")
     g = torch.Generator().manual_seed(0)
-    shape = BaseModelShape.from_hf_config(loaded.hf_config)
-    hi = min(shape.vocab_size, 20000)
+    hi = min(loaded.model.shape.vocab_size, 20000)
     prompts = [[1] + torch.randint(3, hi, (31,), generator=g).tolist() for _ in range(R)]
     cases = {
         "a": [None] * R,
@@ -252,7 +251,7 @@ def measure(args: argparse.Namespace, n_zipf: int, work: Path) -> None:
     for k in ("a", "b", "c", "d", "f", "g", "e"):
         ms = f"{step[k] * 1e3:.1f}" if k in step else "-"
         print(f"| ({k}) {names[k]} | {tput[k]:.1f} | {tput[k] / tput['a']:.2f} | {ms} |")
-    fl = bytes_floor(shape, cases["c"], ranks, ctx)
+    fl = bytes_floor(loaded.model, cases["c"], ranks, ctx)
     floor_s = fl["total"] / bw
     print(f"ratio: (c)/(a) = {tput['c'] / tput['a']:.2f}   (d)/(a) = {tput['d'] / tput['a']:.2f} (target >= 0.85)   "
           f"(c)/(e) = {tput['c'] / tput['e']:.2f} (target >= 3)")

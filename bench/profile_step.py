@@ -102,11 +102,11 @@ def main() -> None:
     model_dir = resolve_model(args.model, Path.home() / ".cache/lorafleet/models")
     loaded = load_model(model_dir, torch.device("cpu"), torch.float32)
     model = quantize_model(loaded.model, args.quantize)
-    a = model.args
+    a = model.shape
     batches = [int(b) for b in args.batches.split(",")]
     kv = KVCache(a, max(batches), args.prompt_tokens + 8, model.device, model.dtype)
     g = torch.Generator().manual_seed(0)
-    print(f"model {model_dir.name} (hidden {a.dim}, {a.n_layers} layers, vocab {a.vocab_size}), "
+    print(f"model {model_dir.name} (hidden {a.hidden_size}, {a.num_layers} layers, vocab {a.vocab_size}), "
           f"quantize={args.quantize}, prompt {args.prompt_tokens} tokens, {args.threads} threads, "
           f"median of {args.repeats}; ms per step (share)")
     print(f"{'step':<12}" + "".join(f"{c:>17}" for c in (*CATEGORIES, "total")))

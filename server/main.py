@@ -17,7 +17,6 @@ from lorafleet.v1 import lorafleet_pb2 as pb
 from lorafleet.v1 import lorafleet_pb2_grpc as pb_grpc
 from server import kernels, metrics
 from server.adapters.cache import AdapterCache
-from server.adapters.formats import BaseModelShape
 from server.adapters.registry import AdapterRegistry
 from server.adapters.store import AdapterStore
 from server.adapters.validate import AdapterLimits, value_bound
@@ -90,15 +89,15 @@ def load(cfg: ServerConfig) -> LoadedModel:
 def build_adapters(cfg: ServerConfig, loaded: LoadedModel) -> tuple[AdapterStore, AdapterServing]:
     """Store (scanned: corrupt versions quarantined) -> registry -> device slots <- tiered cache."""
     m = loaded.model
-    bound = cfg.adapter_max_value or value_bound(torch.finfo(m.dtype).max, m.args.dim)
+    bound = cfg.adapter_max_value or value_bound(torch.finfo(m.dtype).max, m.shape.hidden_size)
     limits = AdapterLimits(max_rank=cfg.max_adapter_rank, max_archive_bytes=cfg.max_adapter_bytes,
                            max_virtual_tokens=cfg.max_virtual_tokens, max_value=bound)
-    store = AdapterStore(cfg.data_dir, BaseModelShape.from_hf_config(loaded.hf_config), limits)
+    store = AdapterStore(cfg.data_dir, m.shape, limits)
     report = store.scan()
     log.info("adapter store %s: %d versions served, %d quarantined", cfg.data_dir, len(report.served),
              len(report.quarantined))
     registry = AdapterRegistry(store, report.served)
-    slots = AdapterSlots(m.args, cfg.adapter_slots, cfg.max_adapter_rank, m.device, m.dtype, base=m.layers,
+    slots = AdapterSlots(m.shape, cfg.adapter_slots, cfg.max_adapter_rank, m.device, m.dtype, base=m.layers,
                          max_gain=bound)
     cache = AdapterCache(cfg.adapter_slots, cfg.host_adapters, cfg.host_adapter_bytes, registry.load, slots.write)
     return store, AdapterServing(registry, cache, slots)
@@ -239,8 +238,8 @@ async def serve(cfg: ServerConfig) -> None:
     check_ports_free(cfg)
     loaded = load(cfg)
     running = await start(cfg, loaded)
-    a = loaded.model.args
-    print(f"lorafleet: serving {loaded.name} ({a.n_layers} layers, hidden {a.dim}, vocab {a.vocab_size}, "
+    a = loaded.model.shape
+    print(f"lorafleet: serving {loaded.name} ({a.num_layers} layers, hidden {a.hidden_size}, vocab {a.vocab_size}, "
           f"{loaded.model.device}, {str(loaded.model.dtype).replace('torch.', '')}, "
           f"{kernels.backend_name(loaded.model.device)} kernels{', chat template' if loaded.chat else ''}) "
           f"on {cfg.host}:{running.port}", flush=True)

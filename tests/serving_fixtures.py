@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from lorafleet.archive import archive_dir
 from server.adapters import formats
-from server.adapters.formats import BaseModelShape, BottleneckTarget
+from server.adapters.weights import BottleneckTarget
+from server.model.shape import BaseModelShape
 from server.adapters.registry import AdapterRegistry
 from server.engine.engine import AdapterServing
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from server.adapters.formats import AdapterWeights, BaseModelShape, BottleneckTarget, ClassificationHead
+from server.adapters.weights import AdapterKind, AdapterWeights, BottleneckTarget, ClassificationHead
+from server.model.shape import BaseModelShape
 from server.kernels.activation import Activation
 
 
@@ -126,4 +127,4 @@ def read_bottleneck(directory: Path, base: BaseModelShape) -> AdapterWeights:
     directory = Path(directory)
     return parse_files((directory / formats.CONFIG_FILE).read_bytes(),
                        (directory / formats.WEIGHTS_FILE).read_bytes(), base, AdapterLimits(),
-                       formats.AdapterKind.BOTTLENECK)
+                       AdapterKind.BOTTLENECK)

@@ -11,11 +11,10 @@ from pathlib import Path
 
 from server.config import REQUIRED, knob
 from server.kernels.activation import NAMES as ACTIVATION_NAMES
+from server.model.shape import LINEAR_MODULES, MLP_MODULES  # noqa: F401 - MLP_MODULES: for trainer.methods
 
 METHODS = ("lora", "dora", "ia3", "bottleneck", "prefix", "prompt")
 TASKS = ("lm", "cls")
-LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 DEFAULT_TARGETS = {"lora": LINEAR_MODULES, "dora": LINEAR_MODULES, "ia3": ("k_proj", "v_proj", "down_proj")}
 # measured on the tiny and default models: prompt-learning methods want a larger step
 DEFAULT_LR = {"lora": 2e-3, "dora": 2e-3, "ia3": 1e-2, "bottleneck": 2e-3, "prefix": 1e-2, "prompt": 3e-2}

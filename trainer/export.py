@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from server.adapters import formats
-from server.adapters.formats import BaseModelShape
+from server.model.shape import BaseModelShape
 from trainer.bottleneck import head_of
 from trainer.methods import AdapterModule
 

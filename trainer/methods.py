@@ -150,7 +150,7 @@ def _init_prompt(model: nn.Module, ids: list[int], n: int) -> None:
 
 def load_adapter(base: nn.Module, adapter_dir: Path, task: str, model_config: dict) -> AdapterModule:
     """A frozen AdapterModule from an exported adapter directory (any kind) on `base` (the teacher)."""
-    from server.adapters.formats import BaseModelShape
+    from server.model.shape import BaseModelShape
 
     path = Path(adapter_dir) / "adapter_config.json"
     if not path.is_file():

@@ -25,7 +25,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Generic, Hashable, TypeVar
 
-from server.adapters.formats import AdapterWeights
+from server.adapters.weights import AdapterWeights
 from server.errors import ResourceExhausted
 
 K = TypeVar("K", bound=Hashable)

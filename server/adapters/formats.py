@@ -1,4 +1,5 @@
-"""Adapter formats: one in-memory description (`AdapterWeights`) for every kind, and the file layouts.
+"""Adapter formats: the file layouts of every kind, parsed into one in-memory description
+(`AdapterWeights`, server/adapters/weights.py).
 
 Every adapter travels as two files, `adapter_config.json` and `adapter_model.safetensors`. The JSON
 is an object whose `peft_type` names the kind. Tensors may be F16, BF16, F32 or F64; they are held
@@ -56,28 +57,26 @@ Functions here trust their input: call them on what `validate.parse_upload` has 
 """
 from __future__ import annotations
 
-import enum
 import json
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from safetensors.torch import save as save_safetensors
 
 from lorafleet.archive import CONFIG_FILE, WEIGHTS_FILE
+from server.adapters.peft_variants import fold_to_lora
+from server.adapters.weights import (LORA_FAMILY, AdapterKind, AdapterWeights, BottleneckTarget,
+                                     ClassificationHead, Ia3Target, LoraTarget, TensorRole)
 from server.errors import InvalidArgument
-from server.model.shape import LINEAR_MODULES, BaseModelShape  # noqa: F401 - re-exported: the adapters' view
+from server.model.shape import MODULE_PARENT, BaseModelShape, module_path
 
 PLACES = ("attn", "mlp")
-MODULE_PARENT = {m: ("mlp" if m in ("gate_proj", "up_proj", "down_proj") else "self_attn")
-                 for m in LINEAR_MODULES}
 PROMPT_KEY = "prompt_embeddings"
 LABELS_KEY = "lorafleet"  # adapter_config.json: {"lorafleet": {"labels": [...]}}
 
-_LAYER = r"(0|[1-9][0-9]{0,5})"  # no leading zeros: one name per slot
+_LAYER = r"(0|[1-9][0-9]{0,5})"  # no leading zeros: one name per tensor
 _PEFT_MODULE = rf"base_model\.model\.model\.layers\.{_LAYER}\.(self_attn|mlp)\.([a-z_]+)\."
 _LORA_RE = re.compile(_PEFT_MODULE + r"(?:lora_(A|B)\.weight|lora_(B)\.bias|lora_(magnitude)_vector)")
 _ADALORA_RE = re.compile(_PEFT_MODULE + r"lora_(A|B|E)")
@@ -89,102 +88,22 @@ _HEAD_RE = {True: re.compile(r"base_model\.(?:model\.)?score\.(weight|bias)"),  
             False: re.compile(r"score\.(weight|bias)")}
 
 
-class AdapterKind(enum.Enum):
-    LORA = "LORA"
-    IA3 = "IA3"
-    BOTTLENECK = "BOTTLENECK"
-    PREFIX_TUNING = "PREFIX_TUNING"
-    PROMPT_TUNING = "PROMPT_TUNING"
-    DORA = "DORA"  # a PEFT LORA file with use_dora: true
-    ADALORA = "ADALORA"
-    VERA = "VERA"
-
-
-LORA_FAMILY = frozenset({AdapterKind.LORA, AdapterKind.DORA, AdapterKind.ADALORA, AdapterKind.VERA})
-"""Kinds served as LoRA factors in the LoRA slots (AdaLoRA and VeRA folded at load)."""
-
-
-@dataclass(frozen=True, eq=False)
-class LoraTarget:
-    """delta(x) = scale * (B @ A @ x + bias); DoRA then scales the whole output column-wise by
-    magnitude / ||W + scale * B @ A||_row (computed once per slot, see peft_variants.dora_scale)."""
-
-    A: torch.Tensor  # [r, d_in]
-    B: torch.Tensor  # [d_out, r]
-    scale: float  # alpha / r (or alpha / sqrt(r) with use_rslora), patterns applied
-    bias: torch.Tensor | None = None  # [d_out] LoRA bias (lora_B.bias), inside the scaled term
-    magnitude: torch.Tensor | None = None  # [d_out] DoRA magnitude m (lora_magnitude_vector)
-
-
-@dataclass(frozen=True, eq=False)
-class Ia3Target:
-    vec: torch.Tensor  # [d_in] if on_input else [d_out]
-    on_input: bool  # True: scales the module's input (feedforward); False: its output
-
-
-@dataclass(frozen=True, eq=False)
-class BottleneckTarget:
-    down: torch.Tensor  # [r, hidden]
-    down_bias: torch.Tensor | None  # [r]
-    up: torch.Tensor  # [hidden, r]
-    up_bias: torch.Tensor | None  # [hidden]
-    activation: str  # relu | gelu | silu
-
-
-@dataclass(frozen=True, eq=False)
-class ClassificationHead:
-    weight: torch.Tensor  # [num_labels, hidden]
-    bias: torch.Tensor | None  # [num_labels]
-    labels: tuple[str, ...]  # len == num_labels
-
-
-@dataclass(frozen=True, eq=False)
-class AdapterWeights:
-    """One adapter, any kind, float32 on CPU. Only the fields of its kind are non-empty."""
-
-    kind: AdapterKind
-    lora: dict[tuple[int, str], LoraTarget]  # (layer, module) -> target
-    ia3: dict[tuple[int, str], Ia3Target]  # (layer, module) -> target
-    bottleneck: dict[tuple[int, str], BottleneckTarget]  # (layer, "attn"|"mlp") -> target
-    prefix_kv: torch.Tensor | None  # [num_layers, 2, num_kv_heads, n_virtual, head_dim]
-    prompt_embeds: torch.Tensor | None  # [n_virtual, hidden]
-    head: ClassificationHead | None
-    rank: int  # max LoRA r (folded: AdaLoRA's kept rank, VeRA's r) or bottleneck size; 0 otherwise
-    nbytes: int  # bytes of all tensors held (float32)
-    config: dict  # the parsed adapter_config.json
-
-    @property
-    def lora_bias(self) -> bool:
-        """True for a LoRA with `lora_bias` (a bias inside the scaled term of some target)."""
-        return any(t.bias is not None for t in self.lora.values())
-
-
-class TensorRole(NamedTuple):
-    """Where a tensor name points: role in lora|ia3|bottleneck|prompt|head|vera (VeRA's shared pair)."""
-
-    role: str
-    layer: int  # -1 when not per layer
-    module: str  # linear module, "attn"/"mlp" for bottleneck, "" otherwise
-    part: str  # lora: A, B, B.bias, magnitude (DoRA), E (AdaLoRA), lambda_b/lambda_d (VeRA);
-    #            vera: A/B; bottleneck: down.weight etc.; head: weight/bias; "" otherwise
-
-
 def parse_tensor_name(kind: AdapterKind, name: str) -> TensorRole | None:
-    """The slot a tensor name addresses for `kind`, or None if the name is not one of the format's."""
+    """The role a tensor name addresses for `kind`, or None if the name is not one of the format's."""
     head = _HEAD_RE[kind is not AdapterKind.BOTTLENECK].fullmatch(name)
     if head:
         return TensorRole("head", -1, "", head.group(1))
     if kind in (AdapterKind.LORA, AdapterKind.DORA) and (m := _LORA_RE.fullmatch(name)):
         part = m.group(4) or ("B.bias" if m.group(5) else m.group(6))
-        return _module_slot("lora", m.group(1), m.group(2), m.group(3), part)
+        return _module_role("lora", m.group(1), m.group(2), m.group(3), part)
     if kind is AdapterKind.ADALORA and (m := _ADALORA_RE.fullmatch(name)):
-        return _module_slot("lora", m.group(1), m.group(2), m.group(3), m.group(4))
+        return _module_role("lora", m.group(1), m.group(2), m.group(3), m.group(4))
     if kind is AdapterKind.VERA and (m := _VERA_RE.fullmatch(name)):
-        return _module_slot("lora", m.group(1), m.group(2), m.group(3), f"lambda_{m.group(4)}")
+        return _module_role("lora", m.group(1), m.group(2), m.group(3), f"lambda_{m.group(4)}")
     if kind is AdapterKind.VERA and (m := _VERA_SHARED_RE.fullmatch(name)):
         return TensorRole("vera", -1, "", m.group(1))
     if kind is AdapterKind.IA3 and (m := _IA3_RE.fullmatch(name)):
-        return _module_slot("ia3", m.group(1), m.group(2), m.group(3), "")
+        return _module_role("ia3", m.group(1), m.group(2), m.group(3), "")
     if kind is AdapterKind.BOTTLENECK and (m := _BOTTLENECK_RE.fullmatch(name)):
         return TensorRole("bottleneck", int(m.group(1)), m.group(2), f"{m.group(3)}.{m.group(4)}")
     if kind in (AdapterKind.PREFIX_TUNING, AdapterKind.PROMPT_TUNING) and name == PROMPT_KEY:
@@ -192,15 +111,10 @@ def parse_tensor_name(kind: AdapterKind, name: str) -> TensorRole | None:
     return None
 
 
-def _module_slot(role: str, layer: str, parent: str, module: str, part: str) -> TensorRole | None:
+def _module_role(role: str, layer: str, parent: str, module: str, part: str) -> TensorRole | None:
     if MODULE_PARENT.get(module) != parent:
         return None
     return TensorRole(role, int(layer), module, part)
-
-
-def module_path(layer: int, module: str) -> str:
-    """The module's name inside the HF model, as PEFT matches rank_pattern / alpha_pattern keys."""
-    return f"model.layers.{layer}.{MODULE_PARENT[module]}.{module}"
 
 
 def pattern_value(patterns: dict, path: str, default: float) -> float:
@@ -234,23 +148,22 @@ def assemble(kind: AdapterKind, cfg: dict, tensors: dict[str, torch.Tensor],
     head_parts: dict[str, torch.Tensor] = {}
     shared: dict[str, torch.Tensor] = {}  # VeRA's vera_A / vera_B
     prompt = None
-    slots = {name: parse_tensor_name(kind, name) for name in tensors}  # all known: validated before
-    for name, slot in sorted(slots.items(), key=lambda item: (item[1].layer, item[1].module, item[1].part)):
+    roles = {name: parse_tensor_name(kind, name) for name in tensors}  # all known: validated before
+    for name, role in sorted(roles.items(), key=lambda item: (item[1].layer, item[1].module, item[1].part)):
         t = tensors[name]
-        if slot.role == "head":
-            head_parts[slot.part] = t
-        elif slot.role == "prompt":
+        if role.role == "head":
+            head_parts[role.part] = t
+        elif role.role == "prompt":
             prompt = t
-        elif slot.role == "vera":
-            shared[slot.part] = t
-        elif slot.role == "ia3":
-            ia3[(slot.layer, slot.module)] = Ia3Target(t.reshape(-1), on_input=t.shape[0] == 1)
+        elif role.role == "vera":
+            shared[role.part] = t
+        elif role.role == "ia3":
+            ia3[(role.layer, role.module)] = Ia3Target(t.reshape(-1), on_input=t.shape[0] == 1)
         else:
-            groups.setdefault((slot.layer, slot.module), {})[slot.part] = t
+            groups.setdefault((role.layer, role.module), {})[role.part] = t
     if kind in (AdapterKind.LORA, AdapterKind.DORA):
         lora = {key: _lora_target(cfg, key, parts) for key, parts in groups.items()}
-    elif kind in LORA_FAMILY:
-        from server.adapters.peft_variants import fold_to_lora  # AdaLoRA / VeRA (it imports this module)
+    elif kind in LORA_FAMILY:                                  # AdaLoRA / VeRA
         lora = fold_to_lora(kind, cfg, groups, shared, base)
     bottleneck = {key: BottleneckTarget(parts["down.weight"], parts.get("down.bias"), parts["up.weight"],
                                         parts.get("up.bias"), cfg.get("activation", "relu"))

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from server.adapters.formats import AdapterKind, BaseModelShape, LoraTarget, module_path
+from server.adapters.weights import AdapterKind, LoraTarget
 from server.errors import FailedPrecondition
+from server.model.shape import BaseModelShape, module_path
 
 ADALORA_EPS = 1e-5  # PEFT adds it to ranknum in AdaLoRA's forward
 DORA_MIN_NORM = 1e-4  # ||W + sBA||_row below this fraction of ||W_row|| + ||sBA_row||: refused

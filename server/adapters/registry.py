@@ -19,7 +19,7 @@ import threading
 from dataclasses import dataclass
 from typing import Iterable
 
-from server.adapters.formats import AdapterKind, AdapterWeights
+from server.adapters.weights import AdapterKind, AdapterWeights
 from server.adapters.reservations import QuotaCheck
 from server.adapters.store import AdapterInfo, AdapterStore, DeletedAdapter, Upload
 from server.adapters.refs import AdapterKey, TenantRef, validate_name

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load as load_safetensors
 
-from server.adapters import formats
+from lorafleet.archive import WEIGHTS_FILE
 from server.errors import InvalidArgument, ResourceExhausted
 
 DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
@@ -57,7 +57,7 @@ class TensorHeader:
 def read_safetensors_header(data: bytes, max_tensors: int) -> dict[str, TensorHeader]:
     """Parse and check the header ourselves: length, entries, dtypes, offsets vs dtype x shape."""
     if len(data) < 8:
-        raise InvalidArgument(f"{formats.WEIGHTS_FILE} is {len(data)} bytes, too short for safetensors")
+        raise InvalidArgument(f"{WEIGHTS_FILE} is {len(data)} bytes, too short for safetensors")
     (header_len,) = struct.unpack("<Q", data[:8])
     if header_len > len(data) - 8:
         raise InvalidArgument(f"safetensors header claims {header_len} bytes but the file has {len(data) - 8} "
@@ -116,7 +116,7 @@ def load_tensors(weights: bytes, max_abs: float = float("inf")) -> dict[str, tor
     try:
         raw = load_safetensors(weights)
     except Exception as e:  # the checked header makes this unlikely; never let it escape as INTERNAL
-        raise InvalidArgument(f"{formats.WEIGHTS_FILE} could not be read ({str(e)[:120]})") from None
+        raise InvalidArgument(f"{WEIGHTS_FILE} could not be read ({str(e)[:120]})") from None
     out = {}
     for name, t in raw.items():
         t = t.to(torch.float32).contiguous()  # F64 values beyond float32 range become Inf and are rejected

@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from server.adapters import owners as owners_mod
-from server.adapters.formats import AdapterKind, AdapterWeights, BaseModelShape
+from server.adapters.weights import AdapterKind, AdapterWeights
+from server.model.shape import BaseModelShape
 from server.adapters.reservations import QuotaCheck, Reservation, Reservations, TenantHoldings
 from server.adapters.safe_io import load_json_object
 from server.adapters.refs import NAME_RE, VERSION_RE, AdapterKey, validate_name

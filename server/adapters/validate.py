@@ -34,11 +34,12 @@ from dataclasses import dataclass
 import torch
 
 from server.adapters import formats, peft_variants
-from server.adapters.formats import AdapterKind, AdapterWeights, BaseModelShape, TensorRole
-from lorafleet.archive import ArchiveError, ArchiveTooLarge, read_archive
+from server.adapters.weights import AdapterKind, AdapterWeights, TensorRole
+from lorafleet.archive import CONFIG_FILE, WEIGHTS_FILE, ArchiveError, ArchiveTooLarge, read_archive
 from server.adapters.safe_io import TensorHeader, load_json_object, load_tensors, read_safetensors_header
 from server.errors import DataLoss, FailedPrecondition, InvalidArgument, ResourceExhausted
 from server.kernels.activation import NAMES as ACTIVATIONS
+from server.model.shape import LINEAR_MODULES, MODULE_PARENT, BaseModelShape, module_path
 
 MiB = 1 << 20
 SHA256_RE = re.compile(r"[0-9a-f]{64}", re.ASCII)
@@ -169,9 +170,9 @@ def _check_lora_family_options(cfg: dict, what: str, unsupported: tuple[str, ...
         _check_target_regex(targets)
     if cfg.get("use_dora") and isinstance(targets, list):
         for t in targets:
-            if t not in formats.LINEAR_MODULES and re.search(r"embed|lm_head|conv", t):
+            if t not in LINEAR_MODULES and re.search(r"embed|lm_head|conv", t):
                 raise InvalidArgument(f"DoRA on {t[:40]!r} is not supported: DoRA is served on the linear "
-                                      f"modules ({', '.join(formats.LINEAR_MODULES)}), not on embeddings or "
+                                      f"modules ({', '.join(LINEAR_MODULES)}), not on embeddings or "
                                       "conv layers")
 
 
@@ -207,10 +208,10 @@ def _check_target_regex(pattern: str) -> None:
     hits = [m for m in _NOT_TARGETS if re.fullmatch(pattern, m)]
     if hits:
         raise InvalidArgument(f"target_modules regex {pattern[:80]!r} also matches {hits[0]!r}; adapters are "
-                              f"served on the linear modules only ({', '.join(formats.LINEAR_MODULES)})")
-    if not any(re.fullmatch(pattern, formats.module_path(0, m)) for m in formats.LINEAR_MODULES):
+                              f"served on the linear modules only ({', '.join(LINEAR_MODULES)})")
+    if not any(re.fullmatch(pattern, module_path(0, m)) for m in LINEAR_MODULES):
         raise InvalidArgument(f"target_modules regex {pattern[:80]!r} matches none of the linear modules "
-                              f"({', '.join(formats.LINEAR_MODULES)})")
+                              f"({', '.join(LINEAR_MODULES)})")
 
 
 def _check_pattern_key(key: str) -> None:
@@ -270,12 +271,12 @@ def _check_adalora_config(cfg: dict, base: BaseModelShape, limits: AdapterLimits
     _field(cfg, "lora_alpha", "number", 8)
     _check_lora_family_options(cfg, "AdaLoRA", ("use_dora", "lora_bias", *_UNSUPPORTED_LORA))
     masks = _field(cfg, "rank_pattern", "dict", {})
-    if len(masks) > base.num_layers * len(formats.LINEAR_MODULES):
+    if len(masks) > base.num_layers * len(LINEAR_MODULES):
         raise InvalidArgument(f"AdaLoRA rank_pattern has {len(masks)} entries; the base model has "
-                              f"{base.num_layers * len(formats.LINEAR_MODULES)} linear modules")
+                              f"{base.num_layers * len(LINEAR_MODULES)} linear modules")
     for key, mask in masks.items():
         m = _ADALORA_MASK_RE.fullmatch(key)
-        if not m or formats.MODULE_PARENT.get(m.group(3)) != m.group(2):
+        if not m or MODULE_PARENT.get(m.group(3)) != m.group(2):
             raise InvalidArgument(f"AdaLoRA rank_pattern key {key[:100]!r} is not a module's lora_E, e.g. "
                                   f"{peft_variants.adalora_mask_key(0, 'q_proj')!r}")
         if int(m.group(1)) >= base.num_layers:
@@ -327,27 +328,27 @@ def check_tensors(kind: AdapterKind, cfg: dict, header: dict[str, TensorHeader],
                                 f"{limits.max_total_bytes}")
     groups: Groups = {}
     for name, h in header.items():
-        slot = formats.parse_tensor_name(kind, name)
-        if slot is None and kind is AdapterKind.DORA and re.search(r"embed|lm_head|conv", name):
+        role = formats.parse_tensor_name(kind, name)
+        if role is None and kind is AdapterKind.DORA and re.search(r"embed|lm_head|conv", name):
             raise InvalidArgument(f"tensor {name[:100]!r}: DoRA on embeddings or conv layers is not "
                                   "supported; it is served on the linear modules only")
-        if slot is None:
+        if role is None:
             raise InvalidArgument(f"unexpected tensor {name[:100]!r} for a {kind.value} adapter; "
                                   f"names look like {_EXAMPLE[kind]}")
-        if slot.layer >= base.num_layers:
-            raise FailedPrecondition(f"tensor {name} is for layer {slot.layer}; the base model has "
+        if role.layer >= base.num_layers:
+            raise FailedPrecondition(f"tensor {name} is for layer {role.layer}; the base model has "
                                      f"{base.num_layers} layers")
-        groups.setdefault(_group_key(slot), {})[slot.part] = (name, h.shape)
+        groups.setdefault(_group_key(role), {})[role.part] = (name, h.shape)
     head = groups.pop((-1, "head"), None)
     if head:
         _check_head(cfg, head, base, limits)
     if not groups:
-        raise InvalidArgument(f"{formats.WEIGHTS_FILE} holds no {kind.value} tensors")
+        raise InvalidArgument(f"{WEIGHTS_FILE} holds no {kind.value} tensors")
     _TENSOR_CHECKS[kind](cfg, groups, base, limits)
 
 
-def _group_key(slot: TensorRole) -> tuple[int, str]:
-    return (-1, slot.role) if slot.layer < 0 else (slot.layer, slot.module)
+def _group_key(role: TensorRole) -> tuple[int, str]:
+    return (-1, role.role) if role.layer < 0 else (role.layer, role.module)
 
 
 def _check_head(cfg: dict, parts: dict, base: BaseModelShape, limits: AdapterLimits) -> None:
@@ -388,7 +389,7 @@ def _check_factors(cfg: dict, layer: int, module: str, parts: dict, base: BaseMo
     _want(b_name, b, (d_out, r))
     if r != expected_r:
         raise InvalidArgument(f"tensor {a_name} has rank {r} but adapter_config.json gives {expected_r}")
-    if not _matches_module_list(cfg.get("target_modules"), formats.module_path(layer, module), True):
+    if not _matches_module_list(cfg.get("target_modules"), module_path(layer, module), True):
         raise InvalidArgument(f"tensor {a_name} is for {module}, which target_modules does not list")
 
 
@@ -432,13 +433,13 @@ def _check_vera_tensors(cfg: dict, groups: Groups, base: BaseModelShape, limits:
         raise InvalidArgument("a VeRA adapter must include base_model.vera_A and base_model.vera_B "
                               "(save it with save_projection=True)")
     if not groups:
-        raise InvalidArgument(f"{formats.WEIGHTS_FILE} holds no VeRA module tensors")
+        raise InvalidArgument(f"{WEIGHTS_FILE} holds no VeRA module tensors")
     r = cfg["r"]
     (a_name, a), (b_name, b) = shared["A"], shared["B"]
     if len(a) != 2 or len(b) != 2 or a[0] != r or b[1] != r:
         raise InvalidArgument(f"tensors {a_name} {list(a)} and {b_name} {list(b)} must be [r, d_in] and "
                               f"[d_out, r] with r={r}")
-    widest = [max(base.linear_dims(m)[i] for m in formats.LINEAR_MODULES) for i in (0, 1)]
+    widest = [max(base.linear_dims(m)[i] for m in LINEAR_MODULES) for i in (0, 1)]
     if a[1] > widest[0] or b[0] > widest[1]:
         raise FailedPrecondition(f"VeRA projections {list(a)} / {list(b)} are wider than any linear of the base "
                                  f"model (d_in <= {widest[0]}, d_out <= {widest[1]})")
@@ -452,7 +453,7 @@ def _check_vera_tensors(cfg: dict, groups: Groups, base: BaseModelShape, limits:
         if parts["lambda_d"][1] != (r,):
             raise InvalidArgument(f"tensor {parts['lambda_d'][0]} has shape {list(parts['lambda_d'][1])}; r is {r}")
         _want(*parts["lambda_b"], (d_out,))
-        if not _matches_module_list(cfg.get("target_modules"), formats.module_path(layer, module), True):
+        if not _matches_module_list(cfg.get("target_modules"), module_path(layer, module), True):
             raise InvalidArgument(f"tensor {parts['lambda_d'][0]} is for {module}, which target_modules does not list")
 
 
@@ -464,7 +465,7 @@ def _check_ia3_tensors(cfg: dict, groups: Groups, base: BaseModelShape, limits: 
             raise FailedPrecondition(f"tensor {name} has shape {list(shape)}; the base model needs "
                                      f"[{d_out}, 1] (output scale) or [1, {d_in}] (feedforward input scale)")
         on_input = shape == (1, d_in)
-        path = formats.module_path(layer, module)
+        path = module_path(layer, module)
         if isinstance(cfg.get("feedforward_modules"), list) and on_input != _matches_module_list(
                 cfg["feedforward_modules"], path, False):
             raise InvalidArgument(f"tensor {name} has shape {list(shape)}, which disagrees with "
@@ -515,9 +516,9 @@ def parse_files(config_bytes: bytes, weights: bytes, base: BaseModelShape, limit
                 expected_kind: AdapterKind | None = None) -> AdapterWeights:
     """Validate and parse adapter_config.json + adapter_model.safetensors bytes."""
     if len(config_bytes) > limits.max_config_bytes:
-        raise ResourceExhausted(f"{formats.CONFIG_FILE} is {len(config_bytes)} bytes; "
+        raise ResourceExhausted(f"{CONFIG_FILE} is {len(config_bytes)} bytes; "
                                 f"the limit is {limits.max_config_bytes}")
-    cfg = load_json_object(config_bytes, formats.CONFIG_FILE)
+    cfg = load_json_object(config_bytes, CONFIG_FILE)
     kind = check_config(cfg, base, limits, expected_kind)
     header = read_safetensors_header(weights, limits.max_tensors)
     check_tensors(kind, cfg, header, base, limits)

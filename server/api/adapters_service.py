@@ -10,7 +10,7 @@ from server import metrics
 from server.adapters.refs import SHARED_TENANT, TenantRef, parse_tenant_ref
 from server.adapters.registry import AdapterRegistry, RegistryUpload
 from server.adapters.store import AdapterInfo, AdapterStore
-from server.adapters.formats import AdapterKind, AdapterWeights
+from server.adapters.weights import AdapterKind, AdapterWeights
 from server.api import convert, tenancy
 from server.api.auth import Principal, caller
 from server.api.common import status_of, unary

@@ -4,7 +4,7 @@ and results become their proto spelling. Nothing here validates: `requests.valid
 from __future__ import annotations
 
 from lorafleet.v1 import lorafleet_pb2 as pb
-from server.adapters.formats import AdapterKind
+from server.adapters.weights import AdapterKind
 from server.adapters.refs import parse_tenant_ref
 from server.api.requests import GenerationRequest, Sampling
 from server.engine.sequence import FinishEvent, FinishReason

@@ -11,7 +11,7 @@ from typing import AsyncIterator
 from lorafleet.v1 import lorafleet_pb2 as pb
 from lorafleet.v1 import lorafleet_pb2_grpc as pb_grpc
 from server import kernels
-from server.adapters.formats import AdapterKind
+from server.adapters.weights import AdapterKind
 from server.adapters.refs import parse_tenant_ref
 from server.api import convert, requests
 from server.api.auth import caller
@@ -102,11 +102,11 @@ class InferenceService(pb_grpc.InferenceServicer):
 
     @unary("GetServerInfo")
     async def GetServerInfo(self, request, context):
-        a, c = self.engine.model.args, self.cfg
+        a, c = self.engine.model.shape, self.cfg
         return pb.ServerInfo(
             version=VERSION, model_name=self.engine.loaded.name,
             model_architecture=(self.engine.loaded.hf_config.get("architectures") or ["?"])[0],
-            vocab_size=a.vocab_size, hidden_size=a.dim, num_layers=a.n_layers,
+            vocab_size=a.vocab_size, hidden_size=a.hidden_size, num_layers=a.num_layers,
             device=str(self.engine.model.device), dtype=str(self.engine.model.dtype).replace("torch.", ""),
             limits=pb.ServerLimits(
                 max_prompt_tokens=c.max_prompt_tokens, max_new_tokens=c.max_new_tokens,

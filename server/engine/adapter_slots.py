@@ -8,10 +8,10 @@ adapter in the form its kind needs, in typed stacks (one per layer and fused tar
                per slot (modules of smaller rank are zero-padded up to r_s). B (and the
                bottleneck's U) are stored transposed, [S, r, d_out] contiguous, and handed to the
                kernels as [S, d_out, r] views: the expand bmm then reads contiguous rows.
-  DoraScale    per-slot output column scale g and shift, applied after the LoRA add: DoRA's
-               g = m / ||W + s B A||_row (computed here at write time from the frozen base weight;
-               shift (1 - g) * b0 where the base linear has a bias b0), and LoRA bias (g = 1,
-               shift s * b). 1 and 0 where a slot has none.
+  ColumnAffine per-slot output column scale and shift, y = scale * y + shift, applied after the
+               LoRA add: DoRA's scale g = m / ||W + s B A||_row (computed here at write time from
+               the frozen base weight; shift (1 - g) * b0 where the base linear has a bias b0),
+               and LoRA bias (scale 1, shift s * b). 1 and 0 where a slot has none.
   Ia3Stack     output scales of q/k/v (fused), o, gate/up (fused), down; input scales of o and
                down (PEFT's feedforward modules); 1 where the adapter has none
   BottleneckStack  per layer and place (attn | mlp): D [S, r, d], U [S, d, r], biases
@@ -19,28 +19,30 @@ adapter in the form its kind needs, in typed stacks (one per layer and fused tar
   Prompt       virtual-token embeddings [n, d], swapped into the input embeddings at prefill
   Head         classification head (weight [labels, d], bias, label names), any kind may carry one
 
-`StepAdapters` is built once per step from each row's slot and passed to the forward as its
-hooks (no per-step state lives on the model or on this store).
+Fused targets, their parts and the LayerWeights field of each: `server.model.shape` (LINEARS).
+
+`StepAdapters` is built once per step from each row's adapter slot and passed to the forward as
+its hooks (no per-step state lives on the model or on this store). Its plans are made from the
+host-side row -> adapter slot lists (one host->device copy per plan, nothing read back), each
+with only the layouts the chosen kernels read (`kernels.layouts`).
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from server import kernels
-from server.kernels.activation import Activation
-from server.adapters.formats import LORA_FAMILY, AdapterKind, AdapterWeights, ClassificationHead
 from server.adapters.peft_variants import dora_scale
+from server.adapters.weights import LORA_FAMILY, AdapterKind, AdapterWeights, ClassificationHead
 from server.errors import FailedPrecondition
-from server.model.llama import LayerWeights, ModelArgs
+from server.kernels.activation import Activation
+from server.model.llama import LayerWeights
+from server.model.shape import MODULES, TARGET_WEIGHT, TARGETS, UNFUSED, BaseModelShape
 
-# each Llama linear -> (fused target of the forward, its position in that target's output)
-MODULE_TARGET = {"q_proj": ("qkv", 0), "k_proj": ("qkv", 1), "v_proj": ("qkv", 2), "o_proj": ("o", 0),
-                 "gate_proj": ("gate_up", 0), "up_proj": ("gate_up", 1), "down_proj": ("down", 0)}
-IA3_IN = {"o_proj": "o", "down_proj": "down"}
-BASE_WEIGHT = {"qkv": "wqkv", "o": "wo", "gate_up": "w_gate_up", "down": "w_down"}  # LayerWeights fields
+IA3_IN = UNFUSED   # IA3 input scales are served where a module is its target alone (o_proj, down_proj)
 
 
 @dataclass(frozen=True)
@@ -52,9 +54,10 @@ class LoraStack:
 
 
 @dataclass(frozen=True)
-class DoraScale:
-    """Per-slot column scale and shift of one fused target's output: y = g * y + shift."""
-    g: torch.Tensor                  # [S, sum(d_out_i)], 1 where a slot has no DoRA
+class ColumnAffine:
+    """Per-slot column scale and shift of one fused target's output: y = scale * y + shift
+    (DoRA's magnitude / norm, the shift of a base bias under it, a LoRA bias)."""
+    scale: torch.Tensor              # [S, sum(d_out_i)], 1 where a slot has no DoRA
     shift: torch.Tensor              # [S, sum(d_out_i)], 0 where a slot has no bias term
 
 
@@ -78,22 +81,21 @@ class BottleneckStack:
 class SlotInfo:
     kind: AdapterKind
     prefix_kv: torch.Tensor | None        # [layers, 2, kv_heads, n, hd] (device)
-    prompt_embeds: torch.Tensor | None    # [n, dim] (device)
+    prompt_embeds: torch.Tensor | None    # [n, hidden] (device)
     head: ClassificationHead | None       # float32, CPU
 
 
 class AdapterSlots:
-    def __init__(self, args: ModelArgs, num_slots: int, max_rank: int, device: torch.device,
+    def __init__(self, shape: BaseModelShape, num_slots: int, max_rank: int, device: torch.device,
                  dtype: torch.dtype, base: Sequence[LayerWeights] | None = None, max_gain: float = float("inf")):
         """`base`: the frozen model's layers (LlamaModel.layers), read when a DoRA adapter is written
         (its scale depends on W); without them DoRA adapters are refused at write time. `max_gain`:
         the largest DoRA column scale accepted (validate.AdapterLimits.max_value)."""
-        self.args, self.num_slots, self.r, self.max_gain = args, num_slots, max_rank, max_gain
+        self.shape, self.num_slots, self.r, self.max_gain = shape, num_slots, max_rank, max_gain
         self.device, self.dtype, self.base = device, dtype, base
-        S, r, d = num_slots, max_rank, args.dim
-        q, kv, f = args.q_size, args.kv_size, args.intermediate_size
-        self.out_dims = {"qkv": (q, kv, kv), "o": (d,), "gate_up": (f, f), "down": (d,)}
-        self.in_dims = {"qkv": d, "o": q, "gate_up": d, "down": f}
+        S, r, d = num_slots, max_rank, shape.hidden_size
+        self.out_dims = {t: shape.target_dims(t)[1] for t in TARGETS}   # d_out of each part
+        self.in_dims = {t: shape.target_dims(t)[0] for t in TARGETS}
         starts = {t: [sum(outs[:i]) for i in range(len(outs))] for t, outs in self.out_dims.items()}
         self.out_slices = {t: [slice(a, a + o) for a, o in zip(starts[t], outs)]   # columns of each
                            for t, outs in self.out_dims.items()}                      # part of a fused output
@@ -104,23 +106,24 @@ class AdapterSlots:
         def ones(*shape: int) -> torch.Tensor:
             return torch.ones(shape, device=device, dtype=dtype)
 
-        L, widths = args.n_layers, {t: sum(outs) for t, outs in self.out_dims.items()}
+        L, widths = shape.num_layers, {t: sum(outs) for t, outs in self.out_dims.items()}
         self.lora = [{t: LoraStack(zeros(S, len(outs) * r, self.in_dims[t]),
                                    [zeros(S, r, o).transpose(1, 2) for o in outs], [zeros(S) for _ in outs])
                       for t, outs in self.out_dims.items()} for _ in range(L)]
-        self.dora = [{t: DoraScale(ones(S, w), zeros(S, w)) for t, w in widths.items()} for _ in range(L)]
+        self.col_affine = [{t: ColumnAffine(ones(S, w), zeros(S, w)) for t, w in widths.items()} for _ in range(L)]
         self.ia3 = [{t: Ia3Stack(ones(S, w), ones(S, self.in_dims[t]) if t in IA3_IN.values() else None)
                      for t, w in widths.items()} for _ in range(L)]
         self.bn = [{p: BottleneckStack(zeros(S, r, d), zeros(S, r, d).transpose(1, 2), zeros(S, r), zeros(S, d))
                     for p in ("attn", "mlp")} for _ in range(L)]
-        self.lora_rank = torch.zeros(S, dtype=torch.long, device=device)
-        self.bn_rank = torch.zeros(S, dtype=torch.long, device=device)
-        self.bn_act = torch.zeros(S, dtype=torch.long, device=device)
-        self.ones_rank = torch.ones(S, dtype=torch.long, device=device)
+        # true rank of each slot, on the host (the plans are made there) and on the device (kernels)
+        self.lora_rank, self.lora_rank_host = torch.zeros(S, dtype=torch.long, device=device), np.zeros(S, np.int64)
+        self.bn_rank, self.bn_rank_host = torch.zeros(S, dtype=torch.long, device=device), np.zeros(S, np.int64)
+        self.ones_rank, self.ones_rank_host = torch.ones(S, dtype=torch.long, device=device), np.ones(S, np.int64)
+        self.bn_act = torch.zeros(S, dtype=torch.long, device=device)             # [S] Activation
         self.info: list[SlotInfo | None] = [None] * S
-        self.lora_targets: list[frozenset[str]] = [frozenset()] * S   # targets a slot's LoRA touches
-        self.dora_targets: list[frozenset[str]] = [frozenset()] * S   # targets with a scale or shift
-        self.dora_shift = [False] * S                                  # some target has a shift
+        self.lora_targets: list[frozenset[str]] = [frozenset()] * S     # targets a slot's LoRA touches
+        self.affine_targets: list[frozenset[str]] = [frozenset()] * S   # targets with a column scale or shift
+        self.affine_shift = [False] * S                                  # some target has a shift
 
     # ------------------------------------------------------------------ writing a slot
     def write(self, slot: int, w: AdapterWeights) -> None:
@@ -152,10 +155,10 @@ class AdapterSlots:
                 for B, s in zip(st.B, st.scale):
                     B[slot].zero_()
                     s[slot] = 0
-        for layer in self.dora:
-            for ds in layer.values():
-                ds.g[slot] = 1
-                ds.shift[slot] = 0
+        for layer in self.col_affine:
+            for ca in layer.values():
+                ca.scale[slot] = 1
+                ca.shift[slot] = 0
         for layer in self.ia3:
             for st in layer.values():
                 st.out[slot] = 1
@@ -166,8 +169,9 @@ class AdapterSlots:
                 for x in (st.D, st.U, st.bd, st.bu):
                     x[slot].zero_()
         self.lora_rank[slot] = self.bn_rank[slot] = self.bn_act[slot] = 0
-        self.lora_targets[slot] = self.dora_targets[slot] = frozenset()
-        self.dora_shift[slot] = False
+        self.lora_rank_host[slot] = self.bn_rank_host[slot] = 0
+        self.lora_targets[slot] = self.affine_targets[slot] = frozenset()
+        self.affine_shift[slot] = False
         self.info[slot] = None
 
     def _write_lora(self, slot: int, w: AdapterWeights) -> None:
@@ -175,28 +179,28 @@ class AdapterSlots:
         if w.kind is AdapterKind.DORA and self.base is None:
             raise FailedPrecondition("this server was started without the base weights DoRA needs")
         for (layer, module), t in w.lora.items():
-            target, i = MODULE_TARGET[module]
+            target, i = MODULES[module].target, MODULES[module].part
             st, r = self.lora[layer][target], t.A.shape[0]
             st.A[slot, i * self.r:i * self.r + r] = t.A
             st.B[i][slot, :, :r] = t.B
             st.scale[i][slot] = t.scale
             cols = self.out_slices[target][i]
-            ds = self.dora[layer][target]
+            ca = self.col_affine[layer][target]
             if t.bias is not None:
-                ds.shift[slot, cols] = t.scale * t.bias
+                ca.shift[slot, cols] = t.scale * t.bias
             if t.magnitude is not None:
-                W = getattr(self.base[layer], BASE_WEIGHT[target]).dense()[cols]    # [d_out_i, d_in]
+                base = getattr(self.base[layer], TARGET_WEIGHT[target])
+                W = base.dense()[cols]                                               # [d_out_i, d_in]
                 g = dora_scale(W, t, f"layer {layer} {module}", self.max_gain)       # [d_out_i] float32
-                ds.g[slot, cols] = g
-                b0 = getattr(self.base[layer], BASE_WEIGHT[target]).bias            # the base bias
-                if b0 is not None:
-                    ds.shift[slot, cols] = (1 - g) * b0[cols].float()
-                    self.dora_shift[slot] = True
-            self.dora_shift[slot] |= t.bias is not None
-        self.lora_rank[slot] = w.rank
-        self.lora_targets[slot] = frozenset(MODULE_TARGET[m][0] for _, m in w.lora)
-        self.dora_targets[slot] = frozenset(MODULE_TARGET[m][0] for (_, m), t in w.lora.items()
-                                            if t.bias is not None or t.magnitude is not None)
+                ca.scale[slot, cols] = g
+                if base.bias is not None:                                            # the base bias b0
+                    ca.shift[slot, cols] = (1 - g) * base.bias[cols].float()
+                    self.affine_shift[slot] = True
+            self.affine_shift[slot] |= t.bias is not None
+        self.lora_rank[slot] = self.lora_rank_host[slot] = w.rank
+        self.lora_targets[slot] = frozenset(MODULES[m].target for _, m in w.lora)
+        self.affine_targets[slot] = frozenset(MODULES[m].target for (_, m), t in w.lora.items()
+                                              if t.bias is not None or t.magnitude is not None)
 
     def _write_ia3(self, slot: int, w: AdapterWeights) -> None:
         for (layer, module), t in w.ia3.items():
@@ -207,7 +211,7 @@ class AdapterSlots:
                         f"only, not {module}")
                 self.ia3[layer][IA3_IN[module]].inp[slot] = t.vec
             else:
-                target, i = MODULE_TARGET[module]
+                target, i = MODULES[module].target, MODULES[module].part
                 self.ia3[layer][target].out[slot, self.out_slices[target][i]] = t.vec
 
     def _write_bottleneck(self, slot: int, w: AdapterWeights) -> None:
@@ -222,34 +226,36 @@ class AdapterSlots:
                 st.bd[slot, :r] = t.down_bias
             if t.up_bias is not None:
                 st.bu[slot] = t.up_bias
-        self.bn_rank[slot] = w.rank
+        self.bn_rank[slot] = self.bn_rank_host[slot] = w.rank
         self.bn_act[slot] = Activation.of(acts.pop())
 
     # ------------------------------------------------------------------ per step
-    def step(self, token_slots: list[int], prompt_rows: list[tuple[int, int, int]]) -> "StepAdapters":
-        """token_slots [T]: each row's adapter slot or -1; prompt_rows: (row, slot, virtual index)
-        for rows that carry a prompt-tuning virtual token."""
-        def plan(rows: list[int], ranks: torch.Tensor) -> kernels.AdapterPlan | None:
+    def step(self, row_slots: list[int], prompt_rows: list[tuple[int, int, int]]) -> "StepAdapters":
+        """row_slots [T]: each row's adapter slot or -1; prompt_rows: (row, adapter slot, virtual
+        index) for rows that carry a prompt-tuning virtual token."""
+        def plan(rows: list[int], ranks: tuple[np.ndarray, torch.Tensor], *ops: str) -> kernels.AdapterPlan | None:
             if all(s < 0 for s in rows):
                 return None
-            return kernels.make_plan(torch.tensor(rows, dtype=torch.long, device=self.device), ranks)
+            return kernels.plan_rows(rows, *ranks, layouts=kernels.layouts(self.device, *ops))
 
-        kinds = [self.info[s].kind if s >= 0 else None for s in token_slots]
-        lora_rows = [s if k in LORA_FAMILY and self.lora_targets[s] else -1 for s, k in zip(token_slots, kinds)]
-        dora_rows = [s if s >= 0 and self.dora_targets[s] else -1 for s in lora_rows]
+        kinds = [self.info[s].kind if s >= 0 else None for s in row_slots]
+        lora_rows = [s if k in LORA_FAMILY and self.lora_targets[s] else -1 for s, k in zip(row_slots, kinds)]
+        affine_rows = [s if s >= 0 and self.affine_targets[s] else -1 for s in lora_rows]
+        ones = (self.ones_rank_host, self.ones_rank)
         prompt = None
         if prompt_rows:
             rows = torch.tensor([r for r, _, _ in prompt_rows], dtype=torch.long, device=self.device)
             vals = torch.stack([self.info[s].prompt_embeds[i] for _, s, i in prompt_rows])
             prompt = (rows, vals)
         return StepAdapters(
-            self, plan(lora_rows, self.lora_rank),
+            self, plan(lora_rows, (self.lora_rank_host, self.lora_rank), "lora", "lora_packed"),
             frozenset().union(*(self.lora_targets[s] for s in set(lora_rows) if s >= 0)),
-            plan(dora_rows, self.ones_rank),
-            frozenset().union(*(self.dora_targets[s] for s in set(dora_rows) if s >= 0)),
-            any(self.dora_shift[s] for s in set(dora_rows) if s >= 0),
-            plan([s if k is AdapterKind.IA3 else -1 for s, k in zip(token_slots, kinds)], self.ones_rank),
-            plan([s if k is AdapterKind.BOTTLENECK else -1 for s, k in zip(token_slots, kinds)], self.bn_rank),
+            plan(affine_rows, ones, "col_scale"),
+            frozenset().union(*(self.affine_targets[s] for s in set(affine_rows) if s >= 0)),
+            any(self.affine_shift[s] for s in set(affine_rows) if s >= 0),
+            plan([s if k is AdapterKind.IA3 else -1 for s, k in zip(row_slots, kinds)], ones, "ia3"),
+            plan([s if k is AdapterKind.BOTTLENECK else -1 for s, k in zip(row_slots, kinds)],
+                 (self.bn_rank_host, self.bn_rank), "bottleneck"),
             prompt)
 
 
@@ -259,12 +265,12 @@ class StepAdapters:
     slots: AdapterSlots
     lora: kernels.AdapterPlan | None
     lora_targets: frozenset[str]          # targets some LoRA-family row of this step touches
-    dora: kernels.AdapterPlan | None      # rows whose slot has a column scale or shift
-    dora_targets: frozenset[str]          # targets where some of those rows have one
-    dora_shift: bool                      # some of those rows have a shift (else only scales apply)
+    col_affine: kernels.AdapterPlan | None   # rows whose adapter slot has a column scale or shift
+    affine_targets: frozenset[str]        # targets where some of those rows have one
+    affine_shift: bool                    # some of those rows have a shift (else only scales apply)
     ia3: kernels.AdapterPlan | None
     bn: kernels.AdapterPlan | None
-    prompt: tuple[torch.Tensor, torch.Tensor] | None   # rows [V], embeddings [V, dim]
+    prompt: tuple[torch.Tensor, torch.Tensor] | None   # rows [V], embeddings [V, hidden]
 
     def embed(self, h: torch.Tensor) -> torch.Tensor:
         if self.prompt is not None:
@@ -285,9 +291,9 @@ class StepAdapters:
                 kernels.lora(y, x, st.A, st.B[0], st.scale[0], self.lora)
             else:
                 kernels.lora_packed(y, x, st.A, st.B, st.scale, self.slots.out_slices[target], self.lora)
-        if self.dora is not None and target in self.dora_targets:
-            ds = self.slots.dora[layer][target]
-            kernels.col_scale(y, ds.g, ds.shift if self.dora_shift else None, self.dora)
+        if self.col_affine is not None and target in self.affine_targets:
+            ca = self.slots.col_affine[layer][target]
+            kernels.col_scale(y, ca.scale, ca.shift if self.affine_shift else None, self.col_affine)
         if self.ia3 is not None:
             kernels.ia3(y, self.slots.ia3[layer][target].out, self.ia3)
         return y

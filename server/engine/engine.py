@@ -35,7 +35,7 @@ from server.engine.adapter_slots import AdapterSlots
 from server.engine.batch import Segment, make_forward_batch
 from server.engine.kv_cache import KVCache
 from server.engine.sampling import NON_FINITE, SamplingParams, sample
-from server.engine.scheduler import Scheduled, Scheduler
+from server.engine.scheduler import Scheduler
 from server.engine.sequence import FinishEvent, FinishReason, Sequence
 from server.errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument, LoraFleetError,
                            ResourceExhausted, Unavailable)
@@ -212,7 +212,7 @@ class Engine:
 
     def _new_kv(self) -> KVCache:
         batch, context, *_ = self._sizes
-        return KVCache(self.model.args, batch, context, self.model.device, self.model.dtype)
+        return KVCache(self.model.shape, batch, context, self.model.device, self.model.dtype)
 
     def _new_scheduler(self) -> Scheduler:
         batch, _, prefill, decode_prefill, reserve = self._sizes
@@ -346,16 +346,16 @@ class Engine:
         seq = Sequence("probe", list(PROBE_IDS), SamplingParams(max_new_tokens=1), lambda ev: None)
         seq.attach_virtual(n_prefix, n_prompt)
         seq.adapter_slot, seq.kv_slot = slot, 0
-        a = self.model.args
-        shape = (1, a.n_kv_heads, n_prefix + len(seq.prompt_ids), a.head_dim)
-        kv = [(torch.zeros(shape, device=self.model.device, dtype=self.model.dtype),
-               torch.zeros(shape, device=self.model.device, dtype=self.model.dtype)) for _ in range(a.n_layers)]
+        a = self.model.shape
+        size = (1, a.num_kv_heads, n_prefix + len(seq.prompt_ids), a.head_dim)
+        kv = [(torch.zeros(size, device=self.model.device, dtype=self.model.dtype),
+               torch.zeros(size, device=self.model.device, dtype=self.model.dtype)) for _ in range(a.num_layers)]
         for layer, (kc, vc) in enumerate(kv):
             if n_prefix:
                 kc[0, :, :n_prefix] = info.prefix_kv[layer, 0]
                 vc[0, :, :n_prefix] = info.prefix_kv[layer, 1]
-        work = [Scheduled(seq, seq.prompt_ids, n_prefix, True)]
-        batch = make_forward_batch([Segment(0, seq.prompt_ids, n_prefix, True)], self.model.device)
+        work = [Segment(0, seq.prompt_ids, n_prefix, True, seq)]
+        batch = make_forward_batch(work, self.model.device)
         hidden = self.model.forward(batch, kv, self._hooks(work), return_hidden=True)
         if not bool(torch.isfinite(hidden).all()):
             return "hidden states"
@@ -399,22 +399,22 @@ class Engine:
             kc[seq.kv_slot, :, :n] = prefix[layer, 0]
             vc[seq.kv_slot, :, :n] = prefix[layer, 1]
 
-    def _hooks(self, work: list[Scheduled]):
+    def _hooks(self, work: list[Segment]):
         """The step's adapter hooks, or None when no row carries an adapter."""
         if self.adapters is None or all(w.seq.adapter_slot is None for w in work):
             return None
-        token_slots, prompt_rows = [], []
+        row_slots, prompt_rows = [], []                 # each token row's adapter slot (-1: none)
         for w in work:
             slot = w.seq.adapter_slot if w.seq.adapter_slot is not None else -1
             first = w.first_pos - w.seq.kv_offset          # index into prompt_ids
             for i in range(len(w.token_ids)):
                 if first + i < w.seq.virtual_tokens:
-                    prompt_rows.append((len(token_slots), slot, first + i))
-                token_slots.append(slot)
-        return self.adapters.slots.step(token_slots, prompt_rows)
+                    prompt_rows.append((len(row_slots), slot, first + i))
+                row_slots.append(slot)
+        return self.adapters.slots.step(row_slots, prompt_rows)
 
     # ---- one step: run -> sample -> emit. A fault in one row fails that row, never the step.
-    def _step(self, work: list[Scheduled]) -> StepStats | None:
+    def _step(self, work: list[Segment]) -> StepStats | None:
         rows, hidden = self._run(work)
         if not rows:
             return None
@@ -442,14 +442,13 @@ class Engine:
             distinct_adapters=len({w.seq.adapter_slot for w in work} - {None}),
             generated=dict(Counter(s.tenant for s in gen)), first_token_seconds=first_token)
 
-    def _run(self, work: list[Scheduled]) -> tuple[list[Sequence], torch.Tensor | None]:
-        """The forward pass: the sequences wanting logits and their hidden states [rows, dim]. When
+    def _run(self, work: list[Segment]) -> tuple[list[Sequence], torch.Tensor | None]:
+        """The forward pass: the sequences wanting logits and their hidden states [rows, hidden]. When
         it raises, the step is run again in halves (a re-run writes the same K/V: nothing is
         committed before a part succeeds) until the rows that fail are alone; those fail, the
         rest of the step goes on."""
         try:
-            batch = make_forward_batch([Segment(w.seq.kv_slot, w.token_ids, w.first_pos, w.want_logits)
-                                        for w in work], self.model.device)
+            batch = make_forward_batch(work, self.model.device)
             hidden = self.model.forward(batch, self.kv.layers, self._hooks(work), return_hidden=True)
         except Exception as e:  # noqa: BLE001 - isolate the rows that cause it
             if len(work) == 1:
@@ -484,7 +483,7 @@ class Engine:
         return LoraFleetError("internal error: the base model produced non-finite logits for this request")
 
     def _sample(self, seqs: list[Sequence], hidden: torch.Tensor) -> list[int | None]:
-        """Next token per row from hidden states [rows, dim] (None: the row failed). When the
+        """Next token per row from hidden states [rows, hidden] (None: the row failed). When the
         batched draw raises, each row is drawn alone (rows drawn before the fault keep their
         draws: their generators have advanced) and only the rows that raise fail."""
         try:
@@ -506,7 +505,7 @@ class Engine:
         return out
 
     def _draw(self, seqs: list[Sequence], hidden: torch.Tensor) -> list:
-        """Logits -> tokens (or NON_FINITE) for rows [rows, dim]; a row's `logits_trace`, when
+        """Logits -> tokens (or NON_FINITE) for rows [rows, hidden]; a row's `logits_trace`, when
         set, records its logits (tests compare them with the oracle)."""
         logits = self.model.logits(hidden)
         for seq, row in zip(seqs, logits):
@@ -529,7 +528,7 @@ class Engine:
                 self._send(seq, ev)
 
     def _classify(self, seq: Sequence, h: torch.Tensor) -> tuple[tuple[str, ...], list[float]]:
-        """Label names and probabilities from the adapter's head on the last token's hidden state [dim]."""
+        """Label names and probabilities from the adapter's head on the last token's hidden state [hidden]."""
         head = self.adapters.slots.info[seq.adapter_slot].head
         logits = head.weight @ h.float().cpu()
         if head.bias is not None:

@@ -1,6 +1,7 @@
 """Continuous batching at iteration level: which sequences run this step, and how much of each.
 
-The scheduler decides; it never touches tensors. Slots are plain ints from the KV allocator.
+The scheduler decides; it never touches tensors. KV slots are plain ints from the KV allocator;
+a step's work is a list of `Segment`s (engine/batch.py), one per running sequence.
 Between two steps, waiting sequences are admitted into free slots and finished ones leave.
 Fairness between tenants, at three places:
   admission   round-robin over tenants (FIFO within a tenant); while other tenants wait, a
@@ -22,26 +23,18 @@ from __future__ import annotations
 
 import time
 from collections import Counter, OrderedDict, deque
-from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol
 
+from server.engine.batch import Segment
 from server.engine.sequence import Sequence
 
 
 MIN_PREFILL_CHUNK = 16      # a tenant's prefill share never drops below this many tokens a step
 
 
-class SlotAllocator(Protocol):
+class KvSlotAllocator(Protocol):
     def allocate(self) -> int | None: ...
-    def release(self, slot: int) -> None: ...
-
-
-@dataclass(frozen=True)
-class Scheduled:
-    seq: Sequence
-    token_ids: list[int]
-    first_pos: int
-    want_logits: bool     # the step ends this sequence's prefill, or it is decoding
+    def release(self, kv_slot: int) -> None: ...
 
 
 class FairQueue:
@@ -83,9 +76,9 @@ class FairQueue:
 
 
 class Scheduler:
-    def __init__(self, slots: SlotAllocator, max_batch_size: int, max_prefill_tokens: int,
+    def __init__(self, kv_slots: KvSlotAllocator, max_batch_size: int, max_prefill_tokens: int,
                  decode_prefill_tokens: int | None = None, reserve_slots: int = 0):
-        self.slots = slots
+        self.kv_slots = kv_slots
         self.max_batch_size = max_batch_size
         self.reserve_slots = min(reserve_slots, max_batch_size - 1)
         self.max_prefill_tokens = max_prefill_tokens
@@ -109,7 +102,7 @@ class Scheduler:
         """Take a sequence out (finished, cancelled or failed) and free its slot at once."""
         if seq.kv_slot is not None:
             self.running.remove(seq)
-            self.slots.release(seq.kv_slot)
+            self.kv_slots.release(seq.kv_slot)
             seq.kv_slot = None
         else:
             self.waiting.remove(seq)
@@ -128,15 +121,15 @@ class Scheduler:
                 continue
             if running[seq.tenant] and self.max_batch_size - len(self.running) <= self.reserve_slots:
                 continue                      # the last free slots wait for a tenant with none
-            slot = self.slots.allocate()
-            if slot is None:
+            kv_slot = self.kv_slots.allocate()
+            if kv_slot is None:
                 break
             if not make_ready(seq):
-                self.slots.release(slot)
+                self.kv_slots.release(kv_slot)
                 continue
             self.waiting.remove(seq)
             self.waiting.rotate(seq.tenant)
-            seq.kv_slot, seq.admitted_at = slot, now
+            seq.kv_slot, seq.admitted_at = kv_slot, now
             self.running.append(seq)
             running[seq.tenant] += 1
             admitted.append(seq)
@@ -147,14 +140,14 @@ class Scheduler:
         others = sum(1 for t in self.waiting.tenants() if t != tenant)
         return self.max_batch_size - min(others, self.max_batch_size // 4)
 
-    def schedule(self) -> list[Scheduled]:
+    def schedule(self) -> list[Segment]:
         """This step's work: one token for every decoding sequence, then prefill chunks within
         the step's prefill budget, shared fairly by tenant (admission order within one)."""
         out = []
         for seq in sorted(self.running, key=lambda s: s.kv_slot):   # consecutive slots: no KV gather
             if not seq.in_prefill:
                 ids, pos = seq.next_tokens(1)
-                out.append(Scheduled(seq, ids, pos, True))
+                out.append(Segment(seq.kv_slot, ids, pos, True, seq))
         by_tenant: dict[str, list[Sequence]] = {}
         for seq in self.running:
             if seq.in_prefill:
@@ -168,7 +161,7 @@ class Scheduler:
                     break
                 ids, pos = seq.next_tokens(share)
                 share -= len(ids)
-                out.append(Scheduled(seq, ids, pos, pos + len(ids) == seq.kv_offset + len(seq.prompt_ids)))
+                out.append(Segment(seq.kv_slot, ids, pos, pos + len(ids) == seq.kv_offset + len(seq.prompt_ids), seq))
         return out
 
 

@@ -1,6 +1,6 @@
 """Batched adapter kernels: apply a different adapter to every row of one batch.
 
-    plan = make_plan(slots, slot_ranks)          # once per forward step (plan.py)
+    plan = make_plan(slots, slot_ranks)          # once per forward step (plan.py; plan_rows from host values)
     v = shrink(x, A, plan)                       # [T, r_max]
     expand(y, v, B, scale, plan)                 # y += scale * v @ B^T, in place
     lora(y, x, A, B, scale, plan)                # shrink + expand, in place
@@ -13,7 +13,8 @@ Semantics: ``server.kernels.reference``; signatures: ``contract.KernelBackend``.
 This module only dispatches each call to one backend module, chosen once per
 device from the process-wide choice set by ``configure`` (the server's
 ``--kernels auto|torch|triton``): ``select_backend`` says which module serves a
-device, ``backend_name`` names it for logs and GetServerInfo.
+device, ``backend_name`` names it for logs and GetServerInfo, ``layouts`` says
+which plan layouts its ops read (a plan is built with those only).
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ import torch
 
 from server.kernels import reference, torch_ops
 from server.kernels.contract import OPS, KernelBackend
-from server.kernels.plan import AdapterPlan, make_plan
+from server.kernels.plan import AdapterPlan, make_plan, plan_rows
 
 __all__ = [
-    "AdapterPlan", "make_plan", "shrink", "expand", "lora", "lora_packed",
+    "AdapterPlan", "make_plan", "plan_rows", "layouts", "shrink", "expand", "lora", "lora_packed",
     "bottleneck", "ia3", "col_scale", "reference", "backend", "select_backend", "configure",
     "backend_name", "BACKENDS", "KernelBackend",
 ]
@@ -79,6 +80,12 @@ def backend(device: torch.device) -> ModuleType:
 def backend_name(device: torch.device) -> str:
     """"torch" or "triton": which backend serves `device` now."""
     return backend(device).NAME
+
+
+def layouts(device: torch.device, *ops: str) -> frozenset[str]:
+    """The plan layouts the backend serving `device` reads for these ops (see plan.py)."""
+    table = backend(device).LAYOUT
+    return frozenset(table[op] for op in ops)
 
 
 def _dispatcher(name: str) -> Callable[..., torch.Tensor | None]:

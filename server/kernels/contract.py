@@ -23,6 +23,7 @@ class KernelBackend(Protocol):
     """One implementation of every op; semantics and every argument's shape: see reference.<op>."""
 
     NAME: str  # "reference" | "torch" | "triton"
+    LAYOUT: dict[str, str]  # op -> the plan layout it reads: "rows" | "batches" | "tiles" (plan.py)
 
     def shrink(self, x: torch.Tensor, A: torch.Tensor, plan: AdapterPlan) -> torch.Tensor: ...
 

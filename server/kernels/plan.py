@@ -1,8 +1,8 @@
 """The per-step adapter plan: which rows use which slot, and how to batch them.
 
-``make_plan`` is called once per forward step and its ``AdapterPlan`` is shared
-by every op of every layer (all backends), so sorting and grouping are paid
-once per step. Conventions (slot -1, true ranks): ``server.kernels.reference``.
+A plan is built once per forward step (``plan_rows`` from the engine's host-side
+row -> slot list; ``make_plan`` from device tensors) and its ``AdapterPlan`` is
+shared by every op of every layer, so sorting and grouping are paid once per step. Conventions (slot -1, true ranks): ``server.kernels.reference``.
 
 It splits the rows that have an adapter into:
 
@@ -34,11 +34,20 @@ traffic: if slots of different ranks interleave in the stack, each bucket's
 view spans nearly all of it anyway, so the plan merges the buckets when the
 cost model says so. Inside a bucket, rank columns ``>= r_s`` (and pad rows) are
 zeroed by a precomputed mask, so padded rank columns are never *used*.
+
+Layouts: ``"rows"`` (``slots``, ``active_rows``, ``active_slots``: every backend, ``ia3`` and
+``col_scale``), ``"batches"`` (segments and buckets: ``torch_ops``) and ``"tiles"``
+(``triton_ops``). ``layouts`` says which to build (each backend's ``LAYOUT`` says which its ops
+read; ``kernels.layouts``): what is not asked for is ``None``. Data movement: the planning is
+host-side numpy; every index tensor of a plan (and ``slots`` itself when planned from host
+values, ``plan_rows``) reaches the device in ONE host->device copy of one packed int64 buffer,
+and nothing is read back (``make_plan`` on device tensors reads them to the host once first).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,6 +64,7 @@ LOOP_MM_COST = 1 << 21
 BUCKET_COST = 1 << 10  # per extra rank bucket (a second op sequence), per element of d
 MIN_SEGMENT = 32  # runs at least this long go to the segment (mm) path
 TILE_ROWS = 16  # triton_ops: rows of one slot per program (>= 16: tl.dot's minimum M)
+LAYOUTS = ("rows", "batches", "tiles")
 
 
 @dataclass(frozen=True)
@@ -77,18 +87,41 @@ class Bucket:
 
 @dataclass(frozen=True)
 class AdapterPlan:
-    """Row -> slot layout of one forward step; see the module docstring."""
+    """Row -> slot layout of one forward step; see the module docstring. A layout that was not
+    asked for (``make_plan(layouts=...)``) is None."""
 
     num_tokens: int  # T
     slots: torch.Tensor  # [T] long, -1 = no adapter (device)
     slot_ranks: torch.Tensor  # [S] long (device)
-    segments: tuple[tuple[int, int, int, int], ...]  # (start, end, slot, rank) runs
-    buckets: tuple[Bucket, ...]
+    segments: tuple[tuple[int, int, int, int], ...] | None  # (start, end, slot, rank) runs; "batches"
+    buckets: tuple[Bucket, ...] | None  # "batches"
     active_rows: torch.Tensor  # [N] rows with an adapter
     active_slots: torch.Tensor  # [N] their slots
-    sorted_rows: torch.Tensor  # [N] rows with an adapter, sorted by (slot, row)
-    tiles: torch.Tensor  # [n_tiles, 3] long (start, end, slot): sorted_rows[start:end], one slot
+    sorted_rows: torch.Tensor | None  # [N] rows with an adapter, sorted by (slot, row); "tiles"
+    tiles: torch.Tensor | None  # [n_tiles, 3] long (start, end, slot): sorted_rows[start:end], one slot; "tiles"
     loop: bool | None = None  # buckets as SGMV loop: None = cost model per op
+
+    def need(self, layout: str) -> None:
+        """Raise unless the plan holds `layout` (an op reading a layout its plan lacks is a bug)."""
+        if (self.buckets if layout == "batches" else self.tiles if layout == "tiles" else self.slots) is None:
+            raise ValueError(f"this plan was built without the {layout!r} layout (make_plan(layouts=...))")
+
+
+class _Staging:
+    """Host int64 arrays gathered for one host->device copy; `send` returns their device views."""
+
+    def __init__(self) -> None:
+        self.parts: list[np.ndarray] = []
+
+    def add(self, a: np.ndarray) -> int:
+        self.parts.append(np.ascontiguousarray(a, dtype=np.int64))
+        return len(self.parts) - 1
+
+    def send(self, device: torch.device) -> list[torch.Tensor]:
+        buf = np.concatenate([p.ravel() for p in self.parts]) if self.parts else np.zeros(0, dtype=np.int64)
+        flat = torch.from_numpy(buf).to(device)  # the one copy (none on CPU)
+        views = flat.split([p.size for p in self.parts])
+        return [v.view(p.shape) for v, p in zip(views, self.parts)]
 
 
 def _layout(counts: np.ndarray, uniq: np.ndarray, mode: str | None) -> tuple[int, int, int]:
@@ -116,8 +149,33 @@ def _merge_buckets(rs: np.ndarray, cuts: list[int], ranks: np.ndarray, mode: str
     return cost(rs) <= split + (len(cuts) - 2) * BUCKET_COST
 
 
+@dataclass(frozen=True)
+class _HostBucket:
+    """A bucket's host-side numbers; `arrays` are indices into the staging buffer."""
+
+    rank: int
+    num_groups: int
+    group_len: int
+    first_slot: int
+    runs: tuple[tuple[int, int, int, int], ...]
+    bmm_cost: int
+    loop_cost: int
+    masked: bool
+    arrays: tuple[int, int, int, int, int]  # group_slots, gidx, row_rank, pos, rows
+
+    def on_device(self, dev: list[torch.Tensor]) -> Bucket:
+        group_slots, gidx, row_rank, pos, rows = (dev[i] for i in self.arrays)
+        mask = None
+        if self.masked:  # [G, L, R]: 1 where the column is below the row's rank (0 on pad rows)
+            cols = torch.arange(self.rank, device=row_rank.device)
+            mask = (cols[None, :] < row_rank[:, None]).to(torch.float32).view(
+                self.num_groups, self.group_len, self.rank)
+        return Bucket(self.rank, self.num_groups, self.group_len, self.first_slot, self.runs,
+                      self.bmm_cost, self.loop_cost, group_slots, gidx, mask, pos, rows)
+
+
 def _bucket(rows: np.ndarray, slots: np.ndarray, ranks: np.ndarray, mode: str | None,
-            device: torch.device) -> Bucket:
+            staging: _Staging) -> _HostBucket:
     """rows/slots: [N_b] sorted by (slot, row); ranks: [S]."""
     uniq, first, counts = np.unique(slots, return_index=True, return_counts=True)
     first_slot, L, cost = _layout(counts, uniq, mode)
@@ -137,16 +195,12 @@ def _bucket(rows: np.ndarray, slots: np.ndarray, ranks: np.ndarray, mode: str | 
     row_rank = np.zeros(G * L, dtype=np.int64)
     row_rank[pos] = ranks[slots]
     R = int(row_rank.max())
-    mask = None
-    if rows.size != G * L or (row_rank != R).any():
-        mask = (np.arange(R)[None, :] < row_rank[:, None]).astype(np.float32).reshape(G, L, R)
+    masked = bool(rows.size != G * L or (row_rank != R).any())
     ends = np.cumsum(counts).tolist()
     runs = tuple((e - c, e, sl, int(ranks[sl])) for e, c, sl in zip(ends, counts.tolist(), uniq.tolist()))
     loop_cost = int((ranks[uniq] * (C_VIEW + counts)).sum())
-    dev = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
-    return Bucket(R, G, L, first_slot, runs, cost * R, loop_cost,
-                  dev(group_slots), dev(gidx), None if mask is None else dev(mask),
-                  dev(pos), dev(rows))
+    arrays = tuple(staging.add(a) for a in (group_slots, gidx, row_rank, pos, rows))
+    return _HostBucket(R, G, L, first_slot, runs, cost * R, loop_cost, masked, arrays)
 
 
 def make_plan(
@@ -157,17 +211,69 @@ def make_plan(
     rank_buckets: bool = True,
     group_mode: str | None = None,  # None: cost model; "view" | "gather": forced
     loop: bool | None = None,  # None: cost model per op; True/False: force SGMV loop / bmm
+    layouts: Sequence[str] = LAYOUTS,  # which layouts to build ("rows" always is)
 ) -> AdapterPlan:
-    """Build the per-step plan (host-side numpy work on a copy of ``slots``)."""
-    if group_mode not in (None, "view", "gather"):
-        raise ValueError(f"group_mode must be None, 'view' or 'gather', not {group_mode!r}")
-    device = slots.device
+    """Build the per-step plan from device tensors: one read of ``slots`` and ``slot_ranks`` to
+    the host, then as ``plan_rows`` (``slots`` itself is kept as the plan's)."""
     s = slots.detach().cpu().numpy().astype(np.int64)
     ranks = slot_ranks.detach().cpu().numpy().astype(np.int64)
+    return _plan(s, ranks, slot_ranks, slots.device, slots.to(torch.long).contiguous(), min_segment,
+                 rank_buckets, group_mode, loop, layouts)
+
+
+def plan_rows(
+    rows: Sequence[int] | np.ndarray,  # [T] each row's slot, -1 = no adapter (host values)
+    ranks: np.ndarray,  # [S] int64, true rank of each slot (host copy of slot_ranks)
+    slot_ranks: torch.Tensor,  # [S] long, the same on the device the kernels run on
+    *,
+    layouts: Sequence[str] = LAYOUTS,
+    min_segment: int = MIN_SEGMENT,
+    rank_buckets: bool = True,
+    group_mode: str | None = None,
+    loop: bool | None = None,
+) -> AdapterPlan:
+    """Build the per-step plan from host values (the engine, once per step): the row -> slot
+    list and every index derived from it go to ``slot_ranks.device`` in one copy; nothing is
+    read back from the device."""
+    s = np.asarray(rows, dtype=np.int64)
+    return _plan(s, np.asarray(ranks, dtype=np.int64), slot_ranks, slot_ranks.device, None, min_segment,
+                 rank_buckets, group_mode, loop, layouts)
+
+
+def _plan(s: np.ndarray, ranks: np.ndarray, slot_ranks: torch.Tensor, device: torch.device,
+          slots: torch.Tensor | None, min_segment: int, rank_buckets: bool, group_mode: str | None,
+          loop: bool | None, layouts: Sequence[str]) -> AdapterPlan:
+    """s: [T] slots, ranks: [S] (host). `slots`: s already on the device, or None to send it."""
+    if group_mode not in (None, "view", "gather"):
+        raise ValueError(f"group_mode must be None, 'view' or 'gather', not {group_mode!r}")
+    if not set(layouts) <= set(LAYOUTS):
+        raise ValueError(f"layouts must be of {LAYOUTS}, not {tuple(layouts)!r}")
     T, S = s.size, ranks.size
     active = s >= 0
     if (s >= S).any() or (ranks[s[active]] < 1).any():
         raise ValueError("slot out of range, or a row's slot has rank < 1")
+    staging = _Staging()
+    slots_at = staging.add(s) if slots is None else -1
+    act_rows = np.flatnonzero(active)
+    rows_at = staging.add(act_rows), staging.add(s[act_rows])
+    segments = host_buckets = tiles_at = None
+    if "batches" in layouts:
+        segments, host_buckets = _batches(s, active, ranks, min_segment, rank_buckets, group_mode, staging)
+    if "tiles" in layouts:
+        tiles_at = _tiles(act_rows, s, staging)
+    dev = staging.send(device)
+    return AdapterPlan(
+        T, dev[slots_at] if slots is None else slots, slot_ranks.to(device, torch.long).contiguous(),
+        segments, None if host_buckets is None else tuple(b.on_device(dev) for b in host_buckets),
+        dev[rows_at[0]], dev[rows_at[1]],
+        None if tiles_at is None else dev[tiles_at[0]], None if tiles_at is None else dev[tiles_at[1]], loop)
+
+
+def _batches(s: np.ndarray, active: np.ndarray, ranks: np.ndarray, min_segment: int, rank_buckets: bool,
+             group_mode: str | None, staging: _Staging
+             ) -> tuple[tuple[tuple[int, int, int, int], ...], list[_HostBucket]]:
+    """The "batches" layout: segments (long runs of one slot) and rank buckets of the rest."""
+    T, S = s.size, ranks.size
     segments: list[tuple[int, int, int, int]] = []
     bucketed = active.copy()
     if T:
@@ -188,20 +294,14 @@ def make_plan(
     if len(cuts) > 2 and _merge_buckets(rs, cuts, ranks, group_mode):
         order = np.argsort(rs, kind="stable")  # one bucket, by (slot, row)
         rows, rs, cuts = rows[order], rs[order], [0, rows.size]
-    buckets = tuple(_bucket(rows[a:b], rs[a:b], ranks, group_mode, device)
-                    for a, b in zip(cuts[:-1], cuts[1:]) if b > a)
-    act_rows = np.flatnonzero(active)
-    sorted_rows, tiles = _tiles(act_rows, s, device)
-    return AdapterPlan(T, slots.to(torch.long).contiguous(),
-                       slot_ranks.to(device, torch.long).contiguous(), tuple(segments), buckets,
-                       torch.from_numpy(act_rows).to(device),
-                       torch.from_numpy(s[act_rows]).to(device), sorted_rows, tiles, loop)
+    buckets = [_bucket(rows[a:b], rs[a:b], ranks, group_mode, staging)
+               for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+    return tuple(segments), buckets
 
 
-def _tiles(act_rows: np.ndarray, s: np.ndarray, device: torch.device
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """act_rows: [N] rows with an adapter; s: [T] slots. Returns (sorted_rows [N],
-    tiles [n_tiles, 3]) as views of one device tensor (one host->device copy)."""
+def _tiles(act_rows: np.ndarray, s: np.ndarray, staging: _Staging) -> tuple[int, int]:
+    """The "tiles" layout. act_rows: [N] rows with an adapter; s: [T] slots. Stages
+    sorted_rows [N] and tiles [n_tiles, 3]; returns their staging indices."""
     rows = act_rows[np.argsort(s[act_rows], kind="stable")]  # by (slot, row)
     uniq, first, counts = np.unique(s[rows], return_index=True, return_counts=True)
     per_run = (counts + TILE_ROWS - 1) // TILE_ROWS
@@ -209,6 +309,4 @@ def _tiles(act_rows: np.ndarray, s: np.ndarray, device: torch.device
     k = np.arange(int(per_run.sum())) - np.repeat(np.cumsum(per_run) - per_run, per_run)
     start = first[run] + k * TILE_ROWS
     end = np.minimum(start + TILE_ROWS, first[run] + counts[run])
-    packed = np.concatenate([rows, np.stack([start, end, uniq[run]], 1).ravel()]).astype(np.int64)
-    both = torch.from_numpy(packed).to(device)
-    return both[: rows.size], both[rows.size :].view(-1, 3)
+    return staging.add(rows), staging.add(np.stack([start, end, uniq[run]], 1).reshape(-1, 3))

@@ -31,6 +31,7 @@ from server.kernels.activation import Activation
 from server.kernels.plan import AdapterPlan  # only .slots and .slot_ranks are read here
 
 NAME = "reference"
+LAYOUT = dict.fromkeys(("shrink", "expand", "lora", "lora_packed", "bottleneck", "ia3", "col_scale"), "rows")
 
 
 def _rows(plan: AdapterPlan) -> list[tuple[int, int, int]]:

@@ -18,6 +18,8 @@ from server.kernels.activation import apply_per_row
 from server.kernels.plan import LOOP_MM_COST, AdapterPlan, Bucket
 
 NAME = "torch"
+LAYOUT = {"shrink": "batches", "expand": "batches", "lora": "batches", "lora_packed": "batches",
+          "bottleneck": "batches", "ia3": "rows", "col_scale": "rows"}  # plan layout each op reads
 
 # ---------------------------------------------------------------- execution helpers
 
@@ -36,6 +38,7 @@ def _runs(plan: AdapterPlan, x: torch.Tensor, y: torch.Tensor, dims: int, mats: 
     """SGMV: body(x_rows, y_rows, slot, rank) for each prefill segment (views of
     x and y) and for each slot of each loop bucket (rows gathered from x, a
     zero buffer for y added back with index_add)."""
+    plan.need("batches")
     for a, b, s, r in plan.segments:
         body(x[a:b], y[a:b], s, r)
     for bk in plan.buckets:

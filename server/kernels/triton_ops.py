@@ -43,6 +43,8 @@ from server.kernels import torch_ops
 from server.kernels.plan import TILE_ROWS, AdapterPlan
 
 NAME = "triton"
+LAYOUT = {"shrink": "tiles", "expand": "tiles", "lora": "tiles", "lora_packed": "tiles",
+          "bottleneck": "batches", "ia3": "rows", "col_scale": "rows"}  # plan layout each op reads
 INTERPRETED = bool(knobs.runtime.interpret)  # kernels below were built for the interpreter
 bottleneck = torch_ops.bottleneck
 ia3 = torch_ops.ia3
@@ -171,6 +173,7 @@ def _shrink_f32(x: torch.Tensor, A: torch.Tensor, plan: AdapterPlan, n_groups: i
 
 
 def _check(plan: AdapterPlan, *tensors: torch.Tensor) -> None:
+    plan.need("tiles")
     for t in tensors:
         if t.shape[0] != plan.num_tokens:
             raise ValueError(f"batch has {t.shape[0]} rows, plan has {plan.num_tokens}")

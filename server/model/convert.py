@@ -24,12 +24,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from server.model.loader import ModelLoadError, read_config
+from server.model.loader import MARKER, ModelLoadError, read_config
 
 log = logging.getLogger(__name__)
 
 CONVERT_VERSION = 1            # bump when the conversion below changes what it writes
-MARKER = "lorafleet-source.json"
 PARTIAL = ".partial-"
 GGUF_MAGIC = b"GGUF"
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")

@@ -3,47 +3,22 @@ scaling), GQA, SwiGLU, tied or untied embeddings, over a slot-indexed KV cache.
 
 The forward takes the step's batch description (`ForwardBatch`) and the adapter hooks as
 arguments; nothing about a step is stored on the model. Tokens of many sequences are
-flattened into one `[num_tokens, dim]` matrix so every linear runs once per step.
+flattened into one `[num_tokens, hidden]` matrix so every linear runs once per step.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-from server.model.quantize import BaseLinear
+from server.model.linear import BaseLinear
+from server.model.shape import TARGET_MODULES, TARGET_WEIGHT, TARGETS, BaseModelShape, module_path
 
 
 SMALL_ROWS = 4       # LM-head calls of at most this many rows use a plain transposed copy (batch 1)
-
-
-@dataclass(frozen=True)
-class ModelArgs:
-    vocab_size: int
-    dim: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    rope_type: str = "default"
-    rope_scaling: dict = field(default_factory=dict)
-    max_position_embeddings: int = 4096
-    tie_embeddings: bool = False
-    qkv_bias: bool = False
-
-    @property
-    def q_size(self) -> int:
-        return self.n_heads * self.head_dim
-
-    @property
-    def kv_size(self) -> int:
-        return self.n_kv_heads * self.head_dim
 
 
 @dataclass(frozen=True)
@@ -56,23 +31,23 @@ class ForwardBatch:
     """
     input_ids: torch.Tensor          # [T] long
     positions: torch.Tensor          # [T] long, position of each token in its sequence
-    token_slots: torch.Tensor        # [T] long, KV slot of each token's sequence
+    token_kv_slots: torch.Tensor     # [T] long, KV slot of each token's sequence
     logit_rows: torch.Tensor         # [R] long, token rows whose logits the caller wants
     decode_rows: torch.Tensor        # [B] long, token rows of one-token segments
-    decode_slots: torch.Tensor       # [B] long, their KV slots
+    decode_kv_slots: torch.Tensor    # [B] long, their KV slots
     decode_mask: torch.Tensor        # [B, 1, 1, Ld] bool, key j visible to decode row b
-    decode_slot_range: tuple[int, int] | None  # (first, count) when decode_slots are consecutive
+    decode_kv_range: tuple[int, int] | None  # (first, count) when decode_kv_slots are consecutive
     decode_only: bool                # every token is a decode row, rows 0..T-1 in order
     prefill_rows: torch.Tensor       # [P, Lq] long, token row of each chunk query (pads repeat a row)
     prefill_valid: torch.Tensor      # [P, Lq] bool, False on padding
-    prefill_slots: torch.Tensor      # [P] long
+    prefill_kv_slots: torch.Tensor   # [P] long, KV slot of each chunk
     prefill_mask: torch.Tensor       # [P, 1, Lq, Lk] bool, causal over the slot's cache
 
 
 class AdapterHooks(Protocol):
-    """Where adapters enter the forward. Targets: "qkv", "o", "gate_up", "down"."""
+    """Where adapters enter the forward. Targets: shape.TARGETS ("qkv", "o", "gate_up", "down")."""
 
-    def embed(self, h: torch.Tensor) -> torch.Tensor: ...                  # [T, dim] -> [T, dim]
+    def embed(self, h: torch.Tensor) -> torch.Tensor: ...                  # [T, hidden] -> [T, hidden]
     def pre_linear(self, layer: int, target: str, x: torch.Tensor) -> torch.Tensor: ...
     def post_linear(self, layer: int, target: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
     def block_out(self, layer: int, place: str, h: torch.Tensor) -> torch.Tensor: ...  # "attn" | "mlp"
@@ -80,26 +55,27 @@ class AdapterHooks(Protocol):
 
 @dataclass
 class LayerWeights:
-    """Linears are `BaseLinear`s (server/model/quantize.py): prepacked once at load for the
-    device's fastest matmul (oneDNN on CPU, exact), or int8 with `--quantize int8`."""
-    wqkv: BaseLinear                 # [dim] -> [q_size + 2 * kv_size] (+ bias for Qwen2)
-    wo: BaseLinear                   # [q_size] -> [dim]
-    w_gate_up: BaseLinear            # [dim] -> [2 * intermediate]
-    w_down: BaseLinear               # [intermediate] -> [dim]
-    attn_norm: torch.Tensor          # [dim]
-    mlp_norm: torch.Tensor           # [dim]
+    """Linears are `BaseLinear`s (server/model/linear.py): prepacked once at load for the
+    device's fastest matmul (oneDNN on CPU, exact), or int8 with `--quantize int8`. One field per
+    fused target (shape.TARGET_WEIGHT)."""
+    wqkv: BaseLinear                 # [hidden] -> [q_size + 2 * kv_size] (+ bias for Qwen2)
+    wo: BaseLinear                   # [q_size] -> [hidden]
+    w_gate_up: BaseLinear            # [hidden] -> [2 * intermediate]
+    w_down: BaseLinear               # [intermediate] -> [hidden]
+    attn_norm: torch.Tensor          # [hidden]
+    mlp_norm: torch.Tensor           # [hidden]
 
 
-def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+def rope_inv_freq(shape: BaseModelShape) -> torch.Tensor:
     """Inverse frequencies [head_dim / 2] with the config's rope scaling applied."""
-    hd = args.head_dim
-    inv = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
-    s = args.rope_scaling
-    if args.rope_type == "default":
+    hd = shape.head_dim
+    inv = 1.0 / (shape.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    s = dict(shape.rope_scaling)
+    if shape.rope_type == "default":
         return inv
-    if args.rope_type == "linear":
+    if shape.rope_type == "linear":
         return inv / s["factor"]
-    if args.rope_type == "llama3":
+    if shape.rope_type == "llama3":
         factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
         old = s["original_max_position_embeddings"]
         wavelen = 2 * math.pi / inv
@@ -108,11 +84,11 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old / hi) & (wavelen <= old / lo)
         return torch.where(medium, smoothed, scaled)
-    raise ValueError(f"rope_type {args.rope_type!r} is not supported (default, linear, llama3)")
+    raise ValueError(f"rope_type {shape.rope_type!r} is not supported (default, linear, llama3)")
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """x [T, dim] normalised in float32 (as HF's LlamaRMSNorm), cast back, times w [dim]."""
+    """x [T, hidden] normalised in float32 (as HF's LlamaRMSNorm), cast back, times w [hidden]."""
     if x.dtype == torch.float32:
         return F.rms_norm(x, (x.shape[-1],), w, eps)        # one fused op
     xf = x.float()
@@ -127,46 +103,43 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class LlamaModel:
-    def __init__(self, args: ModelArgs, embed: torch.Tensor, layers: list[LayerWeights],
+    def __init__(self, shape: BaseModelShape, embed: torch.Tensor, layers: list[LayerWeights],
                  norm: torch.Tensor, lm_head: torch.Tensor):
-        self.args = args
-        self.embed_tokens = embed    # [vocab, dim]
+        self.shape = shape
+        self.embed_tokens = embed    # [vocab, hidden]
         self.layers = layers
-        self.norm = norm             # [dim]
-        self.lm_head = BaseLinear(lm_head, small_rows=SMALL_ROWS)   # [dim] -> [vocab] (packed copy when tied)
+        self.norm = norm             # [hidden]
+        self.lm_head = BaseLinear(lm_head, small_rows=SMALL_ROWS)   # [hidden] -> [vocab] (packed copy when tied)
         self.device, self.dtype = embed.device, embed.dtype
-        self._inv_freq = rope_inv_freq(args)
-        self._cos = self._sin = torch.empty(0, args.head_dim, device=self.device)
+        self._inv_freq = rope_inv_freq(shape)
+        self._cos = self._sin = torch.empty(0, shape.head_dim, device=self.device)
 
     @classmethod
-    def from_hf_weights(cls, args: ModelArgs, w: dict[str, torch.Tensor], device: torch.device,
+    def from_hf_weights(cls, shape: BaseModelShape, w: dict[str, torch.Tensor], device: torch.device,
                         dtype: torch.dtype) -> "LlamaModel":
-        rope_inv_freq(args)  # refuse unsupported rope scaling at load time
+        rope_inv_freq(shape)  # refuse unsupported rope scaling at load time
 
         def t(name: str) -> torch.Tensor:
             return w[name].to(device=device, dtype=dtype).contiguous()
 
-        def lin(*names: str, bias: torch.Tensor | None = None) -> BaseLinear:   # HF [d_out, d_in] pieces
-            return BaseLinear(torch.cat([t(n) for n in names]), bias)
+        def lin(layer: int, target: str) -> BaseLinear:   # the target's HF [d_out, d_in] pieces, stacked
+            paths = [module_path(layer, m) for m in TARGET_MODULES[target]]
+            bias = None
+            if shape.qkv_bias and target == "qkv":
+                bias = torch.cat([t(f"{p}.bias") for p in paths])
+            return BaseLinear(torch.cat([t(f"{p}.weight") for p in paths]), bias)
 
         layers = []
-        for i in range(args.n_layers):
+        for i in range(shape.num_layers):
             p = f"model.layers.{i}."
-            a = p + "self_attn."
-            bias = None
-            if args.qkv_bias:
-                bias = torch.cat([t(a + "q_proj.bias"), t(a + "k_proj.bias"), t(a + "v_proj.bias")])
             layers.append(LayerWeights(
-                wqkv=lin(a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight", bias=bias),
-                wo=lin(a + "o_proj.weight"),
-                w_gate_up=lin(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
-                w_down=lin(p + "mlp.down_proj.weight"),
+                **{TARGET_WEIGHT[target]: lin(i, target) for target in TARGETS},
                 attn_norm=t(p + "input_layernorm.weight"),
                 mlp_norm=t(p + "post_attention_layernorm.weight"),
             ))
         embed = t("model.embed_tokens.weight")
-        head = embed if args.tie_embeddings or "lm_head.weight" not in w else t("lm_head.weight")
-        return cls(args, embed, layers, t("model.norm.weight"), head)
+        head = embed if shape.tie_embeddings or "lm_head.weight" not in w else t("lm_head.weight")
+        return cls(shape, embed, layers, t("model.norm.weight"), head)
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [T, 1, head_dim] for positions [T]; the table grows on demand."""
@@ -183,13 +156,13 @@ class LlamaModel:
     def forward(self, batch: ForwardBatch, kv: list[tuple[torch.Tensor, torch.Tensor]],
                 hooks: AdapterHooks | None = None, input_embeds: torch.Tensor | None = None,
                 return_hidden: bool = False) -> torch.Tensor:
-        """Run one step. kv[layer] = (k, v), each [slots, n_kv_heads, max_len, head_dim].
+        """Run one step. kv[layer] = (k, v), each [kv_slots, num_kv_heads, max_len, head_dim].
 
         Returns logits [R, vocab] for `batch.logit_rows` (or the final hidden states
-        [R, dim] when `return_hidden`). `input_embeds` [T, dim] replaces the embedding lookup.
+        [R, hidden] when `return_hidden`). `input_embeds` [T, hidden] replaces the embedding lookup.
         """
-        a = self.args
-        h = self.embed_tokens[batch.input_ids] if input_embeds is None else input_embeds  # [T, dim]
+        a = self.shape
+        h = self.embed_tokens[batch.input_ids] if input_embeds is None else input_embeds  # [T, hidden]
         if hooks is not None:
             h = hooks.embed(h)
         cos, sin = self.rope(batch.positions)
@@ -198,13 +171,13 @@ class LlamaModel:
         for i, lw in enumerate(self.layers):
             x = rms_norm(h, lw.attn_norm, a.norm_eps)
             qkv = _linear(x, lw.wqkv, hooks, i, "qkv")                        # [T, q + 2 kv]
-            qk = qkv[:, :a.q_size + a.kv_size].view(-1, a.n_heads + a.n_kv_heads, a.head_dim)
+            qk = qkv[:, :a.q_size + a.kv_size].view(-1, a.num_heads + a.num_kv_heads, a.head_dim)
             qk = apply_rope(qk, cos, sin)                                   # [T, H + Hkv, hd], one pass
-            q, k = qk[:, :a.n_heads], qk[:, a.n_heads:]                     # [T, H, hd], [T, Hkv, hd]
+            q, k = qk[:, :a.num_heads], qk[:, a.num_heads:]                 # [T, H, hd], [T, Hkv, hd]
             v = qkv[:, a.q_size + a.kv_size:]
             kc, vc = kv[i]
-            kc[batch.token_slots, :, batch.positions] = k
-            vc[batch.token_slots, :, batch.positions] = v.view(-1, a.n_kv_heads, a.head_dim)
+            kc[batch.token_kv_slots, :, batch.positions] = k
+            vc[batch.token_kv_slots, :, batch.positions] = v.view(-1, a.num_kv_heads, a.head_dim)
             attn = self._attention(q, kc, vc, batch, decode_bias)         # [T, H * hd]
             o = _linear(attn, lw.wo, hooks, i, "o")
             if hooks is not None:
@@ -216,27 +189,27 @@ class LlamaModel:
             if hooks is not None:
                 m = hooks.block_out(i, "mlp", m)
             h = h + m
-        h = rms_norm(h[batch.logit_rows], self.norm, a.norm_eps)          # [R, dim]
+        h = rms_norm(h[batch.logit_rows], self.norm, a.norm_eps)          # [R, hidden]
         return h if return_hidden else self.logits(h)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Final hidden states [R, dim] -> logits [R, vocab]."""
+        """Final hidden states [R, hidden] -> logits [R, vocab]."""
         return self.lm_head(h)
 
     def _attention(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
                    batch: ForwardBatch, decode_bias: torch.Tensor) -> torch.Tensor:
         """q [T, H, hd] -> [T, H * hd]; every token attends to its slot's cache up to itself.
-        kc, vc: [slots, kv_heads, max_len, hd]."""
+        kc, vc: [kv_slots, kv_heads, max_len, hd]."""
         T, H, hd = q.shape
         out = torch.empty_like(q)
-        gqa = self.args.n_heads != self.args.n_kv_heads
+        gqa = self.shape.num_heads != self.shape.num_kv_heads
         if batch.decode_rows.numel():
             n = batch.decode_mask.shape[-1]
-            if batch.decode_slot_range is not None:         # a view, no copy
-                first, count = batch.decode_slot_range
+            if batch.decode_kv_range is not None:           # a view, no copy
+                first, count = batch.decode_kv_range
                 ks, vs = kc[first:first + count, :, :n], vc[first:first + count, :, :n]
             else:
-                ks, vs = kc[batch.decode_slots, :, :n], vc[batch.decode_slots, :, :n]  # [B, Hkv, n, hd]
+                ks, vs = kc[batch.decode_kv_slots, :, :n], vc[batch.decode_kv_slots, :, :n]  # [B, Hkv, n, hd]
             qd = q if batch.decode_only else q[batch.decode_rows]           # [B, H, hd]
             od = _decode_attention(qd, ks, vs, decode_bias)                 # [B, H * hd]
             if batch.decode_only:                                          # rows are 0..T-1 in order
@@ -244,7 +217,7 @@ class LlamaModel:
             out[batch.decode_rows] = od.view(-1, H, hd)
         if batch.prefill_rows.numel():
             n = batch.prefill_mask.shape[-1]
-            ks, vs = kc[batch.prefill_slots, :, :n], vc[batch.prefill_slots, :, :n]   # [P, Hkv, n, hd]
+            ks, vs = kc[batch.prefill_kv_slots, :, :n], vc[batch.prefill_kv_slots, :, :n]   # [P, Hkv, n, hd]
             qp = q[batch.prefill_rows].transpose(1, 2)                      # [P, H, Lq, hd]
             op = F.scaled_dot_product_attention(qp, ks, vs, attn_mask=batch.prefill_mask, enable_gqa=gqa)
             valid = batch.prefill_valid

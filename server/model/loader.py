@@ -15,11 +15,12 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 
 from server.model.chat import ChatTemplate, load_chat_template
-from server.model.llama import LlamaModel, ModelArgs
+from server.model.llama import LlamaModel
 from server.model.shape import BaseModelShape
 
 SUPPORTED = {"llama", "mistral", "qwen2"}
 MAX_CONFIG_BYTES = 1 << 20
+MARKER = "lorafleet-source.json"   # the provenance file of an entry `convert` built in the model cache
 
 
 class ModelLoadError(Exception):
@@ -46,30 +47,6 @@ def read_config(model_dir: Path) -> dict:
     if cfg.get("model_type") not in SUPPORTED:
         raise ModelLoadError(f"{path}: model_type {cfg.get('model_type')!r} is not one of {sorted(SUPPORTED)}")
     return cfg
-
-
-def args_from_config(cfg: dict) -> ModelArgs:
-    """The forward's arguments: the shape (read once, by BaseModelShape) plus norm, RoPE and layout."""
-    shape = BaseModelShape.from_hf_config(cfg)
-    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-    theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    return ModelArgs(
-        vocab_size=shape.vocab_size,
-        dim=shape.hidden_size,
-        n_layers=shape.num_layers,
-        n_heads=shape.num_heads,
-        n_kv_heads=shape.num_kv_heads,
-        head_dim=shape.head_dim,
-        intermediate_size=shape.intermediate_size,
-        norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        rope_theta=float(theta),
-        rope_type=rope_type,
-        rope_scaling={k: v for k, v in rope.items() if k not in ("rope_theta", "rope_type", "type")},
-        max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        qkv_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
-    )
 
 
 def read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -125,7 +102,6 @@ def check_model_dir(model_dir: Path) -> dict:
 def display_name(model_dir: Path) -> str:
     """The model's name for GetServerInfo and /v1/models: the directory name, less the cache key
     our converted entries carry (`smollm2-135m-instruct-7197cfd0b111` -> `smollm2-135m-instruct`)."""
-    from server.model.convert import MARKER
     if (model_dir / MARKER).is_file():
         return re.sub(r"-[0-9a-f]{12}$", "", model_dir.name)
     return model_dir.name
@@ -136,13 +112,13 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype) -> Loa
     cfg = check_model_dir(model_dir)
     weights = read_weights(model_dir)
     try:
-        args = args_from_config(cfg)
+        shape = BaseModelShape.from_hf_config(cfg)
     except KeyError as e:
         raise ModelLoadError(f"{model_dir}/config.json: field {e.args[0]} is missing") from None
     if cfg.get("hidden_act", "silu") != "silu":
         raise ModelLoadError(f"{model_dir}: hidden_act {cfg['hidden_act']!r} is not supported (silu)")
     try:
-        model = LlamaModel.from_hf_weights(args, weights, device=device, dtype=dtype)
+        model = LlamaModel.from_hf_weights(shape, weights, device=device, dtype=dtype)
     except KeyError as e:
         raise ModelLoadError(f"{model_dir}: weight {e.args[0]} is missing") from None
     except ValueError as e:

@@ -1,136 +1,15 @@
-"""The frozen base linears in the fastest form the device has: `BaseLinear`.
-
-A base linear is y = x @ Wᵀ (+ b) with W in Hugging Face's [d_out, d_in] layout. It is stored once,
-at load, as one of
-
-  "plain"   W transposed, [d_in, d_out] contiguous, `x @ w` (CUDA, non-fp32 dtypes, or no oneDNN)
-  "onednn"  fp32 W reordered once into oneDNN's blocked layout (`mkldnn._reorder_linear_weight`)
-            and multiplied by `mkldnn._linear_pointwise`: what inductor's weight freezing emits on
-            CPU, exact to fp32 rounding, 1.5-3x faster than MKL's sgemm at 8-1024 rows on 2 cores
-  "int8"    (opt-in, `--quantize int8`) per-output-channel symmetric int8 W, fbgemm's dynamic
-            linear (activations quantized per call, accumulated in int32, output fp32). Not exact:
-            the bench reports its drift. Activations of real models have outlier channels that one
-            per-tensor activation scale cannot hold (SmolLM2: logits off by 30-100% without this),
-            so each input channel j is first divided by s_j = sqrt(max|x_j| / max|W_:,j|) and W's
-            column multiplied by it (SmoothQuant, alpha 0.5), with max|x_j| from a calibration pass.
-
-Adapters never see the difference: the forward's hooks get fp32 x and y either way. `dense()` gives
-W back ([d_out, d_in], fp32; dequantized for int8) for code that needs the weight itself.
-"""
+"""`--quantize int8`: turn the model's base linears into int8 `BaseLinear`s (server/model/linear.py),
+with the SmoothQuant channel ranges measured by a calibration pass through the model's own forward."""
 from __future__ import annotations
-
-import warnings
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from server.model.llama import LlamaModel
-
-MODES = ("plain", "onednn", "int8")
-SMOOTH_ALPHA = 0.8        # int8: share of an input channel's range moved into the weights
-PACK_ROWS = 1024          # row-count hint for the oneDNN reorder (a prefill step); any row count runs
+from server.engine.batch import Segment, make_forward_batch
+from server.model.llama import LlamaModel
+from server.model.shape import TARGET_WEIGHT
 
 
-def onednn_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """fp32 on a CPU build with oneDNN and its linear ops (inductor's freezing path)."""
-    return (device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-
-
-def int8_available() -> bool:
-    return "fbgemm" in torch.backends.quantized.supported_engines or \
-        "x86" in torch.backends.quantized.supported_engines
-
-
-class BaseLinear:
-    """One frozen base linear, [T, d_in] -> [T, d_out]. `small_rows` keeps a plain transposed copy
-    as well and uses it for calls of at most that many rows (the LM head at batch 1, where one
-    matrix-vector product through MKL beats oneDNN's blocked layout)."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, mode: str | None = None,
-                 small_rows: int = 0, act_max: torch.Tensor | None = None):
-        # weight [d_out, d_in], bias [d_out]; act_max [d_in]: calibrated max |x_j| (int8 only)
-        mode = mode or ("onednn" if onednn_available(weight.device, weight.dtype) else "plain")
-        if mode not in MODES:
-            raise ValueError(f"linear mode {mode!r} is not one of {MODES}")
-        if mode == "onednn" and not onednn_available(weight.device, weight.dtype):
-            mode = "plain"                                     # the fallback
-        if mode == "int8" and not (int8_available() and weight.device.type == "cpu"):
-            raise ValueError("int8 base weights need a CPU build of torch with fbgemm (x86)")
-        self.mode, self.d_out, self.d_in = mode, weight.shape[0], weight.shape[1]
-        self.device, self.dtype = weight.device, weight.dtype
-        self.bias = bias                                               # [d_out] or None
-        self.small_rows = small_rows
-        self.w_t = weight.T.contiguous() if mode == "plain" or small_rows else None   # [d_in, d_out]
-        self.packed = self.inv_smooth = None
-        if mode == "onednn":
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_ROWS)
-        elif mode == "int8":
-            w = weight.float()
-            if act_max is not None:
-                smooth = (act_max.float().clamp(min=1e-5) ** SMOOTH_ALPHA
-                          / w.abs().amax(0).clamp(min=1e-5) ** (1 - SMOOTH_ALPHA))           # [d_in]
-                self.inv_smooth = 1.0 / smooth
-                w = w * smooth
-            self.packed = _int8_prepack(w, None if bias is None else bias.float())
-
-    def dense(self) -> torch.Tensor:
-        """The weight as served, [d_out, d_in] (DoRA's row norms are taken over it at adapter load):
-        the plain copy, or the packed weight applied to the identity (exact: one non-zero product
-        per output), less the bias."""
-        if self.w_t is not None:
-            return self.w_t.T
-        if self.mode == "int8":                                            # dequantized, smoothing undone
-            w = torch.ops.quantized.linear_unpack(self.packed)[0].dequantize()
-            return w if self.inv_smooth is None else w * self.inv_smooth
-        eye = torch.eye(self.d_in, device=self.device, dtype=self.dtype)
-        w_t = self(eye)                                                    # [d_in, d_out]
-        if self.bias is not None:
-            w_t = w_t - self.bias
-        return w_t.T
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, d_in] -> [T, d_out]."""
-        if self.w_t is not None and (self.mode == "plain" or x.shape[0] <= self.small_rows):
-            return x @ self.w_t if self.bias is None else torch.addmm(self.bias, x, self.w_t)
-        if self.mode == "onednn":
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        if self.inv_smooth is not None:
-            x = x * self.inv_smooth
-        return torch.ops.quantized.linear_dynamic(x.contiguous(), self.packed, False)   # int8
-
-    def dense(self) -> torch.Tensor:
-        """W [d_out, d_in] (fp32 dequantized for int8)."""
-        if self.w_t is not None:
-            return self.w_t.T
-        if self.mode == "onednn":
-            return self.packed.to_dense()
-        w, _ = torch.ops.quantized.linear_unpack(self.packed)
-        w = w.dequantize()
-        return w if self.inv_smooth is None else w * self.inv_smooth
-
-    def quantized(self, act_max: torch.Tensor | None = None) -> "BaseLinear":
-        """The same linear with int8 weights (smoothed by act_max [d_in] when given)."""
-        return BaseLinear(self.dense(), self.bias, "int8", act_max=act_max)
-
-    def nbytes(self) -> int:
-        """Bytes of weight read per call (what one step moves)."""
-        per = 1 if self.mode == "int8" else (self.w_t.element_size() if self.w_t is not None else 4)
-        return self.d_out * self.d_in * per
-
-
-def _int8_prepack(w: torch.Tensor, b: torch.Tensor | None):
-    """Per-output-channel symmetric int8 of w [d_out, d_in], prepacked for fbgemm's dynamic linear."""
-    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).double()
-    with warnings.catch_warnings():        # the quantized-tensor API warns that it is deprecated
-        warnings.simplefilter("ignore")
-        qw = torch.quantize_per_channel(w, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
-        return torch.ops.quantized.linear_prepack(qw, b)
-
-
-def quantize_model(model: "LlamaModel", quantize: str) -> "LlamaModel":
+def quantize_model(model: LlamaModel, quantize: str) -> LlamaModel:
     """`--quantize`: "none" leaves the model as loaded (exact); "int8" turns every base linear
     and the LM head into int8 weights, in place. Embeddings, norms, adapters and the KV cache stay
     in the model's dtype. Returns the model."""
@@ -142,20 +21,17 @@ def quantize_model(model: "LlamaModel", quantize: str) -> "LlamaModel":
         raise ValueError("--quantize int8 runs on CPU with float32 activations (--device cpu)")
     act_max = calibrate(model)
     for i, lw in enumerate(model.layers):
-        for target, name in TARGETS.items():
+        for target, name in TARGET_WEIGHT.items():
             setattr(lw, name, getattr(lw, name).quantized(act_max[(i, target)]))
     model.lm_head = model.lm_head.quantized()
     return model
-
-
-TARGETS = {"qkv": "wqkv", "o": "wo", "gate_up": "w_gate_up", "down": "w_down"}
 
 
 class _Calibration:
     """Adapter hooks that change nothing and record max |x_j| of every base linear's input."""
 
     def __init__(self):
-        self.act_max: dict[tuple[int, str], torch.Tensor] = {}
+        self.act_max: dict[tuple[int, str], torch.Tensor] = {}   # (layer, target) -> [d_in]
 
     def embed(self, h):
         return h
@@ -173,28 +49,18 @@ class _Calibration:
         return h
 
 
-def calibrate(model: "LlamaModel", sequences: int = 4, tokens: int = 64, seed: int = 0
+def calibrate(model: LlamaModel, sequences: int = 4, tokens: int = 64, seed: int = 0
               ) -> dict[tuple[int, str], torch.Tensor]:
     """max |x_j| [d_in] of every base linear's input over a few seeded random-token prompts
-    (outlier channels belong to the model, not to the text), keyed (layer, target)."""
-    from server.model.llama import ForwardBatch
-    a, dev = model.args, model.device
+    (outlier channels belong to the model, not to the text), keyed (layer, target). Each prompt
+    is one sequence's prefill through the model's forward, in a KV cache of its own."""
+    a, dev = model.shape, model.device
     g = torch.Generator().manual_seed(seed)
     hooks = _Calibration()
-    n = tokens
-    none = torch.zeros(0, dtype=torch.long, device=dev)
     for _ in range(sequences):
-        ids = torch.randint(0, a.vocab_size, (n,), generator=g).to(dev)
-        kv = [(torch.zeros(1, a.n_kv_heads, n, a.head_dim, device=dev, dtype=model.dtype),
-               torch.zeros(1, a.n_kv_heads, n, a.head_dim, device=dev, dtype=model.dtype)) for _ in model.layers]
-        rows = torch.arange(n, device=dev)
-        batch = ForwardBatch(
-            input_ids=ids, positions=rows, token_slots=torch.zeros(n, dtype=torch.long, device=dev),
-            logit_rows=rows[-1:], decode_rows=none, decode_slots=none,
-            decode_mask=torch.zeros(0, 1, 1, 0, dtype=torch.bool, device=dev), decode_slot_range=None,
-            decode_only=False, prefill_rows=rows[None], prefill_valid=torch.ones(1, n, dtype=torch.bool, device=dev),
-            prefill_slots=torch.zeros(1, dtype=torch.long, device=dev),
-            prefill_mask=torch.ones(n, n, dtype=torch.bool, device=dev).tril()[None, None])
-        model.forward(batch, kv, hooks, return_hidden=True)
+        ids = torch.randint(0, a.vocab_size, (tokens,), generator=g).tolist()
+        kv = [(torch.zeros(1, a.num_kv_heads, tokens, a.head_dim, device=dev, dtype=model.dtype),
+               torch.zeros(1, a.num_kv_heads, tokens, a.head_dim, device=dev, dtype=model.dtype))
+              for _ in model.layers]
+        model.forward(make_forward_batch([Segment(0, ids, 0, True)], dev), kv, hooks, return_hidden=True)
     return hooks.act_max
-

@@ -19,7 +19,8 @@ import torch
 
 from lorafleet.archive import archive_dir, make_archive
 from server.adapters import formats
-from server.adapters.formats import BaseModelShape, BottleneckTarget, ClassificationHead
+from server.adapters.weights import BottleneckTarget, ClassificationHead
+from server.model.shape import MODULE_PARENT, BaseModelShape
 from server.adapters.validate import AdapterLimits
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -362,7 +363,7 @@ def perturb_all(model, seed: int) -> None:
 def set_adalora_masks(model, masks: dict[tuple[int, str], list[int]]) -> None:
     """As a finished AdaLoRA run leaves its config: rank_pattern {module's lora_E: [bool] * init_r}."""
     model.peft_config["default"].rank_pattern = {
-        f"model.layers.{layer}.{formats.MODULE_PARENT[m]}.{m}.lora_E": [bool(b) for b in mask]
+        f"model.layers.{layer}.{MODULE_PARENT[m]}.{m}.lora_E": [bool(b) for b in mask]
         for (layer, m), mask in masks.items()}
 
 
@@ -395,7 +396,7 @@ def variant_archive(variant: str) -> bytes:
 
 
 def _layer0(module: str, part: str) -> str:
-    return f"base_model.model.model.layers.0.{formats.MODULE_PARENT[module]}.{module}.{part}"
+    return f"base_model.model.model.layers.0.{MODULE_PARENT[module]}.{module}.{part}"
 
 
 def _drop(*names: str):
@@ -407,7 +408,7 @@ def _masks(**changes) -> dict:
     keys = {f"{layer}_{m}": (layer, m) for layer, m in ADALORA_MASKS}
     masks = {keys[k]: v for k, v in {**{f"{l}_{m}": v for (l, m), v in ADALORA_MASKS.items()}, **changes}.items()
              if v is not None}
-    return {f"model.layers.{l}.{formats.MODULE_PARENT[m]}.{m}.lora_E": [bool(b) for b in v]
+    return {f"model.layers.{l}.{MODULE_PARENT[m]}.{m}.lora_E": [bool(b) for b in v]
             for (l, m), v in masks.items()}
 
 

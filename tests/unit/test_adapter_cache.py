@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server.adapters.cache import AdapterCache
-from server.adapters.formats import AdapterKind, AdapterWeights
+from server.adapters.weights import AdapterKind, AdapterWeights
 from server.errors import NotFound, ResourceExhausted
 
 

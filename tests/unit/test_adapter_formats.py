@@ -11,7 +11,8 @@ from safetensors.torch import load, save
 
 from lorafleet.archive import archive_dir, make_archive
 from server.adapters import formats, validate
-from server.adapters.formats import AdapterKind, BaseModelShape
+from server.adapters.weights import AdapterKind
+from server.model.shape import LINEAR_MODULES, MODULE_PARENT, BaseModelShape
 from server.errors import InvalidArgument
 from tests.unit.adapter_fixtures import (BASE, LIMITS, TINY, bottleneck_head, bottleneck_targets, peft_adapter,
                                          peft_archive, split_archive, with_config, with_tensors)
@@ -23,7 +24,7 @@ def parse(archive: bytes, **kw):
 
 def peft_module(model, layer: int, module: str):
     block = model.get_base_model().model.layers[layer]
-    return getattr(getattr(block, formats.MODULE_PARENT[module]), module)
+    return getattr(getattr(block, MODULE_PARENT[module]), module)
 
 
 def test_base_shape_from_hf_config():
@@ -34,7 +35,7 @@ def test_base_shape_from_hf_config():
     assert wide.head_dim == 32 and wide.linear_dims("q_proj") == (64, 128) and wide.linear_dims("o_proj") == (128, 64)
     mha = BaseModelShape.from_hf_config({k: v for k, v in TINY.items() if k != "num_key_value_heads"})
     assert mha.num_kv_heads == 4
-    assert [BASE.linear_dims(m) for m in formats.LINEAR_MODULES] == [
+    assert [BASE.linear_dims(m) for m in LINEAR_MODULES] == [
         (64, 64), (64, 32), (64, 32), (64, 64), (64, 128), (64, 128), (128, 64)]
     with pytest.raises(InvalidArgument, match="lm_head"):
         BASE.linear_dims("lm_head")
@@ -45,7 +46,7 @@ def test_lora_delta_equals_peft(variant):
     _, model = peft_adapter(variant)
     w = parse(peft_archive(variant))
     assert w.kind is AdapterKind.LORA and w.ia3 == {} and w.prefix_kv is None
-    expected_targets = {(layer, module) for layer in range(BASE.num_layers) for module in formats.LINEAR_MODULES
+    expected_targets = {(layer, module) for layer in range(BASE.num_layers) for module in LINEAR_MODULES
                         if hasattr(peft_module(model, layer, module), "lora_A")}
     assert set(w.lora) == expected_targets
     torch.manual_seed(3)
@@ -236,7 +237,7 @@ def test_variant_module_outputs_equal_peft(variant):
     _, model = variant_adapter(variant)
     w = parse(variant_archive(variant))
     assert w.kind is VARIANT_KIND[variant] and w.lora_bias == (variant == "lora_bias")
-    have = {(layer, module) for layer in range(BASE.num_layers) for module in formats.LINEAR_MODULES
+    have = {(layer, module) for layer in range(BASE.num_layers) for module in LINEAR_MODULES
             if hasattr(peft_module(model, layer, module), "base_layer")}
     pruned = {(1, "v_proj")} if variant == "adalora" else set()
     assert set(w.lora) == have - pruned and w.rank == max(t.A.shape[0] for t in w.lora.values())

@@ -17,7 +17,7 @@ import torch
 
 from server.adapters import owners as owners_mod
 from server.adapters import store as store_mod
-from server.adapters.formats import AdapterKind
+from server.adapters.weights import AdapterKind
 from server.adapters.store import AdapterStore
 from server.adapters.validate import AdapterLimits
 from server.api.auth import Quotas

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from lorafleet.archive import make_archive
 from server.adapters import formats, safe_io, validate
-from server.adapters.formats import AdapterKind
+from server.adapters.weights import AdapterKind
 from server.adapters.refs import parse_ref, validate_name
 from server.adapters.validate import AdapterLimits
 from server.errors import DataLoss, FailedPrecondition, InvalidArgument, LoraFleetError, ResourceExhausted

@@ -9,8 +9,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from server.engine.batch import Segment, make_forward_batch
 from server.engine.kv_cache import KVCache
-from server.model.loader import args_from_config, load_model
+from server.model.loader import load_model
 from server.model.llama import LlamaModel
+from server.model.shape import BaseModelShape
 
 CPU = torch.device("cpu")
 
@@ -27,7 +28,7 @@ def test_prefill_logits_match_hf(tiny_model_dir, tiny_loaded):
     hf = hf_model(tiny_model_dir)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 259, (n,), generator=g).tolist() for n in (1, 5, 17)]
-    kv = KVCache(tiny_loaded.model.args, 4, 64, CPU, torch.float32)
+    kv = KVCache(tiny_loaded.model.shape, 4, 64, CPU, torch.float32)
     segs = [Segment(kv_slot=i, token_ids=p, first_pos=0, want_logits=True) for i, p in enumerate(prompts)]
     ours = tiny_loaded.model.forward(make_forward_batch(segs, CPU), kv.layers)
     for i, p in enumerate(prompts):
@@ -42,7 +43,7 @@ def test_chunked_prefill_and_decode_match_hf(tiny_model_dir, tiny_loaded):
     a = torch.randint(3, 259, (12,), generator=g).tolist()
     b = torch.randint(3, 259, (7,), generator=g).tolist()
     model = tiny_loaded.model
-    kv = KVCache(model.args, 2, 64, CPU, torch.float32)
+    kv = KVCache(model.shape, 2, 64, CPU, torch.float32)
     model.forward(make_forward_batch([Segment(0, a[:5], 0, False)], CPU), kv.layers)
     out = model.forward(make_forward_batch([Segment(0, a[5:], 5, True), Segment(1, b, 0, True)], CPU),
                         kv.layers)
@@ -74,12 +75,12 @@ def test_rope_scaling_and_tied_embeddings_match_hf(rope, tmp_path):
         for p in hf.parameters():
             p.normal_(0, 0.2)
     hf.save_pretrained(tmp_path)
-    ours_args = args_from_config(json.loads((tmp_path / "config.json").read_text()))
+    ours_args = BaseModelShape.from_hf_config(json.loads((tmp_path / "config.json").read_text()))
     assert ours_args.rope_type == rope["rope_type"] and ours_args.tie_embeddings
     w = {k: v for k, v in hf.state_dict().items()}
     model = LlamaModel.from_hf_weights(ours_args, w, CPU, torch.float32)
     ids = torch.randint(0, 101, (40,), generator=torch.Generator().manual_seed(2)).tolist()
-    kv = KVCache(model.args, 1, 64, CPU, torch.float32)
+    kv = KVCache(model.shape, 1, 64, CPU, torch.float32)
     ours = model.forward(make_forward_batch([Segment(0, ids, 0, True)], CPU), kv.layers)
     assert rel(ours[0], hf(torch.tensor([ids])).logits[0, -1]) < 1e-4
 
@@ -90,7 +91,7 @@ def test_greedy_generation_matches_hf(tiny_model_dir, tiny_loaded):
     ref = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False,
                       eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
     model = tiny_loaded.model
-    kv = KVCache(model.args, 1, 64, CPU, torch.float32)
+    kv = KVCache(model.shape, 1, 64, CPU, torch.float32)
     out = model.forward(make_forward_batch([Segment(0, prompt, 0, True)], CPU), kv.layers)
     got = []
     for _ in range(20):
@@ -120,8 +121,8 @@ def test_bfloat16_forward_tracks_float32(tiny_model_dir, tiny_loaded):
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 259, (n,), generator=g).tolist() for n in (3, 11)]
     segs = [Segment(kv_slot=i, token_ids=p, first_pos=0, want_logits=True) for i, p in enumerate(prompts)]
-    kv32 = KVCache(tiny_loaded.model.args, 2, 32, CPU, torch.float32)
-    kv16 = KVCache(bf.model.args, 2, 32, CPU, torch.bfloat16)
+    kv32 = KVCache(tiny_loaded.model.shape, 2, 32, CPU, torch.float32)
+    kv16 = KVCache(bf.model.shape, 2, 32, CPU, torch.bfloat16)
     want = tiny_loaded.model.forward(make_forward_batch(segs, CPU), kv32.layers)
     got = bf.model.forward(make_forward_batch(segs, CPU), kv16.layers)
     assert got.dtype == torch.bfloat16
@@ -151,9 +152,9 @@ def test_other_families_match_hf(family, tmp_path):
     from server.model.default import build_tokenizer
     build_tokenizer().save(str(tmp_path / "tokenizer.json"))
     loaded = load_model(tmp_path, CPU, torch.float32)
-    assert loaded.model.args.qkv_bias == (family == "qwen2")
+    assert loaded.model.shape.qkv_bias == (family == "qwen2")
     ids = torch.randint(0, 120, (30,), generator=torch.Generator().manual_seed(8)).tolist()
-    kv = KVCache(loaded.model.args, 1, 64, CPU, torch.float32)
+    kv = KVCache(loaded.model.shape, 1, 64, CPU, torch.float32)
     ours = loaded.model.forward(make_forward_batch([Segment(0, ids, 0, True)], CPU), kv.layers)
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0, -1]

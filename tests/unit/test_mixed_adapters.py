@@ -241,7 +241,7 @@ def test_trainer_dora_export_is_served_unchanged(mixed, tiny_model_dir, tmp_path
 
     from peft import PeftModel
 
-    from server.adapters.formats import AdapterKind
+    from server.adapters.weights import AdapterKind
     from tests.serving_fixtures import hf_base
     from tests.unit.trainer_fixtures import config, lm_files
     from trainer.loop import train

@@ -50,7 +50,7 @@ def test_tiny_by_name_is_cached_once_and_loads(tmp_path):
     assert entries(tmp_path) == [d.name]
     assert json.loads((d / convert.MARKER).read_text())["random"] == "tiny"
     loaded = load_model(d, CPU, torch.float32)
-    assert loaded.model.args.dim == default.RANDOM_MODELS["tiny"]["hidden_size"]
+    assert loaded.model.shape.hidden_size == default.RANDOM_MODELS["tiny"]["hidden_size"]
 
 
 def test_existing_directory_is_used_in_place(tiny_model_dir, tmp_path):

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from server.engine.batch import Segment, make_forward_batch
 from server.engine.kv_cache import KVCache
 from server.model.loader import load_model
-from server.model.quantize import BaseLinear, onednn_available, quantize_model
+from server.model.linear import BaseLinear, onednn_available
+from server.model.quantize import quantize_model
 
 CPU = torch.device("cpu")
 
@@ -80,7 +81,7 @@ def test_quantize_model_int8(tiny_model_dir):
     segs = [Segment(i, torch.randint(3, 259, (9,), generator=g).tolist(), 0, True) for i in range(3)]
     outs = []
     for m in (fp, q):
-        kv = KVCache(m.args, 3, 16, CPU, torch.float32)
+        kv = KVCache(m.shape, 3, 16, CPU, torch.float32)
         outs.append(m.forward(make_forward_batch(segs, CPU), kv.layers))
     assert outs[1].dtype == torch.float32
     assert 1e-4 < rel(outs[1], outs[0].double()) < 0.3     # drift, not garbage (~1)
@@ -91,7 +92,7 @@ def test_quantize_model_int8(tiny_model_dir):
 @pytest.mark.parametrize("mode", ["plain", "onednn", "int8"])
 def test_dense_returns_the_served_weight(mode):
     """DoRA takes row norms of the served base weight: dense() gives it back, exactly unless int8."""
-    from server.model.quantize import BaseLinear
+    from server.model.linear import BaseLinear
     g = torch.Generator().manual_seed(3)
     w, b = torch.randn(48, 40, generator=g), torch.randn(48, generator=g)
     lin = BaseLinear(w, b, mode=mode, act_max=torch.rand(40, generator=g) + 0.1 if mode == "int8" else None)

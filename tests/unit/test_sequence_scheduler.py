@@ -109,9 +109,11 @@ def test_expired_lists_cancelled_and_past_deadline():
 
 
 def test_kv_cache_slot_accounting():
-    from server.model.llama import ModelArgs
+    from server.model.shape import BaseModelShape
     import torch
-    kv = KVCache(ModelArgs(10, 8, 1, 2, 1, 4, 16), 2, 16, torch.device("cpu"), torch.float32)
+    shape = BaseModelShape(hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                           head_dim=4, vocab_size=10)
+    kv = KVCache(shape, 2, 16, torch.device("cpu"), torch.float32)
     a, b = kv.allocate(), kv.allocate()
     assert {a, b} == {0, 1} and kv.allocate() is None and kv.usage == 1.0
     kv.release(a)

@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from server.adapters.formats import AdapterKind, BaseModelShape
+from server.adapters.weights import AdapterKind
+from server.model.shape import BaseModelShape
 from server.adapters.validate import AdapterLimits, parse_files
 from tests.unit.trainer_fixtures import cls_files, config, lm_files
 from trainer.bottleneck import BottleneckAdapters, BottleneckModel
