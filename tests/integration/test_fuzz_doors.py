@@ -321,10 +321,10 @@ def fleet(chat_model_dir, tmp_path_factory):
     f = Fleet(cfg, loaded, keys, log)
     f.start()
     try:
-        a = loaded.model.args
+        a = loaded.model.shape
         adapters = pb_grpc.AdaptersStub(f.channel)
         for tenant, name, s in (("fuzz", "mine", 1), ("canary", "theirs", 2)):
-            archive = lora_archive(a.dim, a.n_layers, rank=4, seed=s)
+            archive = lora_archive(a.hidden_size, a.num_layers, rank=4, seed=s)
             adapters.UploadAdapter(upload_messages(name, archive), metadata=f.md(tenant), timeout=30)
         f.solo = list(f.inference.Generate(CANARY, metadata=f.md("canary"), timeout=CALL_S).token_ids)
         assert len(f.solo) == CANARY.params.max_new_tokens

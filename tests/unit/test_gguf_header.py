@@ -117,5 +117,5 @@ def test_a_complete_little_llama_converts_and_loads(tmp_path):
     from server.model.loader import load_model
     d = resolve_model(str(llama_gguf(tmp_path / "tiny.gguf")), tmp_path / "cache", progress=False)
     loaded = load_model(d, torch.device("cpu"), torch.float32)
-    assert loaded.model.args.dim == 64 and loaded.model.args.n_kv_heads == 2
+    assert loaded.model.shape.hidden_size == 64 and loaded.model.shape.num_kv_heads == 2
     assert loaded.tokenizer.encode("hi t").ids == [ord("h"), ord("i"), 256]     # bytes, then the one merge
