@@ -62,8 +62,10 @@ def measure(args: argparse.Namespace, work: Path) -> None:
     engine = Engine(loaded, 32, 96, 64, 1024, adapters=serving)
 
     # one decode step of 32 rows (the unit)
-    segs = [Segment(i, [7], 40, True) for i in range(32)]
-    batch = make_forward_batch(segs, m.device)
+    tables = [engine.kv.blocks.allocate(engine.kv.blocks.blocks_for(41)) for _ in range(32)]
+    engine.kv.zero_fresh()
+    segs = [Segment(t, [7], 40, True) for t in tables]
+    batch = make_forward_batch(segs, m.device, engine.kv.block_size)
     for _ in range(3):
         m.forward(batch, engine.kv.layers)
     steps = []
@@ -73,6 +75,8 @@ def measure(args: argparse.Namespace, work: Path) -> None:
         steps.append(time.perf_counter() - t)
     step = statistics.median(steps)
 
+    for t in tables:                       # the engine's own requests need the pool
+        engine.kv.blocks.release(t)
     engine.start()
     archives = [archive_dir(make_peft(base_dir, work / f"l{i}", "lora", i)) for i in range(args.repeats + 1)]
     first_token = []

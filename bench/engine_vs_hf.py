@@ -135,9 +135,9 @@ def int8_drift(fp32, int8, prompts: list[list[int]]) -> tuple[float, float]:
     from server.engine.kv_cache import KVCache
     outs = []
     for m in (fp32, int8):
-        kv = KVCache(m.shape, len(prompts), len(prompts[0]), m.device, m.dtype)
-        segs = [Segment(i, p, 0, False) for i, p in enumerate(prompts)]
-        batch = make_forward_batch(segs, m.device)
+        kv, tables = KVCache.for_sequences(m.shape, [len(p) for p in prompts], m.device, m.dtype)
+        segs = [Segment(t, p, 0, False) for t, p in zip(tables, prompts)]
+        batch = make_forward_batch(segs, m.device, kv.block_size)
         batch = dataclasses.replace(batch, logit_rows=torch.arange(batch.input_ids.numel()))
         outs.append(m.forward(batch, kv.layers))
     ref, q = outs

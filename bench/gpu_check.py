@@ -101,10 +101,10 @@ def parity(args: argparse.Namespace, dtype: torch.dtype) -> dict:
     hf = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(dev).eval()
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 259, (n,), generator=g).tolist() for n in (1, 5, 17, 40)]
-    kv = KVCache(model.shape, len(prompts), 128, dev, dtype)
-    segs = [Segment(kv_slot=i, token_ids=p, first_pos=0, want_logits=True) for i, p in enumerate(prompts)]
+    kv, tables = KVCache.for_sequences(model.shape, [128] * len(prompts), dev, dtype)
+    segs = [Segment(tables[i], token_ids=p, first_pos=0, want_logits=True) for i, p in enumerate(prompts)]
     with torch.inference_mode():
-        ours = model.forward(make_forward_batch(segs, dev), kv.layers).float()
+        ours = model.forward(make_forward_batch(segs, dev, kv.block_size), kv.layers).float()
         errs = []
         for i, p in enumerate(prompts):
             want = hf(torch.tensor([p], device=dev)).logits[0, -1].float()
@@ -112,12 +112,13 @@ def parity(args: argparse.Namespace, dtype: torch.dtype) -> dict:
         prompt, n_new = prompts[2], 16
         ref = hf.generate(torch.tensor([prompt], device=dev), max_new_tokens=n_new, do_sample=False,
                           eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-        kv = KVCache(model.shape, 1, 128, dev, dtype)
-        out = model.forward(make_forward_batch([Segment(0, prompt, 0, True)], dev), kv.layers)
+        kv, (table,) = KVCache.for_sequences(model.shape, [128], dev, dtype)
+        out = model.forward(make_forward_batch([Segment(table, prompt, 0, True)], dev, kv.block_size), kv.layers)
         got: list[int] = []
         for _ in range(n_new):
             got.append(int(out[0].argmax()))
-            batch = make_forward_batch([Segment(0, [got[-1]], len(prompt) + len(got) - 1, True)], dev)
+            batch = make_forward_batch([Segment(table, [got[-1]], len(prompt) + len(got) - 1, True)], dev,
+                                       kv.block_size)
             out = model.forward(batch, kv.layers)
     same = next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), n_new)
     tol = 1e-4 if dtype == torch.float32 else 3e-2

@@ -60,7 +60,7 @@ def one_step(model, kv, segs, rows) -> dict[str, float]:
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         t0 = time.perf_counter()
         with record_function("#batch"):
-            batch = make_forward_batch(segs, model.device)
+            batch = make_forward_batch(segs, model.device, kv.block_size)
         with record_function("#forward"):
             hidden = model.forward(batch, kv.layers, return_hidden=True)
             logits = model.logits(hidden)
@@ -104,7 +104,7 @@ def main() -> None:
     model = quantize_model(loaded.model, args.quantize)
     a = model.shape
     batches = [int(b) for b in args.batches.split(",")]
-    kv = KVCache(a, max(batches), args.prompt_tokens + 8, model.device, model.dtype)
+    kv, tables = KVCache.for_sequences(a, [args.prompt_tokens + 8] * max(batches), model.device, model.dtype)
     g = torch.Generator().manual_seed(0)
     print(f"model {model_dir.name} (hidden {a.hidden_size}, {a.num_layers} layers, vocab {a.vocab_size}), "
           f"quantize={args.quantize}, prompt {args.prompt_tokens} tokens, {args.threads} threads, "
@@ -114,8 +114,8 @@ def main() -> None:
     for B in batches:
         prompts = [torch.randint(3, 259, (args.prompt_tokens,), generator=g).tolist() for _ in range(B)]
         rows = [RowState(SamplingParams(max_new_tokens=1), p, None) for p in prompts]
-        prefill = [Segment(i, p, 0, True) for i, p in enumerate(prompts)]
-        decode = [Segment(i, [5], args.prompt_tokens, True) for i in range(B)]
+        prefill = [Segment(tables[i], p, 0, True) for i, p in enumerate(prompts)]
+        decode = [Segment(tables[i], [5], args.prompt_tokens, True) for i in range(B)]
         for name, segs in (("prefill", prefill), ("decode", decode)):
             one_step(model, kv, segs, rows)                          # warm-up
             runs = [one_step(model, kv, segs, rows) for _ in range(args.repeats)]

@@ -47,9 +47,17 @@ class ServerConfig:
                          choices=("none", "int8"))
     kernels: str = knob("auto", "batched adapter kernels: torch (CPU and GPU), triton (CUDA; until a GPU run of"
                         " `make gpu-check` has passed, only when asked); auto = torch", choices=("auto", "torch", "triton"))
-    max_batch_size: int = knob(32, "sequences decoded together (KV slots)")
-    max_context_tokens: int = knob(512, "KV cache length per sequence (prompt + virtual + generated)")
-    max_prompt_tokens: int = knob(448, "longest prompt accepted")
+    max_batch_size: int = knob(32, "sequences in one engine step at most (rows decoded together)")
+    max_context_tokens: int = knob(0, "longest sequence: virtual + prompt + generated tokens; 0 = the model's"
+                                   " max_position_embeddings (8192 for SmolLM2)")
+    max_prompt_tokens: int = knob(0, "longest prompt accepted; 0 = --max-context-tokens minus --default-new-tokens")
+    kv_cache_bytes: int = knob(0, "KV cache budget in bytes (every layer's K and V, paged in blocks); 0 = a share of"
+                               " free memory: 80 percent of the free GPU memory after the model is loaded, or on CPU"
+                               " a quarter of the available RAM, at most 4 GiB (pages are committed as blocks are"
+                               " first written). Printed at start")
+    kv_block_size: int = knob(16, "tokens per KV block: the unit of KV allocation and of prefix caching")
+    no_prefix_cache: bool = knob(False, "turn prefix caching off (on by default: full KV blocks of a tenant's prompts"
+                                 " are reused by its later requests with the same adapter version)")
     max_new_tokens: int = knob(256, "largest max_new_tokens accepted")
     default_new_tokens: int = knob(64, "max_new_tokens when a request leaves it 0")
     max_queued_requests: int = knob(256, "requests waiting for a slot; beyond it calls get RESOURCE_EXHAUSTED at once")
@@ -152,10 +160,26 @@ def config_from_args(argv: list[str] | None = None) -> ServerConfig:
     return validate_config(ServerConfig(**vars(ns)))
 
 
+def resolve_context(cfg: ServerConfig, model_context: int) -> ServerConfig:
+    """The config with the context limits the model decides filled in: --max-context-tokens 0 ->
+    `model_context` (its max_position_embeddings, or sliding window), --max-prompt-tokens 0 -> the
+    context minus --default-new-tokens (at least 1)."""
+    context = cfg.max_context_tokens or model_context
+    prompt = cfg.max_prompt_tokens or max(1, context - cfg.default_new_tokens)
+    if prompt >= context:
+        raise SystemExit(f"lorafleet-server: --max-prompt-tokens {prompt} must be below the context of {context} "
+                         "tokens")
+    return dataclasses.replace(cfg, max_context_tokens=context, max_prompt_tokens=prompt)
+
+
 def validate_config(cfg: ServerConfig) -> ServerConfig:
     problems = []
-    if cfg.max_prompt_tokens >= cfg.max_context_tokens:
+    if cfg.max_prompt_tokens and cfg.max_context_tokens and cfg.max_prompt_tokens >= cfg.max_context_tokens:
         problems.append("--max-prompt-tokens must be below --max-context-tokens")
+    if cfg.max_context_tokens < 0 or cfg.max_prompt_tokens < 0 or cfg.kv_cache_bytes < 0:
+        problems.append("--max-context-tokens, --max-prompt-tokens and --kv-cache-bytes must not be negative")
+    if not 1 <= cfg.kv_block_size <= 1024:
+        problems.append("--kv-block-size must be between 1 and 1024")
     if cfg.max_batch_size < 1:
         problems.append("--max-batch-size must be at least 1")
     if cfg.default_new_tokens > cfg.max_new_tokens:

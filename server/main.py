@@ -26,9 +26,10 @@ from server.api.common import MalformedRequestInterceptor
 from server.api.generation import Draining, Generation
 from server.api.service import InferenceService
 from server.api.tenancy import TenantLimiter
-from server.config import ServerConfig, config_from_args
+from server.config import ServerConfig, config_from_args, resolve_context
 from server.engine.adapter_slots import AdapterSlots
 from server.engine.engine import AdapterServing, Engine
+from server.engine.kv_cache import KVCache
 from server.http.connections import ConnectionLimits
 from server.http.door import HttpDoor
 from server.http.openai import OpenAIApp
@@ -79,11 +80,52 @@ def load(cfg: ServerConfig) -> LoadedModel:
         quantize_model(loaded.model, cfg.quantize)
     except ValueError as e:
         raise ModelLoadError(f"--quantize {cfg.quantize}: {e}") from None
-    window = loaded.hf_config.get("sliding_window")
-    if loaded.hf_config.get("use_sliding_window", True) and window and window < cfg.max_context_tokens:
+    window = _sliding_window(loaded)
+    if window and window < cfg.max_context_tokens:
         raise ModelLoadError(f"{model_dir}: sliding-window attention ({window} tokens) is not implemented; "
                              f"use --max-context-tokens {window} or less")
     return loaded
+
+
+def _sliding_window(loaded: LoadedModel) -> int | None:
+    window = loaded.hf_config.get("sliding_window")
+    return window if loaded.hf_config.get("use_sliding_window", True) and window else None
+
+
+def model_context(loaded: LoadedModel) -> int:
+    """The longest context the model serves: its max_position_embeddings (2048 when the config has
+    none), or its sliding window when that is shorter (not implemented beyond it)."""
+    context = int(loaded.hf_config.get("max_position_embeddings") or 2048)
+    return min(context, _sliding_window(loaded) or context)
+
+
+CPU_KV_SHARE, CPU_KV_MAX, GPU_KV_SHARE = 0.25, 4 << 30, 0.8
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def kv_budget(cfg: ServerConfig, loaded: LoadedModel) -> int:
+    """--kv-cache-bytes, or by default a share of free memory (80% of the free GPU memory once the
+    model is loaded; on CPU a quarter of the available RAM, at most 4 GiB), never more than twice
+    what --max-batch-size sequences of the whole context take (the second half: prefix cache)."""
+    if cfg.kv_cache_bytes:
+        return cfg.kv_cache_bytes
+    m = loaded.model
+    if m.device.type == "cuda":
+        share = int(GPU_KV_SHARE * torch.cuda.mem_get_info(m.device)[0])
+    else:
+        share = min(int(CPU_KV_SHARE * _available_ram()), CPU_KV_MAX)
+    per_token = KVCache.block_bytes(m.shape, 1, m.dtype)
+    return min(share, 2 * cfg.max_batch_size * cfg.max_context_tokens * per_token)
 
 
 def build_adapters(cfg: ServerConfig, loaded: LoadedModel) -> tuple[AdapterStore, AdapterServing]:
@@ -104,10 +146,30 @@ def build_adapters(cfg: ServerConfig, loaded: LoadedModel) -> tuple[AdapterStore
 
 
 def build_engine(cfg: ServerConfig, loaded: LoadedModel, adapters: AdapterServing | None) -> Engine:
-    """With an API keys file (several tenants) one KV slot is kept for a tenant with nothing running."""
+    """The KV pool from the byte budget (`kv_budget`); it must hold one whole context. With an API
+    keys file (several tenants) one row, and room for one prefill's blocks, are kept for a tenant
+    with nothing running. `cfg` has its context resolved (resolve_context)."""
+    m = loaded.model
+    budget = kv_budget(cfg, loaded)
+    block_bytes = KVCache.block_bytes(m.shape, cfg.kv_block_size, m.dtype)
+    blocks = budget // block_bytes
+    need = -(-cfg.max_context_tokens // cfg.kv_block_size)
+    if blocks < need:
+        raise SystemExit(f"lorafleet-server: the KV cache budget ({budget / 2**20:.1f} MiB: {blocks} blocks of "
+                         f"{cfg.kv_block_size} tokens) cannot hold one sequence of the {cfg.max_context_tokens}-token "
+                         f"context ({need * block_bytes / 2**20:.1f} MiB); raise --kv-cache-bytes or lower "
+                         "--max-context-tokens")
     return Engine(loaded, cfg.max_batch_size, cfg.max_context_tokens, cfg.max_queued_requests,
                   cfg.max_prefill_tokens, adapters, cfg.decode_prefill_tokens,
-                  reserve_slots=1 if cfg.api_keys is not None and cfg.max_batch_size > 1 else 0)
+                  reserve_slots=1 if cfg.api_keys is not None and cfg.max_batch_size > 1 else 0,
+                  kv_blocks=blocks + 1, kv_block_size=cfg.kv_block_size, prefix_cache=not cfg.no_prefix_cache)
+
+
+def kv_summary(engine: Engine, cfg: ServerConfig) -> str:
+    b = engine.kv.blocks
+    return (f"KV cache {engine.kv.nbytes / 2**30:.2f} GiB ({b.capacity} blocks of {b.block_size} tokens: "
+            f"{b.capacity * b.block_size} tokens), context {cfg.max_context_tokens} tokens "
+            f"(prompts up to {cfg.max_prompt_tokens}), prefix cache {'on' if b.prefix_cache else 'off'}")
 
 
 @dataclass
@@ -120,6 +182,7 @@ class RunningServer:
     draining: Draining
     auth: Authenticator
     metrics_http: object | None = None
+    cfg: ServerConfig | None = None                     # the config served (context limits resolved)
     http: HttpDoor | None = None                        # the OpenAI-compatible door (--http-port)
     background: list = field(default_factory=list)     # asyncio tasks to cancel at shutdown
 
@@ -141,6 +204,7 @@ class RunningServer:
 
 
 async def start(cfg: ServerConfig, loaded: LoadedModel) -> RunningServer:
+    cfg = resolve_context(cfg, model_context(loaded))
     metrics.configure(cfg.metrics_per_tenant, cfg.metrics_max_tenants)
     store, adapters = build_adapters(cfg, loaded)
     engine = build_engine(cfg, loaded, adapters)
@@ -183,7 +247,7 @@ async def start(cfg: ServerConfig, loaded: LoadedModel) -> RunningServer:
     engine.on_health.append(engine_health)
     http = metrics.serve_metrics(cfg.metrics_port, cfg.host) if cfg.metrics_port >= 0 else None
     mport = http.server_address[1] if http else None
-    running = RunningServer(server, port, mport, engine, hs, draining, auth, http)
+    running = RunningServer(server, port, mport, engine, hs, draining, auth, http, cfg=cfg)
     if cfg.http_port >= 0:
         app = OpenAIApp(generation, auth, adapters.registry, loaded.name, cfg)
         limits = ConnectionLimits(http_cap, cfg.http_header_timeout_s, cfg.http_body_timeout_s)
@@ -243,6 +307,7 @@ async def serve(cfg: ServerConfig) -> None:
           f"{loaded.model.device}, {str(loaded.model.dtype).replace('torch.', '')}, "
           f"{kernels.backend_name(loaded.model.device)} kernels{', chat template' if loaded.chat else ''}) "
           f"on {cfg.host}:{running.port}", flush=True)
+    print(f"lorafleet: {kv_summary(running.engine, running.cfg)}", flush=True)
     if running.http_port is not None:
         print(f"lorafleet: OpenAI-compatible HTTP on {running.http.scheme}://{cfg.host}:{running.http_port}/v1",
               flush=True)

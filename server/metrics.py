@@ -272,3 +272,49 @@ def record_cache(last, now) -> None:
             ADAPTER_LOAD_SECONDS.labels(tier).observe(seconds / misses)
     ADAPTERS_RESIDENT.labels("device").set(now.resident_slots)
     ADAPTERS_RESIDENT.labels("host").set(now.host_entries)
+
+
+# ---------------------------------------------------------------- paged KV and prefix cache (issue 22)
+# Kept in one block of their own (the engine reports through record_kv_blocks, record_prefix_lookup and
+# record_preemption):
+#   lorafleet_kv_blocks{state}                        gauge    KV blocks now; state = used (referenced by a
+#                                                              sequence) | cached (unreferenced, kept by the
+#                                                              prefix cache, evicted LRU on demand) | free
+#   lorafleet_prefix_cache_query_tokens_total{tenant} counter  KV positions admitted sequences needed
+#   lorafleet_prefix_cache_hit_tokens_total{tenant}   counter  of which found in the prefix cache (not computed)
+#   lorafleet_prefix_cache_hit_ratio                  gauge    hit / query tokens since start, all tenants
+#   lorafleet_preemptions_total{tenant}               counter  sequences preempted for lack of KV blocks
+#                                                              (recomputed later)
+# tenant: tenant_label() (one "other" series unless --metrics-per-tenant).
+KV_BLOCK_STATES = ("used", "cached", "free")
+KV_BLOCKS = Gauge("lorafleet_kv_blocks", "KV blocks now, by state (used | cached | free)", ["state"])
+PREFIX_QUERY_TOKENS = Counter("lorafleet_prefix_cache_query_tokens",
+                              "KV positions admitted sequences needed (prefix-cache lookups), by tenant", ["tenant"])
+PREFIX_HIT_TOKENS = Counter("lorafleet_prefix_cache_hit_tokens",
+                            "KV positions found in the prefix cache at admission, by tenant", ["tenant"])
+PREFIX_HIT_RATIO = Gauge("lorafleet_prefix_cache_hit_ratio", "Prefix-cache hit tokens / query tokens since start")
+PREEMPTIONS = Counter("lorafleet_preemptions", "Sequences preempted for lack of KV blocks (recomputed later), by tenant",
+                      ["tenant"])
+for _state in KV_BLOCK_STATES:
+    KV_BLOCKS.labels(_state)
+_prefix_totals = [0, 0]          # query, hit tokens since start (engine thread only)
+
+
+def record_kv_blocks(used: int, cached: int, free: int) -> None:
+    """KV block gauges, set after every engine loop iteration."""
+    for state, n in zip(KV_BLOCK_STATES, (used, cached, free)):
+        KV_BLOCKS.labels(state).set(n)
+
+
+def record_prefix_lookup(tenant: str, query_tokens: int, hit_tokens: int) -> None:
+    """One admission's prefix-cache lookup (engine thread)."""
+    label = tenant_label(tenant)
+    PREFIX_QUERY_TOKENS.labels(label).inc(query_tokens)
+    PREFIX_HIT_TOKENS.labels(label).inc(hit_tokens)
+    _prefix_totals[0] += query_tokens
+    _prefix_totals[1] += hit_tokens
+    PREFIX_HIT_RATIO.set(_prefix_totals[1] / _prefix_totals[0] if _prefix_totals[0] else 0.0)
+
+
+def record_preemption(tenant: str) -> None:
+    PREEMPTIONS.labels(tenant_label(tenant)).inc()

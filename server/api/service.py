@@ -102,7 +102,7 @@ class InferenceService(pb_grpc.InferenceServicer):
 
     @unary("GetServerInfo")
     async def GetServerInfo(self, request, context):
-        a, c = self.engine.model.shape, self.cfg
+        a, c, kv = self.engine.model.shape, self.cfg, self.engine.kv
         return pb.ServerInfo(
             version=VERSION, model_name=self.engine.loaded.name,
             model_architecture=(self.engine.loaded.hf_config.get("architectures") or ["?"])[0],
@@ -114,5 +114,8 @@ class InferenceService(pb_grpc.InferenceServicer):
                 max_stop_string_chars=c.max_stop_string_chars, max_classify_batch=c.max_classify_batch,
                 max_message_bytes=c.max_message_bytes, max_queued_requests=c.max_queued_requests,
                 max_batch_size=c.max_batch_size, max_adapter_rank=c.max_adapter_rank,
-                max_adapter_bytes=c.max_adapter_bytes),
+                max_adapter_bytes=c.max_adapter_bytes,
+                kv_cache_bytes=kv.nbytes,
+                kv_cache_tokens=kv.blocks.capacity * kv.block_size, kv_block_size=kv.block_size,
+                prefix_cache=kv.blocks.prefix_cache),
             adapter_kinds=[k.value for k in AdapterKind], kernels=self.kernels, chat=self.chat is not None)

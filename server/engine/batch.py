@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from server.engine.kv_cache import NULL_BLOCK
 from server.model.llama import ForwardBatch
 
 if TYPE_CHECKING:
@@ -17,23 +18,29 @@ if TYPE_CHECKING:
 class Segment:
     """A run of consecutive tokens of one sequence in one step: what the scheduler hands out and
     what the batch is built from."""
-    kv_slot: int              # KV slot of the sequence
+    block_table: list[int]    # KV blocks of the sequence (position p in block_table[p // block_size])
     token_ids: list[int]      # tokens to run this step (1 for decode, a chunk for prefill)
     first_pos: int            # position of token_ids[0] in the sequence (after virtual tokens)
     want_logits: bool         # return logits for the last token (the step ends the prefill, or decodes)
     seq: Sequence | None = None   # the request it runs; None for a bare forward (tests, calibration)
 
 
-def make_forward_batch(segments: list[Segment], device: torch.device) -> ForwardBatch:
+def make_forward_batch(segments: list[Segment], device: torch.device, block_size: int) -> ForwardBatch:
     """The step's `ForwardBatch`: segments' tokens flattened in order, rows of one-token segments
-    as decode rows, the others as prefill chunks padded to the longest."""
-    ids, pos, kv_slots, logit_rows = [], [], [], []
+    as decode rows, the others as prefill chunks padded to the longest; block tables padded with
+    the null block to the longest of their group."""
+    ids, pos, slots, logit_rows = [], [], [], []
     decode, prefill = [], []                      # (first row, segment)
+    bs = block_size
     for s in segments:
         row, n = len(ids), len(s.token_ids)
+        end = s.first_pos + n
+        if len(s.block_table) * bs < end:
+            raise ValueError(f"block table of {len(s.block_table)} blocks cannot hold position {end - 1}")
         ids.extend(s.token_ids)
-        pos.extend(range(s.first_pos, s.first_pos + n))
-        kv_slots.extend([s.kv_slot] * n)
+        positions = range(s.first_pos, end)
+        pos.extend(positions)
+        slots.extend(s.block_table[p // bs] * bs + p % bs for p in positions)
         if s.want_logits:
             logit_rows.append(row + n - 1)
         (decode if n == 1 else prefill).append((row, s))
@@ -41,13 +48,17 @@ def make_forward_batch(segments: list[Segment], device: torch.device) -> Forward
     def longs(xs: list[int]) -> torch.Tensor:
         return torch.tensor(xs, dtype=torch.long, device=device)
 
-    dec_kv = [s.kv_slot for _, s in decode]
-    dec_lens = longs([s.first_pos + 1 for _, s in decode])
-    consecutive = bool(decode) and dec_kv == list(range(dec_kv[0], dec_kv[0] + len(dec_kv)))
-    dec_mask = torch.arange(int(dec_lens.max()) if decode else 0, device=device) < dec_lens[:, None]
+    def tables(group: list[tuple[int, Segment]]) -> tuple[list[list[int]], int]:
+        need = [-(-(s.first_pos + len(s.token_ids)) // bs) for _, s in group]
+        width = max(need, default=0)
+        return [s.block_table[:k] + [NULL_BLOCK] * (width - k) for (_, s), k in zip(group, need)], width
 
+    dec_tables, dec_width = tables(decode)
+    dec_lens = torch.tensor([s.first_pos + 1 for _, s in decode], dtype=torch.long)
+    dec_mask = torch.arange(dec_width * bs) < dec_lens[:, None]                   # [B, Nd * bs]
+
+    pre_tables, pre_width = tables(prefill)
     lq = max((len(s.token_ids) for _, s in prefill), default=0)
-    lk = max((s.first_pos + len(s.token_ids) for _, s in prefill), default=0)
     p_rows = torch.zeros(len(prefill), lq, dtype=torch.long)
     p_valid = torch.zeros(len(prefill), lq, dtype=torch.bool)
     p_qpos = torch.zeros(len(prefill), lq, dtype=torch.long)
@@ -57,13 +68,13 @@ def make_forward_batch(segments: list[Segment], device: torch.device) -> Forward
         p_rows[i, n:] = row + n - 1                           # padding re-reads the last query
         p_valid[i, :n] = True
         p_qpos[i] = s.first_pos + torch.arange(lq).clamp(max=n - 1)
-    p_mask = torch.arange(lk)[None, None, :] <= p_qpos[:, :, None]   # [P, Lq, Lk]
+    p_mask = torch.arange(pre_width * bs)[None, None, :] <= p_qpos[:, :, None]   # [P, Lq, Np * bs]
 
     return ForwardBatch(
-        input_ids=longs(ids), positions=longs(pos), token_kv_slots=longs(kv_slots), logit_rows=longs(logit_rows),
-        decode_rows=longs([r for r, _ in decode]), decode_kv_slots=longs(dec_kv),
-        decode_mask=dec_mask[:, None, None, :],
-        decode_kv_range=(dec_kv[0], len(dec_kv)) if consecutive else None,
-        decode_only=not prefill and bool(decode),
+        input_ids=longs(ids), positions=longs(pos), slot_mapping=longs(slots), logit_rows=longs(logit_rows),
+        decode_rows=longs([r for r, _ in decode]),
+        decode_blocks=torch.tensor(dec_tables, dtype=torch.long).view(len(decode), dec_width).to(device),
+        decode_mask=dec_mask.to(device), decode_only=not prefill and bool(decode),
         prefill_rows=p_rows.to(device), prefill_valid=p_valid.to(device),
-        prefill_kv_slots=longs([s.kv_slot for _, s in prefill]), prefill_mask=p_mask[:, None].to(device))
+        prefill_blocks=torch.tensor(pre_tables, dtype=torch.long).view(len(prefill), pre_width).to(device),
+        prefill_mask=p_mask[:, None].to(device))

@@ -75,13 +75,21 @@ class StepStats:
 class Engine:
     def __init__(self, loaded: LoadedModel, max_batch_size: int, max_context_tokens: int,
                  max_queued: int, max_prefill_tokens: int, adapters: AdapterServing | None = None,
-                 decode_prefill_tokens: int | None = None, reserve_slots: int = 0):
-        """`reserve_slots`: KV slots kept for a tenant with nothing running (Scheduler); 0 when
-        the server has one tenant."""
+                 decode_prefill_tokens: int | None = None, reserve_slots: int = 0, *,
+                 kv_blocks: int | None = None, kv_block_size: int = 16, prefix_cache: bool = True,
+                 reserve_blocks: int | None = None):
+        """`reserve_slots`: rows (and `reserve_blocks` KV blocks) kept for a tenant with nothing
+        running (Scheduler); 0 when the server has one tenant. `kv_blocks`: blocks in the KV pool
+        (the null block included); default: room for `max_batch_size` sequences of
+        `max_context_tokens` (main.py sizes it from the byte budget instead)."""
         self.loaded = loaded
         self.adapters = adapters
         self.model = loaded.model
-        self._sizes = (max_batch_size, max_context_tokens, max_prefill_tokens, decode_prefill_tokens, reserve_slots)
+        self.max_context = max_context_tokens
+        if kv_blocks is None:
+            kv_blocks = max_batch_size * -(-max_context_tokens // kv_block_size) + 1
+        self._kv_shape = (kv_blocks, kv_block_size, prefix_cache)
+        self._sizes = (max_batch_size, max_prefill_tokens, decode_prefill_tokens, reserve_slots, reserve_blocks)
         self.kv = self._new_kv()
         self.scheduler = self._new_scheduler()
         self.max_queued = max_queued
@@ -209,14 +217,17 @@ class Engine:
                 if stats is not None:
                     metrics.record_step(stats)
             metrics.record_load(len(self.scheduler.running), len(self.scheduler.waiting), self.kv.usage)
+            b = self.kv.blocks
+            metrics.record_kv_blocks(b.num_used, b.num_cached, b.capacity - b.num_used - b.num_cached)
 
     def _new_kv(self) -> KVCache:
-        batch, context, *_ = self._sizes
-        return KVCache(self.model.shape, batch, context, self.model.device, self.model.dtype)
+        blocks, block_size, prefix_cache = self._kv_shape
+        return KVCache(self.model.shape, blocks, block_size, self.model.device, self.model.dtype, prefix_cache)
 
     def _new_scheduler(self) -> Scheduler:
-        batch, _, prefill, decode_prefill, reserve = self._sizes
-        return Scheduler(self.kv, batch, prefill, decode_prefill, reserve)
+        batch, prefill, decode_prefill, reserve, reserve_blocks = self._sizes
+        return Scheduler(self.kv.blocks, batch, prefill, decode_prefill, reserve, reserve_blocks,
+                         on_preempt=self._preempted)
 
     def _set_health(self, serving: bool) -> None:
         for fn in self.on_health:
@@ -261,6 +272,7 @@ class Engine:
             except queue.Empty:
                 break
             self.adapters.cache.invalidate(key)
+            self.kv.blocks.forget(str(key))          # its cached KV blocks can never be hit again
             changed = True
         if changed:
             self._export_cache_stats()
@@ -275,7 +287,7 @@ class Engine:
     def _reap(self) -> None:
         now = time.monotonic()
         for seq in self.scheduler.expired(now):
-            if seq.kv_slot is None:
+            if seq.admissions == 0:
                 self._unpend([seq])
             if seq.cancelled:
                 self._finish(seq, seq.finish(FinishReason.CANCELLED))
@@ -285,23 +297,44 @@ class Engine:
                 self._finish(seq, seq.finish(FinishReason.CANCELLED, err))
 
     def _admit(self) -> None:
-        admitted = self.scheduler.admit(self._make_ready)
+        admitted = self.scheduler.admit(self._make_ready, self._unready)
         if self.scheduler.waiting or admitted:   # the cache was consulted
             self._export_cache_stats()
-        self._unpend(admitted)
-        for seq in admitted:
+        first = [seq for seq in admitted if seq.admissions == 1]     # not re-admitted after a preemption
+        self._unpend(first)
+        for seq in first:
             metrics.QUEUE_WAIT.observe(seq.admitted_at - seq.arrival)
+        for seq in admitted:
             if seq.error is not None:
                 self._finish(seq, seq.finish(FinishReason.ERROR, seq.error))
-            elif seq.kv_offset:
+                continue
+            metrics.record_prefix_lookup(seq.tenant, seq.num_positions, seq.cached_tokens)
+            if seq.kv_offset > seq.cached_tokens:
                 try:
                     self._write_prefix(seq)
                 except Exception as e:  # noqa: BLE001 - this row's fault
                     self._fail(seq, e, "writing the adapter's prefix")
 
+    def _unready(self, seq: Sequence) -> None:
+        """Give back the device adapter slot `_make_ready` pinned (its blocks did not fit, or it was
+        preempted); the sequence keeps its registry pin and its virtual tokens."""
+        if seq.adapter_slot is not None:
+            self.adapters.cache.release(seq.adapter.key)
+            seq.adapter_slot = None
+
+    def _preempted(self, seq: Sequence) -> None:
+        self._unready(seq)
+        metrics.record_preemption(seq.tenant)
+
     def _make_ready(self, seq: Sequence) -> bool:
         """Make the sequence's adapter resident in a device slot (False: every slot is pinned
         now, keep waiting). Problems found here fail the sequence right after admission."""
+        blocks = self.kv.blocks
+        if blocks.blocks_for(seq.context_len) > blocks.capacity:
+            seq.error = ResourceExhausted(
+                f"this request needs up to {seq.context_len} tokens of KV cache; the server's KV cache "
+                f"holds {blocks.capacity * blocks.block_size} tokens in all: shorten it, or ask for fewer tokens")
+            return True
         if seq.adapter is None:
             return True
         try:
@@ -327,11 +360,11 @@ class Engine:
         info = self.adapters.slots.info[slot]
         seq.attach_virtual(info.prefix_kv.shape[3] if info.prefix_kv is not None else 0,
                            info.prompt_embeds.shape[0] if info.prompt_embeds is not None else 0)
-        if seq.context_len > self.kv.max_len:
+        if seq.context_len > self.max_context:
             seq.error = InvalidArgument(
                 f"prompt ({len(seq.prompt_ids) - seq.virtual_tokens} tokens) + the adapter's "
                 f"{seq.virtual_tokens + seq.kv_offset} virtual tokens + max_new_tokens "
-                f"({seq.params.max_new_tokens}) exceeds the context of {self.kv.max_len} tokens")
+                f"({seq.params.max_new_tokens}) exceeds the context of {self.max_context} tokens")
         elif seq.classify and info.head is None:
             seq.error = FailedPrecondition(
                 f"adapter {seq.adapter.display!r} has no classification head; Classify needs one")
@@ -345,18 +378,15 @@ class Engine:
         n_prompt = info.prompt_embeds.shape[0] if info.prompt_embeds is not None else 0
         seq = Sequence("probe", list(PROBE_IDS), SamplingParams(max_new_tokens=1), lambda ev: None)
         seq.attach_virtual(n_prefix, n_prompt)
-        seq.adapter_slot, seq.kv_slot = slot, 0
-        a = self.model.shape
-        size = (1, a.num_kv_heads, n_prefix + len(seq.prompt_ids), a.head_dim)
-        kv = [(torch.zeros(size, device=self.model.device, dtype=self.model.dtype),
-               torch.zeros(size, device=self.model.device, dtype=self.model.dtype)) for _ in range(a.num_layers)]
-        for layer, (kc, vc) in enumerate(kv):
-            if n_prefix:
-                kc[0, :, :n_prefix] = info.prefix_kv[layer, 0]
-                vc[0, :, :n_prefix] = info.prefix_kv[layer, 1]
-        work = [Segment(0, seq.prompt_ids, n_prefix, True, seq)]
-        batch = make_forward_batch(work, self.model.device)
-        hidden = self.model.forward(batch, kv, self._hooks(work), return_hidden=True)
+        seq.adapter_slot = slot
+        bs = self.kv.block_size
+        kv, (table,) = KVCache.for_sequences(self.model.shape, [n_prefix + len(seq.prompt_ids)], self.model.device,
+                                             self.model.dtype, bs)
+        if n_prefix:
+            kv.write(table, 0, info.prefix_kv)
+        work = [Segment(table, seq.prompt_ids, n_prefix, True, seq)]
+        batch = make_forward_batch(work, self.model.device, bs)
+        hidden = self.model.forward(batch, kv.layers, self._hooks(work), return_hidden=True)
         if not bool(torch.isfinite(hidden).all()):
             return "hidden states"
         if not bool(torch.isfinite(self.model.logits(hidden)).all()):
@@ -393,11 +423,11 @@ class Engine:
         self.residency = self.adapters.cache.residency()     # replaced, never mutated
 
     def _write_prefix(self, seq: Sequence) -> None:
+        """The adapter's prefix-tuning K/V into the positions not found in the prefix cache."""
         prefix = self.adapters.slots.info[seq.adapter_slot].prefix_kv   # [L, 2, Hkv, n, hd]
-        n = prefix.shape[3]
-        for layer, (kc, vc) in enumerate(self.kv.layers):
-            kc[seq.kv_slot, :, :n] = prefix[layer, 0]
-            vc[seq.kv_slot, :, :n] = prefix[layer, 1]
+        start = seq.cached_tokens
+        self.kv.zero_fresh()
+        self.kv.write(seq.blocks, start, prefix[:, :, :, start:])
 
     def _hooks(self, work: list[Segment]):
         """The step's adapter hooks, or None when no row carries an adapter."""
@@ -415,6 +445,7 @@ class Engine:
 
     # ---- one step: run -> sample -> emit. A fault in one row fails that row, never the step.
     def _step(self, work: list[Segment]) -> StepStats | None:
+        self.kv.zero_fresh()
         rows, hidden = self._run(work)
         if not rows:
             return None
@@ -438,7 +469,7 @@ class Engine:
         self._emit(gen, tokens)
         return StepStats(
             rows=len(work), tokens=sum(len(w.token_ids) for w in work),
-            prompt_tokens=sum(len(w.token_ids) for w in work if w.first_pos < len(w.seq.prompt_ids)),
+            prompt_tokens=sum(len(w.token_ids) for w in work if w.first_pos - w.seq.kv_offset < len(w.seq.prompt_ids)),
             distinct_adapters=len({w.seq.adapter_slot for w in work} - {None}),
             generated=dict(Counter(s.tenant for s in gen)), first_token_seconds=first_token)
 
@@ -448,7 +479,7 @@ class Engine:
         committed before a part succeeds) until the rows that fail are alone; those fail, the
         rest of the step goes on."""
         try:
-            batch = make_forward_batch(work, self.model.device)
+            batch = make_forward_batch(work, self.model.device, self.kv.block_size)
             hidden = self.model.forward(batch, self.kv.layers, self._hooks(work), return_hidden=True)
         except Exception as e:  # noqa: BLE001 - isolate the rows that cause it
             if len(work) == 1:
@@ -460,7 +491,7 @@ class Engine:
             hiddens = [h for part_rows, h in parts if part_rows]
             return rows, (torch.cat(hiddens) if len(hiddens) > 1 else hiddens[0] if hiddens else None)
         for w in work:
-            w.seq.num_computed = w.first_pos + len(w.token_ids)
+            self.scheduler.computed(w.seq, w.first_pos - w.seq.kv_offset + len(w.token_ids))
         return [w.seq for w in work if w.want_logits], hidden
 
     def _fail(self, seq: Sequence, e: BaseException, doing: str) -> None:
@@ -547,7 +578,7 @@ class Engine:
             seq.adapter = None
 
     def _finish(self, seq: Sequence, ev: FinishEvent) -> None:
-        self.scheduler.remove(seq)
+        self.scheduler.remove(seq, failed=ev.reason is FinishReason.ERROR)
         self._release_adapter(seq)
         now = time.monotonic()
         n = len(seq.output_ids)

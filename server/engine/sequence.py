@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from tokenizers import Tokenizer
 
+from server.engine.kv_cache import PREFIX_TOKEN, VIRTUAL_TOKEN
 from server.engine.sampling import RowState, SamplingParams
 from server.errors import LoraFleetError
 
@@ -72,8 +73,12 @@ class Sequence:
         self.arrival = time.monotonic()
         self.admitted_at: float | None = None
         self.first_token_at: float | None = None
-        self.kv_slot: int | None = None       # KV cache slot while admitted
-        self.num_computed = 0                 # tokens whose K/V are in the cache
+        self.blocks: list[int] | None = None  # KV block table while running (None: waiting)
+        self.block_digests: list[bytes] = []  # prefix-cache digests of its full computed blocks
+        self.prepared = False                 # virtual tokens attached (once per request)
+        self.admissions = 0                   # times admitted (more than once after a preemption)
+        self.cached_tokens = 0                # positions found in the prefix cache at the last admission
+        self.num_computed = 0                 # tokens (of prompt_ids + output_ids) whose K/V are in the cache
         self.output_ids: list[int] = []
         self.finished = False
         self._cancelled = False
@@ -103,11 +108,37 @@ class Sequence:
     # ---- engine thread
     @property
     def in_prefill(self) -> bool:
-        return self.num_computed < len(self.prompt_ids)
+        """Tokens other than the last sampled one still need their K/V: the prompt, or after a
+        preemption the prompt and the output so far (recomputed)."""
+        return self.num_computed < len(self.prompt_ids) + max(len(self.output_ids) - 1, 0)
+
+    @property
+    def num_positions(self) -> int:
+        """KV positions the sequence holds once its pending tokens have run (prefix-tuning
+        positions, prompt and output)."""
+        return self.kv_offset + len(self.prompt_ids) + len(self.output_ids)
+
+    def hash_tokens(self, start: int, end: int) -> list[int]:
+        """The ids prefix caching hashes for KV positions [start, end): PREFIX_TOKEN for
+        prefix-tuning positions, VIRTUAL_TOKEN for prompt-tuning ones, else the token id."""
+        out = []
+        n_prompt = len(self.prompt_ids)
+        for p in range(start, end):
+            j = p - self.kv_offset
+            if j < 0:
+                out.append(PREFIX_TOKEN)
+            elif j < self.virtual_tokens:
+                out.append(VIRTUAL_TOKEN)
+            else:
+                out.append(self.prompt_ids[j] if j < n_prompt else self.output_ids[j - n_prompt])
+        return out
 
     def attach_virtual(self, prefix_len: int, prompt_len: int, placeholder: int = 0) -> None:
-        """Make room for an adapter's virtual tokens: prefix-tuning K/V occupy the first
+        """Make room for an adapter's virtual tokens (once): prefix-tuning K/V occupy the first
         `prefix_len` cache positions; prompt-tuning embeddings take `prompt_len` placeholders."""
+        if self.prepared:
+            return
+        self.prepared = True
         self.kv_offset = prefix_len
         self.virtual_tokens = prompt_len
         self.prompt_ids = [placeholder] * prompt_len + self.prompt_ids
@@ -118,11 +149,18 @@ class Sequence:
         return self.kv_offset + len(self.prompt_ids) + self.params.max_new_tokens
 
     def next_tokens(self, budget: int) -> tuple[list[int], int]:
-        """Tokens to run this step (at most `budget` of the prompt) and the first one's position."""
-        if self.in_prefill:
-            chunk = self.prompt_ids[self.num_computed:self.num_computed + budget]
-            return chunk, self.kv_offset + self.num_computed
-        return [self.output_ids[-1]], self.kv_offset + len(self.prompt_ids) + len(self.output_ids) - 1
+        """Tokens to run this step (at most `budget`, from the first one without K/V to the last
+        sampled one) and the first one's position. Decoding, that is the last sampled token alone."""
+        start, n_prompt = self.num_computed, len(self.prompt_ids)
+        end = min(start + budget, n_prompt + len(self.output_ids))
+        chunk = self.prompt_ids[start:min(end, n_prompt)]
+        if end > n_prompt:
+            chunk = chunk + self.output_ids[max(start - n_prompt, 0):end - n_prompt]
+        return chunk, self.kv_offset + start
+
+    def reset_kv(self) -> None:
+        """Forget the K/V (a preemption): everything is recomputed at the next admission."""
+        self.blocks, self.block_digests, self.num_computed = None, [], 0
 
     def row_state(self) -> RowState:
         return RowState(self.params, self.prompt_ids[self.virtual_tokens:] + self.output_ids, self.generator)

@@ -1,5 +1,5 @@
 """The Llama-family forward (Llama, Mistral, Qwen2): RMSNorm, RoPE (default/linear/llama3
-scaling), GQA, SwiGLU, tied or untied embeddings, over a slot-indexed KV cache.
+scaling), GQA, SwiGLU, tied or untied embeddings, over a paged KV cache (block tables).
 
 The forward takes the step's batch description (`ForwardBatch`) and the adapter hooks as
 arguments; nothing about a step is stored on the model. Tokens of many sequences are
@@ -23,25 +23,26 @@ SMALL_ROWS = 4       # LM-head calls of at most this many rows use a plain trans
 
 @dataclass(frozen=True)
 class ForwardBatch:
-    """One engine step: the tokens of every scheduled sequence, flattened.
+    """One engine step: the tokens of every scheduled sequence, flattened, and where their K/V live.
 
     A *segment* is a run of consecutive tokens of one sequence. Segments of one token
     (decode steps) attend in one batched call; longer ones (prefill chunks) in another,
-    padded to the longest chunk. All index tensors are built once per step.
+    padded to the longest chunk. The KV cache is paged (server/engine/kv_cache.py): each row reads
+    its sequence's blocks through its block table, padded with the null block (0, zeros, masked).
+    All index tensors are built once per step.
     """
     input_ids: torch.Tensor          # [T] long
     positions: torch.Tensor          # [T] long, position of each token in its sequence
-    token_kv_slots: torch.Tensor     # [T] long, KV slot of each token's sequence
+    slot_mapping: torch.Tensor       # [T] long, block * block_size + offset where each token's K/V go
     logit_rows: torch.Tensor         # [R] long, token rows whose logits the caller wants
     decode_rows: torch.Tensor        # [B] long, token rows of one-token segments
-    decode_kv_slots: torch.Tensor    # [B] long, their KV slots
-    decode_mask: torch.Tensor        # [B, 1, 1, Ld] bool, key j visible to decode row b
-    decode_kv_range: tuple[int, int] | None  # (first, count) when decode_kv_slots are consecutive
+    decode_blocks: torch.Tensor      # [B, Nd] long, their block tables (null-padded)
+    decode_mask: torch.Tensor        # [B, Nd * bs] bool, key j visible to decode row b
     decode_only: bool                # every token is a decode row, rows 0..T-1 in order
     prefill_rows: torch.Tensor       # [P, Lq] long, token row of each chunk query (pads repeat a row)
     prefill_valid: torch.Tensor      # [P, Lq] bool, False on padding
-    prefill_kv_slots: torch.Tensor   # [P] long, KV slot of each chunk
-    prefill_mask: torch.Tensor       # [P, 1, Lq, Lk] bool, causal over the slot's cache
+    prefill_blocks: torch.Tensor     # [P, Np] long, block tables of the chunks' sequences (null-padded)
+    prefill_mask: torch.Tensor       # [P, 1, Lq, Np * bs] bool, causal over the sequence's blocks
 
 
 class AdapterHooks(Protocol):
@@ -156,7 +157,7 @@ class LlamaModel:
     def forward(self, batch: ForwardBatch, kv: list[tuple[torch.Tensor, torch.Tensor]],
                 hooks: AdapterHooks | None = None, input_embeds: torch.Tensor | None = None,
                 return_hidden: bool = False) -> torch.Tensor:
-        """Run one step. kv[layer] = (k, v), each [kv_slots, num_kv_heads, max_len, head_dim].
+        """Run one step. kv[layer] = (k, v), each [num_kv_heads, num_blocks, block_size, head_dim].
 
         Returns logits [R, vocab] for `batch.logit_rows` (or the final hidden states
         [R, hidden] when `return_hidden`). `input_embeds` [T, hidden] replaces the embedding lookup.
@@ -166,8 +167,9 @@ class LlamaModel:
         if hooks is not None:
             h = hooks.embed(h)
         cos, sin = self.rope(batch.positions)
-        decode_bias = torch.zeros(batch.decode_mask.shape, dtype=torch.float32,
-                                  device=h.device).masked_fill_(~batch.decode_mask, float("-inf"))
+        B, n = batch.decode_mask.shape
+        decode_bias = torch.zeros(batch.decode_mask.shape, dtype=torch.float32,        # [1, B, 1, Nd * bs]
+                                  device=h.device).masked_fill_(~batch.decode_mask, float("-inf")).view(1, B, 1, n)
         for i, lw in enumerate(self.layers):
             x = rms_norm(h, lw.attn_norm, a.norm_eps)
             qkv = _linear(x, lw.wqkv, hooks, i, "qkv")                        # [T, q + 2 kv]
@@ -176,8 +178,9 @@ class LlamaModel:
             q, k = qk[:, :a.num_heads], qk[:, a.num_heads:]                 # [T, H, hd], [T, Hkv, hd]
             v = qkv[:, a.q_size + a.kv_size:]
             kc, vc = kv[i]
-            kc[batch.token_kv_slots, :, batch.positions] = k
-            vc[batch.token_kv_slots, :, batch.positions] = v.view(-1, a.num_kv_heads, a.head_dim)
+            kc.view(a.num_kv_heads, -1, a.head_dim).index_copy_(1, batch.slot_mapping, k.transpose(0, 1))
+            vc.view(a.num_kv_heads, -1, a.head_dim).index_copy_(
+                1, batch.slot_mapping, v.view(-1, a.num_kv_heads, a.head_dim).transpose(0, 1))
             attn = self._attention(q, kc, vc, batch, decode_bias)         # [T, H * hd]
             o = _linear(attn, lw.wo, hooks, i, "o")
             if hooks is not None:
@@ -198,26 +201,28 @@ class LlamaModel:
 
     def _attention(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
                    batch: ForwardBatch, decode_bias: torch.Tensor) -> torch.Tensor:
-        """q [T, H, hd] -> [T, H * hd]; every token attends to its slot's cache up to itself.
-        kc, vc: [kv_slots, kv_heads, max_len, hd]."""
+        """q [T, H, hd] -> [T, H * hd]; every token attends to its sequence's blocks up to itself.
+        kc, vc: [kv_heads, num_blocks, block_size, hd]. Each group's blocks are gathered once along
+        the block dim (one copy), which is at once the matmuls' [kv_heads, rows, keys, hd] operand."""
         T, H, hd = q.shape
+        Hkv = kc.shape[0]
         out = torch.empty_like(q)
         gqa = self.shape.num_heads != self.shape.num_kv_heads
         if batch.decode_rows.numel():
-            n = batch.decode_mask.shape[-1]
-            if batch.decode_kv_range is not None:           # a view, no copy
-                first, count = batch.decode_kv_range
-                ks, vs = kc[first:first + count, :, :n], vc[first:first + count, :, :n]
-            else:
-                ks, vs = kc[batch.decode_kv_slots, :, :n], vc[batch.decode_kv_slots, :, :n]  # [B, Hkv, n, hd]
+            B = batch.decode_blocks.shape[0]
+            ids = batch.decode_blocks.view(-1)
+            ks = kc.index_select(1, ids).view(Hkv, B, -1, hd)                # [Hkv, B, Nd * bs, hd]
+            vs = vc.index_select(1, ids).view(Hkv, B, -1, hd)
             qd = q if batch.decode_only else q[batch.decode_rows]           # [B, H, hd]
             od = _decode_attention(qd, ks, vs, decode_bias)                 # [B, H * hd]
             if batch.decode_only:                                          # rows are 0..T-1 in order
                 return od
             out[batch.decode_rows] = od.view(-1, H, hd)
         if batch.prefill_rows.numel():
-            n = batch.prefill_mask.shape[-1]
-            ks, vs = kc[batch.prefill_kv_slots, :, :n], vc[batch.prefill_kv_slots, :, :n]   # [P, Hkv, n, hd]
+            P = batch.prefill_blocks.shape[0]
+            ids = batch.prefill_blocks.view(-1)
+            ks = kc.index_select(1, ids).view(Hkv, P, -1, hd).transpose(0, 1)   # [P, Hkv, Np * bs, hd]
+            vs = vc.index_select(1, ids).view(Hkv, P, -1, hd).transpose(0, 1)
             qp = q[batch.prefill_rows].transpose(1, 2)                      # [P, H, Lq, hd]
             op = F.scaled_dot_product_attention(qp, ks, vs, attn_mask=batch.prefill_mask, enable_gqa=gqa)
             valid = batch.prefill_valid
@@ -226,14 +231,16 @@ class LlamaModel:
 
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """One query per row: q [B, H, hd], k/v [B, Hkv, n, hd], bias [B, 1, 1, n] (0 or -inf)
-    -> [B, H * hd]. Query heads h*G..h*G+G-1 share kv head h (HF's repeat_kv order). Two small
-    batched matmuls beat SDPA's kernel at these shapes on CPU; softmax in float32."""
+    """One query per row: q [B, H, hd], k/v [Hkv, B, n, hd] (head-major, as gathered from the
+    blocks), bias [1, B, 1, n] (0 or -inf) -> [B, H * hd]. Query heads h*G..h*G+G-1 share kv head h
+    (HF's repeat_kv order). Two small batched matmuls beat SDPA's kernel at these shapes on CPU;
+    softmax in float32."""
     B, H, hd = q.shape
-    Hkv = k.shape[1]
-    s = torch.matmul(q.view(B, Hkv, H // Hkv, hd), k.transpose(-1, -2)).float()   # [B, Hkv, G, n]
+    Hkv = k.shape[0]
+    qh = q.view(B, Hkv, H // Hkv, hd).transpose(0, 1)                              # [Hkv, B, G, hd]
+    s = torch.matmul(qh, k.transpose(-1, -2)).float()                               # [Hkv, B, G, n]
     p = (s * hd ** -0.5 + bias).softmax(-1).to(v.dtype)
-    return torch.matmul(p, v).reshape(B, H * hd)
+    return torch.matmul(p, v).transpose(0, 1).reshape(B, H * hd)                    # [B, Hkv, G, hd]
 
 
 def _linear(x: torch.Tensor, w: BaseLinear, hooks: AdapterHooks | None, layer: int,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from server.engine.batch import Segment, make_forward_batch
+from server.engine.kv_cache import KVCache
 from server.model.llama import LlamaModel
 from server.model.shape import TARGET_WEIGHT
 
@@ -59,8 +60,7 @@ def calibrate(model: LlamaModel, sequences: int = 4, tokens: int = 64, seed: int
     hooks = _Calibration()
     for _ in range(sequences):
         ids = torch.randint(0, a.vocab_size, (tokens,), generator=g).tolist()
-        kv = [(torch.zeros(1, a.num_kv_heads, tokens, a.head_dim, device=dev, dtype=model.dtype),
-               torch.zeros(1, a.num_kv_heads, tokens, a.head_dim, device=dev, dtype=model.dtype))
-              for _ in model.layers]
-        model.forward(make_forward_batch([Segment(0, ids, 0, True)], dev), kv, hooks, return_hidden=True)
+        kv, (table,) = KVCache.for_sequences(a, [tokens], dev, model.dtype)
+        model.forward(make_forward_batch([Segment(table, ids, 0, True)], dev, kv.block_size), kv.layers, hooks,
+                      return_hidden=True)
     return hooks.act_max

@@ -41,7 +41,7 @@ def wait_idle(engine):
     t = time.monotonic() + 10
     while engine.scheduler.has_work() and time.monotonic() < t:
         time.sleep(0.005)
-    return engine.kv.free_slots == engine.kv.num_slots
+    return engine.kv.blocks.num_used == 0
 
 
 def test_deadline_mid_generation_finishes_cancelled_and_frees_slot(engine):

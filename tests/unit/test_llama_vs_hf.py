@@ -28,9 +28,9 @@ def test_prefill_logits_match_hf(tiny_model_dir, tiny_loaded):
     hf = hf_model(tiny_model_dir)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 259, (n,), generator=g).tolist() for n in (1, 5, 17)]
-    kv = KVCache(tiny_loaded.model.shape, 4, 64, CPU, torch.float32)
-    segs = [Segment(kv_slot=i, token_ids=p, first_pos=0, want_logits=True) for i, p in enumerate(prompts)]
-    ours = tiny_loaded.model.forward(make_forward_batch(segs, CPU), kv.layers)
+    kv, tables = KVCache.for_sequences(tiny_loaded.model.shape, [len(p) for p in prompts], CPU, torch.float32, 4)
+    segs = [Segment(tables[i], token_ids=p, first_pos=0, want_logits=True) for i, p in enumerate(prompts)]
+    ours = tiny_loaded.model.forward(make_forward_batch(segs, CPU, 4), kv.layers)
     for i, p in enumerate(prompts):
         ref = hf(torch.tensor([p])).logits[0, -1]
         assert rel(ours[i], ref) < 1e-4
@@ -43,9 +43,9 @@ def test_chunked_prefill_and_decode_match_hf(tiny_model_dir, tiny_loaded):
     a = torch.randint(3, 259, (12,), generator=g).tolist()
     b = torch.randint(3, 259, (7,), generator=g).tolist()
     model = tiny_loaded.model
-    kv = KVCache(model.shape, 2, 64, CPU, torch.float32)
-    model.forward(make_forward_batch([Segment(0, a[:5], 0, False)], CPU), kv.layers)
-    out = model.forward(make_forward_batch([Segment(0, a[5:], 5, True), Segment(1, b, 0, True)], CPU),
+    kv, (ta, tb) = KVCache.for_sequences(model.shape, [64, 64], CPU, torch.float32, 4)
+    model.forward(make_forward_batch([Segment(ta, a[:5], 0, False)], CPU, 4), kv.layers)
+    out = model.forward(make_forward_batch([Segment(ta, a[5:], 5, True), Segment(tb, b, 0, True)], CPU, 4),
                         kv.layers)
     assert rel(out[0], hf(torch.tensor([a])).logits[0, -1]) < 1e-4
     assert rel(out[1], hf(torch.tensor([b])).logits[0, -1]) < 1e-4
@@ -54,7 +54,7 @@ def test_chunked_prefill_and_decode_match_hf(tiny_model_dir, tiny_loaded):
         a.append(na)
         b.append(nb)
         out = model.forward(make_forward_batch(
-            [Segment(1, [nb], len(b) - 1, True), Segment(0, [na], len(a) - 1, True)], CPU), kv.layers)
+            [Segment(tb, [nb], len(b) - 1, True), Segment(ta, [na], len(a) - 1, True)], CPU, 4), kv.layers)
         out = out[[1, 0]]
         assert rel(out[0], hf(torch.tensor([a])).logits[0, -1]) < 1e-4
         assert rel(out[1], hf(torch.tensor([b])).logits[0, -1]) < 1e-4
@@ -80,8 +80,8 @@ def test_rope_scaling_and_tied_embeddings_match_hf(rope, tmp_path):
     w = {k: v for k, v in hf.state_dict().items()}
     model = LlamaModel.from_hf_weights(ours_args, w, CPU, torch.float32)
     ids = torch.randint(0, 101, (40,), generator=torch.Generator().manual_seed(2)).tolist()
-    kv = KVCache(model.shape, 1, 64, CPU, torch.float32)
-    ours = model.forward(make_forward_batch([Segment(0, ids, 0, True)], CPU), kv.layers)
+    kv, (t,) = KVCache.for_sequences(model.shape, [64], CPU, torch.float32)
+    ours = model.forward(make_forward_batch([Segment(t, ids, 0, True)], CPU, 16), kv.layers)
     assert rel(ours[0], hf(torch.tensor([ids])).logits[0, -1]) < 1e-4
 
 
@@ -91,13 +91,13 @@ def test_greedy_generation_matches_hf(tiny_model_dir, tiny_loaded):
     ref = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False,
                       eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
     model = tiny_loaded.model
-    kv = KVCache(model.shape, 1, 64, CPU, torch.float32)
-    out = model.forward(make_forward_batch([Segment(0, prompt, 0, True)], CPU), kv.layers)
+    kv, (table,) = KVCache.for_sequences(model.shape, [64], CPU, torch.float32, 4)
+    out = model.forward(make_forward_batch([Segment(table, prompt, 0, True)], CPU, 4), kv.layers)
     got = []
     for _ in range(20):
         t = int(out[0].argmax())
         got.append(t)
-        out = model.forward(make_forward_batch([Segment(0, [t], len(prompt) + len(got) - 1, True)], CPU),
+        out = model.forward(make_forward_batch([Segment(table, [t], len(prompt) + len(got) - 1, True)], CPU, 4),
                             kv.layers)
     assert got == ref
     assert len(set(got)) > 1, "degenerate model output proves little"
@@ -120,16 +120,16 @@ def test_bfloat16_forward_tracks_float32(tiny_model_dir, tiny_loaded):
     bf = load_model(tiny_model_dir, CPU, torch.bfloat16)
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 259, (n,), generator=g).tolist() for n in (3, 11)]
-    segs = [Segment(kv_slot=i, token_ids=p, first_pos=0, want_logits=True) for i, p in enumerate(prompts)]
-    kv32 = KVCache(tiny_loaded.model.shape, 2, 32, CPU, torch.float32)
-    kv16 = KVCache(bf.model.shape, 2, 32, CPU, torch.bfloat16)
-    want = tiny_loaded.model.forward(make_forward_batch(segs, CPU), kv32.layers)
-    got = bf.model.forward(make_forward_batch(segs, CPU), kv16.layers)
+    kv32, tables = KVCache.for_sequences(tiny_loaded.model.shape, [32, 32], CPU, torch.float32)
+    kv16, _ = KVCache.for_sequences(bf.model.shape, [32, 32], CPU, torch.bfloat16)
+    segs = [Segment(tables[i], token_ids=p, first_pos=0, want_logits=True) for i, p in enumerate(prompts)]
+    want = tiny_loaded.model.forward(make_forward_batch(segs, CPU, 16), kv32.layers)
+    got = bf.model.forward(make_forward_batch(segs, CPU, 16), kv16.layers)
     assert got.dtype == torch.bfloat16
     assert rel(got.float(), want) < 2e-2
-    dec = [Segment(kv_slot=i, token_ids=[7], first_pos=len(p), want_logits=True) for i, p in enumerate(prompts)]
-    want = tiny_loaded.model.forward(make_forward_batch(dec, CPU), kv32.layers)
-    got = bf.model.forward(make_forward_batch(dec, CPU), kv16.layers)
+    dec = [Segment(tables[i], token_ids=[7], first_pos=len(p), want_logits=True) for i, p in enumerate(prompts)]
+    want = tiny_loaded.model.forward(make_forward_batch(dec, CPU, 16), kv32.layers)
+    got = bf.model.forward(make_forward_batch(dec, CPU, 16), kv16.layers)
     assert rel(got.float(), want) < 3e-2
 
 
@@ -154,8 +154,8 @@ def test_other_families_match_hf(family, tmp_path):
     loaded = load_model(tmp_path, CPU, torch.float32)
     assert loaded.model.shape.qkv_bias == (family == "qwen2")
     ids = torch.randint(0, 120, (30,), generator=torch.Generator().manual_seed(8)).tolist()
-    kv = KVCache(loaded.model.shape, 1, 64, CPU, torch.float32)
-    ours = loaded.model.forward(make_forward_batch([Segment(0, ids, 0, True)], CPU), kv.layers)
+    kv, (t,) = KVCache.for_sequences(loaded.model.shape, [64], CPU, torch.float32)
+    ours = loaded.model.forward(make_forward_batch([Segment(t, ids, 0, True)], CPU, 16), kv.layers)
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0, -1]
     assert rel(ours[0], ref) < 1e-4

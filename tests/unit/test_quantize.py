@@ -78,11 +78,12 @@ def test_quantize_model_int8(tiny_model_dir):
     assert all(lw.w_gate_up.mode == "int8" for lw in q.layers) and q.lm_head.mode == "int8"
     assert quantize_model(fp, "none") is fp and fp.lm_head.mode != "int8"
     g = torch.Generator().manual_seed(2)
-    segs = [Segment(i, torch.randint(3, 259, (9,), generator=g).tolist(), 0, True) for i in range(3)]
+    prompts = [torch.randint(3, 259, (9,), generator=g).tolist() for _ in range(3)]
     outs = []
     for m in (fp, q):
-        kv = KVCache(m.shape, 3, 16, CPU, torch.float32)
-        outs.append(m.forward(make_forward_batch(segs, CPU), kv.layers))
+        kv, tables = KVCache.for_sequences(m.shape, [16] * 3, CPU, torch.float32)
+        segs = [Segment(t, p, 0, True) for t, p in zip(tables, prompts)]
+        outs.append(m.forward(make_forward_batch(segs, CPU, 16), kv.layers))
     assert outs[1].dtype == torch.float32
     assert 1e-4 < rel(outs[1], outs[0].double()) < 0.3     # drift, not garbage (~1)
     with pytest.raises(ValueError):

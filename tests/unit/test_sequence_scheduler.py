@@ -1,7 +1,7 @@
 """Sequence text handling (stop strings, hold-back) and the scheduler's admission/eviction."""
 from __future__ import annotations
 
-from server.engine.kv_cache import KVCache
+from server.engine.kv_cache import BlockManager, KVCache
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import FinishEvent, FinishReason, Sequence, TokenEvent
@@ -57,15 +57,10 @@ def test_eos_and_length():
     assert ev.reason == FinishReason.EOS and ev.completion_tokens == 2
 
 
-class Slots:
-    def __init__(self, n):
-        self.free = list(range(n))
-
-    def allocate(self):
-        return self.free.pop(0) if self.free else None
-
-    def release(self, s):
-        self.free.append(s)
+def Slots(n: int, tokens: int = 512, block_size: int = 16) -> BlockManager:
+    """A KV pool with room for `n` sequences of `tokens` positions (the tests below were written
+    for one KV slot per sequence; rows are bounded by max_batch_size either way)."""
+    return BlockManager(n * -(-tokens // block_size) + 1, block_size)
 
 
 def seq(n_prompt: int, **kw) -> Sequence:
@@ -80,7 +75,7 @@ def test_admission_bounded_by_slots_and_finished_rows_free_them():
     assert s.admit() == [a, b]
     assert list(s.waiting) == [c]
     s.remove(a)
-    assert a.kv_slot is None
+    assert a.blocks is None
     assert s.admit() == [c]
 
 
@@ -108,16 +103,17 @@ def test_expired_lists_cancelled_and_past_deadline():
     assert set(s.expired(now=1.0)) == {b, c}
 
 
-def test_kv_cache_slot_accounting():
+def test_kv_cache_block_accounting():
     from server.model.shape import BaseModelShape
     import torch
     shape = BaseModelShape(hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
                            head_dim=4, vocab_size=10)
-    kv = KVCache(shape, 2, 16, torch.device("cpu"), torch.float32)
-    a, b = kv.allocate(), kv.allocate()
-    assert {a, b} == {0, 1} and kv.allocate() is None and kv.usage == 1.0
-    kv.release(a)
-    assert kv.free_slots == 1
+    kv = KVCache(shape, 3, 16, torch.device("cpu"), torch.float32)
+    a, b = kv.blocks.allocate(1), kv.blocks.allocate(1)
+    assert {a[0], b[0]} == {1, 2} and kv.blocks.allocate(1) is None and kv.usage == 1.0
+    assert kv.blocks.allocate(2) is None and kv.blocks.num_used == 2        # all or nothing
+    kv.blocks.release(a)
+    assert kv.blocks.num_available == 1 and kv.usage == 0.5
 
 
 def tseq(tenant: str) -> Sequence:
@@ -157,7 +153,7 @@ def test_unready_adapter_keeps_waiting_without_blocking_others():
     s.add(other)
     assert s.admit(make_ready=lambda q: q is not blocked) == [other]
     assert list(s.waiting) == [blocked]
-    assert len(slots.free) == 1          # the KV slot tried for `blocked` was given back
+    assert slots.num_used == 1           # `other`'s block only: none was taken for `blocked`
     assert s.admit() == [blocked]
 
 
