@@ -4,7 +4,8 @@ Every resident adapter occupies one slot `s` (the tiered cache decides which). A
 adapter in the form its kind needs, in typed stacks (one per layer and fused target or place):
 
   LoraStack    LoRA, DoRA, AdaLoRA and VeRA (the last two folded to LoRA factors at parse): packed
-               A [S, n*r, d_in] and one B per part of the fused target (q/k/v, gate/up); rank r_s
+               A [S, n*r, d_in] and one B per part of the fused target (q/k/v, gate/up) (S, r: the
+               capacity and rank bucket grown so far, `AdapterSlots._grow`); rank r_s
                per slot (modules of smaller rank are zero-padded up to r_s). B (and the
                bottleneck's U) are stored transposed, [S, r, d_out] contiguous, and handed to the
                kernels as [S, d_out, r] views: the expand bmm then reads contiguous rows.
@@ -85,20 +86,62 @@ class SlotInfo:
     head: ClassificationHead | None       # float32, CPU
 
 
+MIN_RANK_BUCKET = 8     # the smallest rank the stacks are sized for once an adapter with a rank arrives
+
+
+def rank_bucket(rank: int, max_rank: int) -> int:
+    """The stack rank that holds `rank`: the next power of two, at least MIN_RANK_BUCKET, at most max_rank."""
+    return min(max_rank, max(MIN_RANK_BUCKET, 1 << max(rank - 1, 0).bit_length()))
+
+
 class AdapterSlots:
     def __init__(self, shape: BaseModelShape, num_slots: int, max_rank: int, device: torch.device,
                  dtype: torch.dtype, base: Sequence[LayerWeights] | None = None, max_gain: float = float("inf")):
         """`base`: the frozen model's layers (LlamaModel.layers), read when a DoRA adapter is written
         (its scale depends on W); without them DoRA adapters are refused at write time. `max_gain`:
-        the largest DoRA column scale accepted (validate.AdapterLimits.max_value)."""
-        self.shape, self.num_slots, self.r, self.max_gain = shape, num_slots, max_rank, max_gain
+        the largest DoRA column scale accepted (validate.AdapterLimits.max_value).
+
+        Device memory is sized by use: the stacks hold `capacity` slots (grown by doubling as higher
+        slots are written; the tiered cache fills the lowest free slot first) of rank `r` (grown to the
+        rank bucket of the largest adapter written so far, at most `max_rank`); nothing at start."""
+        self.shape, self.num_slots, self.max_rank, self.max_gain = shape, num_slots, max_rank, max_gain
         self.device, self.dtype, self.base = device, dtype, base
-        S, r, d = num_slots, max_rank, shape.hidden_size
         self.out_dims = {t: shape.target_dims(t)[1] for t in TARGETS}   # d_out of each part
         self.in_dims = {t: shape.target_dims(t)[0] for t in TARGETS}
         starts = {t: [sum(outs[:i]) for i in range(len(outs))] for t, outs in self.out_dims.items()}
         self.out_slices = {t: [slice(a, a + o) for a, o in zip(starts[t], outs)]   # columns of each
                            for t, outs in self.out_dims.items()}                      # part of a fused output
+        self.capacity, self.r = 0, 0
+        self._allocate(0, 0)
+        S = num_slots
+        self.info: list[SlotInfo | None] = [None] * S
+        self.lora_targets: list[frozenset[str]] = [frozenset()] * S     # targets a slot's LoRA touches
+        self.affine_targets: list[frozenset[str]] = [frozenset()] * S   # targets with a column scale or shift
+        self.affine_shift = [False] * S                                  # some target has a shift
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes the stacks take now."""
+        seen, total = set(), 0
+        for layer in (*self.lora, *self.col_affine, *self.ia3, *self.bn):
+            for st in layer.values():
+                for t in vars(st).values():
+                    for x in (t if isinstance(t, list) else [t]):
+                        if isinstance(x, torch.Tensor) and x.untyped_storage().data_ptr() not in seen:
+                            seen.add(x.untyped_storage().data_ptr())
+                            total += x.untyped_storage().nbytes()
+        return total
+
+    def _grow(self, slot: int, rank: int) -> None:
+        """Make the stacks hold `slot` and `rank` (doubling the slots, rank to its bucket)."""
+        cap = self.capacity if slot < self.capacity else min(self.num_slots, max(slot + 1, 2 * self.capacity, 4))
+        r = self.r if rank <= self.r else rank_bucket(rank, self.max_rank)
+        if (cap, r) != (self.capacity, self.r):
+            self._allocate(cap, r)
+
+    def _allocate(self, S: int, r: int) -> None:
+        """(Re)build every stack for S slots of rank r, keeping what the current ones hold."""
+        device, dtype, d = self.device, self.dtype, self.shape.hidden_size
 
         def zeros(*shape: int) -> torch.Tensor:
             return torch.zeros(shape, device=device, dtype=dtype)
@@ -106,30 +149,56 @@ class AdapterSlots:
         def ones(*shape: int) -> torch.Tensor:
             return torch.ones(shape, device=device, dtype=dtype)
 
-        L, widths = shape.num_layers, {t: sum(outs) for t, outs in self.out_dims.items()}
-        self.lora = [{t: LoraStack(zeros(S, len(outs) * r, self.in_dims[t]),
-                                   [zeros(S, r, o).transpose(1, 2) for o in outs], [zeros(S) for _ in outs])
-                      for t, outs in self.out_dims.items()} for _ in range(L)]
-        self.col_affine = [{t: ColumnAffine(ones(S, w), zeros(S, w)) for t, w in widths.items()} for _ in range(L)]
-        self.ia3 = [{t: Ia3Stack(ones(S, w), ones(S, self.in_dims[t]) if t in IA3_IN.values() else None)
-                     for t, w in widths.items()} for _ in range(L)]
-        self.bn = [{p: BottleneckStack(zeros(S, r, d), zeros(S, r, d).transpose(1, 2), zeros(S, r), zeros(S, d))
-                    for p in ("attn", "mlp")} for _ in range(L)]
+        L, widths = self.shape.num_layers, {t: sum(outs) for t, outs in self.out_dims.items()}
+        lora = [{t: LoraStack(zeros(S, len(outs) * r, self.in_dims[t]),
+                              [zeros(S, r, o).transpose(1, 2) for o in outs], [zeros(S) for _ in outs])
+                 for t, outs in self.out_dims.items()} for _ in range(L)]
+        col_affine = [{t: ColumnAffine(ones(S, w), zeros(S, w)) for t, w in widths.items()} for _ in range(L)]
+        ia3 = [{t: Ia3Stack(ones(S, w), ones(S, self.in_dims[t]) if t in IA3_IN.values() else None)
+                for t, w in widths.items()} for _ in range(L)]
+        bn = [{p: BottleneckStack(zeros(S, r, d), zeros(S, r, d).transpose(1, 2), zeros(S, r), zeros(S, d))
+               for p in ("attn", "mlp")} for _ in range(L)]
+        lora_rank, bn_rank = torch.zeros(S, dtype=torch.long, device=device), torch.zeros(S, dtype=torch.long,
+                                                                                          device=device)
+        bn_act = torch.zeros(S, dtype=torch.long, device=device)                  # [S] Activation
+        lora_rank_host, bn_rank_host = np.zeros(S, np.int64), np.zeros(S, np.int64)
+        c, r0 = self.capacity, self.r
+        if c:                                                                     # copy the old stacks in
+            for new, old in zip(lora, self.lora):
+                for t, st in new.items():
+                    o = old[t]
+                    for i in range(len(st.B)):
+                        st.A[:c, i * r:i * r + r0] = o.A[:, i * r0:(i + 1) * r0]
+                        st.B[i][:c, :, :r0] = o.B[i]
+                        st.scale[i][:c] = o.scale[i]
+            for new, old in zip(col_affine, self.col_affine):
+                for t, ca in new.items():
+                    ca.scale[:c], ca.shift[:c] = old[t].scale, old[t].shift
+            for new, old in zip(ia3, self.ia3):
+                for t, st in new.items():
+                    st.out[:c] = old[t].out
+                    if st.inp is not None:
+                        st.inp[:c] = old[t].inp
+            for new, old in zip(bn, self.bn):
+                for p, st in new.items():
+                    o = old[p]
+                    st.D[:c, :r0], st.U[:c, :, :r0], st.bd[:c, :r0], st.bu[:c] = o.D, o.U, o.bd, o.bu
+            lora_rank[:c], bn_rank[:c], bn_act[:c] = self.lora_rank, self.bn_rank, self.bn_act
+            lora_rank_host[:c], bn_rank_host[:c] = self.lora_rank_host, self.bn_rank_host
+        self.lora, self.col_affine, self.ia3, self.bn = lora, col_affine, ia3, bn
         # true rank of each slot, on the host (the plans are made there) and on the device (kernels)
-        self.lora_rank, self.lora_rank_host = torch.zeros(S, dtype=torch.long, device=device), np.zeros(S, np.int64)
-        self.bn_rank, self.bn_rank_host = torch.zeros(S, dtype=torch.long, device=device), np.zeros(S, np.int64)
+        self.lora_rank, self.lora_rank_host = lora_rank, lora_rank_host
+        self.bn_rank, self.bn_rank_host = bn_rank, bn_rank_host
         self.ones_rank, self.ones_rank_host = torch.ones(S, dtype=torch.long, device=device), np.ones(S, np.int64)
-        self.bn_act = torch.zeros(S, dtype=torch.long, device=device)             # [S] Activation
-        self.info: list[SlotInfo | None] = [None] * S
-        self.lora_targets: list[frozenset[str]] = [frozenset()] * S     # targets a slot's LoRA touches
-        self.affine_targets: list[frozenset[str]] = [frozenset()] * S   # targets with a column scale or shift
-        self.affine_shift = [False] * S                                  # some target has a shift
+        self.bn_act = bn_act
+        self.capacity, self.r = S, r
 
     # ------------------------------------------------------------------ writing a slot
     def write(self, slot: int, w: AdapterWeights) -> None:
         """Copy one adapter into `slot` (the tiered cache's write_slot). Engine thread only."""
-        if w.rank > self.r:
-            raise FailedPrecondition(f"adapter rank {w.rank} exceeds this server's slot rank {self.r}")
+        if w.rank > self.max_rank:
+            raise FailedPrecondition(f"adapter rank {w.rank} exceeds this server's slot rank {self.max_rank}")
+        self._grow(slot, w.rank)
         self._clear(slot)
         dev = dict(device=self.device, dtype=self.dtype)
         try:
