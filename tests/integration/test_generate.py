@@ -109,6 +109,9 @@ def test_health_serving_and_server_info(server, client):
     info = client.server_info()
     assert info.hidden_size == 64 and info.num_layers == 2
     assert info.limits.max_prompt_tokens == 200 and info.limits.max_new_tokens == 48
+    lim = info.limits                       # issue 22: the paged KV cache (2 layers x 2 KV heads x 16 x fp32)
+    assert lim.max_context_tokens == 256 and lim.kv_block_size == 16 and lim.prefix_cache
+    assert lim.kv_cache_tokens >= 256 and lim.kv_cache_bytes == lim.kv_cache_tokens * 2 * 2 * 2 * 16 * 4
 
 
 def test_reflection_lists_services(client):

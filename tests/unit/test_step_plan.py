@@ -116,3 +116,32 @@ def test_plan_rows_equals_make_plan(rows, rank_buckets):
 def test_an_unknown_layout_is_refused():
     with pytest.raises(ValueError, match="layouts"):
         plan_rows([0], np.ones(1, np.int64), torch.ones(1, dtype=torch.long), layouts=("fast",))
+
+
+def test_slots_are_sized_by_use_and_growth_keeps_what_they_hold():
+    """Issue 22: nothing is allocated at start; the stacks grow to the slots written (doubling) and to
+    the rank bucket of the largest adapter, and a resident adapter's output is the same after growth."""
+    from server.engine.adapter_slots import rank_bucket
+    s = AdapterSlots(SHAPE, num_slots=64, max_rank=64, device=torch.device("cpu"), dtype=torch.float32)
+    assert s.nbytes == 0 and s.capacity == 0
+    assert [rank_bucket(r, 64) for r in (1, 8, 9, 33, 64)] == [8, 8, 16, 64, 64] and rank_bucket(5, 4) == 4
+    s.write(0, _weights(AdapterKind.LORA, 2, bias=True))
+    s.write(1, _weights(AdapterKind.BOTTLENECK, 3))
+    small = s.nbytes
+    assert (s.capacity, s.r) == (4, 8) and small > 0
+
+    def outputs() -> list[torch.Tensor]:
+        x = torch.randn(4, SHAPE.hidden_size, generator=torch.Generator().manual_seed(1))
+        st = s.step([0, 1, 0, -1], [])
+        y = st.post_linear(1, "qkv", x, torch.zeros(4, sum(s.out_dims["qkv"])))
+        h = st.block_out(0, "mlp", x.clone())
+        return [y, h]
+
+    before = outputs()
+    s.write(9, _weights(AdapterKind.LORA, 40))                     # slot 9, rank 40: capacity 10, rank 64
+    assert (s.capacity, s.r) == (10, 64) and s.nbytes > small
+    for a, b in zip(before, outputs()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    full = AdapterSlots(SHAPE, num_slots=64, max_rank=64, device=torch.device("cpu"), dtype=torch.float32)
+    full._grow(63, 64)
+    assert s.nbytes < full.nbytes / 3                              # what every slot at max rank would take
