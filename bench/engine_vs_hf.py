@@ -160,8 +160,10 @@ def bench_model(spec: str, args) -> None:
     ctx = args.prompt_tokens + args.new_tokens + 8
 
     def engine(loaded):
+        # prefix cache off: every repeat re-sends the same prompts, which HF's generate() recomputes
+        # (bench/prefix_cache.py measures the cache)
         e = Engine(loaded, max_batch_size=args.requests, max_context_tokens=ctx, max_queued=args.requests * 2,
-                   max_prefill_tokens=args.requests * args.prompt_tokens)
+                   max_prefill_tokens=args.requests * args.prompt_tokens, prefix_cache=False)
         e.start()
         return e
 

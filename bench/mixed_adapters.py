@@ -206,7 +206,8 @@ def measure(args: argparse.Namespace, n_zipf: int, work: Path) -> None:
         reg.put(TENANT, f"mix{i}", archive_dir(d))
     _PEFT.clear()
     ctx = 32 + args.new_tokens
-    engine = Engine(loaded, max_batch_size=R, max_context_tokens=ctx + 16, max_queued=1024,
+    # prefix cache off: every case re-sends the same prompts (bench/prefix_cache.py measures the cache)
+    engine = Engine(loaded, max_batch_size=R, max_context_tokens=ctx + 16, max_queued=1024, prefix_cache=False,
                     max_prefill_tokens=R * 32, adapters=serving)
     engine.start()
     peft_model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32),

@@ -54,6 +54,7 @@ def make_forward_batch(segments: list[Segment], device: torch.device, block_size
         return [s.block_table[:k] + [NULL_BLOCK] * (width - k) for (_, s), k in zip(group, need)], width
 
     dec_tables, dec_width = tables(decode)
+    views = _even_runs(dec_tables, dec_width)
     dec_lens = torch.tensor([s.first_pos + 1 for _, s in decode], dtype=torch.long)
     dec_mask = torch.arange(dec_width * bs) < dec_lens[:, None]                   # [B, Nd * bs]
 
@@ -74,7 +75,37 @@ def make_forward_batch(segments: list[Segment], device: torch.device, block_size
         input_ids=longs(ids), positions=longs(pos), slot_mapping=longs(slots), logit_rows=longs(logit_rows),
         decode_rows=longs([r for r, _ in decode]),
         decode_blocks=torch.tensor(dec_tables, dtype=torch.long).view(len(decode), dec_width).to(device),
-        decode_mask=dec_mask.to(device), decode_only=not prefill and bool(decode),
+        decode_mask=dec_mask.to(device), decode_views=views, decode_only=not prefill and bool(decode),
         prefill_rows=p_rows.to(device), prefill_valid=p_valid.to(device),
         prefill_blocks=torch.tensor(pre_tables, dtype=torch.long).view(len(prefill), pre_width).to(device),
         prefill_mask=p_mask[:, None].to(device))
+
+
+MAX_VIEW_GROUPS = 4          # decode rows read in place in at most this many strided views; else gathered
+
+
+def _even_runs(tables: list[list[int]], width: int) -> tuple[tuple[int, int, int, int], ...] | None:
+    """When every row's table is `width` contiguous blocks (no null padding): the rows cut into at
+    most MAX_VIEW_GROUPS consecutive groups whose tables start evenly spaced (stride >= width),
+    each (first row, rows, first block, stride in blocks): each group's K/V is one strided view of
+    the pool, read in place. None otherwise (gathered)."""
+    if not tables or width == 0:
+        return None
+    for t in tables:
+        if t[0] == NULL_BLOCK or t[-1] - t[0] != width - 1 or any(y - x != 1 for x, y in zip(t, t[1:])):
+            return None
+    groups: list[tuple[int, int, int, int]] = []
+    row = 0
+    while row < len(tables):
+        first, end = tables[row][0], row + 1
+        stride = tables[end][0] - first if end < len(tables) else width
+        if stride < width:
+            stride = width                                 # the next row starts a group of its own
+        else:
+            while end < len(tables) and tables[end][0] - tables[end - 1][0] == stride:
+                end += 1
+        groups.append((row, end - row, first, stride))
+        if len(groups) > MAX_VIEW_GROUPS:
+            return None
+        row = end
+    return tuple(groups)

@@ -10,7 +10,12 @@ holds a previous owner's values (0 * NaN would poison the softmax-weighted sum).
 
 Ownership (`BlockManager`, no tensors; nano-vllm's block manager is the model): free block ids,
 reference counts, and the prefix-cache index. The scheduler asks it (`can_allocate`, `allocate`,
-`match`, `take`, `release`, `register`); only the engine thread calls it.
+`allocate_run`, `allocate_next`, `match`, `take`, `release`, `register`); only the engine thread
+calls it. Blocks are handed out lowest id first, and a sequence's blocks contiguously where the
+pool allows: at admission it takes a free run long enough for its whole context (the blocks beyond
+its prompt stay free but *reserved*: handed to others only when no unreserved block is left), and
+grows into the next block of that run. Rows whose blocks are contiguous and evenly spaced are read
+in place, as one strided view (batch.py `decode_view`); the others through a gather.
 
 Prefix caching: a *full* block whose K/V are computed is registered under a digest chained over
   root  = H(tenant, adapter key with its version)      (None for the base model)
@@ -59,7 +64,10 @@ class BlockManager:
             raise ValueError(f"need at least 2 blocks (one is the null block) of >= 1 token, got "
                              f"{num_blocks} x {block_size}")
         self.num_blocks, self.block_size, self.prefix_cache = num_blocks, block_size, prefix_cache
-        self._free = list(range(num_blocks - 1, 0, -1))   # a stack: recently freed (resident) pages first
+        self._free = np.ones(num_blocks, dtype=bool)             # free, not cached (the null block never)
+        self._free[NULL_BLOCK] = False
+        self._reserved = np.zeros(num_blocks, dtype=bool)        # free, kept for a sequence's growth
+        self._num_free = num_blocks - 1
         self._ref = [0] * num_blocks
         self._key: list[tuple[Namespace, bytes, bytes, tuple[int, ...]] | None] = [None] * num_blocks
         self._index: dict[Namespace, dict[bytes, int]] = {}      # namespace -> digest -> block
@@ -76,7 +84,12 @@ class BlockManager:
     @property
     def num_available(self) -> int:
         """Blocks `allocate` can hand out now: free ones plus cached unreferenced ones (evicted)."""
-        return len(self._free) + len(self._lru)
+        return self._num_free + len(self._lru)
+
+    @property
+    def num_free(self) -> int:
+        """Blocks neither referenced nor cached."""
+        return self._num_free
 
     @property
     def num_cached(self) -> int:
@@ -99,21 +112,88 @@ class BlockManager:
 
     def allocate(self, n: int) -> list[int] | None:
         """`n` blocks with reference count 1, or None (nothing taken) when fewer are available.
-        Free blocks go first; then the least recently used cached blocks are evicted."""
+        Free unreserved blocks go first (lowest id first), then free reserved ones; then the least
+        recently used cached blocks are evicted."""
         if n > self.num_available:
             return None
-        out = []
-        for _ in range(n):
-            if self._free:
-                b = self._free.pop()
-            else:
-                b, _ = self._lru.popitem(last=False)
-                self._unregister(b)
-                self.evictions += 1
+        out = np.flatnonzero(self._free & ~self._reserved)[:n].tolist()
+        if len(out) < n:
+            out += np.flatnonzero(self._free & self._reserved)[:n - len(out)].tolist()
+        self._take_free(out)
+        while len(out) < n:
+            b, _ = self._lru.popitem(last=False)
+            self._unregister(b)
+            self.evictions += 1
             self._ref[b] = 1
+            self.fresh.append(b)
             out.append(b)
-        self.fresh.extend(out)
         return out
+
+    def allocate_run(self, n: int, extent: int) -> tuple[list[int], tuple[int, int] | None] | None:
+        """`n` contiguous blocks at the start of the lowest free unreserved run of `extent` >= n
+        blocks, the rest of the run reserved for the caller's growth: (blocks, (start, end) of the
+        run). When no such run is free, least recently used cached blocks are evicted (as `allocate`
+        would, at most 2 x extent of them) until one is. Without a run, `allocate(n)` and no run;
+        None when even that fails."""
+        if n <= 0:
+            return [], None
+        if n > self.num_available:
+            return None
+        start = self._find_run(extent)
+        for _ in range(min(len(self._lru), 2 * extent) if start is None else 0):
+            b, _ = self._lru.popitem(last=False)
+            self._unregister(b)
+            self.evictions += 1
+            self._put_free(b)
+            lo, hi = b, b + 1                                   # the free unreserved span around b
+            while lo - 1 > NULL_BLOCK and self._free[lo - 1] and not self._reserved[lo - 1]:
+                lo -= 1
+            while hi < self.num_blocks and self._free[hi] and not self._reserved[hi]:
+                hi += 1
+            if hi - lo >= extent:
+                start = lo
+                break
+        if start is None:
+            got = self.allocate(n)
+            return None if got is None else (got, None)
+        out = list(range(start, start + n))
+        self._take_free(out)
+        self._reserved[start + n:start + extent] = True
+        return out, (start, start + extent)
+
+    def _find_run(self, extent: int) -> int | None:
+        """The first block of the lowest free unreserved run of `extent` blocks, or None."""
+        mask = np.concatenate(([False], self._free & ~self._reserved, [False])).astype(np.int8)
+        edges = np.flatnonzero(np.diff(mask))                  # run starts and ends, alternating
+        starts, ends = edges[0::2], edges[1::2]
+        fit = np.flatnonzero(ends - starts >= extent)
+        return int(starts[fit[0]]) if fit.size else None
+
+    def allocate_next(self, last: int) -> list[int] | None:
+        """One block for a sequence whose table ends with `last`: `last + 1` when it is free (its
+        reserved run), else as `allocate(1)`."""
+        b = last + 1
+        if b < self.num_blocks and self._free[b]:
+            self._take_free([b])
+            return [b]
+        return self.allocate(1)
+
+    def unreserve(self, extent: tuple[int, int] | None) -> None:
+        """A sequence's run is no longer needed (it ended, or was preempted)."""
+        if extent is not None:
+            self._reserved[extent[0]:extent[1]] = False
+
+    def _take_free(self, blocks: list[int]) -> None:
+        for b in blocks:
+            assert self._free[b], f"KV block {b} is not free"
+            self._free[b] = self._reserved[b] = False
+            self._ref[b] = 1
+        self._num_free -= len(blocks)
+        self.fresh.extend(blocks)
+
+    def _put_free(self, b: int) -> None:
+        self._free[b] = True
+        self._num_free += 1
 
     def take(self, blocks: Sequence[int]) -> None:
         """One more reference to each (cached) block: a prefix-cache hit."""
@@ -134,7 +214,7 @@ class BlockManager:
                 self._lru[b] = None
             else:
                 self._unregister(b)
-                self._free.append(b)
+                self._put_free(b)
 
     # ---- the prefix index
     def match(self, space: Namespace, tokens: Sequence[int], max_blocks: int) -> tuple[list[int], list[bytes]]:
@@ -186,7 +266,7 @@ class BlockManager:
                 self._unregister(b)
                 if self._ref[b] == 0:
                     del self._lru[b]
-                    self._free.append(b)
+                    self._put_free(b)
                 dropped += 1
         return dropped
 

@@ -132,7 +132,8 @@ class Scheduler:
         if seq.blocks is not None:
             self.running.remove(seq)
             self.blocks.release(seq.blocks, keep_cached=not failed)
-            seq.blocks = None
+            self.blocks.unreserve(seq.extent)
+            seq.blocks, seq.extent = None, None
         else:
             self.waiting.remove(seq)
 
@@ -191,7 +192,9 @@ class Scheduler:
         if not self.blocks.can_allocate(new, hits, keep):
             return False
         self.blocks.take(hits)
-        seq.blocks = hits + self.blocks.allocate(new)
+        # one run for the whole context where the pool has one: the sequence grows in place
+        got, seq.extent = self.blocks.allocate_run(new, self.blocks.blocks_for(seq.context_len) - len(hits))
+        seq.blocks = hits + got
         seq.block_digests = digests
         seq.cached_tokens = len(hits) * bs
         seq.num_computed = max(0, seq.cached_tokens - seq.kv_offset)
@@ -223,8 +226,8 @@ class Scheduler:
         prefill budget, shared fairly by tenant (admission order within one)."""
         self._grow()
         out = []
-        for seq in self.running:
-            if not seq.in_prefill:
+        for seq in sorted(self.running, key=lambda s: s.blocks[0] if s.blocks else 0):   # runs in pool order:
+            if not seq.in_prefill:                                                        # read in place
                 ids, pos = seq.next_tokens(1)
                 out.append(Segment(seq.blocks, ids, pos, True, seq))
         by_tenant: dict[str, list[Sequence]] = {}
@@ -251,7 +254,7 @@ class Scheduler:
                 continue                              # preempted meanwhile, or prefilling (has its blocks)
             need = self.blocks.blocks_for(seq.kv_offset + seq.num_computed + 1) - len(seq.blocks)
             while need > 0 and seq.blocks is not None:
-                got = self.blocks.allocate(need)
+                got = self.blocks.allocate_next(seq.blocks[-1]) if need == 1 else self.blocks.allocate(need)
                 if got is not None:
                     seq.blocks.extend(got)
                     break
@@ -272,6 +275,7 @@ class Scheduler:
         back at the head of its tenant's queue; it is recomputed when admitted again."""
         self.running.remove(seq)
         self.blocks.release(seq.blocks)
+        self.blocks.unreserve(seq.extent)
         seq.reset_kv()
         self.waiting.appendleft(seq)
         self.preemptions[seq.tenant] += 1

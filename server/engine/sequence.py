@@ -74,6 +74,7 @@ class Sequence:
         self.admitted_at: float | None = None
         self.first_token_at: float | None = None
         self.blocks: list[int] | None = None  # KV block table while running (None: waiting)
+        self.extent: tuple[int, int] | None = None   # the run of blocks kept for its growth
         self.block_digests: list[bytes] = []  # prefix-cache digests of its full computed blocks
         self.prepared = False                 # virtual tokens attached (once per request)
         self.admissions = 0                   # times admitted (more than once after a preemption)
@@ -160,7 +161,7 @@ class Sequence:
 
     def reset_kv(self) -> None:
         """Forget the K/V (a preemption): everything is recomputed at the next admission."""
-        self.blocks, self.block_digests, self.num_computed = None, [], 0
+        self.blocks, self.extent, self.block_digests, self.num_computed = None, None, [], 0
 
     def row_state(self) -> RowState:
         return RowState(self.params, self.prompt_ids[self.virtual_tokens:] + self.output_ids, self.generator)

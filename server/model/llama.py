@@ -38,6 +38,9 @@ class ForwardBatch:
     decode_rows: torch.Tensor        # [B] long, token rows of one-token segments
     decode_blocks: torch.Tensor      # [B, Nd] long, their block tables (null-padded)
     decode_mask: torch.Tensor        # [B, Nd * bs] bool, key j visible to decode row b
+    decode_views: tuple[tuple[int, int, int, int], ...] | None   # (first row, rows, first block,
+    #                                  stride): row r0 + b's table is blocks first + b * stride + [0, Nd),
+    #                                  each group read as one strided view of the pool (no gather)
     decode_only: bool                # every token is a decode row, rows 0..T-1 in order
     prefill_rows: torch.Tensor       # [P, Lq] long, token row of each chunk query (pads repeat a row)
     prefill_valid: torch.Tensor      # [P, Lq] bool, False on padding
@@ -168,7 +171,7 @@ class LlamaModel:
             h = hooks.embed(h)
         cos, sin = self.rope(batch.positions)
         B, n = batch.decode_mask.shape
-        decode_bias = torch.zeros(batch.decode_mask.shape, dtype=torch.float32,        # [1, B, 1, Nd * bs]
+        decode_bias = torch.zeros(batch.decode_mask.shape, dtype=h.dtype,               # [1, B, 1, Nd * bs]
                                   device=h.device).masked_fill_(~batch.decode_mask, float("-inf")).view(1, B, 1, n)
         for i, lw in enumerate(self.layers):
             x = rms_norm(h, lw.attn_norm, a.norm_eps)
@@ -209,12 +212,18 @@ class LlamaModel:
         out = torch.empty_like(q)
         gqa = self.shape.num_heads != self.shape.num_kv_heads
         if batch.decode_rows.numel():
-            B = batch.decode_blocks.shape[0]
-            ids = batch.decode_blocks.view(-1)
-            ks = kc.index_select(1, ids).view(Hkv, B, -1, hd)                # [Hkv, B, Nd * bs, hd]
-            vs = vc.index_select(1, ids).view(Hkv, B, -1, hd)
+            B, nd = batch.decode_blocks.shape
             qd = q if batch.decode_only else q[batch.decode_rows]           # [B, H, hd]
-            od = _decode_attention(qd, ks, vs, decode_bias)                 # [B, H * hd]
+            if batch.decode_views is not None:                              # in place, no copy
+                parts = [_decode_attention(qd[r0:r0 + n], _block_view(kc, first, stride, n, nd),
+                                           _block_view(vc, first, stride, n, nd), decode_bias[:, r0:r0 + n])
+                         for r0, n, first, stride in batch.decode_views]
+                od = parts[0] if len(parts) == 1 else torch.cat(parts)       # [B, H * hd]
+            else:
+                ids = batch.decode_blocks.view(-1)
+                ks = kc.index_select(1, ids).view(Hkv, B, -1, hd)            # [Hkv, B, Nd * bs, hd]
+                vs = vc.index_select(1, ids).view(Hkv, B, -1, hd)
+                od = _decode_attention(qd, ks, vs, decode_bias)             # [B, H * hd]
             if batch.decode_only:                                          # rows are 0..T-1 in order
                 return od
             out[batch.decode_rows] = od.view(-1, H, hd)
@@ -230,17 +239,27 @@ class LlamaModel:
         return out.reshape(T, H * hd)
 
 
+def _block_view(c: torch.Tensor, first: int, stride: int, rows: int, width: int) -> torch.Tensor:
+    """[Hkv, rows, width * bs, hd] view of a contiguous pool c [Hkv, N, bs, hd] whose row b is
+    blocks first + b * stride + [0, width)."""
+    hkv, _, bs, hd = c.shape
+    s_head, s_block, s_pos, s_dim = c.stride()
+    assert s_block == bs * s_pos, "the pool's blocks must be contiguous"
+    return c.as_strided((hkv, rows, width * bs, hd), (s_head, stride * s_block, s_pos, s_dim),
+                        c.storage_offset() + first * s_block)
+
+
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """One query per row: q [B, H, hd], k/v [Hkv, B, n, hd] (head-major, as gathered from the
     blocks), bias [1, B, 1, n] (0 or -inf) -> [B, H * hd]. Query heads h*G..h*G+G-1 share kv head h
-    (HF's repeat_kv order). Two small batched matmuls beat SDPA's kernel at these shapes on CPU;
-    softmax in float32."""
+    (HF's repeat_kv order), so they are one SDPA call's G query positions over kv head h's keys:
+    batch (Hkv, B), no K/V copy for GQA. Measured faster than two batched matmuls on CPU (2.4x at
+    one row of 6,000 keys, 1.1-1.4x at 8-32 rows of 64-464 keys)."""
     B, H, hd = q.shape
     Hkv = k.shape[0]
     qh = q.view(B, Hkv, H // Hkv, hd).transpose(0, 1)                              # [Hkv, B, G, hd]
-    s = torch.matmul(qh, k.transpose(-1, -2)).float()                               # [Hkv, B, G, n]
-    p = (s * hd ** -0.5 + bias).softmax(-1).to(v.dtype)
-    return torch.matmul(p, v).transpose(0, 1).reshape(B, H * hd)                    # [B, Hkv, G, hd]
+    o = F.scaled_dot_product_attention(qh, k, v, attn_mask=bias)                    # [Hkv, B, G, hd]
+    return o.transpose(0, 1).reshape(B, H * hd)
 
 
 def _linear(x: torch.Tensor, w: BaseLinear, hooks: AdapterHooks | None, layer: int,

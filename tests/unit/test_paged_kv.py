@@ -2,6 +2,8 @@
 forward over block tables equal to transformers across block boundaries, with chunked prefill."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import LlamaForCausalLM
@@ -196,3 +198,53 @@ def test_a_batch_never_reads_another_sequences_blocks(tiny_loaded):
 def test_a_block_table_too_short_is_refused():
     with pytest.raises(ValueError, match="cannot hold position 4"):
         make_forward_batch([Segment([1], [1, 2, 3, 4, 5], 0, True)], CPU, 4)
+
+
+# ---------------------------------------------------------------- contiguous runs and the in-place view
+
+def test_a_sequence_gets_a_run_and_grows_into_it():
+    bm = BlockManager(20, 4)
+    a, run_a = bm.allocate_run(2, 5)
+    assert a == [1, 2] and run_a == (1, 6)
+    b, run_b = bm.allocate_run(2, 5)                   # the first run's tail is reserved: skipped
+    assert b == [6, 7] and run_b == (6, 11)
+    assert bm.allocate_next(a[-1]) == [3]              # grows in place
+    assert bm.allocate(3) == [11, 12, 13]              # plain allocations avoid reserved blocks...
+    bm.allocate(6)                                     # ...until only reserved ones are left
+    assert bm.num_free == 5 and bm.allocate(2) == [4, 5]
+    assert bm.allocate_next(b[-1]) == [8]
+    bm.unreserve(run_b)
+    assert bm.allocate_run(1, 3) == ([9], None)        # no free run of 3: scattered, no reservation
+    assert bm.allocate_next(a[-1] + 2) == [10]         # 5 + 1 is taken: the next free block
+    assert bm.allocate_run(2, 3) is None and bm.num_free == 0
+
+
+def test_even_runs_are_read_in_place_and_equal_the_gather(tiny_model_dir, tiny_loaded):
+    """Decode rows whose tables are evenly spaced contiguous runs are one strided view of the pool
+    (no copy); the result equals the gathered path and transformers'."""
+    hf = LlamaForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    model = tiny_loaded.model
+    kv = KVCache(model.shape, 40, 4, CPU, torch.float32)
+    runs = [kv.blocks.allocate_run(3, 4)[0] for _ in range(3)]        # blocks 1-3, 5-7, 9-11
+    kv.zero_fresh()
+    g = torch.Generator().manual_seed(4)
+    seqs = [torch.randint(3, 259, (10,), generator=g).tolist() for _ in runs]
+    with torch.no_grad():
+        model.forward(make_forward_batch([Segment(t, s, 0, False) for t, s in zip(runs, seqs)], CPU, 4), kv.layers)
+        dec = [Segment(t, [9], 10, True) for t in runs]
+        batch = make_forward_batch(dec, CPU, 4)
+        assert batch.decode_views == ((0, 3, 1, 4),)
+        got = model.forward(batch, kv.layers)
+        gathered = model.forward(dataclasses.replace(batch, decode_views=None), kv.layers)
+        torch.testing.assert_close(got, gathered, rtol=1e-6, atol=1e-6)
+        for i, s in enumerate(seqs):
+            assert rel(got[i], hf(torch.tensor([s + [9]])).logits[0, -1]) < 1e-4
+    def view(tables: list[list[int]], positions: list[int]):
+        return make_forward_batch([Segment(t, [1], p, True) for t, p in zip(tables, positions)], CPU, 4).decode_views
+    assert view([[1, 2, 3], [4, 5, 6]], [11, 11]) == ((0, 2, 1, 3),)
+    assert view([[1, 2], [5, 6]], [3, 7]) is None                 # row 0 needs one block: null padding
+    assert view([[1, 3, 4]], [11]) is None                       # not contiguous
+    assert view([[5, 6, 7], [1, 2, 3]], [11, 11]) == ((0, 1, 5, 3), (1, 1, 1, 3))      # two groups
+    assert view([[1, 2, 3], [4, 5, 6], [8, 9, 10], [12, 13, 14]], [11] * 4) == ((0, 2, 1, 3), (2, 2, 8, 4))
+    firsts = [1, 4, 10, 19, 31, 46, 64, 85, 109, 136]             # gaps 3, 6, 9, ...: 5 groups of 2
+    assert view([[f, f + 1, f + 2] for f in firsts], [11] * 10) is None

@@ -208,7 +208,7 @@ def test_preemption_under_a_small_pool_completes_every_request_exactly(tiny_load
         eng = small.engine
         assert _idle(eng)
         blocks = eng.kv.blocks
-        assert blocks.num_used == 0 and blocks.num_used + blocks.num_cached + len(blocks._free) == blocks.capacity
+        assert blocks.num_used == 0 and blocks.num_used + blocks.num_cached + blocks.num_free == blocks.capacity
         assert metrics.KV_BLOCKS.labels("used")._value.get() == 0
         assert metrics.RUNNING._value.get() == 0 and metrics.WAITING._value.get() == 0
         assert metrics.PREEMPTIONS.labels("other")._value.get() > 0
@@ -270,7 +270,7 @@ def test_a_failing_row_rerun_in_halves_leaks_no_block(tiny_loaded, tmp_path, mon
         assert [r.wait().tokens for r in runs] == want
         assert _idle(rig.engine)
         blocks = rig.engine.kv.blocks
-        assert all(r == 0 for r in blocks._ref) and len(blocks._free) + blocks.num_cached == blocks.capacity
+        assert all(r == 0 for r in blocks._ref) and blocks.num_free + blocks.num_cached == blocks.capacity
         bad_space = blocks._index.get(("a", None), {})
         assert blocks.match(("a", None), bad.seq.hash_tokens(0, 8), 2) == ([], [])
         assert len(bad_space) > 0                                   # the mates' blocks are still cached
