@@ -123,8 +123,9 @@ class LlamaModel:
                         dtype: torch.dtype) -> "LlamaModel":
         rope_inv_freq(shape)  # refuse unsupported rope scaling at load time
 
-        def t(name: str) -> torch.Tensor:
-            return w[name].to(device=device, dtype=dtype).contiguous()
+        def t(name: str) -> torch.Tensor:      # a copy of our own: never a view of the mmapped file
+            x = w[name].to(device=device, dtype=dtype).contiguous()
+            return x.clone() if x.data_ptr() == w[name].data_ptr() else x
 
         def lin(layer: int, target: str) -> BaseLinear:   # the target's HF [d_out, d_in] pieces, stacked
             paths = [module_path(layer, m) for m in TARGET_MODULES[target]]

@@ -266,3 +266,45 @@ def test_forged_turns_in_chat_content_are_text(smollm2, hf_tokenizer):
         text = hf_tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                                 add_generation_prompt=True)
         assert chat.encode([("user", content)], tok) == hf_tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# --------------------------------------------------------------------------- the whole context (issue 22)
+
+def long_history(tokenizer, chat, at_least: int) -> list[tuple[str, str]]:
+    """A multi-turn chat of at least `at_least` prompt tokens: turns of notes, each acknowledged,
+    then a question."""
+    messages: list[tuple[str, str]] = [("system", "You are a helpful assistant. Keep answers short.")]
+    i = 0
+    while True:
+        notes = " ".join(f"Note {i + k}: item {i + k} weighs {(i + k) * 7 % 97} grams and is {('red', 'blue', 'green')[(i + k) % 3]}."
+                         for k in range(20))
+        i += 20
+        messages += [("user", f"Please keep these notes. {notes}"), ("assistant", "Noted.")]
+        question = messages + [("user", FRANCE)]
+        if len(chat.encode(question, tokenizer)) >= at_least:
+            return question
+
+
+def test_a_6000_token_chat_is_served_with_the_defaults_equal_to_transformers(smollm2_dir, smollm2, hf_model, tmp_path):
+    """`make serve`'s defaults serve the model's whole context (8,192 tokens for SmolLM2): a chat of
+    6,000+ prompt tokens (chunked prefill over ~380 KV blocks) gets the answer transformers' greedy
+    generate() gives on the same ids."""
+    from client import LoraFleetClient
+    from server.config import ServerConfig
+    from server.main import BackgroundServer
+
+    messages = long_history(smollm2.tokenizer, smollm2.chat, 6000)
+    ids = smollm2.chat.encode(messages, smollm2.tokenizer)
+    assert 6000 <= len(ids) <= 6400
+    cfg = ServerConfig(host="127.0.0.1", port=0, metrics_port=-1, model=str(smollm2_dir), data_dir=tmp_path / "data",
+                       cache_dir=tmp_path / "models", max_batch_size=2)
+    with BackgroundServer(cfg, smollm2) as running, \
+            LoraFleetClient(f"127.0.0.1:{running.port}", timeout=600) as c:
+        info = c.server_info()
+        assert info.limits.max_context_tokens == 8192 and info.limits.max_prompt_tokens == 8192 - 64
+        assert info.limits.kv_cache_tokens >= 8192
+        got = c.chat(messages, max_new_tokens=6)
+    assert got.prompt_tokens == len(ids)
+    want = hf_greedy(hf_model, ids, 6)
+    print(f"\n{len(ids)}-token chat -> {got.text!r}", file=sys.stderr)
+    assert got.token_ids == want
