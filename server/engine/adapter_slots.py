@@ -16,7 +16,7 @@ adapter in the form its kind needs, in typed stacks (one per layer and fused tar
   Ia3Stack     output scales of q/k/v (fused), o, gate/up (fused), down; input scales of o and
                down (PEFT's feedforward modules); 1 where the adapter has none
   BottleneckStack  per layer and place (attn | mlp): D [S, r, d], U [S, d, r], biases
-  Prefix       prefix K/V [layers, 2, kv_heads, n, hd], copied into a sequence's KV slot at admission
+  Prefix       prefix K/V [layers, 2, kv_heads, n, hd], written into a sequence's first KV positions at admission
   Prompt       virtual-token embeddings [n, d], swapped into the input embeddings at prefill
   Head         classification head (weight [labels, d], bias, label names), any kind may carry one
 

@@ -329,13 +329,8 @@ class Engine:
     def _make_ready(self, seq: Sequence) -> bool:
         """Make the sequence's adapter resident in a device slot (False: every slot is pinned
         now, keep waiting). Problems found here fail the sequence right after admission."""
-        blocks = self.kv.blocks
-        if blocks.blocks_for(seq.context_len) > blocks.capacity:
-            seq.error = ResourceExhausted(
-                f"this request needs up to {seq.context_len} tokens of KV cache; the server's KV cache "
-                f"holds {blocks.capacity * blocks.block_size} tokens in all: shorten it, or ask for fewer tokens")
-            return True
         if seq.adapter is None:
+            self._check_fits(seq)
             return True
         try:
             slot = self.adapters.cache.acquire(seq.adapter.key)
@@ -368,7 +363,19 @@ class Engine:
         elif seq.classify and info.head is None:
             seq.error = FailedPrecondition(
                 f"adapter {seq.adapter.display!r} has no classification head; Classify needs one")
+        else:
+            self._check_fits(seq)
         return True
+
+    def _check_fits(self, seq: Sequence) -> None:
+        """A sequence whose whole context (virtual tokens included) could never fit the KV pool,
+        even alone, fails now instead of waiting for blocks that cannot come."""
+        blocks = self.kv.blocks
+        if blocks.blocks_for(seq.context_len) > blocks.capacity:
+            seq.error = ResourceExhausted(
+                f"this request needs up to {seq.context_len} tokens of KV cache (virtual tokens included); the "
+                f"server's KV cache holds {blocks.capacity * blocks.block_size} tokens in all: shorten it, or ask "
+                "for fewer tokens")
 
     def _probe(self, slot: int) -> str | None:
         """Run the adapter in `slot` once on PROBE_IDS (its virtual tokens included), in a KV cache

@@ -228,9 +228,15 @@ def _idle(engine: Engine) -> bool:
     return False
 
 
-def test_a_request_larger_than_the_pool_fails_at_once_and_one_that_fills_it_is_served(tiny_loaded, tmp_path):
+def test_a_request_larger_than_the_pool_fails_at_once_and_one_that_fills_it_is_served(tiny_loaded, tiny_model_dir,
+                                                                                     adapters_dir, tmp_path):
     rig = Rig(tiny_loaded, tmp_path / "s", True, kv_blocks=11)        # 10 blocks: 40 tokens
     try:
+        upload(rig.registry, "a", "prefix", make_adapter(tiny_model_dir, adapters_dir, "prefix", 3)[0])
+        virtual = rig.submit("a", "prefix", ids(79, 20), 16)          # 36 positions + 6 prefix-tuning ones
+        assert virtual.done.wait(30)
+        assert virtual.final.reason is FinishReason.ERROR and isinstance(virtual.final.error, ResourceExhausted)
+        assert "virtual tokens included" in str(virtual.final.error)
         too_big = rig.submit("a", None, ids(80, 20), 21)             # 41 positions
         assert too_big.done.wait(30)
         assert too_big.final.reason is FinishReason.ERROR and isinstance(too_big.final.error, ResourceExhausted)
