@@ -17,8 +17,9 @@ Fairness between tenants, at three places:
               tenant may not take the rows kept for them (one per waiting tenant, up to a quarter
               of the rows), so one tenant's burst cannot hold every row; and the last
               `reserve_slots` rows, and the last `reserve_blocks` KV blocks ("room for a
-              newcomer"), are only for a tenant with nothing running, so a newcomer is admitted at
-              the next step even when one tenant's long requests fill the rest. When a sequence
+              newcomer"), are only admitted into by a tenant with nothing running, so a newcomer is
+              admitted at the next step even when one tenant's long requests fill the rest (running
+              sequences may still grow into those blocks: decoding is never held). When a sequence
               does not fit, its tenant's later ones wait behind it, and so do other tenants that
               have something running (a large request is not overtaken forever); a tenant with
               nothing running may still be admitted past it;

@@ -250,3 +250,49 @@ def test_a_short_prompt_beside_a_long_prefill_gets_a_short_step():
     assert [len(w.token_ids) for w in work if w.seq is lone] == [8]
     s.remove(lone)
     assert sum(len(w.token_ids) for w in s.schedule()) == 512      # a alone: the full budget
+
+
+def test_room_for_a_newcomer_is_kept_in_blocks():
+    """Issue 22: with `reserve_slots`, one tenant's sequences may not be admitted into the last
+    `reserve_blocks` KV blocks; a tenant with nothing running is, at the next admission."""
+    pool = BlockManager(41, 16)                                   # 40 blocks
+    s = Scheduler(pool, max_batch_size=16, max_prefill_tokens=64, reserve_slots=1)
+    assert s.reserve_blocks == 4
+    for x in [long_seq("a", 50) for _ in range(12)]:              # 4 blocks each (50 + 5 new tokens)
+        s.add(x)
+    got = s.admit()
+    assert len(got) == 9 and pool.num_available == 4              # a stops short of the reserve
+    late = long_seq("b", 50)
+    s.add(late)
+    assert s.admit() == [late] and pool.num_available == 0
+    s.add(long_seq("c", 50))
+    assert s.admit() == []                                        # nothing left: c waits
+    alone = Scheduler(BlockManager(41, 16), max_batch_size=16, max_prefill_tokens=64)
+    for x in [long_seq("a", 50) for _ in range(12)]:
+        alone.add(x)
+    assert len(alone.admit()) == 10                               # one tenant, no reserve: every block
+
+
+def test_decode_growth_preempts_the_youngest_of_the_heaviest_tenant():
+    pool = BlockManager(9, 4, prefix_cache=False)                 # 8 blocks of 4 tokens
+    s = Scheduler(pool, max_batch_size=8, max_prefill_tokens=100)
+    preempted = []
+    s.on_preempt = preempted.append
+    a1, a2, b1 = long_seq("a", 7), long_seq("a", 7), long_seq("b", 7)     # 2 blocks each
+    for x in (a1, a2, b1):
+        s.add(x)
+    assert s.admit() == [a1, a2, b1] and pool.num_available == 2
+    for x in (a1, a2, b1):                                        # prefilled, each sampled a token
+        s.computed(x, 7)
+        x.output_ids.append(5)
+    s.schedule()                                                   # position 7: no new block yet
+    for x in (a1, a2, b1):
+        s.computed(x, 8)
+        x.output_ids.append(5)
+    work = s.schedule()                                            # position 8: each needs a third block
+    assert preempted == [a2]                                       # a holds 4 blocks: its youngest goes
+    assert [w.seq for w in work] == [a1, b1] and a2.blocks is None and a2.num_computed == 0
+    assert list(s.waiting) == [a2] and pool.num_used == 6
+    s.remove(a1)
+    assert s.admit() == [a2] and a2.num_computed == 0              # recomputed: prompt and output so far
+    assert [len(w.token_ids) for w in s.schedule() if w.seq is a2] == [9]
