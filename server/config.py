@@ -116,6 +116,12 @@ class ServerConfig:
                                     " to a shared store (and drop ones they deleted); 0 = off")
     metrics_per_tenant: bool = knob(False, "export per-tenant request and token counters")
     metrics_max_tenants: int = knob(50, "cap on distinct tenant label values (the rest are counted as 'other')")
+    metrics_vllm_names: str = knob("on", "also serve vLLM's metric names (vllm:time_to_first_token_seconds, ...,"
+                                   " labels model_name and engine) for the series whose meaning is the same",
+                                   choices=("on", "off"))
+    http_metrics: str = knob("admin", "GET /metrics on the HTTP port: admin = needs an admin key when --api-keys is"
+                             " set (it shows every tenant's traffic, and adapter names); open = no key, as vLLM"
+                             " serves it; off = 404 (scrape --metrics-port)", choices=("admin", "open", "off"))
 
     def describe(self) -> str:
         return "\n".join(f"  {f.name} = {getattr(self, f.name)}" for f in dataclasses.fields(self))
