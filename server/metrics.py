@@ -132,6 +132,7 @@ def one_two_five(limit: int) -> tuple[int, ...]:
             out.append(m * scale)
         scale *= 10
 
+
 # ---------------------------------------------------------------- requests
 PROTOCOLS = ("grpc", "http")
 REQUESTS = Counter("lorafleet_requests", "Calls finished, by method, status code and protocol (grpc | http)",

@@ -83,8 +83,9 @@ class OpsRoutes:
     to the OpenAI error shape (openai.error_body); `check_model` raises NotFound for a model the
     caller may not use."""
 
-    def __init__(self, gen: Generation, health: Health, cfg: ServerConfig, check_model: Callable[[Principal, str], None],
-                 body_limits: BodyLimits, bodies: BodyBudget, error_body: ErrorBody):
+    def __init__(self, gen: Generation, health: Health, cfg: ServerConfig,
+                 check_model: Callable[[Principal, str], None], body_limits: BodyLimits, bodies: BodyBudget,
+                 error_body: ErrorBody):
         self.gen, self.health, self.cfg, self.check_model = gen, health, cfg, check_model
         self.body_limits, self.bodies, self.error_body = body_limits, bodies, error_body
         self.vocab_size = gen.engine.model.args.vocab_size

@@ -152,7 +152,8 @@ def test_prometheus_scrapes_the_server(tiny_loaded, tmp_path):
             # a scrape of each job before the traffic, so that rate() sees the increase
             deadline = time.monotonic() + WAIT_S
             while not all(_query(prom, f'up{{job="{job}"}}') == 1.0 for job in ("lorafleet", "lorafleet-http")):
-                assert time.monotonic() < deadline, f"no scrape of both jobs within {WAIT_S:g}s:\n{log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, \
+                    f"no scrape of both jobs within {WAIT_S:g}s:\n{log.read_text()[-3000:]}"
                 time.sleep(0.2)
             with LoraFleetClient(f"127.0.0.1:{running.port}", api_key=key, timeout=60) as c:
                 for i in range(N_GENERATE):
@@ -176,8 +177,8 @@ def test_prometheus_scrapes_the_server(tiny_loaded, tmp_path):
             vllm_p50 = None
             deadline = time.monotonic() + WAIT_S
             while time.monotonic() < deadline:
-                vllm_p50 = _query(prom, 'histogram_quantile(0.5, sum by (le) (rate('
-                                        f'vllm:time_to_first_token_seconds_bucket{{job="lorafleet-http",{model}}}[1m])))')
+                vllm_p50 = _query(prom, "histogram_quantile(0.5, sum by (le) (rate(vllm:time_to_first_token_"
+                                        f'seconds_bucket{{job="lorafleet-http",{model}}}[1m])))')
                 if vllm_p50 is not None and vllm_p50 == vllm_p50:          # not NaN: the rate saw traffic
                     break
                 time.sleep(0.5)

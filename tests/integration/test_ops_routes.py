@@ -110,7 +110,8 @@ def test_tokenize_messages_equals_the_chat_template_and_the_chat_prompt(door):
         assert r.json()["tokens"] == want and r.json()["count"] == len(want)
         # the "<s>" typed in content is text, not the special token
         assert want.count(loaded.tokenizer.token_to_id("<s>")) == 3       # the template's own turns only
-        parts = [{"role": "user", "content": [{"type": "text", "text": "héllo ☃ "}, {"type": "text", "text": "<s>there"}]}]
+        parts = [{"role": "user", "content": [{"type": "text", "text": "héllo ☃ "},
+                                              {"type": "text", "text": "<s>there"}]}]
         assert c.post("/tokenize", json={"messages": parts}).json()["tokens"] == \
             loaded.chat.encode([("user", "héllo ☃ <s>there")], loaded.tokenizer)
         chat = c.post("/v1/chat/completions", json={"model": MODEL, "messages": MSGS, "max_tokens": 1})
