@@ -378,14 +378,17 @@ VLLM = VllmNames()
 REGISTRY.register(VLLM)
 
 
-def exposition(accept: str = "") -> tuple[bytes, str]:
+def exposition(accept: str = "", gzipped: bool = False) -> tuple[bytes, str]:
     """The registry as (body, content type): OpenMetrics when `accept` (the scraper's Accept
-    header) asks for it, as Prometheus does, else the text format 0.0.4. Both keep the colons of
-    vLLM's names: prometheus-client's own OpenMetrics negotiation (make_wsgi_app) writes
-    `vllm:x`'s samples as `vllm_x` under a `# TYPE vllm:x` line."""
+    header) asks for it, as Prometheus does, else the text format 0.0.4; gzip-compressed when asked.
+    Both formats keep the colons of vLLM's names: prometheus-client's own OpenMetrics negotiation
+    (make_wsgi_app) writes `vllm:x`'s samples as `vllm_x` under a `# TYPE vllm:x` line."""
     if "application/openmetrics-text" in accept:
-        return openmetrics.generate_latest(REGISTRY, escaping=openmetrics.ALLOWUTF8), openmetrics.CONTENT_TYPE_LATEST
-    return generate_latest(REGISTRY), CONTENT_TYPE_PLAIN_0_0_4
+        body = openmetrics.generate_latest(REGISTRY, escaping=openmetrics.ALLOWUTF8)
+        content_type = openmetrics.CONTENT_TYPE_LATEST
+    else:
+        body, content_type = generate_latest(REGISTRY), CONTENT_TYPE_PLAIN_0_0_4
+    return (gzip.compress(body) if gzipped else body), content_type
 
 
 def _metrics_app(environ, start_response):
@@ -393,11 +396,9 @@ def _metrics_app(environ, start_response):
     if environ.get("PATH_INFO") == "/favicon.ico":
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b""]
-    body, content_type = exposition(environ.get("HTTP_ACCEPT", ""))
-    headers = [("Content-Type", content_type)]
-    if "gzip" in environ.get("HTTP_ACCEPT_ENCODING", ""):
-        body = gzip.compress(body)
-        headers.append(("Content-Encoding", "gzip"))
+    gzipped = "gzip" in environ.get("HTTP_ACCEPT_ENCODING", "")
+    body, content_type = exposition(environ.get("HTTP_ACCEPT", ""), gzipped)
+    headers = [("Content-Type", content_type)] + ([("Content-Encoding", "gzip")] if gzipped else [])
     start_response("200 OK", headers)
     return [body]
 

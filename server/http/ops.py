@@ -135,9 +135,12 @@ class OpsRoutes:
     async def scrape(self, request: Request) -> Response:
         if self.scrapes.locked():
             raise e.ResourceExhausted(f"{metrics.METRICS_MAX_CONNECTIONS} scrapes of /metrics are running; retry")
+        gzipped = "gzip" in request.headers.get("accept-encoding", "")
         async with self.scrapes:
-            body, content_type = await asyncio.to_thread(metrics.exposition, request.headers.get("accept", ""))
-        return Response(body, headers={"Content-Type": content_type})
+            body, content_type = await asyncio.to_thread(metrics.exposition, request.headers.get("accept", ""),
+                                                         gzipped)
+        headers = {"Content-Type": content_type, **({"Content-Encoding": "gzip"} if gzipped else {})}
+        return Response(body, headers=headers)
 
     async def tokenize(self, request: Request, principal: Principal) -> Response:
         doc = await read_json(request, self.body_limits, self.bodies)
