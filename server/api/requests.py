@@ -149,8 +149,15 @@ def _fits(ids: list[int], field: str, cfg: ServerConfig, max_new_tokens: int) ->
 
 def chat_ids(messages: tuple[tuple[str, str], ...], chat: ChatTemplate | None, roles: tuple[str, ...],
              tokenizer: Tokenizer, cfg: ServerConfig, max_new_tokens: int, field: str = "messages") -> list[int]:
-    """(role, content) pairs -> prompt token ids, rendered by the model's chat template (the count
-    first, before any per-message work)."""
+    """(role, content) pairs -> prompt token ids (`render_chat`) that fit the context with
+    `max_new_tokens` more."""
+    return _fits(render_chat(messages, chat, roles, tokenizer, cfg, field), field, cfg, max_new_tokens)
+
+
+def render_chat(messages: tuple[tuple[str, str], ...], chat: ChatTemplate | None, roles: tuple[str, ...],
+                tokenizer: Tokenizer, cfg: ServerConfig, field: str = "messages") -> list[int]:
+    """(role, content) pairs -> token ids, rendered by the model's chat template (the count
+    first, before any per-message work); no limit on the result's length."""
     if chat is None:
         raise FailedPrecondition("this model has no chat template (no chat_template in its tokenizer_config.json"
                                  " or chat_template.jinja): send a prompt instead, or serve an instruct model"
@@ -166,7 +173,6 @@ def chat_ids(messages: tuple[tuple[str, str], ...], chat: ChatTemplate | None, r
         if not content:
             raise InvalidField(f"{field}[{i}].content", f"{field}[{i}].content is empty")
     try:
-        ids = chat.encode(list(messages), tokenizer)
+        return chat.encode(list(messages), tokenizer)
     except ChatTemplateError as e:
         raise InvalidArgument(f"the model's chat template refused these messages: {e}") from None
-    return _fits(ids, field, cfg, max_new_tokens)

@@ -70,6 +70,7 @@ class StepStats:
     distinct_adapters: int
     generated: dict[str, int] = field(default_factory=dict)     # tenant -> tokens sampled
     first_token_seconds: tuple[float, ...] = ()                  # arrival -> first token, per row
+    token_gaps: tuple[float, ...] = ()                           # previous token -> this one, per row
 
 
 class Engine:
@@ -195,7 +196,7 @@ class Engine:
             self._set_health(False)
         finally:
             self._fail_all()
-            metrics.record_load(0, 0, 0.0)          # nothing runs or waits any more: gauges say so
+            metrics.record_load((), (), 0.0)        # nothing runs or waits any more: gauges say so
 
     def _serve(self) -> None:
         while not self._stop.is_set():
@@ -208,7 +209,7 @@ class Engine:
                 stats = self._step(work)
                 if stats is not None:
                     metrics.record_step(stats)
-            metrics.record_load(len(self.scheduler.running), len(self.scheduler.waiting), self.kv.usage)
+            metrics.record_load(self.scheduler.running, self.scheduler.waiting, self.kv.usage)
 
     def _new_kv(self) -> KVCache:
         batch, context, *_ = self._sizes
@@ -434,13 +435,16 @@ class Engine:
             self._finish(seq, seq.finish(FinishReason.STOP, probabilities=probs, labels=labels))
         gen_hidden = hidden if len(gen) == len(rows) else hidden[gen_index]   # no copy without classify rows
         tokens = self._sample(gen, gen_hidden) if gen else []
-        first_token = tuple(time.monotonic() - s.arrival for s in gen if s.first_token_at is None)
+        now = time.monotonic()
+        sampled = [s for s, tok in zip(gen, tokens) if tok is not None]
+        first_token = tuple(now - s.arrival for s in sampled if s.first_token_at is None)
+        gaps = tuple(now - s.last_token_at for s in sampled if s.last_token_at is not None)
         self._emit(gen, tokens)
         return StepStats(
             rows=len(work), tokens=sum(len(w.token_ids) for w in work),
             prompt_tokens=sum(len(w.token_ids) for w in work if w.first_pos < len(w.seq.prompt_ids)),
             distinct_adapters=len({w.seq.adapter_slot for w in work} - {None}),
-            generated=dict(Counter(s.tenant for s in gen)), first_token_seconds=first_token)
+            generated=dict(Counter(s.tenant for s in gen)), first_token_seconds=first_token, token_gaps=gaps)
 
     def _run(self, work: list[Segment]) -> tuple[list[Sequence], torch.Tensor | None]:
         """The forward pass: the sequences wanting logits and their hidden states [rows, hidden]. When
@@ -549,10 +553,7 @@ class Engine:
     def _finish(self, seq: Sequence, ev: FinishEvent) -> None:
         self.scheduler.remove(seq)
         self._release_adapter(seq)
-        now = time.monotonic()
-        n = len(seq.output_ids)
-        per_token = (now - seq.first_token_at) / (n - 1) if seq.first_token_at is not None and n > 1 else None
-        metrics.record_finish(ev.reason.value, now - seq.arrival, per_token)
+        metrics.record_finish(seq, ev, time.monotonic())
         self._send(seq, ev)
 
     @staticmethod

@@ -72,6 +72,7 @@ class Sequence:
         self.arrival = time.monotonic()
         self.admitted_at: float | None = None
         self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
         self.kv_slot: int | None = None       # KV cache slot while admitted
         self.num_computed = 0                 # tokens whose K/V are in the cache
         self.output_ids: list[int] = []
@@ -131,6 +132,7 @@ class Sequence:
         """Record a sampled token; return what to send (None when text is held back)."""
         now = time.monotonic()
         self.first_token_at = self.first_token_at or now
+        self.last_token_at = now
         self.output_ids.append(token)
         if (token in eos_ids or token in self.stop_ids) and not self.params.ignore_eos:
             return self.finish(FinishReason.EOS)

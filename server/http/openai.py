@@ -1,5 +1,7 @@
 """The OpenAI-compatible door: `POST /v1/chat/completions`, `POST /v1/completions`,
-`GET /v1/models[/{model}]`, on the same engine, registry, keys and quotas as gRPC.
+`GET /v1/models[/{model}]`, on the same engine, registry, keys and quotas as gRPC; and vLLM's
+operational routes beside them (`/health`, `/metrics`, `/version`, `/tokenize`, `/detokenize`:
+server.http.ops).
 
 A Starlette app; uvicorn serves it on the gRPC server's event loop (`server.http.door`). Per call:
 authenticate (`Authorization: Bearer <key>`, the same Authenticator), read the body within its
@@ -39,10 +41,12 @@ from server.adapters.registry import AdapterRegistry
 from server.api.auth import Authenticator, Principal
 from server.api.common import MAX_FIELD_CHARS, OVERLOAD_DELAY_S, bounded, log_failure, public_message, status_of
 from server.api.generation import Generation
+from server.api.health import Health
 from server.config import ServerConfig
 from server.engine.sequence import Event, FinishEvent, FinishReason
 from server.http import schema
 from server.http.body import BodyBudget, BodyLimits, BodyTooLarge, read_json
+from server.http.ops import OpsRoutes
 
 T = TypeVar("T")
 
@@ -148,13 +152,14 @@ class OpenAIApp:
     """Holds what the routes need; `app` is the ASGI application."""
 
     def __init__(self, gen: Generation, auth: Authenticator, registry: AdapterRegistry, model_name: str,
-                 cfg: ServerConfig):
+                 cfg: ServerConfig, health: Health):
         self.gen, self.auth, self.registry, self.model_name = gen, auth, registry, model_name
         self.body_limits = BodyLimits(cfg.max_message_bytes, cfg.max_json_depth, cfg.max_json_items)
         self.bodies = BodyBudget(cfg.http_max_buffered_bytes)
         self.max_entries = {"messages": cfg.max_chat_messages, "stop": cfg.max_stop_strings}
         self.created = int(time.time())
-        self.app = Starlette(routes=[
+        ops = OpsRoutes(gen, health, cfg, self._check_model, self.body_limits, self.bodies, error_body)
+        self.app = Starlette(routes=ops.routes(self._handler) + [
             Route("/v1/chat/completions", self._handler("ChatCompletions", self.chat), methods=["POST"]),
             Route("/v1/completions", self._handler("Completions", self.completions), methods=["POST"]),
             Route("/v1/models", self._handler("ListModels", self.list_models), methods=["GET"]),
@@ -212,6 +217,11 @@ class OpenAIApp:
         except e.InvalidArgument:
             raise e.NotFound(f"model {model[:80]!r} not found: use {self.model_name!r} (the base model) or "
                              "one of your adapters (GET /v1/models)") from None
+
+    def _check_model(self, principal: Principal, model: str) -> None:
+        """NotFound unless `model` is the base model or an adapter the caller may use."""
+        if model != self.model_name:
+            self.registry.info(self._ref(principal, model))
 
     def _adapter(self, principal: Principal, model: str) -> TenantRef | None:
         """`model` as the request's adapter: None for the base model."""
