@@ -88,7 +88,7 @@ class OpsRoutes:
                  error_body: ErrorBody):
         self.gen, self.health, self.cfg, self.check_model = gen, health, cfg, check_model
         self.body_limits, self.bodies, self.error_body = body_limits, bodies, error_body
-        self.vocab_size = gen.engine.model.args.vocab_size
+        self.vocab_size = gen.engine.model.shape.vocab_size
         self.scrapes = asyncio.Semaphore(metrics.METRICS_MAX_CONNECTIONS)
 
     def routes(self, handler: Handler) -> list[Route]:
