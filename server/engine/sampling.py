@@ -17,7 +17,8 @@ This is vLLM's order, except that min_tokens masks after the penalties (so no pe
 
 Safe for every accepted parameter: logits are shifted so the largest is 0 before the division by
 the temperature (a temperature of 1e-38 turns every other logit into -inf, which is greedy, never
-inf - inf); a repetition penalty's quotient, and logits after a bias or a presence/frequency
+inf - inf), and a temperature below float32's smallest normal number (5e-324 is a valid JSON
+number) is raised to it, since float32 would round it to 0 and divide 0 by 0; a repetition penalty's quotient, and logits after a bias or a presence/frequency
 penalty, are clamped to the finite range; the end tokens are the only ones min_tokens masks, so a
 row always keeps a finite logit. A row whose logits are not finite (an adapter that overflows) gets
 `NonFinite` instead of a token: the engine fails that row alone.
@@ -81,6 +82,7 @@ class TokenLogprobs:
 
 
 MIN_LOGPROB = -9999.0
+FLOAT32_TINY = torch.finfo(torch.float32).tiny      # the least temperature divided by (1.2e-38)
 
 
 class NonFinite:
@@ -164,7 +166,8 @@ def sample(logits: torch.Tensor, rows: list[RowState]) -> list[int | NonFinite]:
         if not finite[i]:
             out[i] = NON_FINITE
         elif not r.params.greedy:
-            shifted = (logits[i] - logits[i].max()) / r.params.temperature    # max 0, others <= 0 or -inf
+            t = max(r.params.temperature, FLOAT32_TINY)
+            shifted = (logits[i] - logits[i].max()) / t    # max 0, others <= 0 or -inf
             if r.params.min_p > 0.0:
                 shifted = filter_min_p(shifted, r.params.min_p)
             row = filter_top_k_top_p(shifted, r.params.top_k, r.params.top_p)

@@ -521,7 +521,7 @@ def generate(prompt: str = "hello", stream: bool = False, messages=(), **params)
 # breaks encoders and chat templates. Hypothesis (below) explores their combinations.
 EDGES = {
     **{f"http-temperature-{t:g}{'-stream' if s else ''}": completion(s, temperature=t, seed=1)
-       for t in (0, 1e-38, 1e-30, 1e-45, 2.0) for s in (False, True)},
+       for t in (0, 1e-38, 1e-30, 1e-45, 5e-324, 2.0) for s in (False, True)},
     "http-top_p-1e-38": completion(temperature=1.0, top_p=1e-38),
     "http-top_k-2^32-1": completion(temperature=1.0, top_k=MAX_U32),
     "http-top_k-100000": completion(temperature=1.0, top_k=100_000),

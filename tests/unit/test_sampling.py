@@ -237,7 +237,7 @@ def test_rows_without_the_new_parameters_are_bit_identical_beside_rows_with_them
 
 @settings(max_examples=80, deadline=None)
 @given(presence=st.floats(-2, 2), frequency=st.floats(-2, 2), min_p=st.floats(0, 1),
-       temperature=st.sampled_from([0.0, 1e-38, 1e-30, 0.7, 2.0, 100.0]), bias=st.floats(-100, 100),
+       temperature=st.sampled_from([0.0, 5e-324, 1e-38, 1e-30, 0.7, 2.0, 100.0]), bias=st.floats(-100, 100),
        n_bias=st.integers(0, 300), scale=st.sampled_from([1.0, 1e4, 1e30, 3e38]), seed=st.integers(0, 99),
        output=st.lists(st.integers(0, 299), max_size=60), min_tokens=st.integers(0, 64),
        repetition=st.sampled_from([1.0, 1e-38, 0.5, 10.0]))
