@@ -61,6 +61,10 @@ class ServerConfig:
     max_chat_messages: int = knob(64, "messages per chat request")
     max_stop_strings: int = knob(8, "stop strings per request")
     max_stop_string_chars: int = knob(64, "characters per stop string")
+    max_n: int = knob(16, "n (completions per prompt) at most; each is its own sequence")
+    max_choices: int = knob(64, "sequences one request may start: prompts (a list in /v1/completions) times n")
+    max_top_logprobs: int = knob(20, "top_logprobs (chat, gRPC) / logprobs (completions) at most (vLLM's default)")
+    max_logit_bias: int = knob(1024, "logit_bias entries per request")
     max_classify_batch: int = knob(64, "texts per Classify call")
     max_message_bytes: int = knob(4 * 1024 * 1024, "largest gRPC message, and largest HTTP request body, accepted")
     max_json_depth: int = knob(32, "deepest nesting of arrays and objects in an HTTP JSON body (checked on the bytes,"

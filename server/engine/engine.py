@@ -34,7 +34,7 @@ from server.adapters.registry import AdapterRef, AdapterRegistry
 from server.engine.adapter_slots import AdapterSlots
 from server.engine.batch import Segment, make_forward_batch
 from server.engine.kv_cache import KVCache
-from server.engine.sampling import NON_FINITE, SamplingParams, sample
+from server.engine.sampling import NON_FINITE, SamplingParams, TokenLogprobs, raw_logprobs, sample, token_logprobs
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import FinishEvent, FinishReason, Sequence
 from server.errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument, LoraFleetError,
@@ -486,10 +486,11 @@ class Engine:
                 "input: its weights are too large for the served model; fix or re-train it")
         return LoraFleetError("internal error: the base model produced non-finite logits for this request")
 
-    def _sample(self, seqs: list[Sequence], hidden: torch.Tensor) -> list[int | None]:
-        """Next token per row from hidden states [rows, hidden] (None: the row failed). When the
-        batched draw raises, each row is drawn alone (rows drawn before the fault keep their
-        draws: their generators have advanced) and only the rows that raise fail."""
+    def _sample(self, seqs: list[Sequence], hidden: torch.Tensor) -> list[tuple[int, TokenLogprobs | None] | None]:
+        """Next token per row (with its logprobs when the row asks) from hidden states [rows,
+        hidden] (None: the row failed). When the batched draw raises, each row is drawn alone
+        (rows drawn before the fault keep their draws: their generators have advanced) and only
+        the rows that raise fail."""
         try:
             drawn = self._draw(seqs, hidden)
         except Exception:  # noqa: BLE001 - isolate the row at fault
@@ -500,29 +501,32 @@ class Engine:
                 except Exception as e:  # noqa: BLE001 - this row's fault
                     self._fail(seq, e, "sampling")
                     drawn.append(None)
-        out: list[int | None] = []
+        out: list[tuple[int, TokenLogprobs | None] | None] = []
         for seq, tok in zip(seqs, drawn):
-            if tok is NON_FINITE:
+            if tok is not None and tok[0] is NON_FINITE:
                 self._finish(seq, seq.finish(FinishReason.ERROR, self._non_finite(seq)))
                 tok = None
             out.append(tok)
         return out
 
     def _draw(self, seqs: list[Sequence], hidden: torch.Tensor) -> list:
-        """Logits -> tokens (or NON_FINITE) for rows [rows, hidden]; a row's `logits_trace`, when
-        set, records its logits (tests compare them with the oracle)."""
+        """Logits -> (token or NON_FINITE, its logprobs or None) for rows [rows, hidden]; a row's
+        `logits_trace`, when set, records its logits (tests compare them with the oracle)."""
         logits = self.model.logits(hidden)
         for seq, row in zip(seqs, logits):
             if seq.logits_trace is not None:
                 seq.logits_trace.append(row.float().cpu().clone())
-        return sample(logits, [s.row_state() for s in seqs])
+        rows = [s.row_state(self.loaded.eos_ids) for s in seqs]
+        raw = raw_logprobs(logits, rows)            # before sample() edits the logits
+        tokens = sample(logits, rows)
+        return list(zip(tokens, token_logprobs(raw, tokens, rows)))
 
-    def _emit(self, seqs: list[Sequence], tokens: list[int | None]) -> None:
+    def _emit(self, seqs: list[Sequence], tokens: list[tuple[int, TokenLogprobs | None] | None]) -> None:
         for seq, tok in zip(seqs, tokens):
             if tok is None:
                 continue
             try:
-                ev = seq.append_token(tok, self.loaded.tokenizer, self.loaded.eos_ids)
+                ev = seq.append_token(tok[0], self.loaded.tokenizer, self.loaded.eos_ids, tok[1])
             except Exception as e:  # noqa: BLE001 - this row's fault
                 self._fail(seq, e, "detokenizing")
                 continue
