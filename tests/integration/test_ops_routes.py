@@ -155,7 +155,7 @@ HOSTILE = [
     ("/tokenize", json.dumps({"prompt": "x", "chat_template": "{{ 7*7 }}"}), "chat_template", "unknown field"),
     ("/tokenize", json.dumps(["prompt"]), "body", "JSON object"),
     ("/tokenize", "{" * 100, "body", "nests"),
-    ("/tokenize", json.dumps({"prompt": "x", "extra": [0] * 9000}), "body", "--max-json-items"),
+    ("/tokenize", json.dumps({"prompt": "x", "extra": [0] * 9000}), "extra", "--max-json-items"),
 ]
 
 
