@@ -393,15 +393,29 @@ def apply_masks(logits: torch.Tensor, matchers: list[Matcher | None], bitmask: t
     rows = [r for r, m in enumerate(matchers) if m is not None]
     if not rows:
         return []
-    vocab = logits.shape[1]
-    idx = torch.tensor(rows, dtype=torch.long)
-    bits = bitmask.index_select(0, idx).to(logits.device, non_blocking=True)        # [k, words]
-    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
-    allowed = ((bits.unsqueeze(-1) >> shifts) & 1).bool().view(len(rows), -1)[:, :vocab]   # [k, vocab]
-    idx = idx.to(logits.device)
-    logits.index_copy_(0, idx, logits.index_select(0, idx).masked_fill(~allowed, float("-inf")))
+    allowed = unpack(bitmask[rows] if len(rows) < bitmask.shape[0] else bitmask, logits.shape[1], logits.device)
+    if len(rows) == logits.shape[0]:
+        logits.masked_fill_(~allowed, float("-inf"))
+    else:
+        idx = torch.tensor(rows, dtype=torch.long, device=logits.device)
+        logits.index_copy_(0, idx, logits.index_select(0, idx).masked_fill_(~allowed, float("-inf")))
     empty = (~allowed.any(-1)).tolist()
     return [r for r, e in zip(rows, empty) if e or matchers[r].error is not None]
+
+
+def unpack(bits: torch.Tensor, vocab: int, device: torch.device) -> torch.Tensor:
+    """bits [k, ceil(vocab/32)] int32 (CPU) -> allowed [k, vocab] bool on `device` (bit t of a row:
+    token t). numpy's unpackbits on the CPU; shifts on the device elsewhere (a few kB per row copied)."""
+    if device.type == "cpu":
+        flat = np.unpackbits(bits.contiguous().numpy().view(np.uint8), axis=1, bitorder="little")
+        return torch.from_numpy(flat[:, :vocab]).view(torch.bool)
+    return unpack_shifts(bits.to(device, non_blocking=True), vocab)
+
+
+def unpack_shifts(bits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """As `unpack`, by shifts on the tensor's own device: bits [k, words] int32 -> [k, vocab] bool."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bits.device)
+    return ((bits.unsqueeze(-1) >> shifts) & 1).bool().view(bits.shape[0], -1)[:, :vocab]
 
 
 class MaskFiller:

@@ -193,6 +193,17 @@ def test_rows_without_a_matcher_are_bit_identical(compiler, info, tok):
     assert allowed(bitmask, 1) & set(range(info.vocab_size)) - {0, 1, 2} <= digits | set(ids(tok, "-"))
 
 
+def test_both_unpackings_agree():
+    """numpy's unpackbits (CPU logits) and the shifts (GPU logits) read the same bits, bit 31 included."""
+    bits = torch.randint(-2 ** 31, 2 ** 31 - 1, (5, 9), dtype=torch.int32)
+    bits[0, 0] = -2 ** 31                                    # only bit 31
+    for vocab in (288, 270):
+        a, b = C.unpack(bits, vocab, torch.device("cpu")), C.unpack_shifts(bits, vocab)
+        assert a.shape == b.shape == (5, vocab) and torch.equal(a, b)
+        assert a[0, :32].tolist() == [False] * 31 + [True]
+        assert a[1, 40] == bool((int(bits[1, 1]) >> 8) & 1)
+
+
 def test_no_matcher_at_all_writes_nothing(info):
     logits = torch.randn(3, info.vocab_size)
     before = logits.clone()
