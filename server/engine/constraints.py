@@ -393,23 +393,36 @@ def apply_masks(logits: torch.Tensor, matchers: list[Matcher | None], bitmask: t
     rows = [r for r, m in enumerate(matchers) if m is not None]
     if not rows:
         return []
-    allowed = unpack(bitmask[rows] if len(rows) < bitmask.shape[0] else bitmask, logits.shape[1], logits.device)
-    if len(rows) == logits.shape[0]:
-        logits.masked_fill_(~allowed, float("-inf"))
+    vocab = logits.shape[1]
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        # numpy, one thread: torch's parallel ops wait on a preempted core on a busy CPU
+        allowed = _unpack_numpy(bitmask.numpy()[rows], vocab)                     # [k, vocab]
+        blocked, out = ~allowed, logits.detach().numpy()
+        for j, r in enumerate(rows):
+            np.putmask(out[r], blocked[j], np.float32(-np.inf))
+        empty = (~allowed.any(axis=1)).tolist()
     else:
-        idx = torch.tensor(rows, dtype=torch.long, device=logits.device)
-        logits.index_copy_(0, idx, logits.index_select(0, idx).masked_fill_(~allowed, float("-inf")))
-    empty = (~allowed.any(-1)).tolist()
+        allowed = unpack_shifts(bitmask[rows].to(logits.device, non_blocking=True), vocab)
+        if len(rows) == logits.shape[0]:
+            logits.masked_fill_(~allowed, float("-inf"))
+        else:
+            idx = torch.tensor(rows, dtype=torch.long, device=logits.device)
+            logits.index_copy_(0, idx, logits.index_select(0, idx).masked_fill_(~allowed, float("-inf")))
+        empty = (~allowed.any(-1)).tolist()
     return [r for r, e in zip(rows, empty) if e or matchers[r].error is not None]
 
 
 def unpack(bits: torch.Tensor, vocab: int, device: torch.device) -> torch.Tensor:
     """bits [k, ceil(vocab/32)] int32 (CPU) -> allowed [k, vocab] bool on `device` (bit t of a row:
-    token t). numpy's unpackbits on the CPU; shifts on the device elsewhere (a few kB per row copied)."""
+    token t). numpy's unpackbits for the CPU; shifts on the device elsewhere (a few kB per row copied)."""
     if device.type == "cpu":
-        flat = np.unpackbits(bits.contiguous().numpy().view(np.uint8), axis=1, bitorder="little")
-        return torch.from_numpy(flat[:, :vocab]).view(torch.bool)
+        return torch.from_numpy(_unpack_numpy(bits.numpy(), vocab))
     return unpack_shifts(bits.to(device, non_blocking=True), vocab)
+
+
+def _unpack_numpy(bits: np.ndarray, vocab: int) -> np.ndarray:
+    flat = np.unpackbits(np.ascontiguousarray(bits).view(np.uint8), axis=1, bitorder="little")
+    return flat[:, :vocab].view(np.bool_)
 
 
 def unpack_shifts(bits: torch.Tensor, vocab: int) -> torch.Tensor:
