@@ -200,7 +200,7 @@ def features() -> dict[str, tuple[Kind, str]]:
 # ---------------------------------------------------------------- one wrapper per library
 def _byte_decoder() -> dict[str, int]:
     """GPT-2's byte-level alphabet, reversed: vocabulary string char -> byte."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs, n = bs[:], 0
     for b in range(256):
         if b not in bs:
