@@ -119,6 +119,19 @@ class ServerConfig:
     tenant_max_queued: int = knob(256, "default quota: requests queued")
     rescan_interval_s: float = knob(0.0, "re-read --data-dir this often to serve adapters other replicas uploaded"
                                     " to a shared store (and drop ones they deleted); 0 = off")
+    max_constraint_bytes: int = knob(64 * 1024, "largest JSON schema, regex or Lark grammar a request may constrain"
+                                     " its output with (response_format, guided/structured outputs, tools), in UTF-8"
+                                     " bytes; larger is INVALID_ARGUMENT before anything compiles it")
+    constraint_compile_timeout_s: float = knob(5.0, "seconds a request waits for its constraint to compile (queued"
+                                               " time included); then INVALID_ARGUMENT. The compile itself cannot be"
+                                               " interrupted: it goes on in its worker, bounded by the library's own"
+                                               " limits, and its result is cached")
+    constraint_compile_threads: int = knob(1, "worker threads compiling constraints (the CPU cores hostile schemas"
+                                           " can hold at once); a compile still queued at its deadline never starts")
+    constraint_cache_size: int = knob(256, "compiled constraints (and rejected ones) kept, by sha256 of kind and"
+                                      " text, least recently used dropped first")
+    constraint_mask_threads: int = knob(1, "threads filling the constrained rows' token masks of one step (off the"
+                                        " engine thread, while the forward runs)")
     metrics_per_tenant: bool = knob(False, "export per-tenant request and token counters")
     metrics_max_tenants: int = knob(50, "cap on distinct tenant label values (the rest are counted as 'other')")
     metrics_vllm_names: str = knob("on", "also serve vLLM's metric names (vllm:time_to_first_token_seconds, ...,"
@@ -183,6 +196,11 @@ def validate_config(cfg: ServerConfig) -> ServerConfig:
     if cfg.max_json_depth < 4 or cfg.max_json_items < 16:
         problems.append("--max-json-depth must be at least 4 and --max-json-items at least 16 (an OpenAI chat body"
                         " nests 4 deep)")
+    if cfg.max_constraint_bytes < 1 or cfg.constraint_compile_timeout_s <= 0 or cfg.constraint_cache_size < 1:
+        problems.append("--max-constraint-bytes and --constraint-cache-size must be at least 1, and"
+                        " --constraint-compile-timeout-s above 0")
+    if cfg.constraint_compile_threads < 1 or cfg.constraint_mask_threads < 1:
+        problems.append("--constraint-compile-threads and --constraint-mask-threads must be at least 1")
     if (cfg.tls_cert is None) != (cfg.tls_key is None):
         problems.append("--tls-cert and --tls-key go together")
     if cfg.tls_client_ca is not None and cfg.tls_cert is None:
