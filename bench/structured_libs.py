@@ -501,7 +501,7 @@ def decode_step(model_dir: Path, rows: int) -> tuple[Callable[[], torch.Tensor],
     from server.model.loader import load_model
     loaded = load_model(model_dir, torch.device("cpu"), torch.float32)
     m = loaded.model
-    kv = KVCache(m.args, rows, 64, m.device, m.dtype)
+    kv = KVCache(m.shape, rows, 64, m.device, m.dtype)
     batch = make_forward_batch([Segment(i, [7], 40, True) for i in range(rows)], m.device)
     run = lambda: m.logits(m.forward(batch, kv.layers, return_hidden=True))    # noqa: E731
     for _ in range(2):
