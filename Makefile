@@ -59,7 +59,7 @@ test-integration: $(STAMP) setup-ops
 # the README's commands; mixed_adapters and profile_step without --quick take many minutes more on 2 cores
 bench: $(STAMP) $(PROTO_OUT)
 	$(PY) bench/engine_vs_hf.py
-	$(PY) bench/kernels.py
+	$(PY) bench/adapter_kernels.py
 	$(PY) bench/mixed_adapters.py --quick
 	$(PY) bench/adapter_load.py
 	$(PY) bench/fairness.py --model random-512

@@ -6,5 +6,6 @@
 """
 from client.aio import AsyncLoraFleetClient
 from client.api import GenerateResult, LoraFleetClient, StreamPiece
+from client.common import Choice, TokenLogprob
 
-__all__ = ["LoraFleetClient", "AsyncLoraFleetClient", "GenerateResult", "StreamPiece"]
+__all__ = ["LoraFleetClient", "AsyncLoraFleetClient", "GenerateResult", "StreamPiece", "Choice", "TokenLogprob"]

@@ -39,10 +39,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling; 0 = off")
     g.add_argument("--top-k", type=int, default=0, help="0 = off")
-    g.add_argument("--seed", type=int, default=0, help="0 = the server picks one")
+    g.add_argument("--seed", type=int, default=None, help="left out = the server picks one (0 is a seed)")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--repetition-penalty", type=float, default=0.0, help="0 or 1 = off")
-    g.add_argument("--stream", action="store_true", help="print text as it is generated")
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="-2..2, on generated tokens; 0 = off")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, help="-2..2, on generated tokens; 0 = off")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top one's probability")
+    g.add_argument("--min-tokens", type=int, default=0, help="no end of sequence before this many tokens")
+    g.add_argument("--logit-bias", action="append", default=[], metavar="TOKEN_ID=BIAS",
+                   help="add BIAS (-100..100) to a token's logit (repeatable)")
+    g.add_argument("--logprobs", type=int, default=None, metavar="K",
+                   help="print each token's logprob and the K most likely tokens at its position")
+    g.add_argument("-n", type=int, default=1, help="completions to generate (seeded: seed, seed+1, ...)")
+    g.add_argument("--stream", action="store_true", help="print text as it is generated (with -n 1)")
     ch = sub.add_parser("chat", help="chat with the model (interactive; --message for one turn in scripts)",
                         formatter_class=fmt)
     ch.add_argument("--message", action="append", default=[],
@@ -52,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--adapter", default="", help="adapter name, name@version or shared/name; empty = base model")
     ch.add_argument("--max-new-tokens", type=int, default=0, help="0 = the server's default")
     ch.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    ch.add_argument("--seed", type=int, default=0, help="0 = the server picks one")
+    ch.add_argument("--seed", type=int, default=None, help="left out = the server picks one (0 is a seed)")
     c = sub.add_parser("classify", help="classify texts with an adapter that has a classification head")
     c.add_argument("--adapter", required=True, help="adapter name (must carry a head)")
     c.add_argument("texts", nargs="+", help="texts to classify")
@@ -109,19 +118,50 @@ def _show(msg) -> None:
     print(json_format.MessageToJson(msg, preserving_proto_field_name=True))
 
 
+def _logit_bias(pairs: list[str]) -> dict[int, float]:
+    out = {}
+    for pair in pairs:
+        token, sep, bias = pair.partition("=")
+        try:
+            out[int(token)] = float(bias)
+        except ValueError:
+            raise ValueError(f"--logit-bias {pair!r}: expected TOKEN_ID=BIAS, e.g. 42=-100") from None
+    return out
+
+
+def _print_logprobs(logprobs) -> None:
+    print("[logprobs: token, logprob, the most likely tokens]")
+    for lp in logprobs:
+        top = "  ".join(f"{t.token!r} {t.logprob:.3f}" for t in lp.top)
+        print(f"  {lp.token!r:<16} {lp.logprob:9.4f}   {top}")
+
+
 def _generate(c: LoraFleetClient, args) -> None:
+    if args.stream and args.n > 1:
+        raise ValueError("--stream prints one completion: use it with -n 1")
     kw = dict(adapter=args.adapter, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
               top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop,
-              repetition_penalty=args.repetition_penalty)
+              repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+              frequency_penalty=args.frequency_penalty, min_p=args.min_p, min_tokens=args.min_tokens,
+              logit_bias=_logit_bias(args.logit_bias), logprobs=args.logprobs, n=args.n)
     if args.stream:
+        logprobs = []
         for piece in c.generate_stream(args.prompt, **kw):
             sys.stdout.write(piece.text)
             sys.stdout.flush()
+            logprobs.extend(piece.logprobs)
             if piece.finish_reason:
                 print(f"\n[finish: {piece.finish_reason}]", file=sys.stderr)
+        if args.logprobs is not None:
+            _print_logprobs(logprobs)
         return
     r = c.generate(args.prompt, **kw)
-    print(r.text)
+    for choice in r.choices:
+        if args.n > 1:
+            print(f"[choice {choice.index}: finish {choice.finish_reason}]")
+        print(choice.text)
+        if args.logprobs is not None:
+            _print_logprobs(choice.logprobs)
     print(f"[finish: {r.finish_reason}; prompt {r.prompt_tokens} tokens, completion {r.completion_tokens} tokens]",
           file=sys.stderr)
 

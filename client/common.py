@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -20,20 +20,47 @@ DEFAULT = object()      # "argument not given": use the client's default timeout
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model (raw logits, before temperature,
+    penalties and filters), with the most likely tokens at its position (their `top` empty)."""
+    token_id: int
+    token: str
+    logprob: float
+    bytes: bytes
+    top: list["TokenLogprob"] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One of the n completions of a request."""
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    completion_tokens: int
+    logprobs: list[TokenLogprob] = field(default_factory=list)   # one per token id, when asked for
+
+
+@dataclass(frozen=True)
 class GenerateResult:
+    """Choice 0 in the first fields (usage: the whole call); every choice in `choices`."""
     text: str
     token_ids: list[int]
     finish_reason: str          # length | stop | eos | cancelled | error
     prompt_tokens: int
     completion_tokens: int
     request_id: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)   # one per token id, when asked for
+    choices: list[Choice] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class StreamPiece:
     text: str
     token_ids: list[int]
-    finish_reason: str | None   # set on the last piece only
+    finish_reason: str | None   # set on the last piece of each choice only
+    index: int = 0              # which choice (n > 1): pieces of different choices interleave
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 Message = dict | tuple   # {"role": ..., "content": ...} or (role, content)
@@ -48,24 +75,44 @@ def chat_messages(messages: list[Message]) -> list[pb.ChatMessage]:
 
 
 def generate_request(prompt: str = "", adapter: str = "", max_new_tokens: int = 0, temperature: float = 0.0,
-                     top_p: float = 0.0, top_k: int = 0, seed: int = 0, stop: list[str] | None = None,
+                     top_p: float = 0.0, top_k: int = 0, seed: int | None = None, stop: list[str] | None = None,
                      repetition_penalty: float = 0.0, ignore_eos: bool = False, request_id: str = "",
-                     messages: list[Message] | None = None) -> pb.GenerateRequest:
-    """A GenerateRequest for a prompt, or (with `messages`) for a chat."""
-    return pb.GenerateRequest(
-        prompt=prompt, adapter=adapter, request_id=request_id, messages=chat_messages(messages or []),
-        params=pb.SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                 top_k=top_k, seed=seed, stop=stop or [],
-                                 repetition_penalty=repetition_penalty, ignore_eos=ignore_eos))
+                     messages: list[Message] | None = None, presence_penalty: float = 0.0,
+                     frequency_penalty: float = 0.0, min_p: float = 0.0, min_tokens: int = 0,
+                     logit_bias: dict[int, float] | None = None, logprobs: int | None = None,
+                     n: int = 1) -> pb.GenerateRequest:
+    """A GenerateRequest for a prompt, or (with `messages`) for a chat. `seed`: None = the server
+    picks one (0 is a seed); `logprobs`: None = none, k = each token's logprob and the k most
+    likely tokens; `n`: completions of the prompt (seeded: seed, seed+1, ...)."""
+    params = pb.SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                               stop=stop or [], repetition_penalty=repetition_penalty, ignore_eos=ignore_eos,
+                               presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, min_p=min_p,
+                               min_tokens=min_tokens, logit_bias=logit_bias or {}, logprobs=logprobs is not None,
+                               top_logprobs=logprobs or 0, n=n)
+    if seed is not None:
+        params.seed = seed
+    return pb.GenerateRequest(prompt=prompt, adapter=adapter, request_id=request_id,
+                              messages=chat_messages(messages or []), params=params)
+
+
+def token_logprobs(lps) -> list[TokenLogprob]:
+    return [TokenLogprob(lp.token_id, lp.token, lp.logprob, lp.bytes, token_logprobs(lp.top_logprobs)) for lp in lps]
 
 
 def generate_result(r: pb.GenerateResponse) -> GenerateResult:
+    choices = [Choice(c.index, c.text, list(c.token_ids), FINISH_NAMES[c.finish_reason], c.completion_tokens,
+                      token_logprobs(c.logprobs)) for c in r.choices]
+    logprobs = token_logprobs(r.logprobs)
+    if not choices:
+        choices = [Choice(0, r.text, list(r.token_ids), FINISH_NAMES[r.finish_reason], r.usage.completion_tokens,
+                          logprobs)]
     return GenerateResult(r.text, list(r.token_ids), FINISH_NAMES[r.finish_reason],
-                          r.usage.prompt_tokens, r.usage.completion_tokens, r.request_id)
+                          r.usage.prompt_tokens, r.usage.completion_tokens, r.request_id, logprobs, choices)
 
 
 def stream_piece(m: pb.GenerateStreamResponse) -> StreamPiece:
-    return StreamPiece(m.text, list(m.token_ids), FINISH_NAMES[m.finish_reason] if m.finish_reason else None)
+    return StreamPiece(m.text, list(m.token_ids), FINISH_NAMES[m.finish_reason] if m.finish_reason else None,
+                       m.index, token_logprobs(m.logprobs))
 
 
 def classifications(r: pb.ClassifyResponse) -> list[dict]:

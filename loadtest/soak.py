@@ -337,7 +337,10 @@ HOSTILE_GRPC = [("temperature 1e9", _req(temperature=1e9)), ("top_k 10^6", _req(
                 ("long request_id", pb.GenerateRequest(prompt="x", request_id="r" * 200))]
 HOSTILE_HTTP = [("string temperature", ("/v1/completions", {"prompt": "x", "temperature": "hot"})),
                 ("unknown field", ("/v1/completions", {"prompt": "x", "frobnicate": 1})),
-                ("n 2", ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 2})),
+                ("n 10^6", ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 10**6})),
+                ("top_logprobs 1000", ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                                "logprobs": True, "top_logprobs": 1000})),
+                ("logit_bias not a token id", ("/v1/completions", {"prompt": "x", "logit_bias": {"x": 1}})),
                 ("content int", ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]})),
                 ("max_tokens 0", ("/v1/completions", {"prompt": "x", "max_tokens": 0})),
                 ("not json", ("/v1/completions", b"{")), ("array body", ("/v1/completions", b"[]"))]
@@ -345,6 +348,11 @@ EXTREMES_GRPC = [("extreme temperature 1e-38", _req(temperature=1e-38)),
                  ("extreme repetition_penalty 1e-38", _req(temperature=1.0, repetition_penalty=1e-38))]
 EXTREMES_HTTP = [("extreme lone surrogate", ("/v1/completions", {"prompt": "a\ud800b", "max_tokens": 4})),
                  ("extreme temperature 1e-38", ("/v1/completions", {"prompt": "x", "temperature": 1e-38})),
+                 ("extreme n 4 logprobs 20", ("/v1/completions", {"prompt": "x", "n": 4, "logprobs": 20, "seed": 0,
+                                                                 "max_tokens": 4})),
+                 ("extreme penalties", ("/v1/completions", {"prompt": "x", "presence_penalty": -2,
+                                                           "frequency_penalty": 2, "min_p": 1, "min_tokens": 4,
+                                                           "logit_bias": {"5": 100, "6": -100}, "max_tokens": 4})),
                  ("extreme nesting", ("/v1/completions", b'{"prompt":' + b"[" * 5000 + b"]" * 5000 + b"}"))]
 
 

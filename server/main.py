@@ -24,6 +24,7 @@ from server.api.adapters_service import AdaptersService
 from server.api.auth import Authenticator, AuthInterceptor, Quotas, keys_main
 from server.api.common import MalformedRequestInterceptor
 from server.api.generation import Draining, Generation
+from server.api.health import Health
 from server.api.service import InferenceService
 from server.api.tenancy import TenantLimiter
 from server.config import ServerConfig, config_from_args, resolve_context
@@ -205,7 +206,9 @@ class RunningServer:
 
 async def start(cfg: ServerConfig, loaded: LoadedModel) -> RunningServer:
     cfg = resolve_context(cfg, model_context(loaded))
-    metrics.configure(cfg.metrics_per_tenant, cfg.metrics_max_tenants)
+    metrics.configure(cfg.metrics_per_tenant, cfg.metrics_max_tenants, model_name=loaded.name,
+                      max_context_tokens=cfg.max_context_tokens, max_lora=cfg.adapter_slots,
+                      vllm_names=cfg.metrics_vllm_names == "on")
     store, adapters = build_adapters(cfg, loaded)
     engine = build_engine(cfg, loaded, adapters)
     engine.start()
@@ -237,19 +240,13 @@ async def start(cfg: ServerConfig, loaded: LoadedModel) -> RunningServer:
     await server.start()
     for name in ["", *SERVICES]:
         await hs.set(name, health_pb2.HealthCheckResponse.SERVING)
-    loop = asyncio.get_running_loop()
-
-    def engine_health(serving: bool) -> None:   # engine thread: hand over to the loop
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        if not draining.on:
-            for name in ["", *SERVICES]:
-                asyncio.run_coroutine_threadsafe(hs.set(name, status), loop)
-    engine.on_health.append(engine_health)
+    health_state = Health(draining, engine)
+    health_state.follow_engine(hs, ["", *SERVICES], asyncio.get_running_loop())
     http = metrics.serve_metrics(cfg.metrics_port, cfg.host) if cfg.metrics_port >= 0 else None
     mport = http.server_address[1] if http else None
     running = RunningServer(server, port, mport, engine, hs, draining, auth, http, cfg=cfg)
     if cfg.http_port >= 0:
-        app = OpenAIApp(generation, auth, adapters.registry, loaded.name, cfg)
+        app = OpenAIApp(generation, auth, adapters.registry, loaded.name, cfg, health_state)
         limits = ConnectionLimits(http_cap, cfg.http_header_timeout_s, cfg.http_body_timeout_s)
         running.http = HttpDoor(app.app, cfg.host, cfg.http_port, limits, cfg.http_idle_timeout_s,
                                 cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)

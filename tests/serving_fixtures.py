@@ -131,6 +131,18 @@ def oracle_greedy(model, prompt_ids: list[int], n: int) -> tuple[torch.Tensor, l
     return first, out
 
 
+@torch.no_grad()
+def oracle_logits_along(model, prompt_ids: list[int], tokens: list[int]) -> torch.Tensor:
+    """Logits [len(tokens), vocab] before each of `tokens` (teacher-forced on them), recomputing the
+    whole sequence each step, as oracle_greedy does."""
+    ids, out = list(prompt_ids), []
+    for t in tokens:
+        out.append(model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long)
+                         ).logits[0, -1])
+        ids.append(t)
+    return torch.stack(out)
+
+
 def serving(loaded, root: Path, num_slots: int = 8, max_rank: int = 16,
             max_host_entries: int = 64) -> tuple[AdapterRegistry, AdapterServing]:
     """The server's own adapter wiring (store -> registry -> slots <- cache) over `root`."""

@@ -7,16 +7,26 @@ from lorafleet.v1 import lorafleet_pb2 as pb
 from server.adapters.weights import AdapterKind
 from server.adapters.refs import parse_tenant_ref
 from server.api.requests import GenerationRequest, Sampling
+from server.api.token_text import TokenText
+from server.engine.sampling import TokenLogprobs
 from server.engine.sequence import FinishEvent, FinishReason
 from server.errors import InvalidField
 
 
-def generation_request(r: pb.GenerateRequest, tenant: str) -> GenerationRequest:
+def generation_request(r: pb.GenerateRequest, tenant: str, max_logit_bias: int | None = None) -> GenerationRequest:
+    """`max_logit_bias`: a larger logit_bias map is refused before its entries are copied
+    (`requests.validate` checks every limit again)."""
     p = r.params
+    if max_logit_bias is not None and len(p.logit_bias) > max_logit_bias:
+        raise InvalidField("params.logit_bias", f"params.logit_bias holds {len(p.logit_bias)} entries; "
+                                                f"at most {max_logit_bias}")
     return GenerationRequest(
         sampling=Sampling(max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p,
-                          top_k=p.top_k, seed=p.seed, stop=tuple(p.stop), repetition_penalty=p.repetition_penalty,
-                          ignore_eos=p.ignore_eos),
+                          top_k=p.top_k, seed=p.seed if p.HasField("seed") else None, stop=tuple(p.stop),
+                          repetition_penalty=p.repetition_penalty, ignore_eos=p.ignore_eos,
+                          presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty, min_p=p.min_p,
+                          min_tokens=p.min_tokens, logit_bias=tuple(p.logit_bias.items()),
+                          logprobs=p.top_logprobs if p.logprobs else None, n=p.n),
         prompt=r.prompt, messages=tuple((m.role, m.content) for m in r.messages),
         adapter=parse_tenant_ref(tenant, r.adapter) if r.adapter else None, request_id=r.request_id)
 
@@ -44,3 +54,20 @@ def finish_to_pb(reason: FinishReason) -> int:
 def usage(ev: FinishEvent) -> pb.Usage:
     return pb.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens,
                     virtual_tokens=ev.virtual_tokens)
+
+
+def total_usage(finals: list[FinishEvent], n: int) -> pb.Usage:
+    """A call's usage from its choices' finishes in index order (n per prompt): each prompt's
+    tokens once, every choice's completion tokens."""
+    return pb.Usage(prompt_tokens=sum(ev.prompt_tokens for ev in finals[::n]),
+                    completion_tokens=sum(ev.completion_tokens for ev in finals),
+                    virtual_tokens=sum(ev.virtual_tokens for ev in finals[::n]))
+
+
+def logprobs_to_pb(lps: list[TokenLogprobs] | tuple[TokenLogprobs, ...], text: TokenText) -> list[pb.TokenLogprob]:
+    out = []
+    for lp in lps:
+        top = [pb.TokenLogprob(token_id=t, token=text(t)[0], logprob=v, bytes=text(t)[1]) for t, v in lp.top]
+        token, raw = text(lp.token)
+        out.append(pb.TokenLogprob(token_id=lp.token, token=token, logprob=lp.logprob, bytes=raw, top_logprobs=top))
+    return out

@@ -1,11 +1,17 @@
 """The one generation path both doors call (the gRPC servicer and the OpenAI HTTP door): validate the
 domain request once, check the caller's quotas, resolve (pin) its adapter, submit it to the engine
 and stream its events. The doors only authenticate the caller and translate their wire format to
-and from `GenerationRequest`."""
+and from `GenerationRequest`.
+
+A request of P prompts and n choices is P * n sequences (`Submission`), in OpenAI's index order
+(prompt * n + choice), each prefilled on its own: the paged KV cache's prefix sharing, when it lands,
+will share their prompt blocks (same tenant, adapter and tokens) without a change here. Their events
+arrive on one queue, tagged with the index; the quotas count every sequence."""
 from __future__ import annotations
 
 import asyncio
 import uuid
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from server import metrics
@@ -14,7 +20,7 @@ from server.adapters.registry import AdapterRegistry
 from server.api import requests
 from server.api.auth import Principal
 from server.api.common import status_of
-from server.api.requests import GenerationRequest
+from server.api.requests import GenerationRequest, choice_params
 from server.api.tenancy import TenantLimiter
 from server.config import ServerConfig
 from server.engine.engine import Engine
@@ -33,6 +39,23 @@ class Draining:
             raise Unavailable("the server is shutting down; retry on another replica")
 
 
+@dataclass
+class Submission:
+    """The sequences of one call, in index order, and the queue of their (index, event) pairs."""
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    seqs: list[Sequence] = field(default_factory=list)
+    n: int = 1                              # choices per prompt: seqs[i] is prompt i // n, choice i % n
+
+    @property
+    def request_id(self) -> str:
+        return self.seqs[0].request_id
+
+    def cancel(self) -> None:
+        """Cancel every sequence (a no-op for the ones that finished)."""
+        for seq in self.seqs:
+            seq.cancel()
+
+
 class Generation:
     def __init__(self, cfg: ServerConfig, engine: Engine, draining: Draining, registry: AdapterRegistry,
                  limiter: TenantLimiter):
@@ -41,49 +64,68 @@ class Generation:
         self.tokenizer = engine.loaded.tokenizer
         self.chat = engine.loaded.chat
         self.chat_roles = self.chat.roles() if self.chat is not None else ()
+        # token ids a logit_bias may name: in the tokenizer and in the model's logits
+        self.vocab_size = min(self.tokenizer.get_vocab_size(with_added_tokens=True), engine.model.shape.vocab_size)
 
     def submit_one(self, principal: Principal, adapter: TenantRef | None, ids: list[int], params: SamplingParams,
-                   rid: str, deadline: float | None, classify: bool = False,
-                   stop_ids: frozenset[int] = frozenset()) -> tuple[Sequence, asyncio.Queue]:
-        """Build the sequence, resolve (pin) its adapter and hand both to the engine, which owns
-        the pin from here on, refusals included. `deadline` is a time.monotonic() value."""
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
-        seq = Sequence(rid, ids, params, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
+                   rid: str, deadline: float | None, classify: bool = False, stop_ids: frozenset[int] = frozenset(),
+                   into: Submission | None = None) -> Submission:
+        """Build one sequence, resolve (pin) its adapter and hand both to the engine, which owns
+        the pin from here on, refusals included; it joins `into` (index: its place there) or a new
+        Submission. `deadline` is a time.monotonic() value."""
+        sub = into if into is not None else Submission()
+        loop, index, queue = asyncio.get_running_loop(), len(sub.seqs), sub.queue
+        seq = Sequence(rid, ids, params, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, (index, ev)),
                        deadline=deadline, tenant=principal.tenant, classify=classify, stop_ids=stop_ids)
         ref = self.registry.resolve(adapter) if adapter is not None else None
         self.engine.submit(seq, ref)
+        sub.seqs.append(seq)
         self.limiter.add(seq)
-        return seq, events
+        return sub
 
-    def submit(self, principal: Principal, request: GenerationRequest,
-               deadline: float | None) -> tuple[Sequence, asyncio.Queue]:
-        """Validate a generation request (prompt or chat messages), check quotas and submit it."""
+    def submit(self, principal: Principal, request: GenerationRequest, deadline: float | None) -> Submission:
+        """Validate a generation request (prompts or chat messages; n choices each), check quotas
+        and submit its sequences; if one is refused, the ones submitted before it are cancelled."""
         self.draining.check()
         self.engine.check_capacity()
-        valid = requests.validate(request, self.cfg, self.tokenizer, self.chat, self.chat_roles)
-        self.limiter.check(principal)
-        return self.submit_one(principal, request.adapter, valid.ids, valid.params,
-                               valid.request_id or uuid.uuid4().hex, deadline, stop_ids=valid.stop_ids)
-
-    async def events(self, seq: Sequence, events: asyncio.Queue, protocol: str) -> AsyncIterator[Event]:
-        """The sequence's events up to its finish; raises the finish's error. Leaving early
-        (caller gone, deadline) cancels the sequence, which frees its slot."""
-        code, finished = "CANCELLED", False
+        valid = requests.validate(request, self.cfg, self.tokenizer, self.chat, self.chat_roles, self.vocab_size)
+        self.limiter.check(principal, len(valid.prompts) * valid.n)
+        rid = valid.request_id or uuid.uuid4().hex
+        sub = Submission(n=valid.n)
         try:
-            while True:
-                ev = await events.get()
-                if isinstance(ev, FinishEvent):
-                    finished = True
-                    code = status_of(ev.error).name if ev.error is not None else "OK"
-                    metrics.TENANT_TOKENS.labels(metrics.tenant_label(seq.tenant), "prompt").inc(ev.prompt_tokens)
-                    if ev.error is not None:
-                        raise ev.error
-                yield ev
-                if isinstance(ev, FinishEvent):
-                    return
-        finally:
-            metrics.TENANT_REQUESTS.labels(metrics.tenant_label(seq.tenant), code, protocol).inc()
+            for ids in valid.prompts:
+                for choice in range(valid.n):
+                    self.submit_one(principal, request.adapter, ids, choice_params(valid.params, choice), rid,
+                                    deadline, stop_ids=valid.stop_ids, into=sub)
+        except BaseException:
+            self.close(sub)
+            raise
+        return sub
+
+    def close(self, sub: Submission) -> None:
+        """The call is over (idempotent): its sequences leave the quota count; unfinished ones are cancelled."""
+        for seq in sub.seqs:
             self.limiter.done(seq)
-            if not finished:
-                seq.cancel()
+        sub.cancel()
+
+    async def events(self, sub: Submission, protocol: str) -> AsyncIterator[tuple[int, Event]]:
+        """(index, event) pairs of every sequence up to its finish; raises the first finish's
+        error (the other sequences are cancelled then). Leaving early (caller gone, deadline)
+        cancels every sequence, which frees their slots."""
+        code, left = "CANCELLED", len(sub.seqs)
+        tenant = metrics.tenant_label(sub.seqs[0].tenant)
+        try:
+            while left:
+                index, ev = await sub.queue.get()
+                if isinstance(ev, FinishEvent):
+                    left -= 1
+                    metrics.TENANT_TOKENS.labels(tenant, "prompt").inc(ev.prompt_tokens)
+                    if ev.error is not None:
+                        code = status_of(ev.error).name
+                        raise ev.error
+                    if not left:
+                        code = "OK"         # before the yield: a caller may stop at the last finish
+                yield index, ev
+        finally:
+            metrics.TENANT_REQUESTS.labels(tenant, code, protocol).inc()
+            self.close(sub)

@@ -3,7 +3,6 @@ generation path (`Generation`) and the engine do the work. The caller was authen
 the interceptor (`caller()`)."""
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from typing import AsyncIterator
@@ -16,11 +15,12 @@ from server.adapters.refs import parse_tenant_ref
 from server.api import convert, requests
 from server.api.auth import caller
 from server.api.common import streaming, unary
-from server.api.generation import Generation
+from server.api.generation import Generation, Submission
+from server.api.token_text import TokenText
 from server.config import ServerConfig
 from server.engine.engine import Engine
 from server.engine.sampling import SamplingParams
-from server.engine.sequence import Event, FinishEvent, Sequence
+from server.engine.sequence import Event, FinishEvent
 from server.errors import InvalidArgument
 
 VERSION = "0.1.0"
@@ -38,30 +38,48 @@ class InferenceService(pb_grpc.InferenceServicer):
         self.tokenizer = engine.loaded.tokenizer
         self.kernels = kernels.backend_name(engine.model.device)
         self.chat = engine.loaded.chat
+        self.token_text = TokenText(self.tokenizer)
 
-    def _submit(self, request: pb.GenerateRequest, context) -> tuple[Sequence, asyncio.Queue]:
+    def _submit(self, request: pb.GenerateRequest, context) -> Submission:
         principal = caller()
-        return self.gen.submit(principal, convert.generation_request(request, principal.tenant), _deadline(context))
+        domain = convert.generation_request(request, principal.tenant, self.cfg.max_logit_bias)
+        return self.gen.submit(principal, domain, _deadline(context))
 
-    def _events(self, seq: Sequence, events: asyncio.Queue) -> AsyncIterator[Event]:
-        return self.gen.events(seq, events, "grpc")
+    def _events(self, sub: Submission) -> AsyncIterator[tuple[int, Event]]:
+        return self.gen.events(sub, "grpc")
 
     @unary("Generate")
     async def Generate(self, request, context):
-        seq, events = self._submit(request, context)
-        text, ids = [], []
-        async for ev in self._events(seq, events):
-            text.append(ev.text)
-            ids.extend(ev.token_ids)
-        return pb.GenerateResponse(text="".join(text), token_ids=ids,
-                                   finish_reason=convert.finish_to_pb(ev.reason), usage=convert.usage(ev),
-                                   request_id=seq.request_id)
+        """Choice 0 in the top-level fields; with n > 1 every choice in `choices` too."""
+        sub = self._submit(request, context)
+        text = [[] for _ in sub.seqs]
+        ids = [[] for _ in sub.seqs]
+        lps = [[] for _ in sub.seqs]
+        finals: list[FinishEvent | None] = [None] * len(sub.seqs)
+        async for i, ev in self._events(sub):
+            text[i].append(ev.text)
+            ids[i].extend(ev.token_ids)
+            lps[i].extend(ev.logprobs)
+            if isinstance(ev, FinishEvent):
+                finals[i] = ev
+        choices = [pb.GenerateChoice(index=i, text="".join(text[i]), token_ids=ids[i],
+                                     finish_reason=convert.finish_to_pb(finals[i].reason),
+                                     logprobs=convert.logprobs_to_pb(lps[i], self.token_text),
+                                     completion_tokens=finals[i].completion_tokens) for i in range(len(sub.seqs))]
+        first = choices[0]
+        return pb.GenerateResponse(
+            text=first.text, token_ids=first.token_ids, finish_reason=first.finish_reason, logprobs=first.logprobs,
+            usage=convert.usage(finals[0]) if len(finals) == 1 else convert.total_usage(finals, sub.n),
+            request_id=sub.request_id, choices=choices if len(choices) > 1 else [])
 
     @streaming("GenerateStream")
     async def GenerateStream(self, request, context):
-        seq, events = self._submit(request, context)
-        async for ev in self._events(seq, events):
-            msg = pb.GenerateStreamResponse(text=ev.text, token_ids=ev.token_ids, request_id=seq.request_id)
+        """One message per new piece of text of any choice (`index`); each choice's last message
+        carries its finish_reason and usage."""
+        sub = self._submit(request, context)
+        async for i, ev in self._events(sub):
+            msg = pb.GenerateStreamResponse(text=ev.text, token_ids=ev.token_ids, request_id=sub.request_id,
+                                            logprobs=convert.logprobs_to_pb(ev.logprobs, self.token_text), index=i)
             if isinstance(ev, FinishEvent):
                 msg.finish_reason = convert.finish_to_pb(ev.reason)
                 msg.usage.CopyFrom(convert.usage(ev))
@@ -82,22 +100,21 @@ class InferenceService(pb_grpc.InferenceServicer):
                      for i, t in enumerate(request.texts)]
         self.limiter.check(principal, len(texts_ids))
         params = SamplingParams(max_new_tokens=0)
-        subs: list[tuple[Sequence, asyncio.Queue]] = []
+        subs: list[Submission] = []
         try:
             for ids in texts_ids:
                 subs.append(self.gen.submit_one(principal, adapter, ids, params, rid, _deadline(context),
                                                 classify=True))
             results = []
-            for seq, events in subs:
-                async for ev in self._events(seq, events):
+            for sub in subs:
+                async for _, ev in self._events(sub):
                     pass
                 scores = [pb.LabelScore(label=lbl, probability=p) for lbl, p in zip(ev.labels, ev.probabilities)]
                 top = max(scores, key=lambda s: s.probability).label
                 results.append(pb.Classification(scores=scores, top_label=top, prompt_tokens=ev.prompt_tokens))
         finally:   # a failure or cancellation part-way must not leave the other texts running
-            for seq, _ in subs:
-                self.limiter.done(seq)
-                seq.cancel()          # a no-op for the ones that finished
+            for sub in subs:
+                self.gen.close(sub)   # cancelling is a no-op for the ones that finished
         return pb.ClassifyResponse(results=results, request_id=rid)
 
     @unary("GetServerInfo")
@@ -114,7 +131,8 @@ class InferenceService(pb_grpc.InferenceServicer):
                 max_stop_string_chars=c.max_stop_string_chars, max_classify_batch=c.max_classify_batch,
                 max_message_bytes=c.max_message_bytes, max_queued_requests=c.max_queued_requests,
                 max_batch_size=c.max_batch_size, max_adapter_rank=c.max_adapter_rank,
-                max_adapter_bytes=c.max_adapter_bytes,
+                max_adapter_bytes=c.max_adapter_bytes, max_n=min(c.max_n, c.max_choices),
+                max_top_logprobs=c.max_top_logprobs, max_logit_bias=c.max_logit_bias,
                 kv_cache_bytes=kv.nbytes,
                 kv_cache_tokens=kv.blocks.capacity * kv.block_size, kv_block_size=kv.block_size,
                 prefix_cache=kv.blocks.prefix_cache),

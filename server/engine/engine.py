@@ -34,7 +34,7 @@ from server.adapters.registry import AdapterRef, AdapterRegistry
 from server.engine.adapter_slots import AdapterSlots
 from server.engine.batch import Segment, make_forward_batch
 from server.engine.kv_cache import KVCache
-from server.engine.sampling import NON_FINITE, SamplingParams, sample
+from server.engine.sampling import NON_FINITE, SamplingParams, TokenLogprobs, raw_logprobs, sample, token_logprobs
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import FinishEvent, FinishReason, Sequence
 from server.errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument, LoraFleetError,
@@ -70,6 +70,7 @@ class StepStats:
     distinct_adapters: int
     generated: dict[str, int] = field(default_factory=dict)     # tenant -> tokens sampled
     first_token_seconds: tuple[float, ...] = ()                  # arrival -> first token, per row
+    token_gaps: tuple[float, ...] = ()                           # previous token -> this one, per row
 
 
 class Engine:
@@ -203,7 +204,7 @@ class Engine:
             self._set_health(False)
         finally:
             self._fail_all()
-            metrics.record_load(0, 0, 0.0)          # nothing runs or waits any more: gauges say so
+            metrics.record_load((), (), 0.0)        # nothing runs or waits any more: gauges say so
 
     def _serve(self) -> None:
         while not self._stop.is_set():
@@ -216,7 +217,7 @@ class Engine:
                 stats = self._step(work)
                 if stats is not None:
                     metrics.record_step(stats)
-            metrics.record_load(len(self.scheduler.running), len(self.scheduler.waiting), self.kv.usage)
+            metrics.record_load(self.scheduler.running, self.scheduler.waiting, self.kv.usage)
             b = self.kv.blocks
             metrics.record_kv_blocks(b.num_used, b.num_cached, b.capacity - b.num_used - b.num_cached)
 
@@ -472,13 +473,16 @@ class Engine:
             self._finish(seq, seq.finish(FinishReason.STOP, probabilities=probs, labels=labels))
         gen_hidden = hidden if len(gen) == len(rows) else hidden[gen_index]   # no copy without classify rows
         tokens = self._sample(gen, gen_hidden) if gen else []
-        first_token = tuple(time.monotonic() - s.arrival for s in gen if s.first_token_at is None)
+        now = time.monotonic()
+        sampled = [s for s, tok in zip(gen, tokens) if tok is not None]
+        first_token = tuple(now - s.arrival for s in sampled if s.first_token_at is None)
+        gaps = tuple(now - s.last_token_at for s in sampled if s.last_token_at is not None)
         self._emit(gen, tokens)
         return StepStats(
             rows=len(work), tokens=sum(len(w.token_ids) for w in work),
             prompt_tokens=sum(len(w.token_ids) for w in work if w.first_pos - w.seq.kv_offset < len(w.seq.prompt_ids)),
             distinct_adapters=len({w.seq.adapter_slot for w in work} - {None}),
-            generated=dict(Counter(s.tenant for s in gen)), first_token_seconds=first_token)
+            generated=dict(Counter(s.tenant for s in gen)), first_token_seconds=first_token, token_gaps=gaps)
 
     def _run(self, work: list[Segment]) -> tuple[list[Sequence], torch.Tensor | None]:
         """The forward pass: the sequences wanting logits and their hidden states [rows, hidden]. When
@@ -520,10 +524,11 @@ class Engine:
                 "input: its weights are too large for the served model; fix or re-train it")
         return LoraFleetError("internal error: the base model produced non-finite logits for this request")
 
-    def _sample(self, seqs: list[Sequence], hidden: torch.Tensor) -> list[int | None]:
-        """Next token per row from hidden states [rows, hidden] (None: the row failed). When the
-        batched draw raises, each row is drawn alone (rows drawn before the fault keep their
-        draws: their generators have advanced) and only the rows that raise fail."""
+    def _sample(self, seqs: list[Sequence], hidden: torch.Tensor) -> list[tuple[int, TokenLogprobs | None] | None]:
+        """Next token per row (with its logprobs when the row asks) from hidden states [rows,
+        hidden] (None: the row failed). When the batched draw raises, each row is drawn alone
+        (rows drawn before the fault keep their draws: their generators have advanced) and only
+        the rows that raise fail."""
         try:
             drawn = self._draw(seqs, hidden)
         except Exception:  # noqa: BLE001 - isolate the row at fault
@@ -534,29 +539,32 @@ class Engine:
                 except Exception as e:  # noqa: BLE001 - this row's fault
                     self._fail(seq, e, "sampling")
                     drawn.append(None)
-        out: list[int | None] = []
+        out: list[tuple[int, TokenLogprobs | None] | None] = []
         for seq, tok in zip(seqs, drawn):
-            if tok is NON_FINITE:
+            if tok is not None and tok[0] is NON_FINITE:
                 self._finish(seq, seq.finish(FinishReason.ERROR, self._non_finite(seq)))
                 tok = None
             out.append(tok)
         return out
 
     def _draw(self, seqs: list[Sequence], hidden: torch.Tensor) -> list:
-        """Logits -> tokens (or NON_FINITE) for rows [rows, hidden]; a row's `logits_trace`, when
-        set, records its logits (tests compare them with the oracle)."""
+        """Logits -> (token or NON_FINITE, its logprobs or None) for rows [rows, hidden]; a row's
+        `logits_trace`, when set, records its logits (tests compare them with the oracle)."""
         logits = self.model.logits(hidden)
         for seq, row in zip(seqs, logits):
             if seq.logits_trace is not None:
                 seq.logits_trace.append(row.float().cpu().clone())
-        return sample(logits, [s.row_state() for s in seqs])
+        rows = [s.row_state(self.loaded.eos_ids) for s in seqs]
+        raw = raw_logprobs(logits, rows)            # before sample() edits the logits
+        tokens = sample(logits, rows)
+        return list(zip(tokens, token_logprobs(raw, tokens, rows)))
 
-    def _emit(self, seqs: list[Sequence], tokens: list[int | None]) -> None:
+    def _emit(self, seqs: list[Sequence], tokens: list[tuple[int, TokenLogprobs | None] | None]) -> None:
         for seq, tok in zip(seqs, tokens):
             if tok is None:
                 continue
             try:
-                ev = seq.append_token(tok, self.loaded.tokenizer, self.loaded.eos_ids)
+                ev = seq.append_token(tok[0], self.loaded.tokenizer, self.loaded.eos_ids, tok[1])
             except Exception as e:  # noqa: BLE001 - this row's fault
                 self._fail(seq, e, "detokenizing")
                 continue
@@ -587,10 +595,7 @@ class Engine:
     def _finish(self, seq: Sequence, ev: FinishEvent) -> None:
         self.scheduler.remove(seq, failed=ev.reason is FinishReason.ERROR)
         self._release_adapter(seq)
-        now = time.monotonic()
-        n = len(seq.output_ids)
-        per_token = (now - seq.first_token_at) / (n - 1) if seq.first_token_at is not None and n > 1 else None
-        metrics.record_finish(ev.reason.value, now - seq.arrival, per_token)
+        metrics.record_finish(seq, ev, time.monotonic())
         self._send(seq, ev)
 
     @staticmethod

@@ -2,7 +2,10 @@
 
 Other threads may only call `cancel()`, which wakes the engine that owns the sequence. Text is detokenized incrementally; a stop string
 ends generation before it, and text that could still become a stop string (or an
-incomplete UTF-8 character) is held back until it cannot.
+incomplete UTF-8 character) is held back until it cannot. Stop strings are looked for only once
+`min_tokens` tokens are generated (the sampler masks the end tokens until then), as vLLM does.
+Each event carries the ids of the tokens generated since the previous one and, when the request
+asked for logprobs, one `TokenLogprobs` per id.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import torch
 from tokenizers import Tokenizer
 
 from server.engine.kv_cache import PREFIX_TOKEN, VIRTUAL_TOKEN
-from server.engine.sampling import RowState, SamplingParams
+from server.engine.sampling import RowState, SamplingParams, TokenLogprobs
 from server.errors import LoraFleetError
 
 if TYPE_CHECKING:
@@ -34,6 +37,7 @@ class FinishReason(enum.Enum):
 class TokenEvent:
     text: str
     token_ids: list[int]
+    logprobs: tuple[TokenLogprobs, ...] = ()    # one per token id when asked for, else empty
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,7 @@ class FinishEvent:
     virtual_tokens: int = 0         # prompt/prefix-tuning tokens the adapter added
     probabilities: list[float] | None = None   # classification rows only
     labels: tuple[str, ...] = ()                # names of the probabilities
+    logprobs: tuple[TokenLogprobs, ...] = ()    # one per token id when asked for, else empty
 
 
 Event = TokenEvent | FinishEvent
@@ -73,6 +78,7 @@ class Sequence:
         self.arrival = time.monotonic()
         self.admitted_at: float | None = None
         self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
         self.blocks: list[int] | None = None  # KV block table while running (None: waiting)
         self.extent: tuple[int, int] | None = None   # the run of blocks kept for its growth
         self.block_digests: list[bytes] = []  # prefix-cache digests of its full computed blocks
@@ -81,6 +87,7 @@ class Sequence:
         self.cached_tokens = 0                # positions found in the prefix cache at the last admission
         self.num_computed = 0                 # tokens (of prompt_ids + output_ids) whose K/V are in the cache
         self.output_ids: list[int] = []
+        self.output_logprobs: list[TokenLogprobs] = []   # one per output id when params.logprobs is set
         self.finished = False
         self._cancelled = False
         self._wake: Callable[[], None] | None = None   # the owning engine's wake(), set at submit
@@ -163,14 +170,23 @@ class Sequence:
         """Forget the K/V (a preemption): everything is recomputed at the next admission."""
         self.blocks, self.extent, self.block_digests, self.num_computed = None, None, [], 0
 
-    def row_state(self) -> RowState:
-        return RowState(self.params, self.prompt_ids[self.virtual_tokens:] + self.output_ids, self.generator)
+    def row_state(self, eos_ids: frozenset[int] = frozenset()) -> RowState:
+        """What the sampler needs of this row; `eos_ids`: the model's, masked (with the chat's
+        end-of-turn tokens) while fewer than min_tokens are generated."""
+        end = (eos_ids | self.stop_ids) if len(self.output_ids) < self.params.min_tokens else frozenset()
+        return RowState(self.params, self.prompt_ids[self.virtual_tokens:] + self.output_ids, self.generator,
+                        self.output_ids, end)
 
-    def append_token(self, token: int, tokenizer: Tokenizer, eos_ids: frozenset[int]) -> Event | None:
-        """Record a sampled token; return what to send (None when text is held back)."""
+    def append_token(self, token: int, tokenizer: Tokenizer, eos_ids: frozenset[int],
+                     logprobs: TokenLogprobs | None = None) -> Event | None:
+        """Record a sampled token (and its logprobs, when asked for); return what to send (None
+        when text is held back)."""
         now = time.monotonic()
         self.first_token_at = self.first_token_at or now
+        self.last_token_at = now
         self.output_ids.append(token)
+        if logprobs is not None:
+            self.output_logprobs.append(logprobs)
         if (token in eos_ids or token in self.stop_ids) and not self.params.ignore_eos:
             return self.finish(FinishReason.EOS)
         self._text = tokenizer.decode(self.output_ids, skip_special_tokens=True)
@@ -183,7 +199,8 @@ class Sequence:
         safe = len(self._text) - self._holdback()
         if safe <= self._sent_chars:
             return None
-        ev = TokenEvent(self._text[self._sent_chars:safe], self.output_ids[self._sent_ids:])
+        ev = TokenEvent(self._text[self._sent_chars:safe], self.output_ids[self._sent_ids:],
+                        tuple(self.output_logprobs[self._sent_ids:]))
         self._sent_chars, self._sent_ids = safe, len(self.output_ids)
         return ev
 
@@ -193,12 +210,13 @@ class Sequence:
         text = self._text[self._sent_chars:] if reason != FinishReason.ERROR else ""
         ev = FinishEvent(reason, text, self.output_ids[self._sent_ids:],
                          len(self.prompt_ids) - self.virtual_tokens, len(self.output_ids), error,
-                         self.virtual_tokens + self.kv_offset, probabilities, labels)
+                         self.virtual_tokens + self.kv_offset, probabilities, labels,
+                         tuple(self.output_logprobs[self._sent_ids:]))
         self._sent_chars, self._sent_ids = len(self._text), len(self.output_ids)
         return ev
 
     def _find_stop(self) -> int | None:
-        if not self.params.stop:
+        if not self.params.stop or len(self.output_ids) < self.params.min_tokens:
             return None
         longest = max(len(s) for s in self.params.stop)
         start = max(0, self._sent_chars - longest)

@@ -7,11 +7,14 @@
 - JSON nested deeper than --max-json-depth, or with more than --max-json-items array items plus
   object members (400 naming the limit). Both are counted on the bytes with a few C-speed passes
   (`shape`), so a 4 MiB body of tiny items or deep brackets costs milliseconds, not the seconds that
-  building and validating a million objects takes; json.loads then never recurses deep.
+  building and validating a million objects takes; json.loads then never recurses deep. The
+  refusal of too many items names the top-level member they are in (`logit_bias` with 100,000
+  entries is a 400 naming logit_bias), found by a scan that stops where the count passes the limit.
 """
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from starlette.requests import Request
@@ -19,6 +22,8 @@ from starlette.requests import Request
 from server import errors as e
 
 NON_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+NON_STRUCTURE = bytes(b for b in range(256) if b not in b"[]{},")
+MEMBER_NAME = re.compile(rb"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 
 class BodyTooLarge(e.ResourceExhausted):
@@ -94,10 +99,10 @@ def shape(body: bytes, limits: BodyLimits) -> None:
         if escape in plain:
             plain = plain.replace(escape, b"")
     if plain.count(b'"') > 4 * limits.max_items:       # a string is an item, or a member's key
-        _too_many(limits)
+        _too_many(limits, plain)
     outside = b"".join(plain.split(b'"')[::2])
     if outside.count(b",") + outside.count(b"[") + outside.count(b"{") > limits.max_items:
-        _too_many(limits)
+        _too_many(limits, plain)
     brackets = outside.translate(None, NON_BRACKETS)
     if len(brackets) > 2 * limits.max_items:          # more closing brackets than opening ones
         raise e.InvalidField("body", "the request body is not valid JSON (unbalanced brackets)")
@@ -113,6 +118,37 @@ def shape(body: bytes, limits: BodyLimits) -> None:
             depth -= 1
 
 
-def _too_many(limits: BodyLimits) -> None:
-    raise e.InvalidField("body", f"the request body holds more than {limits.max_items} JSON array items and "
-                                 "object members, the most this server accepts (--max-json-items)")
+def _too_many(limits: BodyLimits, plain: bytes) -> None:
+    field = crowded_member(plain, limits.max_items)
+    where = f", most of them in {field}" if field != "body" else ""
+    raise e.InvalidField(field, f"the request body holds more than {limits.max_items} JSON array items and "
+                                f"object members{where}, the most this server accepts (--max-json-items)")
+
+
+def crowded_member(plain: bytes, max_items: int) -> str:
+    """The top-level member whose value holds the item that passes `max_items` ('body' when the
+    count passes it outside any member, or the name is not a plain field name). `plain`: the body
+    without escaped quotes and backslashes. Scans in order and stops there: at most
+    8 * max_items + 2 strings and the structure between them, whatever the body's size."""
+    budget = 8 * max_items + 2
+    parts = plain.split(b'"', budget)
+    if len(parts) > budget:
+        parts.pop()                       # the unsplit rest: its strings are not told apart
+    depth = items = 0
+    key = "body"
+    for i, part in enumerate(parts):
+        if i % 2:                         # a string's contents
+            if depth == 1 and i + 1 < len(parts) and parts[i + 1].lstrip()[:1] == b":":
+                key = part.decode() if MEMBER_NAME.fullmatch(part) else "body"
+            continue
+        for b in part.translate(None, NON_STRUCTURE):
+            if b in b"[{":
+                depth += 1
+                items += 1
+            elif b in b"]}":
+                depth -= 1
+            else:
+                items += 1
+            if items > max_items:
+                return key if depth >= 2 else "body"
+    return key if depth >= 2 else "body"

@@ -6,6 +6,9 @@ task. uvicorn does not install signal handlers here: the process's SIGTERM/SIGIN
 `server.main.serve`, which stops this door with the gRPC server. Connections are bounded
 (`server.http.connections`): a cap, deadlines for a request's head and body, an idle timeout
 between requests; WebSocket upgrades are off (no route needs them).
+
+Stopping drains first: while requests are in flight the door keeps answering, so a new call gets
+503 (the draining flag) and `/health` says 503 instead of the port going dark at once.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ STARTUP_TIMEOUT_S = 30.0
 # the listen queue, and so the most connections asyncio accepts at once before the refused ones
 # beyond the cap are closed: a burst can hold only this many file descriptors above the cap
 ACCEPT_BATCH = 128
+DRAIN_POLL_S = 0.05
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -65,11 +69,16 @@ class HttpDoor:
             await asyncio.sleep(0.01)
 
     async def stop(self, grace: float) -> None:
-        """Stop accepting; requests in flight get `grace` seconds, then are cancelled (which
-        cancels their sequences)."""
+        """Within `grace` seconds: keep serving while requests are in flight (the caller has set
+        the draining flag, so new calls are refused with 503), then stop accepting; what still runs
+        when `grace` is up is cancelled (which cancels its sequences)."""
         if self.task is None:
             return
-        self.server.config.timeout_graceful_shutdown = max(grace, 0.1)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.server.server_state.tasks and not self.task.done() and loop.time() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        self.server.config.timeout_graceful_shutdown = max(deadline - loop.time(), 0.1)
         self.server.should_exit = True
         await asyncio.gather(self.task, return_exceptions=True)
         self.sock.close()

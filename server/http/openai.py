@@ -1,5 +1,7 @@
 """The OpenAI-compatible door: `POST /v1/chat/completions`, `POST /v1/completions`,
-`GET /v1/models[/{model}]`, on the same engine, registry, keys and quotas as gRPC.
+`GET /v1/models[/{model}]`, on the same engine, registry, keys and quotas as gRPC; and vLLM's
+operational routes beside them (`/health`, `/metrics`, `/version`, `/tokenize`, `/detokenize`:
+server.http.ops).
 
 A Starlette app; uvicorn serves it on the gRPC server's event loop (`server.http.door`). Per call:
 authenticate (`Authorization: Bearer <key>`, the same Authenticator), read the body within its
@@ -13,7 +15,13 @@ parse it (`schema`) into the domain request, which the one generation path (`Gen
 Errors are OpenAI's JSON shape `{"error": {"message", "type", "param", "code"}}` with the HTTP
 status of our gRPC code (`ERRORS`); a bug is a 500 that names only the exception type.
 
-A client that goes away cancels its sequence, which frees its engine slot: while a request waits
+`n` choices (and, in /v1/completions, a list of prompts: n choices each) are one sequence each; a
+whole answer lists them by `index` (prompt * n + choice, as OpenAI numbers them), a stream sends
+each choice's first chunk, then chunks of whichever choice has new text, each naming its `index`.
+`usage` counts each prompt once and every choice's completion. Logprobs, when asked, are the
+model's own (log_softmax of the raw logits: `server.engine.sampling`).
+
+A client that goes away cancels its sequences, which frees their engine slots: while a request waits
 for its first event (every request) or its whole answer (non-streaming), a watcher reads the ASGI
 `receive` channel for `http.disconnect`; while a stream is being sent, Starlette's own watch ends
 the stream and the response closes the event iterator, whose `finally` cancels the sequence.
@@ -24,6 +32,7 @@ import asyncio
 import json
 import time
 import uuid
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 from starlette.applications import Starlette
@@ -38,11 +47,15 @@ from server.adapters.refs import SHARED_TENANT, TenantRef, parse_tenant_ref
 from server.adapters.registry import AdapterRegistry
 from server.api.auth import Authenticator, Principal
 from server.api.common import MAX_FIELD_CHARS, OVERLOAD_DELAY_S, bounded, log_failure, public_message, status_of
-from server.api.generation import Generation
+from server.api.generation import Generation, Submission
+from server.api.health import Health
+from server.api.token_text import TokenText
 from server.config import ServerConfig
+from server.engine.sampling import TokenLogprobs
 from server.engine.sequence import Event, FinishEvent, FinishReason
 from server.http import schema
 from server.http.body import BodyBudget, BodyLimits, BodyTooLarge, read_json
+from server.http.ops import OpsRoutes
 
 T = TypeVar("T")
 
@@ -148,13 +161,16 @@ class OpenAIApp:
     """Holds what the routes need; `app` is the ASGI application."""
 
     def __init__(self, gen: Generation, auth: Authenticator, registry: AdapterRegistry, model_name: str,
-                 cfg: ServerConfig):
+                 cfg: ServerConfig, health: Health):
         self.gen, self.auth, self.registry, self.model_name = gen, auth, registry, model_name
         self.body_limits = BodyLimits(cfg.max_message_bytes, cfg.max_json_depth, cfg.max_json_items)
         self.bodies = BodyBudget(cfg.http_max_buffered_bytes)
-        self.max_entries = {"messages": cfg.max_chat_messages, "stop": cfg.max_stop_strings}
+        self.max_entries = {"messages": cfg.max_chat_messages, "stop": cfg.max_stop_strings,
+                            "logit_bias": cfg.max_logit_bias, "prompt": cfg.max_choices}
+        self.token_text = TokenText(gen.tokenizer)
         self.created = int(time.time())
-        self.app = Starlette(routes=[
+        ops = OpsRoutes(gen, health, cfg, self._check_model, self.body_limits, self.bodies, error_body)
+        self.app = Starlette(routes=ops.routes(self._handler) + [
             Route("/v1/chat/completions", self._handler("ChatCompletions", self.chat), methods=["POST"]),
             Route("/v1/completions", self._handler("Completions", self.completions), methods=["POST"]),
             Route("/v1/models", self._handler("ListModels", self.list_models), methods=["GET"]),
@@ -213,6 +229,11 @@ class OpenAIApp:
             raise e.NotFound(f"model {model[:80]!r} not found: use {self.model_name!r} (the base model) or "
                              "one of your adapters (GET /v1/models)") from None
 
+    def _check_model(self, principal: Principal, model: str) -> None:
+        """NotFound unless `model` is the base model or an adapter the caller may use."""
+        if model != self.model_name:
+            self.registry.info(self._ref(principal, model))
+
     def _adapter(self, principal: Principal, model: str) -> TenantRef | None:
         """`model` as the request's adapter: None for the base model."""
         return None if model == self.model_name else self._ref(principal, model)
@@ -220,57 +241,78 @@ class OpenAIApp:
     # ---------------------------------------------------------------- generation
     async def chat(self, request: Request, principal: Principal) -> Response:
         req = await self._parse(request, schema.ChatRequest)
-        return await self._generate(request, principal, req, "ChatCompletions", ChatFormat(req.model))
+        fmt = ChatFormat(req.model, self.token_text, req.top_logprobs_k() is not None)
+        return await self._generate(request, principal, req, "ChatCompletions", fmt)
 
     async def completions(self, request: Request, principal: Principal) -> Response:
         req = await self._parse(request, schema.CompletionRequest)
-        return await self._generate(request, principal, req, "Completions", CompletionFormat(req.model))
+        fmt = CompletionFormat(req.model, self.token_text, req.top_logprobs_k() is not None)
+        return await self._generate(request, principal, req, "Completions", fmt)
 
     async def _parse(self, request: Request, model: type):
         return schema.parse(model, await read_json(request, self.body_limits, self.bodies), self.max_entries)
 
     async def _generate(self, request: Request, principal: Principal, req, method: str, fmt) -> Response:
         rid = uuid.uuid4().hex
-        seq, events = self.gen.submit(principal, req.to_domain(self._adapter(principal, req.model)), None)
-        agen = self.gen.events(seq, events, "http")
+        sub = self.gen.submit(principal, req.to_domain(self._adapter(principal, req.model)), None)
+        agen = self.gen.events(sub, "http")
         try:
             if not req.stream:
-                text, last = await unless_gone(request, _collect(agen))
+                choices = await unless_gone(request, _collect(agen, len(sub.seqs)))
                 metrics.REQUESTS.labels(method, "OK", "http").inc()
-                return JSONResponse(fmt.whole(rid, text, last))
+                return JSONResponse(fmt.whole(rid, choices, usage(choices, sub.n)))
             first = await unless_gone(request, agen.__anext__())
         except BaseException:
             # the events generator may never have started (so its finally never runs): both are idempotent
-            self.gen.limiter.done(seq)
-            seq.cancel()
+            self.gen.close(sub)
             raise
-        return EventStream(_stream(fmt, rid, first, agen, req.include_usage, method), agen.aclose)
+        return EventStream(_stream(fmt, rid, first, agen, req.include_usage, method, sub), agen.aclose)
 
 
-async def _collect(agen: AsyncIterator[Event]) -> tuple[str, FinishEvent]:
-    parts = []
-    async for ev in agen:
-        parts.append(ev.text)
-    return "".join(parts), ev
+@dataclass
+class Choice:
+    """One choice of a whole (non-streamed) answer, collected from its events."""
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    final: FinishEvent | None = None
 
 
-async def _stream(fmt, rid: str, first: Event, agen: AsyncIterator[Event], include_usage: bool,
-                  method: str) -> AsyncIterator[str]:
-    """SSE chunks from the first event on, then `data: [DONE]`; an error after the headers went
-    out is one `data: {"error": ...}` event. The finally closes `agen`, which cancels the sequence
-    if it has not finished."""
+async def _collect(agen: AsyncIterator[tuple[int, Event]], count: int) -> list[Choice]:
+    choices = [Choice() for _ in range(count)]
+    async for index, ev in agen:
+        c = choices[index]
+        c.text += ev.text
+        c.token_ids.extend(ev.token_ids)
+        c.logprobs.extend(ev.logprobs)
+        if isinstance(ev, FinishEvent):
+            c.final = ev
+    return choices
+
+
+async def _stream(fmt, rid: str, first: tuple[int, Event], agen: AsyncIterator[tuple[int, Event]],
+                  include_usage: bool, method: str, sub: Submission) -> AsyncIterator[str]:
+    """SSE chunks: a first one per choice, then one per event of any choice (`index` says which), then
+    (with include_usage) the usage, then `data: [DONE]`; an error after the headers went out is one
+    `data: {"error": ...}` event. The finally closes `agen`, which cancels unfinished sequences."""
     code = "CANCELLED"
     try:
-        yield sse(fmt.head(rid, include_usage))
-        ev = first
+        for index in range(len(sub.seqs)):
+            yield sse(fmt.head(rid, index, include_usage))
+        finals: list[Choice] = [Choice() for _ in sub.seqs]
+        left = len(sub.seqs)
+        index, ev = first
         while True:
             if ev.text or isinstance(ev, FinishEvent):
-                yield sse(fmt.chunk(rid, ev, include_usage))
+                yield sse(fmt.chunk(rid, index, ev, include_usage))
             if isinstance(ev, FinishEvent):
-                break
-            ev = await agen.__anext__()
+                finals[index].final = ev
+                left -= 1
+                if not left:
+                    break
+            index, ev = await agen.__anext__()
         if include_usage:
-            yield sse(fmt.usage_chunk(rid, ev))
+            yield sse(fmt.usage_chunk(rid, usage(finals, sub.n)))
         yield sse("[DONE]")
         code = "OK"
     except Exception as err:  # noqa: BLE001 - the status line is sent; report in the stream
@@ -282,9 +324,11 @@ async def _stream(fmt, rid: str, first: Event, agen: AsyncIterator[Event], inclu
         await agen.aclose()
 
 
-def usage(ev: FinishEvent) -> dict:
-    return {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
-            "total_tokens": ev.prompt_tokens + ev.completion_tokens}
+def usage(choices: list[Choice], n: int) -> dict:
+    """Each prompt's tokens once (choices come n per prompt), every choice's completion tokens."""
+    prompt = sum(c.final.prompt_tokens for c in choices[::n])
+    completion = sum(c.final.completion_tokens for c in choices)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def finish_reason(ev: Event) -> str | None:
@@ -292,57 +336,93 @@ def finish_reason(ev: Event) -> str | None:
 
 
 class ChatFormat:
-    """chat.completion / chat.completion.chunk objects."""
+    """chat.completion / chat.completion.chunk objects; `logprobs` in OpenAI's chat shape
+    ({"content": [{"token", "logprob", "bytes", "top_logprobs"}]}) when the request asked."""
 
-    def __init__(self, model: str):
-        self.model, self.created = model, int(time.time())
+    def __init__(self, model: str, text: TokenText, logprobs: bool = False):
+        self.model, self.created, self.text, self.logprobs = model, int(time.time()), text, logprobs
 
     def _obj(self, rid: str, kind: str, choices: list, **kw) -> dict:
         return {"id": f"chatcmpl-{rid}", "object": kind, "created": self.created, "model": self.model,
                 "system_fingerprint": None, "choices": choices, **kw}
 
-    def whole(self, rid: str, text: str, ev: FinishEvent) -> dict:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": finish_reason(ev)}
-        return self._obj(rid, "chat.completion", [choice], usage=usage(ev))
+    def _entry(self, token: int, logprob: float) -> dict:
+        text, raw = self.text(token)
+        return {"token": text, "logprob": logprob, "bytes": list(raw)}
 
-    def _chunk(self, rid: str, delta: dict, reason: str | None, include_usage: bool) -> dict:
+    def _logprobs(self, lps) -> dict | None:
+        if not self.logprobs:
+            return None
+        return {"content": [{**self._entry(lp.token, lp.logprob),
+                             "top_logprobs": [self._entry(t, v) for t, v in lp.top]} for lp in lps],
+                "refusal": None}
+
+    def whole(self, rid: str, choices: list[Choice], use: dict) -> dict:
+        return self._obj(rid, "chat.completion", [
+            {"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": self._logprobs(c.logprobs),
+             "finish_reason": finish_reason(c.final)} for i, c in enumerate(choices)], usage=use)
+
+    def _chunk(self, rid: str, index: int, delta: dict, logprobs: dict | None, reason: str | None,
+               include_usage: bool) -> dict:
         extra = {"usage": None} if include_usage else {}
         return self._obj(rid, "chat.completion.chunk",
-                         [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}], **extra)
+                         [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}], **extra)
 
-    def head(self, rid: str, include_usage: bool) -> dict:
-        return self._chunk(rid, {"role": "assistant", "content": ""}, None, include_usage)
+    def head(self, rid: str, index: int, include_usage: bool) -> dict:
+        return self._chunk(rid, index, {"role": "assistant", "content": ""}, None, None, include_usage)
 
-    def chunk(self, rid: str, ev: Event, include_usage: bool) -> dict:
-        return self._chunk(rid, {"content": ev.text} if ev.text else {}, finish_reason(ev), include_usage)
+    def chunk(self, rid: str, index: int, ev: Event, include_usage: bool) -> dict:
+        return self._chunk(rid, index, {"content": ev.text} if ev.text else {}, self._logprobs(ev.logprobs),
+                           finish_reason(ev), include_usage)
 
-    def usage_chunk(self, rid: str, ev: FinishEvent) -> dict:
-        return self._obj(rid, "chat.completion.chunk", [], usage=usage(ev))
+    def usage_chunk(self, rid: str, use: dict) -> dict:
+        return self._obj(rid, "chat.completion.chunk", [], usage=use)
 
 
 class CompletionFormat:
-    """text_completion objects (streamed as text_completion chunks too, as OpenAI does)."""
+    """text_completion objects (streamed as text_completion chunks too, as OpenAI does); `logprobs`
+    in the legacy shape ({"tokens", "token_logprobs", "top_logprobs", "text_offset"}; each
+    top_logprobs entry maps the k most likely tokens' text, and the sampled token's, to their
+    logprobs, as vLLM does) when the request asked."""
 
-    def __init__(self, model: str):
-        self.model, self.created = model, int(time.time())
+    def __init__(self, model: str, text: TokenText, logprobs: bool = False):
+        self.model, self.created, self.text, self.logprobs = model, int(time.time()), text, logprobs
+        self.offsets: dict[int, int] = {}       # choice -> characters of token text sent so far
 
     def _obj(self, rid: str, choices: list, **kw) -> dict:
         return {"id": f"cmpl-{rid}", "object": "text_completion", "created": self.created, "model": self.model,
                 "system_fingerprint": None, "choices": choices, **kw}
 
-    def _choice(self, text: str, reason: str | None) -> dict:
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+    def _logprobs(self, index: int, lps) -> dict | None:
+        if not self.logprobs:
+            return None
+        tokens, offsets, top = [], [], []
+        offset = self.offsets.get(index, 0)
+        for lp in lps:
+            text = self.text(lp.token)[0]
+            tokens.append(text)
+            offsets.append(offset)
+            offset += len(text)
+            alternatives = {self.text(t)[0]: v for t, v in lp.top}
+            alternatives.setdefault(text, lp.logprob)
+            top.append(alternatives)
+        self.offsets[index] = offset
+        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps], "top_logprobs": top,
+                "text_offset": offsets}
 
-    def whole(self, rid: str, text: str, ev: FinishEvent) -> dict:
-        return self._obj(rid, [self._choice(text, finish_reason(ev))], usage=usage(ev))
+    def _choice(self, index: int, text: str, lps, reason: str | None) -> dict:
+        return {"index": index, "text": text, "logprobs": self._logprobs(index, lps), "finish_reason": reason}
 
-    def head(self, rid: str, include_usage: bool) -> dict:
-        return self._obj(rid, [self._choice("", None)], **({"usage": None} if include_usage else {}))
+    def whole(self, rid: str, choices: list[Choice], use: dict) -> dict:
+        return self._obj(rid, [self._choice(i, c.text, c.logprobs, finish_reason(c.final))
+                               for i, c in enumerate(choices)], usage=use)
 
-    def chunk(self, rid: str, ev: Event, include_usage: bool) -> dict:
-        return self._obj(rid, [self._choice(ev.text, finish_reason(ev))],
+    def head(self, rid: str, index: int, include_usage: bool) -> dict:
+        return self._obj(rid, [self._choice(index, "", (), None)], **({"usage": None} if include_usage else {}))
+
+    def chunk(self, rid: str, index: int, ev: Event, include_usage: bool) -> dict:
+        return self._obj(rid, [self._choice(index, ev.text, ev.logprobs, finish_reason(ev))],
                          **({"usage": None} if include_usage else {}))
 
-    def usage_chunk(self, rid: str, ev: FinishEvent) -> dict:
-        return self._obj(rid, [], usage=usage(ev))
+    def usage_chunk(self, rid: str, use: dict) -> dict:
+        return self._obj(rid, [], usage=use)

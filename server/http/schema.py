@@ -2,11 +2,12 @@
 generation path validates.
 
 The models are strict (no "5" for 5) and closed: a field this server does not know is a 400 that
-names it. OpenAI fields we do not implement are refused unless they hold their no-op value
-(`n: 1`, `presence_penalty: 0`, `logprobs: false`, ...), so a request never silently means less
-than it says; `user` is accepted and ignored (it only labels the caller for abuse tracking).
-Three sampling fields beyond OpenAI's (`top_k`, `repetition_penalty`, `ignore_eos`, named as vLLM
-names them) reach our sampler; the SDKs send them with `extra_body`.
+names it. OpenAI fields we do not implement (`best_of`, `echo`, `suffix`) are refused unless they
+hold their no-op value, so a request never silently means less than it says; `user` is accepted and
+ignored (it only labels the caller for abuse tracking). Sampling fields beyond OpenAI's (`top_k`,
+`repetition_penalty`, `ignore_eos`, `min_p`, `min_tokens`, named as vLLM names them) reach our
+sampler; the SDKs send them with `extra_body`. `logit_bias` keys are token ids written in decimal
+(OpenAI's form); `seed: 0` is a seed.
 
 Limits (max tokens, stop strings, prompt length, chat roles) are checked once, by
 `server.api.requests.validate`, whose errors name the fields as OpenAI spells them (`OPENAI_FIELDS`).
@@ -17,6 +18,7 @@ error never echoes more than a short excerpt of what was sent.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from typing import Annotated, Any, Literal
 
@@ -32,13 +34,12 @@ MAX_SEED = (1 << 63) - 1
 SHOWN_CHARS = 60                     # the longest excerpt of a value an error message quotes
 # OpenAI fields this server does not implement: accepted only with the value that changes nothing
 NO_OP: dict[str, tuple[Any, ...]] = {
-    "n": (None, 1), "best_of": (None, 1), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "suffix": (None, ""),
-    "logit_bias": (None, {}),
+    "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
 }
 # how the domain request's fields are spelled in OpenAI's bodies (the names errors give)
 OPENAI_FIELDS = FieldNames("prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
                            "repetition_penalty", "request_id")
+TOKEN_ID = re.compile(r"[0-9]{1,10}")          # a logit_bias key: a token id in decimal
 
 
 def _unicode(text: str) -> str:
@@ -85,24 +86,22 @@ class _Request(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Text | None = None                      # accepted, ignored
-    # accepted only at their no-op value (NO_OP)
-    n: int | None = None
-    presence_penalty: float | None = None
+    n: int | None = Field(None, ge=1, le=MAX_U32)
+    presence_penalty: float | None = None         # ranges: checked once, in requests.validate
     frequency_penalty: float | None = None
     logit_bias: dict[Text, float] | None = None
     # lorafleet's sampler, beyond OpenAI's fields (vLLM's names)
     top_k: int | None = Field(None, ge=0, le=MAX_U32)
     repetition_penalty: float | None = Field(None, gt=0.0)
     ignore_eos: bool = False
+    min_p: float | None = None
+    min_tokens: int | None = Field(None, ge=0, le=MAX_U32)
 
     @model_validator(mode="after")
     def _no_ops_only(self) -> "_Request":
         for name, allowed in NO_OP.items():
             value = getattr(self, name, None)
             if value not in allowed:
-                if name == "n":
-                    raise InvalidField("n", f"n={_shown(value)} is not supported: this server returns one choice "
-                                            "per request (n=1); send n requests instead")
                 shown = " or ".join(repr(a) for a in allowed if a is not None)
                 raise InvalidField(name, f"{name}={_shown(value)} is not supported by this server "
                                          f"(accepted only as {shown}, which changes nothing)")
@@ -115,14 +114,30 @@ class _Request(_Strict):
     def new_tokens(self) -> int:
         return self.max_tokens or 0
 
+    def top_logprobs_k(self) -> int | None:
+        """None: no logprobs; k: the sampled token's logprob and the k most likely."""
+        return None
+
     def sampling(self) -> Sampling:
         """OpenAI's defaults: temperature 1 and top_p 1 when left out (send temperature 0 for greedy);
         max_tokens left out takes the server's --default-new-tokens."""
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return Sampling(
             max_new_tokens=self.new_tokens(), temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=self.top_p or 1.0, top_k=self.top_k or 0, seed=self.seed or 0, stop=stop,
-            repetition_penalty=self.repetition_penalty or 0.0, ignore_eos=self.ignore_eos)
+            top_p=self.top_p or 1.0, top_k=self.top_k or 0, seed=self.seed, stop=stop,
+            repetition_penalty=self.repetition_penalty or 0.0, ignore_eos=self.ignore_eos,
+            presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
+            min_p=self.min_p or 0.0, min_tokens=self.min_tokens or 0, logit_bias=self._logit_bias(),
+            logprobs=self.top_logprobs_k(), n=self.n or 1)
+
+    def _logit_bias(self) -> tuple[tuple[int, float], ...]:
+        out = []
+        for key, value in (self.logit_bias or {}).items():
+            if not TOKEN_ID.fullmatch(key):
+                raise InvalidField("logit_bias", f"logit_bias key {_shown(key)} is not a token id (a decimal "
+                                                 "integer such as \"50256\")")
+            out.append((int(key), value))
+        return tuple(out)
 
     def fields(self) -> FieldNames:
         return OPENAI_FIELDS
@@ -132,15 +147,24 @@ class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_U32)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_U32)
+
+    @model_validator(mode="after")
+    def _top_logprobs_needs_logprobs(self) -> "ChatRequest":
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidField("top_logprobs", f"top_logprobs={self.top_logprobs} needs logprobs: true")
+        return self
 
     def new_tokens(self) -> int:
         return self.max_completion_tokens or self.max_tokens or 0
 
+    def top_logprobs_k(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def fields(self) -> FieldNames:
-        if self.max_completion_tokens is not None:
-            return replace(OPENAI_FIELDS, max_new_tokens="max_completion_tokens")
-        return OPENAI_FIELDS
+        return replace(OPENAI_FIELDS, logprobs="top_logprobs",
+                       max_new_tokens="max_completion_tokens" if self.max_completion_tokens is not None
+                       else OPENAI_FIELDS.max_new_tokens)
 
     def to_domain(self, adapter: TenantRef | None) -> GenerationRequest:
         return GenerationRequest(self.sampling(), messages=tuple((m.role, m.text()) for m in self.messages),
@@ -149,18 +173,17 @@ class ChatRequest(_Request):
 
 class CompletionRequest(_Request):
     prompt: Text | list[Text]
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_U32)
     echo: bool | None = None
     best_of: int | None = None
     suffix: Text | None = None
 
+    def top_logprobs_k(self) -> int | None:
+        return self.logprobs
+
     def to_domain(self, adapter: TenantRef | None) -> GenerationRequest:
-        prompt = self.prompt
-        if isinstance(prompt, list):
-            if len(prompt) != 1:
-                raise InvalidField("prompt", f"prompt holds {len(prompt)} strings; this server takes one "
-                                             "prompt per request (a string, or a list of one string)")
-            prompt = prompt[0]
+        """A list of prompts: n choices each, indexed prompt * n + choice as OpenAI does."""
+        prompt = tuple(self.prompt) if isinstance(self.prompt, list) else self.prompt
         return GenerationRequest(self.sampling(), prompt=prompt, adapter=adapter, fields=self.fields())
 
 
@@ -172,7 +195,7 @@ def parse(model: type[_Request], doc: object, max_entries: dict[str, int]) -> _R
         raise InvalidField("body", "the request body must be a JSON object")
     for name, limit in max_entries.items():
         value = doc.get(name)
-        if name in model.model_fields and isinstance(value, list) and len(value) > limit:
+        if name in model.model_fields and isinstance(value, (list, dict)) and len(value) > limit:
             raise InvalidField(name, f"{name} holds {len(value)} entries; at most {limit}")
     try:
         return model.model_validate(doc)

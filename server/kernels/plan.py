@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 # Cost model, in units of one multiply-add of one padded row (per rank row and
-# per element of d); calibrated on the bench CPU (bench/kernels.py): reading
+# per element of d); calibrated on the bench CPU (bench/adapter_kernels.py): reading
 # a weight element through a view ~ C_VIEW, gathering (copying) it ~ C_GATHER,
 # one Python-dispatched mm in the SGMV loop ~ LOOP_MM_COST (~10 us there, with
 # its share of the x gather and index_add).

@@ -23,6 +23,7 @@ from tokenizers import Tokenizer
 
 MAX_TEMPLATE_BYTES = 256 * 1024
 KNOWN_ROLES = ("system", "user", "assistant")
+DEVELOPER = "developer"        # OpenAI's newer name for system: a role only where the template names it
 _PROBE = "\x00lorafleet-probe\x00"
 # Unicode noncharacters (never assigned, never in a template): brackets of the placeholders that
 # stand for special-token text inside content while the template renders
@@ -89,9 +90,10 @@ class ChatTemplate:
             raise ChatTemplateError(f"the model's chat template failed: {e}") from None
 
     def roles(self) -> tuple[str, ...]:
-        """Roles the template renders (of system/user/assistant)."""
+        """Roles the template renders (of system/user/assistant, and developer where the template
+        names it: a template that prints any role's name has no developer role of its own)."""
         ok = []
-        for role in KNOWN_ROLES:
+        for role in KNOWN_ROLES + ((DEVELOPER,) if DEVELOPER in self.source else ()):
             try:
                 self.render([(role, "x")] if role != "assistant" else [("user", "x"), (role, "x")])
                 ok.append(role)

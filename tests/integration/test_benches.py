@@ -32,7 +32,18 @@ def ratio_lines(stdout: str) -> list[str]:
 
 def test_the_benches_are_found():
     names = {p.stem for p in BENCHES}
-    assert {"adapter_load", "engine_vs_hf", "kernels", "mixed_adapters"} <= names, names
+    assert {"adapter_load", "engine_vs_hf", "adapter_kernels", "mixed_adapters"} <= names, names
+
+
+def test_no_bench_shadows_an_installed_module():
+    """A bench runs with bench/ first on sys.path, so a bench named like a package shadows it for
+    every library the bench imports (bench/kernels.py broke transformers 5.25, whose hub_kernels
+    imports the `kernels` package when it finds one, on a clean CI install)."""
+    import importlib.util
+    shadowing = [p.name for p in (ROOT / "bench").glob("*.py")
+                 if p.stem not in sys.builtin_module_names and importlib.util.find_spec(p.stem) is not None
+                 and Path(importlib.util.find_spec(p.stem).origin or "").parent != ROOT / "bench"]
+    assert not shadowing, f"rename these benches: each is also an importable module's name: {shadowing}"
 
 
 def test_the_ratio_check_can_fail():

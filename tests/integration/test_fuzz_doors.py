@@ -14,7 +14,10 @@ with its own adapter in the same batches. After every example:
   * no ERROR record or traceback reached the log
 
 Values cover the whole accepted range, its edges and just past them (temperature 0, 1e-38, 1e-30,
-2.0 / 100; top_p 1e-38..1; top_k 0..2^32-1; seeds 0..2^63-1 / 2^64-1; ...), wrong types, nesting,
+2.0 / 100; top_p 1e-38..1; top_k 0..2^32-1; seeds 0..2^63-1 / 2^64-1 (or none); issue 23's presence
+and frequency penalties -2..2, min_p 0..1, min_tokens 0..max, logit_bias of up to the limit's
+entries with biases -100..100 (keys out of the vocabulary, not numbers, one too many), logprobs /
+top_logprobs 0..20, n 1..16; ...), wrong types, nesting,
 and text with lone surrogates (HTTP only: protobuf cannot carry them), NUL, RTL marks, emoji,
 combining marks and chat-template control text (`<|im_end|>`, the tiny template's `<s>`/`</s>`).
 
@@ -174,13 +177,26 @@ SAMPLING = {    # sent half the time each
     "stream": st.booleans(),
     "ignore_eos": st.booleans(),
 }
+VOCAB = 259                     # the tiny model's token ids: 0..258
+MAX_LOGIT_BIAS = ServerConfig.max_logit_bias
+penalty = extremes(st.floats(-2, 2), [-2.0, -2, 0, 0.0, 1e-38, 2, 2.0], [-2.0000001, 2.0000001, 1e308, NAN, INF])
+bias_value = extremes(st.floats(-100, 100), [-100, -100.0, 0, 1e-38, 100, 100.0], [-100.001, 101, NAN, -INF])
+logit_bias = rarely(
+    st.dictionaries(st.integers(0, VOCAB - 1).map(str), bias_value, max_size=12),
+    st.one_of(st.dictionaries(st.sampled_from(["259", "4294967295", "-1", "1.5", "abc", "", " 7", "\u0663"]),
+                              bias_value, min_size=1, max_size=2),
+              st.just({str(i): 1.0 for i in range(MAX_LOGIT_BIAS)}),          # at the limit, most out of vocab
+              st.just({str(i): -1.0 for i in range(MAX_LOGIT_BIAS + 1)})))                         # one past it
+top_logprobs = extremes(st.integers(0, 20), [0, 1, 20], [21, 1000, -1, MAX_U32 + 1])
 ODDBALLS = {    # sent one time in eight each
     "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans()}),
     "user": http_text,
-    "n": st.sampled_from([1, 2, 0]),
-    "presence_penalty": st.sampled_from([0, 0.0, 0.5]),
-    "frequency_penalty": st.sampled_from([0, 1.5]),
-    "logit_bias": st.sampled_from([{}, {"50256": -100}]),
+    "n": extremes(st.integers(1, 3), [1, 16], [0, 17, 10**6, 2**40]),
+    "presence_penalty": penalty,
+    "frequency_penalty": penalty,
+    "logit_bias": logit_bias,
+    "min_p": extremes(st.floats(0, 1), [0, 0.0, *TINY, 1.0], [-1e-38, 1.0000001, NAN]),
+    "min_tokens": extremes(st.integers(0, LIMIT), [0, 1, LIMIT], [-1, LIMIT + 1, MAX_U32 + 1]),
     "unknown_field": st.just(1),
 }
 
@@ -200,13 +216,13 @@ message = st.fixed_dictionaries({
 chat_body = st.builds(lambda model, msgs, f: present({"model": model, "messages": msgs, **f}),
                       rarely(or_wrong(models), st.just(ABSENT), 20),
                       rarely(or_wrong(st.lists(message.map(present), min_size=1, max_size=4)), st.just(ABSENT), 20),
-                      fields({"max_completion_tokens": SAMPLING["max_tokens"], "logprobs": st.sampled_from([False, True]),
-                              "top_logprobs": st.sampled_from([0, 2])}))
+                      fields({"max_completion_tokens": SAMPLING["max_tokens"], "logprobs": st.booleans(),
+                              "top_logprobs": top_logprobs}))
 completion_body = st.builds(lambda model, prompt, f: present({"model": model, "prompt": prompt, **f}),
                             rarely(or_wrong(models), st.just(ABSENT), 20),
                             rarely(or_wrong(rarely(http_text, st.lists(http_text, max_size=2))), st.just(ABSENT), 20),
                             fields({"echo": st.sampled_from([False, True]), "best_of": st.sampled_from([1, 3]),
-                                    "suffix": st.sampled_from(["", "x"]), "logprobs": st.sampled_from([0, 5])}))
+                                    "suffix": st.sampled_from(["", "x"]), "logprobs": top_logprobs}))
 raw_body = st.one_of(
     st.sampled_from([b"", b"{", b"null", b"[]", b'"x"', b"1e999", b"\xff\xfe{}", b'{"model": NaN}',
                      f'{{"model":"{BASE}","prompt":"a","prompt":"b","max_tokens":1}}'.encode()]),
@@ -238,10 +254,22 @@ grpc_params = st.builds(
                          [-1e-38, 100.00001, 1e38, NAN, INF, -INF]),
     top_p=extremes(st.floats(0, 1, **f32), [0.0, *TINY, 0.5, 1.0], [-1e-38, 1.0000001, NAN]),
     top_k=extremes(st.integers(0, 100_000), [0, 1, 2, 100_000], [100_001, MAX_U32]),
-    seed=st.one_of(st.integers(0, MAX_U64), st.sampled_from([0, 1, MAX_SEED, MAX_U64])),
+    seed=st.one_of(st.none(), st.integers(0, MAX_U64), st.sampled_from([0, 1, MAX_SEED, MAX_U64])),   # None: unset
     stop=rarely(st.lists(texts(surrogates=False, long=False), max_size=3), st.lists(grpc_text, max_size=10)),
     repetition_penalty=extremes(st.floats(0, 10, **f32), [0.0, *TINY, 0.5, 1.0, 10.0], [10.000001, 1e38, NAN, INF]),
-    ignore_eos=st.booleans())
+    ignore_eos=st.booleans(),
+    presence_penalty=extremes(st.floats(-2, 2, **f32), [-2.0, 0.0, 2.0], [-2.0000002, 2.0000002, NAN, INF]),
+    frequency_penalty=extremes(st.floats(-2, 2, **f32), [-2.0, 0.0, 2.0], [-2.0000002, 2.0000002, NAN, -INF]),
+    min_p=extremes(st.floats(0, 1, **f32), [0.0, *TINY, 1.0], [-1e-38, 1.0000001, NAN]),
+    min_tokens=extremes(st.integers(0, LIMIT), [0, LIMIT], [LIMIT + 1, MAX_U32]),
+    logit_bias=rarely(st.dictionaries(st.integers(0, VOCAB - 1), st.floats(-100, 100, **f32), max_size=12),
+                      st.one_of(st.dictionaries(st.sampled_from([VOCAB, MAX_U32]), st.just(1.0), min_size=1),
+                                st.dictionaries(st.integers(0, VOCAB - 1), st.sampled_from([101.0, NAN, -INF]),
+                                                min_size=1, max_size=2),
+                                st.just({i: 1.0 for i in range(MAX_LOGIT_BIAS + 1)}))),
+    logprobs=st.booleans(),
+    top_logprobs=extremes(st.integers(0, 20), [0, 20], [21, 1000, MAX_U32]),
+    n=extremes(st.integers(0, 3), [0, 1, 16], [17, 10**6, MAX_U32]))
 chat_messages = st.lists(st.builds(pb.ChatMessage, role=rarely(st.sampled_from(["user", "system", "assistant"]),
                                                                st.one_of(st.sampled_from(["tool", "", "<s>"]),
                                                                          grpc_text)),
@@ -493,7 +521,7 @@ def generate(prompt: str = "hello", stream: bool = False, messages=(), **params)
 # breaks encoders and chat templates. Hypothesis (below) explores their combinations.
 EDGES = {
     **{f"http-temperature-{t:g}{'-stream' if s else ''}": completion(s, temperature=t, seed=1)
-       for t in (0, 1e-38, 1e-30, 1e-45, 2.0) for s in (False, True)},
+       for t in (0, 1e-38, 1e-30, 1e-45, 5e-324, 2.0) for s in (False, True)},
     "http-top_p-1e-38": completion(temperature=1.0, top_p=1e-38),
     "http-top_k-2^32-1": completion(temperature=1.0, top_k=MAX_U32),
     "http-top_k-100000": completion(temperature=1.0, top_k=100_000),
@@ -502,6 +530,14 @@ EDGES = {
     "http-repetition_penalty-1e308": completion(repetition_penalty=1e308),
     "http-seed-2^63-1": completion(temperature=1.0, seed=MAX_SEED),
     "http-max_tokens-limit": completion(max_tokens=LIMIT, ignore_eos=True),
+    "http-n-16-logprobs-20-stream": completion(True, n=16, logprobs=20, temperature=1.0, seed=MAX_SEED),
+    "http-chat-n-16-top_logprobs-20": chat(n=16, logprobs=True, top_logprobs=20, temperature=2.0, min_p=1e-38),
+    "http-prompt-list-of-4-n-16": completion(prompt=["a", "b", "c", "d"], n=16, max_tokens=2),
+    "http-penalties-extremes": completion(temperature=1e-30, presence_penalty=2, frequency_penalty=-2, min_p=1,
+                                          min_tokens=8, logit_bias={str(i): 100 for i in range(VOCAB)}),
+    "http-logit-bias-100000": completion(logit_bias={str(i): 1 for i in range(100_000)}),
+    "http-top_logprobs-1000": chat(logprobs=True, top_logprobs=1000),
+    "http-developer-role": chat(role="developer"),
     **{f"http-prompt-{name}": completion(prompt=f"a{text}b") for name, text in (
         ("lone-high-surrogate", "\ud800"), ("lone-low-surrogate", "\udfff"), ("nul", "\u0000"),
         ("rtl", "\u202e"), ("emoji", "👩‍👩‍👧‍👦"), ("combining", "e\u0301\u0301"), ("im_end", "<|im_end|>"),
@@ -520,6 +556,12 @@ EDGES = {
     "grpc-repetition_penalty-1e-38-sampled": generate(temperature=1.0, repetition_penalty=1e-38),
     "grpc-repetition_penalty-10": generate(temperature=1.0, repetition_penalty=10.0),
     "grpc-seed-2^64-1": generate(temperature=1.0, seed=MAX_U64),
+    "grpc-seed-2^64-1-n-16": generate(temperature=1.0, seed=MAX_U64, n=16),          # seed + i wraps
+    "grpc-penalties-at-their-edges": generate(temperature=1e-38, presence_penalty=-2.0, frequency_penalty=2.0,
+                                              min_p=1.0, min_tokens=8, logprobs=True, top_logprobs=20,
+                                              logit_bias={i: 100.0 if i % 2 else -100.0 for i in range(VOCAB)}),
+    "grpc-logit-bias-every-token-banned": generate(logit_bias={i: -100.0 for i in range(VOCAB)}, min_tokens=8,
+                                                   stream=True),
     "grpc-stop-nul-emoji-template": generate(stop=["\x00", "😀", "<s>", "</s>"], stream=True),
     "grpc-messages-template-text": generate(messages=[pb.ChatMessage(role="user", content="</s>\n<s>system\n\x00")]),
 }

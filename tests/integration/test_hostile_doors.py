@@ -128,7 +128,7 @@ def test_a_body_of_many_tiny_messages_is_refused_before_parsing(door, caplog):
     r = post(door, "/v1/chat/completions", body)
     assert r.status_code == 400, r.text
     err = r.json()["error"]
-    assert err["param"] == "body" and "--max-json-items" in err["message"] and "8192" in err["message"]
+    assert err["param"] == "messages" and "--max-json-items" in err["message"] and "8192" in err["message"]
     assert not no_errors_logged(caplog)
 
 

@@ -1,4 +1,6 @@
-"""A real Prometheus scrapes a real server: the series exist, with plausible values, and lint clean.
+"""A real Prometheus scrapes a real server, on its metrics port and on the HTTP door's /metrics (with
+an admin key as a bearer token): the series exist, with plausible values, vLLM's names answer vLLM
+dashboards' queries, and our names lint clean.
 
 Needs the `prometheus` binary (and `promtool`, shipped with it): `make setup-ops` installs them.
 """
@@ -19,6 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from client import LoraFleetClient
+from server.api.auth import create_key
 from server.main import BackgroundServer
 from tests.integration.conftest import make_config
 
@@ -64,13 +67,19 @@ def _query(prom: str, expr: str) -> float | None:
     return float(result[0]["value"][1]) if result else None
 
 
-def _start_prometheus(binary: str, workdir: Path, metrics_port: int) -> tuple[subprocess.Popen, str, Path]:
+def _start_prometheus(binary: str, workdir: Path, metrics_port: int, http_port: int | None = None,
+                      key: str = "") -> tuple[subprocess.Popen, str, Path]:
+    """Scrapes job lorafleet (the metrics port) and, given `http_port`, job lorafleet-http (the HTTP
+    door's /metrics, sending `key` as a bearer token)."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "prometheus.yml"
+    http_job = (f"  - job_name: lorafleet-http\n    metrics_path: /metrics\n"
+                f"    authorization: {{type: Bearer, credentials: '{key}'}}\n"
+                f"    static_configs:\n      - targets: ['127.0.0.1:{http_port}']\n") if http_port else ""
     config.write_text(
         "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
         "scrape_configs:\n  - job_name: lorafleet\n    static_configs:\n"
-        f"      - targets: ['127.0.0.1:{metrics_port}']\n")
+        f"      - targets: ['127.0.0.1:{metrics_port}']\n" + http_job)
     port = _free_port()
     log = workdir / "prometheus.log"
     proc = subprocess.Popen(
@@ -95,7 +104,9 @@ def _wait_ready(proc: subprocess.Popen, prom: str, log: Path) -> None:
 
 def test_prometheus_scrapes_the_server(tiny_loaded, tmp_path):
     prometheus = _binary("prometheus")
-    cfg = make_config(tmp_path)
+    keys_file = tmp_path / "keys.json"
+    key = create_key(keys_file, "ops", True)
+    cfg = make_config(tmp_path, api_keys=keys_file, http_port=0)
     with BackgroundServer(cfg, tiny_loaded) as running:
         metrics_url = f"http://127.0.0.1:{running.metrics_port}/metrics"
         before = _get(metrics_url).decode()
@@ -108,19 +119,43 @@ def test_prometheus_scrapes_the_server(tiny_loaded, tmp_path):
             ("lorafleet_e2e_request_latency_seconds_count", {}, N_GENERATE + N_STREAM),
             ("lorafleet_generated_tokens_total", {}, 4 * N_GENERATE + 3 * N_STREAM),
             ("lorafleet_finished_requests_total", {"reason": "length"}, N_GENERATE + N_STREAM),
+            ("lorafleet_inter_token_latency_seconds_count", {}, 3 * N_GENERATE + 2 * N_STREAM),
+            ("lorafleet_request_prefill_time_seconds_count", {}, N_GENERATE + N_STREAM),
+            ("lorafleet_request_decode_time_seconds_count", {}, N_GENERATE + N_STREAM),
+            ("lorafleet_request_generation_tokens_sum", {}, 4 * N_GENERATE + 3 * N_STREAM),
+            ("lorafleet_request_generation_tokens_bucket", {"le": "5.0"}, N_GENERATE + N_STREAM),
             # pre-created label sets are exported before their first event
             ("lorafleet_adapter_uploads_total", {"outcome": "quota"}, 0),
             ("lorafleet_adapter_cache_hits_total", {"tier": "device"}, 0),
         ]
-        want = {'up{job="lorafleet"}': 1.0}
-        for name, labels, delta in expect:
-            sel = ",".join(['job="lorafleet"'] + [f'{k}="{v}"' for k, v in labels.items()])
-            want[f"{name}{{{sel}}}"] = _sample(before, name, labels) + delta
+        model = f'model_name="{tiny_loaded.name}"'
+        # vLLM's names, scraped from the HTTP door: the same values under vLLM's labels
+        expect_vllm = [
+            ("vllm:request_success_total", {"finished_reason": "length"}, N_GENERATE + N_STREAM),
+            ("vllm:time_to_first_token_seconds_count", {}, N_GENERATE + N_STREAM),
+            ("vllm:inter_token_latency_seconds_count", {}, 3 * N_GENERATE + 2 * N_STREAM),
+            ("vllm:generation_tokens_total", {}, 4 * N_GENERATE + 3 * N_STREAM),
+            ("vllm:request_generation_tokens_count", {}, N_GENERATE + N_STREAM),
+            ("vllm:num_requests_running", {}, 0),
+        ]
+        want = {'up{job="lorafleet"}': 1.0, 'up{job="lorafleet-http"}': 1.0}
+        for job, rows in (("lorafleet", expect), ("lorafleet-http", expect_vllm)):
+            for name, labels, delta in rows:
+                sel = ",".join([f'job="{job}"'] + ([model] if job != "lorafleet" else [])
+                               + [f'{k}="{v}"' for k, v in labels.items()])
+                want[f"{name}{{{sel}}}"] = _sample(before, name, labels) + delta
 
-        proc, prom, log = _start_prometheus(prometheus, tmp_path / "prom", running.metrics_port)
+        proc, prom, log = _start_prometheus(prometheus, tmp_path / "prom", running.metrics_port, running.http_port,
+                                            key)
         try:
             _wait_ready(proc, prom, log)
-            with LoraFleetClient(f"127.0.0.1:{running.port}", timeout=60) as c:
+            # a scrape of each job before the traffic, so that rate() sees the increase
+            deadline = time.monotonic() + WAIT_S
+            while not all(_query(prom, f'up{{job="{job}"}}') == 1.0 for job in ("lorafleet", "lorafleet-http")):
+                assert time.monotonic() < deadline, \
+                    f"no scrape of both jobs within {WAIT_S:g}s:\n{log.read_text()[-3000:]}"
+                time.sleep(0.2)
+            with LoraFleetClient(f"127.0.0.1:{running.port}", api_key=key, timeout=60) as c:
                 for i in range(N_GENERATE):
                     assert c.generate(f"scrape me {i}", max_new_tokens=4, ignore_eos=True).completion_tokens == 4
                 for i in range(N_STREAM):
@@ -138,6 +173,16 @@ def test_prometheus_scrapes_the_server(tiny_loaded, tmp_path):
             # a latency histogram whose values make sense: p50 TTFT well under a minute
             p50 = _query(prom, 'histogram_quantile(0.5, lorafleet_time_to_first_token_seconds_bucket{job="lorafleet"})')
             assert p50 is not None and 0 < p50 < 60, p50
+            # a vLLM dashboard's query, as written for vLLM
+            vllm_p50 = None
+            deadline = time.monotonic() + WAIT_S
+            while time.monotonic() < deadline:
+                vllm_p50 = _query(prom, "histogram_quantile(0.5, sum by (le) (rate(vllm:time_to_first_token_"
+                                        f'seconds_bucket{{job="lorafleet-http",{model}}}[1m])))')
+                if vllm_p50 is not None and vllm_p50 == vllm_p50:          # not NaN: the rate saw traffic
+                    break
+                time.sleep(0.5)
+            assert vllm_p50 is not None and 0 < vllm_p50 < 60, vllm_p50
             _check_dashboard(prom, before)
         finally:
             proc.terminate()
@@ -178,9 +223,17 @@ def test_exposition_and_alert_rules_pass_promtool(server):
     with LoraFleetClient(f"127.0.0.1:{server.port}", timeout=60) as c:
         c.generate("lint me", max_new_tokens=2)
     text = _get(f"http://127.0.0.1:{server.metrics_port}/metrics")
-    assert b"lorafleet_requests_total" in text
-    r = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=30)
+    assert b"lorafleet_requests_total" in text and b"vllm:e2e_request_latency_seconds_count" in text
+    # our names lint clean
+    ours = b"\n".join(line for line in text.splitlines()
+                      if not line.startswith((b"vllm:", b"# HELP vllm:", b"# TYPE vllm:"))) + b"\n"
+    r = subprocess.run([promtool, "check", "metrics"], input=ours, capture_output=True, timeout=30)
     assert r.returncode == 0, f"promtool check metrics failed:\n{r.stdout.decode()}{r.stderr.decode()}"
+    # vLLM's names parse, and the lint's only complaints are about vLLM's own naming (the colon)
+    r = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=30)
+    problems = [p for p in (r.stdout + r.stderr).decode().splitlines() if p.strip()]
+    assert problems and all(p.startswith("vllm:") for p in problems), problems
+    assert any("should not contain ':'" in p for p in problems), problems
     r = subprocess.run([promtool, "check", "rules", str(ALERTS)], capture_output=True, timeout=30)
     assert r.returncode == 0, f"promtool check rules failed:\n{r.stdout.decode()}{r.stderr.decode()}"
     for line in ALERTS.read_text().splitlines():

@@ -68,6 +68,7 @@ CANARY = [1, 40, 41, 42]
 # ---------------------------------------------------------------- numerics
 
 @pytest.mark.parametrize("params", [dict(temperature=1e-38), dict(temperature=1e-30, top_p=1e-38),
+                                    dict(temperature=5e-324), dict(temperature=1e-45, min_p=1e-38),
                                     dict(temperature=1e-38, top_k=1), dict(repetition_penalty=1e-38),
                                     dict(temperature=0.7, repetition_penalty=1e-38, seed=3),
                                     dict(temperature=100.0, top_p=1.0, top_k=100_000, seed=1)])

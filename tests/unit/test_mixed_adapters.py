@@ -14,8 +14,8 @@ from server.adapters.refs import parse_tenant_ref
 from server.engine.engine import Engine
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import FinishEvent, FinishReason, Sequence
-from tests.serving_fixtures import (ALL_KINDS, KINDS, make_adapter, make_cls_adapter, oracle_greedy,
-                                    serving, upload)
+from tests.serving_fixtures import (ALL_KINDS, KINDS, hf_base, make_adapter, make_cls_adapter, oracle_greedy,
+                                    oracle_logits_along, serving, upload)
 
 N_NEW = 6
 
@@ -32,11 +32,13 @@ def out_root(tmp_path_factory):
 class Run:
     def __init__(self, seq: Sequence):
         self.seq, self.tokens, self.done, self.final = seq, [], threading.Event(), None
+        self.logprobs = []
         seq.logits_trace = []
         seq.sink = self
 
     def __call__(self, ev):
         self.tokens.extend(ev.token_ids)
+        self.logprobs.extend(ev.logprobs)
         if isinstance(ev, FinishEvent):
             self.final = ev
             self.done.set()
@@ -50,9 +52,9 @@ def start_engine(tiny_loaded, root, num_slots=8, max_batch=32):
     return registry, eng
 
 
-def submit(eng, registry, tenant, name, prompt, n=N_NEW, classify=False) -> Run:
+def submit(eng, registry, tenant, name, prompt, n=N_NEW, classify=False, **params) -> Run:
     ref = registry.resolve(parse_tenant_ref(tenant, name)) if name else None
-    seq = Sequence("r", list(prompt), SamplingParams(max_new_tokens=n, ignore_eos=True), None,
+    seq = Sequence("r", list(prompt), SamplingParams(max_new_tokens=n, ignore_eos=True, **params), None,
                    tenant=tenant, classify=classify)
     run = Run(seq)
     eng.submit(seq, ref)
@@ -98,6 +100,26 @@ def test_each_kind_matches_peft_and_changes_output(mixed, tiny_model_dir, kind):
         assert ours.final.virtual_tokens > 0 and ours.final.prompt_tokens == len(prompt)
     if kind == "prompt":
         assert ours.final.virtual_tokens > 0 and ours.final.prompt_tokens == len(prompt)
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS + (None,))
+def test_logprobs_equal_log_softmax_of_peft_logits_for_each_kind(mixed, tiny_model_dir, kind):
+    """Issue 23: logprobs are log_softmax of the model's own logits (PEFT's forward here, the HF base
+    for no adapter) at every step, also for a sampled row whose penalties and bias change the draw."""
+    registry, eng, oracles = mixed
+    prompt = prompts(1, seed=29)[0]
+    name = kind.replace("_", "-") if kind else None
+    run = wait([submit(eng, registry, "t", name, prompt, temperature=1.3, seed=5, presence_penalty=1.0,
+                       frequency_penalty=0.5, logit_bias=((40, 3.0),), logprobs=5)])[0]
+    oracle = oracles[kind] if kind else hf_base(tiny_model_dir)
+    ref = oracle_logits_along(oracle, prompt, run.tokens).log_softmax(-1)
+    assert len(run.logprobs) == len(run.tokens) == N_NEW
+    for step, (tok, lp) in enumerate(zip(run.tokens, run.logprobs)):
+        assert lp.token == tok
+        assert abs(lp.logprob - ref[step, tok].item()) < 1e-4, (kind, step)
+        top = ref[step].topk(5)
+        assert [t for t, _ in lp.top] == top.indices.tolist(), (kind, step)
+        assert torch.allclose(torch.tensor([v for _, v in lp.top]), top.values, atol=1e-4)
 
 
 def test_mixed_batch_of_all_kinds_equals_solo_and_peft(mixed):

@@ -1,6 +1,6 @@
 """Benchmark of the batched adapter kernels against per-adapter baselines (CPU).
 
-    .venv/bin/python bench/kernels.py [--quick] [--keep-freed-memory] [--smoke]
+    .venv/bin/python bench/adapter_kernels.py [--quick] [--keep-freed-memory] [--smoke]
 
 fp32, torch threads = 2, one stacked adapter store of 64 slots. For each case
 it times, as medians of interleaved repeats in one run:
