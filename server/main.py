@@ -163,7 +163,8 @@ def build_engine(cfg: ServerConfig, loaded: LoadedModel, adapters: AdapterServin
     return Engine(loaded, cfg.max_batch_size, cfg.max_context_tokens, cfg.max_queued_requests,
                   cfg.max_prefill_tokens, adapters, cfg.decode_prefill_tokens,
                   reserve_slots=1 if cfg.api_keys is not None and cfg.max_batch_size > 1 else 0,
-                  kv_blocks=blocks + 1, kv_block_size=cfg.kv_block_size, prefix_cache=not cfg.no_prefix_cache)
+                  kv_blocks=blocks + 1, kv_block_size=cfg.kv_block_size, prefix_cache=not cfg.no_prefix_cache,
+                  mask_threads=cfg.constraint_mask_threads)
 
 
 def kv_summary(engine: Engine, cfg: ServerConfig) -> str:

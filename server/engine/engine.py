@@ -14,6 +14,14 @@ finite, fails alone; each failure is the row's own status (its LoraFleetError; F
 naming an adapter that overflows; INTERNAL, logged, for a bug). A bug outside any row (the
 scheduler, say) is caught by the supervisor (`_loop`), which fails the admitted requests with
 UNAVAILABLE and starts the loop afresh.
+
+Constrained rows (issue 23: a sequence with a `matcher`): the step's masks are filled by a
+`MaskFiller` in a worker thread while the forward runs (`_start_masks` before `_run`, `_wait_masks`
+after it), applied in `sample` after the penalties and logit_bias and before the temperature, and
+the matcher accepts the drawn token (`_advance`); a matcher that reaches its end finishes the row
+with reason STOP; a constraint that cannot go on (a refused token, a mask with no token, a limit
+llguidance hits mid-way) fails that row alone with INVALID_ARGUMENT. Rows without a constraint are
+sampled exactly as before.
 """
 from __future__ import annotations
 
@@ -33,8 +41,10 @@ from server.adapters.refs import AdapterKey
 from server.adapters.registry import AdapterRef, AdapterRegistry
 from server.engine.adapter_slots import AdapterSlots
 from server.engine.batch import Segment, make_forward_batch
+from server.engine.constraints import MaskFiller, allocate_bitmask, apply_masks
 from server.engine.kv_cache import KVCache
-from server.engine.sampling import NON_FINITE, SamplingParams, TokenLogprobs, raw_logprobs, sample, token_logprobs
+from server.engine.sampling import (NON_FINITE, REFUSED, SamplingParams, TokenLogprobs, raw_logprobs, sample,
+                                    token_logprobs)
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import FinishEvent, FinishReason, Sequence
 from server.errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument, LoraFleetError,
@@ -78,11 +88,12 @@ class Engine:
                  max_queued: int, max_prefill_tokens: int, adapters: AdapterServing | None = None,
                  decode_prefill_tokens: int | None = None, reserve_slots: int = 0, *,
                  kv_blocks: int | None = None, kv_block_size: int = 16, prefix_cache: bool = True,
-                 reserve_blocks: int | None = None):
+                 reserve_blocks: int | None = None, mask_threads: int = 1):
         """`reserve_slots`: rows (and `reserve_blocks` KV blocks) kept for a tenant with nothing
         running (Scheduler); 0 when the server has one tenant. `kv_blocks`: blocks in the KV pool
         (the null block included); default: room for `max_batch_size` sequences of
-        `max_context_tokens` (main.py sizes it from the byte budget instead)."""
+        `max_context_tokens` (main.py sizes it from the byte budget instead). `mask_threads`: threads
+        of one step's constraint-mask fill."""
         self.loaded = loaded
         self.adapters = adapters
         self.model = loaded.model
@@ -107,6 +118,8 @@ class Engine:
         self.steps = 0
         self.restarts = 0
         self._probed: set[AdapterKey] = set()    # versions whose first-load probe passed
+        self._masks: MaskFiller | None = None    # made at the first constrained row (engine thread)
+        self._mask_threads = mask_threads
 
     # ------------------------------------------------------------------ any thread
     @property
@@ -205,6 +218,8 @@ class Engine:
         finally:
             self._fail_all()
             metrics.record_load((), (), 0.0)        # nothing runs or waits any more: gauges say so
+            if self._masks is not None:
+                self._masks.close()
 
     def _serve(self) -> None:
         while not self._stop.is_set():
@@ -454,7 +469,14 @@ class Engine:
     # ---- one step: run -> sample -> emit. A fault in one row fails that row, never the step.
     def _step(self, work: list[Segment]) -> StepStats | None:
         self.kv.zero_fresh()
-        rows, hidden = self._run(work)
+        constrained = self._start_masks(work)
+        try:
+            rows, hidden = self._run(work)
+        finally:
+            masks = self._wait_masks(constrained)
+        if any(seq.finished for seq in rows):               # a row whose mask could not be filled
+            keep = [i for i, seq in enumerate(rows) if not seq.finished]
+            rows, hidden = [rows[i] for i in keep], hidden[keep]
         if not rows:
             return None
         self.steps += 1
@@ -472,7 +494,7 @@ class Engine:
                 continue
             self._finish(seq, seq.finish(FinishReason.STOP, probabilities=probs, labels=labels))
         gen_hidden = hidden if len(gen) == len(rows) else hidden[gen_index]   # no copy without classify rows
-        tokens = self._sample(gen, gen_hidden) if gen else []
+        tokens = self._sample(gen, gen_hidden, self._masks_for(gen, masks)) if gen else []
         now = time.monotonic()
         sampled = [s for s, tok in zip(gen, tokens) if tok is not None]
         first_token = tuple(now - s.arrival for s in sampled if s.first_token_at is None)
@@ -524,18 +546,20 @@ class Engine:
                 "input: its weights are too large for the served model; fix or re-train it")
         return LoraFleetError("internal error: the base model produced non-finite logits for this request")
 
-    def _sample(self, seqs: list[Sequence], hidden: torch.Tensor) -> list[tuple[int, TokenLogprobs | None] | None]:
+    def _sample(self, seqs: list[Sequence], hidden: torch.Tensor,
+                bitmask: torch.Tensor | None) -> list[tuple[int, TokenLogprobs | None] | None]:
         """Next token per row (with its logprobs when the row asks) from hidden states [rows,
-        hidden] (None: the row failed). When the batched draw raises, each row is drawn alone
+        hidden] (None: the row failed); `bitmask` [rows, words]: the constrained rows' masks, row
+        for row (None: no row is constrained). When the batched draw raises, each row is drawn alone
         (rows drawn before the fault keep their draws: their generators have advanced) and only
-        the rows that raise fail."""
+        the rows that raise fail. Constrained rows' matchers then accept their tokens."""
         try:
-            drawn = self._draw(seqs, hidden)
+            drawn = self._draw(seqs, hidden, bitmask)
         except Exception:  # noqa: BLE001 - isolate the row at fault
             drawn = []
             for i, seq in enumerate(seqs):
                 try:
-                    drawn.extend(self._draw([seq], hidden[i:i + 1]))
+                    drawn.extend(self._draw([seq], hidden[i:i + 1], bitmask[i:i + 1] if bitmask is not None else None))
                 except Exception as e:  # noqa: BLE001 - this row's fault
                     self._fail(seq, e, "sampling")
                     drawn.append(None)
@@ -544,20 +568,82 @@ class Engine:
             if tok is not None and tok[0] is NON_FINITE:
                 self._finish(seq, seq.finish(FinishReason.ERROR, self._non_finite(seq)))
                 tok = None
+            elif tok is not None and (tok[0] is REFUSED or (seq.matcher is not None and not self._advance(seq, tok[0]))):
+                self._finish(seq, seq.finish(FinishReason.ERROR, self._refused(seq)))
+                tok = None
             out.append(tok)
         return out
 
-    def _draw(self, seqs: list[Sequence], hidden: torch.Tensor) -> list:
-        """Logits -> (token or NON_FINITE, its logprobs or None) for rows [rows, hidden]; a row's
-        `logits_trace`, when set, records its logits (tests compare them with the oracle)."""
+    def _draw(self, seqs: list[Sequence], hidden: torch.Tensor, bitmask: torch.Tensor | None) -> list:
+        """Logits -> (token, NON_FINITE or REFUSED; its logprobs or None) for rows [rows, hidden]; a
+        row's `logits_trace`, when set, records its logits (tests compare them with the oracle)."""
         logits = self.model.logits(hidden)
         for seq, row in zip(seqs, logits):
             if seq.logits_trace is not None:
                 seq.logits_trace.append(row.float().cpu().clone())
         rows = [s.row_state(self.loaded.eos_ids) for s in seqs]
         raw = raw_logprobs(logits, rows)            # before sample() edits the logits
-        tokens = sample(logits, rows)
+        mask = None
+        if bitmask is not None:
+            matchers = [s.matcher for s in seqs]
+            mask = lambda x: apply_masks(x, matchers, bitmask)   # noqa: E731 - applied inside sample()
+        tokens = sample(logits, rows, mask)
         return list(zip(tokens, token_logprobs(raw, tokens, rows)))
+
+    # ---- constrained rows (issue 23)
+    def _start_masks(self, work: list[Segment]) -> list[Sequence]:
+        """The step's constrained rows (those sampled this step), their masks started in the filler's
+        worker thread so that they fill while the forward runs."""
+        constrained = [w.seq for w in work if w.want_logits and w.seq.matcher is not None and not w.seq.classify]
+        if constrained:
+            if self._masks is None:
+                info = constrained[0].constraint.info
+                self._masks = MaskFiller(info, self._sizes[0], self._mask_threads)
+            self._masks.start([s.matcher for s in constrained])
+        return constrained
+
+    def _wait_masks(self, constrained: list[Sequence]) -> dict[int, torch.Tensor] | None:
+        """id(seq) -> its filled mask row [words] int32, or None when no row is constrained. A fill
+        that raised (a bug in the library) is retried row by row so only the rows at fault fail."""
+        if not constrained:
+            return None
+        try:
+            bitmask = self._masks.wait()
+            return {id(s): bitmask[i] for i, s in enumerate(constrained)}
+        except Exception:  # noqa: BLE001 - isolate the row at fault
+            log.exception("filling the constrained rows' masks failed; filling them one by one")
+            out = {}
+            for s in constrained:
+                row = allocate_bitmask(1, s.constraint.info)[0]
+                try:
+                    s.matcher.fill_mask(row)
+                    out[id(s)] = row
+                except Exception as e:  # noqa: BLE001 - this row's fault
+                    self._fail(s, e, "computing its constraint's token mask")
+            return out
+
+    @staticmethod
+    def _masks_for(seqs: list[Sequence], masks: dict[int, torch.Tensor] | None) -> torch.Tensor | None:
+        """The bitmask [rows, words] of `seqs` row for row (unconstrained rows: all allowed, unread),
+        or None when none of them is constrained."""
+        if not masks or not any(id(s) in masks for s in seqs):
+            return None
+        any_row = next(iter(masks.values()))
+        return torch.stack([masks.get(id(s), any_row) for s in seqs])
+
+    def _advance(self, seq: Sequence, token: int) -> bool:
+        """The row's matcher accepts its sampled token (False: the constraint refused it)."""
+        try:
+            return seq.matcher.accept(token)
+        except Exception:  # noqa: BLE001 - the library failed on this row: the row fails
+            log.exception("request %s: the constraint's matcher failed", seq.request_id)
+            return False
+
+    @staticmethod
+    def _refused(seq: Sequence) -> InvalidArgument:
+        why = (seq.matcher.error if seq.matcher is not None else None) or "no token satisfies it here"
+        return InvalidArgument(f"the output constraint could not be followed after {len(seq.output_ids)} tokens: "
+                               f"{why}; simplify the schema, regex or grammar")
 
     def _emit(self, seqs: list[Sequence], tokens: list[tuple[int, TokenLogprobs | None] | None]) -> None:
         for seq, tok in zip(seqs, tokens):
@@ -570,8 +656,11 @@ class Engine:
                 continue
             if isinstance(ev, FinishEvent):
                 self._finish(seq, ev)
-            elif ev is not None:
+                continue
+            if ev is not None:
                 self._send(seq, ev)
+            if seq.matcher is not None and seq.matcher.is_done():
+                self._finish(seq, seq.finish(FinishReason.STOP))    # nothing but the end may follow
 
     def _classify(self, seq: Sequence, h: torch.Tensor) -> tuple[tuple[str, ...], list[float]]:
         """Label names and probabilities from the adapter's head on the last token's hidden state [hidden]."""

@@ -9,11 +9,16 @@ is sampled from its logits untouched, bit-identical to a batch without such rows
   repetition_penalty    HF's: positive logits of seen tokens (prompt + output) / penalty, negative * penalty
   presence / frequency  OpenAI's, on output tokens: logits[t] -= frequency * count[t] + presence * (count[t] > 0)
   min_tokens            the end tokens (EOS, end of turn) -> -inf while fewer than min_tokens are generated
+  constraint mask       tokens the row's constraint forbids -> -inf (`sample`'s `mask`: the engine's
+                        `constraints.apply_masks`, for the rows that carry a constraint, issue 23)
   temperature           (logits - max) / temperature (greedy rows: argmax here)
   min_p                 drop tokens whose probability is below min_p * the top one's
   top_k, top_p          as HF's filters
 This is vLLM's order, except that min_tokens masks after the penalties (so no penalty can turn its
--inf back into a finite value).
+-inf back into a finite value); the constraint mask comes last of the edits for the same reason (a
+repetition penalty's clamp would turn its -inf into a finite number). The finiteness check looks at
+the logits before any edit, so only the model's own NaN/Inf fail a row as `NonFinite`; a row whose
+mask allows nothing (or whose constraint is in error) gets `REFUSED`.
 
 Safe for every accepted parameter: logits are shifted so the largest is 0 before the division by
 the temperature (a temperature of 1e-38 turns every other logit into -inf, which is greedy, never
@@ -25,13 +30,15 @@ row always keeps a finite logit. A row whose logits are not finite (an adapter t
 
 Logprobs (`SamplingParams.logprobs`) are the model's own distribution: log_softmax of the raw
 logits, before every step above (vLLM's default, `raw_logprobs`, and what OpenAI's logprobs
-mean), so they do not depend on temperature, penalties, bias or filters. A logprob below -9999
+mean), so they do not depend on temperature, penalties, bias, filters or a constraint (a
+constrained row's top logprobs may name tokens its constraint forbade). A logprob below -9999
 is reported as -9999 (OpenAI's value for "practically never").
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -95,6 +102,16 @@ class NonFinite:
 NON_FINITE = NonFinite()
 
 
+class Refused:
+    """Stands in for a row's token when its constraint mask allows no token, or its constraint is in error."""
+
+    def __repr__(self) -> str:
+        return "Refused"
+
+
+REFUSED = Refused()
+
+
 def apply_repetition_penalty(logits: torch.Tensor, seen: list[int], penalty: float) -> None:
     """In place on one row's logits [vocab], as HF's RepetitionPenaltyLogitsProcessor does
     (a tiny penalty's quotient clamped to the dtype's finite range)."""
@@ -153,18 +170,25 @@ def filter_min_p(scaled: torch.Tensor, min_p: float) -> torch.Tensor:
     return scaled.masked_fill(scaled < math.log(min_p), float("-inf"))
 
 
-def sample(logits: torch.Tensor, rows: list[RowState]) -> list[int | NonFinite]:
+def sample(logits: torch.Tensor, rows: list[RowState],
+           mask: Callable[[torch.Tensor], list[int]] | None = None) -> list[int | NonFinite | Refused]:
     """logits [R, vocab] (any float dtype) -> one token id per row (NON_FINITE for a row whose
-    logits are not all finite). Float32 logits are edited in place for rows that ask for it."""
+    logits are not all finite). Float32 logits are edited in place for rows that ask for it.
+    `mask`, when given, is called once on the edited float32 logits [R, vocab], writes -inf in place
+    where a row's constraint forbids a token (rows without one untouched) and returns the rows that
+    cannot go on (REFUSED)."""
     logits = logits.float()
     finite = torch.isfinite(logits).all(-1).tolist()
     for i, r in enumerate(rows):
         if finite[i] and r.params.edits_logits:
             edit_logits(logits[i], r)
-    out: list[int | NonFinite] = logits.argmax(-1).tolist()
+    refused = set(mask(logits)) if mask is not None else set()
+    out: list[int | NonFinite | Refused] = logits.argmax(-1).tolist()
     for i, r in enumerate(rows):
         if not finite[i]:
             out[i] = NON_FINITE
+        elif i in refused:
+            out[i] = REFUSED
         elif not r.params.greedy:
             t = max(r.params.temperature, FLOAT32_TINY)
             shifted = (logits[i] - logits[i].max()) / t    # max 0, others <= 0 or -inf
@@ -191,13 +215,13 @@ def token_logprobs(raw: torch.Tensor | None, tokens: list[int | NonFinite],
     want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
     if raw is None or not want:
         return found
-    picked = torch.tensor([t if t is not NON_FINITE else 0 for t in (tokens[i] for i in want)], device=raw.device)
+    picked = torch.tensor([t if isinstance(t, int) else 0 for t in (tokens[i] for i in want)], device=raw.device)
     chosen = raw.gather(1, picked[:, None])[:, 0].tolist()
     k = min(max(rows[i].params.logprobs for i in want), raw.shape[-1])
     top_v, top_i = raw.topk(k, -1) if k else (raw[:, :0], raw[:, :0].long())
     top_v, top_i = top_v.tolist(), top_i.tolist()
     for j, i in enumerate(want):
-        if tokens[i] is NON_FINITE:
+        if not isinstance(tokens[i], int):
             continue
         kj = rows[i].params.logprobs
         top = tuple((t, max(v, MIN_LOGPROB)) for t, v in zip(top_i[j][:kj], top_v[j][:kj]))

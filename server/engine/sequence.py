@@ -6,6 +6,10 @@ incomplete UTF-8 character) is held back until it cannot. Stop strings are looke
 `min_tokens` tokens are generated (the sampler masks the end tokens until then), as vLLM does.
 Each event carries the ids of the tokens generated since the previous one and, when the request
 asked for logprobs, one `TokenLogprobs` per id.
+
+A sequence may carry a compiled constraint (issue 23): its `matcher` has accepted exactly the
+tokens in `output_ids`. The engine advances it once per sampled token; a preemption recomputes the
+K/V of the output so far without sampling it again, so the matcher is never rolled back or re-fed.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from server.errors import LoraFleetError
 
 if TYPE_CHECKING:
     from server.adapters.registry import AdapterRef
+    from server.engine.constraints import Compiled, Matcher
 
 
 class FinishReason(enum.Enum):
@@ -60,7 +65,8 @@ Event = TokenEvent | FinishEvent
 class Sequence:
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                  sink: Callable[[Event], None], deadline: float | None = None, tenant: str = "",
-                 classify: bool = False, stop_ids: frozenset[int] = frozenset()):
+                 classify: bool = False, stop_ids: frozenset[int] = frozenset(),
+                 constraint: Compiled | None = None):
         self.request_id = request_id
         self.prompt_ids = prompt_ids          # prompt-tuning placeholders first, once attached
         self.params = params
@@ -70,6 +76,8 @@ class Sequence:
         self.adapter: AdapterRef | None = None   # the pinned version; set and released by the engine
         self.classify = classify              # prefill only; finish with label probabilities
         self.stop_ids = stop_ids              # end-of-turn tokens (chat), on top of the model's EOS
+        self.constraint = constraint          # what the output must match (shared, compiled), or None
+        self.matcher: Matcher | None = constraint.matcher(stop_ids) if constraint is not None else None
         self.kv_offset = 0                    # prefix-tuning positions ahead of the prompt
         self.virtual_tokens = 0               # prompt-tuning placeholders at the start of prompt_ids
         self.adapter_slot: int | None = None  # device adapter slot while running

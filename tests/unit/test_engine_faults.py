@@ -130,10 +130,10 @@ def test_sampling_fault_of_one_row_fails_only_that_row(engine, monkeypatch):
     want = solo(engine, CANARY, temperature=0.8, seed=11)
     real = engine_mod.sample
 
-    def poisoned(logits, rows):
+    def poisoned(logits, rows, *mask):
         if any(r.params.top_k == 13 for r in rows):
             raise RuntimeError("the sampler failed on one row")
-        return real(logits, rows)
+        return real(logits, rows, *mask)
 
     monkeypatch.setattr(engine_mod, "sample", poisoned)
     mates = [run(engine, CANARY, temperature=0.8, seed=11) for _ in range(3)]
@@ -148,11 +148,11 @@ def test_non_finite_logits_fail_that_row_and_mates_go_on(engine, monkeypatch):
     want = solo(engine, CANARY)
     real = engine_mod.sample
 
-    def overflowing(logits, rows):
+    def overflowing(logits, rows, *mask):
         for i, r in enumerate(rows):
             if r.params.top_k == 13:
                 logits[i, 5] = float("inf")      # what an overflowing adapter does to its row
-        return real(logits, rows)
+        return real(logits, rows, *mask)
 
     monkeypatch.setattr(engine_mod, "sample", overflowing)
     mates = [run(engine, CANARY) for _ in range(3)]
