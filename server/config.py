@@ -140,6 +140,9 @@ class ServerConfig:
                                       " text, least recently used dropped first")
     constraint_mask_threads: int = knob(1, "threads filling the constrained rows' token masks of one step (off the"
                                         " engine thread, while the forward runs)")
+    max_tools: int = knob(128, "functions one chat request may offer in `tools`; more is a 400 naming tools")
+    max_tools_bytes: int = knob(64 * 1024, "UTF-8 bytes of the tools' names, descriptions and parameter schemas"
+                                " together in one request")
     metrics_per_tenant: bool = knob(False, "export per-tenant request and token counters")
     metrics_max_tenants: int = knob(50, "cap on distinct tenant label values (the rest are counted as 'other')")
     metrics_vllm_names: str = knob("on", "also serve vLLM's metric names (vllm:time_to_first_token_seconds, ...,"
@@ -223,6 +226,8 @@ def validate_config(cfg: ServerConfig) -> ServerConfig:
     if cfg.max_constraint_bytes < 1 or cfg.constraint_compile_timeout_s <= 0 or cfg.constraint_cache_size < 1:
         problems.append("--max-constraint-bytes and --constraint-cache-size must be at least 1, and"
                         " --constraint-compile-timeout-s above 0")
+    if cfg.max_tools < 1 or cfg.max_tools_bytes < 1:
+        problems.append("--max-tools and --max-tools-bytes must be at least 1")
     if cfg.constraint_compile_threads < 1 or cfg.constraint_mask_threads < 1:
         problems.append("--constraint-compile-threads and --constraint-mask-threads must be at least 1")
     if (cfg.tls_cert is None) != (cfg.tls_key is None):

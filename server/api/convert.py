@@ -8,6 +8,7 @@ from server.adapters.weights import AdapterKind
 from server.adapters.refs import parse_tenant_ref
 from server.api.requests import GenerationRequest, Sampling
 from server.api.token_text import TokenText
+from server.engine.constraints import Constraint
 from server.engine.sampling import TokenLogprobs
 from server.engine.sequence import FinishEvent, FinishReason
 from server.errors import InvalidField
@@ -28,7 +29,17 @@ def generation_request(r: pb.GenerateRequest, tenant: str, max_logit_bias: int |
                           min_tokens=p.min_tokens, logit_bias=tuple(p.logit_bias.items()),
                           logprobs=p.top_logprobs if p.logprobs else None, n=p.n),
         prompt=r.prompt, messages=tuple((m.role, m.content) for m in r.messages),
-        adapter=parse_tenant_ref(tenant, r.adapter) if r.adapter else None, request_id=r.request_id)
+        adapter=parse_tenant_ref(tenant, r.adapter) if r.adapter else None, request_id=r.request_id,
+        **_constraint(p))
+
+
+def _constraint(p: pb.SamplingParams) -> dict:
+    """SamplingParams' `constraint` oneof -> the domain request's constraint and its field name."""
+    which = p.WhichOneof("constraint")
+    if which is None or (which == "json_object" and not p.json_object):
+        return {}
+    text = "" if which == "json_object" else getattr(p, which)
+    return {"constraint": Constraint(which, text), "constraint_field": f"params.{which}"}
 
 
 def adapter_kind(value: int) -> AdapterKind | None:

@@ -6,7 +6,14 @@ in the caller's own spelling (`FieldNames`: proto paths on gRPC, OpenAI names on
 A request asks for `n` choices of each of its prompts (several prompts: /v1/completions only), each
 its own sequence; choice i of a seeded request is seeded with seed + i (mod 2^64), so a prompt's
 choices are the same whether it comes alone or in a list. The `developer` role is rendered as
-`system` unless the chat template names it.
+`system` unless the chat template names it, and the `tool` role as a `user` message that says it
+holds a function's result.
+
+A request may constrain its output (issue 23): `constraint` (a JSON schema, any JSON object, a regex
+or a grammar), named in errors by `constraint_field` in the caller's spelling; and a chat may offer
+tools (`server.api.tools`), which reach the prompt here, and which force a call through a JSON-schema
+constraint when tool_choice is `required` or a function. The constraint is compiled by the
+generation path (`Generation.submit`), after these checks and before anything is queued.
 """
 from __future__ import annotations
 
@@ -17,10 +24,13 @@ from dataclasses import dataclass
 from tokenizers import Tokenizer
 
 from server.adapters.refs import TenantRef
+from server.api import tools as tool_calls
+from server.api.tools import Tools
 from server.config import ServerConfig
+from server.engine.constraints import Constraint
 from server.engine.sampling import SamplingParams
 from server.errors import FailedPrecondition, InvalidArgument, InvalidField
-from server.model.chat import DEVELOPER, ChatTemplate, ChatTemplateError
+from server.model.chat import DEVELOPER, TOOL, ChatTemplate, ChatTemplateError
 
 MAX_REQUEST_ID_CHARS = 128
 MAX_TOP_K = 100_000
@@ -89,6 +99,9 @@ class GenerationRequest:
     adapter: TenantRef | None = None
     request_id: str = ""
     fields: FieldNames = GRPC_FIELDS
+    constraint: Constraint | None = None      # what the output must match, or None (free text)
+    constraint_field: str = ""                # the field that holds it, as the caller spells it
+    tools: Tools | None = None                # chat only
 
 
 @dataclass(frozen=True)
@@ -99,6 +112,8 @@ class ValidRequest:
     request_id: str                       # '' when the caller sent none
     stop_ids: frozenset[int]              # end-of-turn tokens of a chat
     n: int = 1                            # choices per prompt
+    constraint: Constraint | None = None  # to compile before queueing (the request's, or the tools')
+    constraint_field: str = ""
 
     @property
     def ids(self) -> list[int]:
@@ -121,21 +136,32 @@ def validate(req: GenerationRequest, cfg: ServerConfig, tokenizer: Tokenizer, ch
     params = sampling_params(req.sampling, cfg, f, vocab)
     n = choices(req.sampling.n, cfg, f)
     rid = request_id(req.request_id, f.request_id)
+    constraint, cfield = req.constraint, req.constraint_field
+    if req.tools is not None:
+        tool_calls.check(req.tools, cfg)
+        forced = tool_calls.constraint(req.tools)
+        if forced is not None:
+            if constraint is not None:
+                raise InvalidField(cfield, f"{cfield} cannot be combined with tool_choice "
+                                           f"{req.tools.choice!r}, which constrains the reply to a tool call")
+            constraint, cfield = forced, "tools"
     if req.messages:
         if req.prompt:
             raise InvalidArgument(f"send either {f.prompt} or {f.messages}, not both")
-        ids = chat_ids(req.messages, chat, roles, tokenizer, cfg, params.max_new_tokens, f.messages)
-        return ValidRequest((ids,), params, rid, chat.end_of_turn_ids, n)
+        ids = chat_ids(req.messages, chat, roles, tokenizer, cfg, params.max_new_tokens, f.messages, req.tools)
+        return ValidRequest((ids,), params, rid, chat.end_of_turn_ids, n, constraint, cfield)
+    if req.tools is not None:
+        raise InvalidField("tools", f"tools need {f.messages} (a chat)")
     if isinstance(req.prompt, str):
         return ValidRequest((prompt_ids(req.prompt, tokenizer, cfg, params.max_new_tokens, f.prompt),), params,
-                            rid, frozenset(), n)
+                            rid, frozenset(), n, constraint, cfield)
     if not req.prompt:
         raise InvalidField(f.prompt, f"{f.prompt} is an empty list; send at least one prompt")
     if len(req.prompt) * n > cfg.max_choices:
         raise InvalidField(f.prompt, f"{f.prompt} holds {len(req.prompt)} prompts of {n} choices each; this "
                                      f"server starts at most {cfg.max_choices} sequences per request")
     return ValidRequest(tuple(prompt_ids(p, tokenizer, cfg, params.max_new_tokens, f"{f.prompt}[{i}]")
-                              for i, p in enumerate(req.prompt)), params, rid, frozenset(), n)
+                              for i, p in enumerate(req.prompt)), params, rid, frozenset(), n, constraint, cfield)
 
 
 def choices(n: int, cfg: ServerConfig, f: FieldNames = GRPC_FIELDS) -> int:
@@ -234,16 +260,19 @@ def _fits(ids: list[int], field: str, cfg: ServerConfig, max_new_tokens: int) ->
 
 
 def chat_ids(messages: tuple[tuple[str, str], ...], chat: ChatTemplate | None, roles: tuple[str, ...],
-             tokenizer: Tokenizer, cfg: ServerConfig, max_new_tokens: int, field: str = "messages") -> list[int]:
+             tokenizer: Tokenizer, cfg: ServerConfig, max_new_tokens: int, field: str = "messages",
+             tools: Tools | None = None) -> list[int]:
     """(role, content) pairs -> prompt token ids (`render_chat`) that fit the context with
     `max_new_tokens` more."""
-    return _fits(render_chat(messages, chat, roles, tokenizer, cfg, field), field, cfg, max_new_tokens)
+    return _fits(render_chat(messages, chat, roles, tokenizer, cfg, field, tools), field, cfg, max_new_tokens)
 
 
 def render_chat(messages: tuple[tuple[str, str], ...], chat: ChatTemplate | None, roles: tuple[str, ...],
-                tokenizer: Tokenizer, cfg: ServerConfig, field: str = "messages") -> list[int]:
+                tokenizer: Tokenizer, cfg: ServerConfig, field: str = "messages",
+                tools: Tools | None = None) -> list[int]:
     """(role, content) pairs -> token ids, rendered by the model's chat template (the count
-    first, before any per-message work); no limit on the result's length."""
+    first, before any per-message work), with the tools offered (server.api.tools: the
+    template's own rendering, or the fallback's system block); no limit on the result's length."""
     if chat is None:
         raise FailedPrecondition("this model has no chat template (no chat_template in its tokenizer_config.json"
                                  " or chat_template.jinja): send a prompt instead, or serve an instruct model"
@@ -256,13 +285,21 @@ def render_chat(messages: tuple[tuple[str, str], ...], chat: ChatTemplate | None
     for i, (role, content) in enumerate(messages):
         if role == DEVELOPER and role not in roles and "system" in roles:
             role = "system"                 # OpenAI's newer name for it, where the template has no such role
+        if role == TOOL and role not in roles and "user" in roles:
+            role, content = "user", tool_calls.tool_result(content)
         if role not in roles:
             raise InvalidField(f"{field}[{i}].role", f"{field}[{i}].role {role[:40]!r} is not one of this "
                                f"model's chat roles ({', '.join(roles)}{', developer' * ('system' in roles)})")
         if not content:
             raise InvalidField(f"{field}[{i}].content", f"{field}[{i}].content is empty")
         rendered.append((role, content))
+    native = None
+    if tools is not None and tools.active:
+        if chat.supports_tools:
+            native = [t.openai() for t in tools.tools]
+        else:
+            rendered = tool_calls.with_system_block(rendered, tools, "system" if "system" in roles else None)
     try:
-        return chat.encode(rendered, tokenizer)
+        return chat.encode(rendered, tokenizer, native)
     except ChatTemplateError as e:
         raise InvalidArgument(f"the model's chat template refused these messages: {e}") from None

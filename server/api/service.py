@@ -40,10 +40,10 @@ class InferenceService(pb_grpc.InferenceServicer):
         self.chat = engine.loaded.chat
         self.token_text = TokenText(self.tokenizer)
 
-    def _submit(self, request: pb.GenerateRequest, context) -> Submission:
+    async def _submit(self, request: pb.GenerateRequest, context) -> Submission:
         principal = caller()
         domain = convert.generation_request(request, principal.tenant, self.cfg.max_logit_bias)
-        return self.gen.submit(principal, domain, _deadline(context))
+        return await self.gen.submit(principal, domain, _deadline(context))
 
     def _events(self, sub: Submission) -> AsyncIterator[tuple[int, Event]]:
         return self.gen.events(sub, "grpc")
@@ -51,7 +51,7 @@ class InferenceService(pb_grpc.InferenceServicer):
     @unary("Generate")
     async def Generate(self, request, context):
         """Choice 0 in the top-level fields; with n > 1 every choice in `choices` too."""
-        sub = self._submit(request, context)
+        sub = await self._submit(request, context)
         text = [[] for _ in sub.seqs]
         ids = [[] for _ in sub.seqs]
         lps = [[] for _ in sub.seqs]
@@ -76,7 +76,7 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def GenerateStream(self, request, context):
         """One message per new piece of text of any choice (`index`); each choice's last message
         carries its finish_reason and usage."""
-        sub = self._submit(request, context)
+        sub = await self._submit(request, context)
         async for i, ev in self._events(sub):
             msg = pb.GenerateStreamResponse(text=ev.text, token_ids=ev.token_ids, request_id=sub.request_id,
                                             logprobs=convert.logprobs_to_pb(ev.logprobs, self.token_text), index=i)

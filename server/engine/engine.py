@@ -47,7 +47,7 @@ from server.engine.sampling import (NON_FINITE, REFUSED, SamplingParams, TokenLo
                                     token_logprobs)
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import FinishEvent, FinishReason, Sequence
-from server.errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument, LoraFleetError,
+from server.errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument, InvalidField, LoraFleetError,
                            ResourceExhausted, Unavailable)
 from server.model.loader import LoadedModel
 
@@ -640,10 +640,11 @@ class Engine:
             return False
 
     @staticmethod
-    def _refused(seq: Sequence) -> InvalidArgument:
+    def _refused(seq: Sequence) -> InvalidField:
         why = (seq.matcher.error if seq.matcher is not None else None) or "no token satisfies it here"
-        return InvalidArgument(f"the output constraint could not be followed after {len(seq.output_ids)} tokens: "
-                               f"{why}; simplify the schema, regex or grammar")
+        field = seq.constraint_field
+        return InvalidField(field, f"{field}: the output could not follow it after {len(seq.output_ids)} tokens "
+                                   f"({why}); simplify the schema, regex or grammar")
 
     def _emit(self, seqs: list[Sequence], tokens: list[tuple[int, TokenLogprobs | None] | None]) -> None:
         for seq, tok in zip(seqs, tokens):

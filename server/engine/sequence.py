@@ -66,7 +66,7 @@ class Sequence:
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                  sink: Callable[[Event], None], deadline: float | None = None, tenant: str = "",
                  classify: bool = False, stop_ids: frozenset[int] = frozenset(),
-                 constraint: Compiled | None = None):
+                 constraint: Compiled | None = None, constraint_field: str = "constraint"):
         self.request_id = request_id
         self.prompt_ids = prompt_ids          # prompt-tuning placeholders first, once attached
         self.params = params
@@ -78,6 +78,7 @@ class Sequence:
         self.stop_ids = stop_ids              # end-of-turn tokens (chat), on top of the model's EOS
         self.constraint = constraint          # what the output must match (shared, compiled), or None
         self.matcher: Matcher | None = constraint.matcher(stop_ids) if constraint is not None else None
+        self.constraint_field = constraint_field   # its field as the caller spelled it (errors name it)
         self.kv_offset = 0                    # prefix-tuning positions ahead of the prompt
         self.virtual_tokens = 0               # prompt-tuning placeholders at the start of prompt_ids
         self.adapter_slot: int | None = None  # device adapter slot while running

@@ -19,7 +19,14 @@ status of our gRPC code (`ERRORS`); a bug is a 500 that names only the exception
 whole answer lists them by `index` (prompt * n + choice, as OpenAI numbers them), a stream sends
 each choice's first chunk, then chunks of whichever choice has new text, each naming its `index`.
 `usage` counts each prompt once and every choice's completion. Logprobs, when asked, are the
-model's own (log_softmax of the raw logits: `server.engine.sampling`).
+model's own (log_softmax of the raw logits: `server.engine.sampling`), constrained requests included.
+
+With tools offered (tool_choice not `none`), each choice's text is read for tool calls
+(`server.api.tools.parse_calls`): found, the message has `tool_calls` (`call_...` ids, arguments as
+JSON text), content null (or the text around `<tool_call>` blocks) and finish_reason `tool_calls`.
+A stream with tools holds each choice's text back until the choice ends (the text is either a call or
+content), then sends OpenAI's deltas: per call a `delta.tool_calls[{index, id, type, function: {name,
+arguments: ""}}]` chunk and one with its arguments, or the content; then the finish.
 
 A client that goes away cancels its sequences, which frees their engine slots: while a request waits
 for its first event (every request) or its whole answer (non-streaming), a watcher reads the ASGI
@@ -50,6 +57,7 @@ from server.api.common import MAX_FIELD_CHARS, OVERLOAD_DELAY_S, bounded, log_fa
 from server.api.generation import Generation, Submission
 from server.api.health import Health
 from server.api.token_text import TokenText
+from server.api.tools import ToolCall, Tools, parse_calls
 from server.config import ServerConfig
 from server.engine.sampling import TokenLogprobs
 from server.engine.sequence import Event, FinishEvent, FinishReason
@@ -166,7 +174,7 @@ class OpenAIApp:
         self.body_limits = BodyLimits(cfg.max_message_bytes, cfg.max_json_depth, cfg.max_json_items)
         self.bodies = BodyBudget(cfg.http_max_buffered_bytes)
         self.max_entries = {"messages": cfg.max_chat_messages, "stop": cfg.max_stop_strings,
-                            "logit_bias": cfg.max_logit_bias, "prompt": cfg.max_choices}
+                            "logit_bias": cfg.max_logit_bias, "prompt": cfg.max_choices, "tools": cfg.max_tools}
         self.token_text = TokenText(gen.tokenizer)
         self.created = int(time.time())
         ops = OpsRoutes(gen, health, cfg, self._check_model, self.body_limits, self.bodies, error_body)
@@ -241,7 +249,7 @@ class OpenAIApp:
     # ---------------------------------------------------------------- generation
     async def chat(self, request: Request, principal: Principal) -> Response:
         req = await self._parse(request, schema.ChatRequest)
-        fmt = ChatFormat(req.model, self.token_text, req.top_logprobs_k() is not None)
+        fmt = ChatFormat(req.model, self.token_text, req.top_logprobs_k() is not None, req.domain_tools())
         return await self._generate(request, principal, req, "ChatCompletions", fmt)
 
     async def completions(self, request: Request, principal: Principal) -> Response:
@@ -254,7 +262,7 @@ class OpenAIApp:
 
     async def _generate(self, request: Request, principal: Principal, req, method: str, fmt) -> Response:
         rid = uuid.uuid4().hex
-        sub = self.gen.submit(principal, req.to_domain(self._adapter(principal, req.model)), None)
+        sub = await self.gen.submit(principal, req.to_domain(self._adapter(principal, req.model)), None)
         agen = self.gen.events(sub, "http")
         try:
             if not req.stream:
@@ -303,8 +311,8 @@ async def _stream(fmt, rid: str, first: tuple[int, Event], agen: AsyncIterator[t
         left = len(sub.seqs)
         index, ev = first
         while True:
-            if ev.text or isinstance(ev, FinishEvent):
-                yield sse(fmt.chunk(rid, index, ev, include_usage))
+            for doc in fmt.chunks(rid, index, ev, include_usage):
+                yield sse(doc)
             if isinstance(ev, FinishEvent):
                 finals[index].final = ev
                 left -= 1
@@ -337,10 +345,13 @@ def finish_reason(ev: Event) -> str | None:
 
 class ChatFormat:
     """chat.completion / chat.completion.chunk objects; `logprobs` in OpenAI's chat shape
-    ({"content": [{"token", "logprob", "bytes", "top_logprobs"}]}) when the request asked."""
+    ({"content": [{"token", "logprob", "bytes", "top_logprobs"}]}) when the request asked; tool
+    calls read out of the text when tools are offered (the module docstring)."""
 
-    def __init__(self, model: str, text: TokenText, logprobs: bool = False):
+    def __init__(self, model: str, text: TokenText, logprobs: bool = False, tools: Tools | None = None):
         self.model, self.created, self.text, self.logprobs = model, int(time.time()), text, logprobs
+        self.tools = tools if tools is not None and tools.active else None
+        self.held: dict[int, Choice] = {}          # choice -> its text held back (a stream with tools)
 
     def _obj(self, rid: str, kind: str, choices: list, **kw) -> dict:
         return {"id": f"chatcmpl-{rid}", "object": kind, "created": self.created, "model": self.model,
@@ -357,10 +368,22 @@ class ChatFormat:
                              "top_logprobs": [self._entry(t, v) for t, v in lp.top]} for lp in lps],
                 "refusal": None}
 
+    def _calls(self, text: str, final: FinishEvent | None) -> tuple[str, list[ToolCall]]:
+        if self.tools is None or final is None or final.reason is FinishReason.LENGTH:
+            return text, []
+        return parse_calls(text, self.tools)
+
     def whole(self, rid: str, choices: list[Choice], use: dict) -> dict:
-        return self._obj(rid, "chat.completion", [
-            {"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": self._logprobs(c.logprobs),
-             "finish_reason": finish_reason(c.final)} for i, c in enumerate(choices)], usage=use)
+        out = []
+        for i, c in enumerate(choices):
+            content, calls = self._calls(c.text, c.final)
+            message = {"role": "assistant", "content": content if not calls else (content or None)}
+            if calls:
+                message["tool_calls"] = [{"id": t.id, "type": "function",
+                                          "function": {"name": t.name, "arguments": t.arguments}} for t in calls]
+            out.append({"index": i, "message": message, "logprobs": self._logprobs(c.logprobs),
+                        "finish_reason": "tool_calls" if calls else finish_reason(c.final)})
+        return self._obj(rid, "chat.completion", out, usage=use)
 
     def _chunk(self, rid: str, index: int, delta: dict, logprobs: dict | None, reason: str | None,
                include_usage: bool) -> dict:
@@ -371,9 +394,34 @@ class ChatFormat:
     def head(self, rid: str, index: int, include_usage: bool) -> dict:
         return self._chunk(rid, index, {"role": "assistant", "content": ""}, None, None, include_usage)
 
-    def chunk(self, rid: str, index: int, ev: Event, include_usage: bool) -> dict:
-        return self._chunk(rid, index, {"content": ev.text} if ev.text else {}, self._logprobs(ev.logprobs),
-                           finish_reason(ev), include_usage)
+    def chunks(self, rid: str, index: int, ev: Event, include_usage: bool) -> list[dict]:
+        """The chunks to send for one event (none while a stream with tools holds the text back)."""
+        if self.tools is not None:
+            return self._held_chunks(rid, index, ev, include_usage)
+        if not ev.text and not isinstance(ev, FinishEvent):
+            return []
+        return [self._chunk(rid, index, {"content": ev.text} if ev.text else {}, self._logprobs(ev.logprobs),
+                            finish_reason(ev), include_usage)]
+
+    def _held_chunks(self, rid: str, index: int, ev: Event, include_usage: bool) -> list[dict]:
+        held = self.held.setdefault(index, Choice())
+        held.text += ev.text
+        held.logprobs.extend(ev.logprobs)
+        if not isinstance(ev, FinishEvent):
+            return []
+        content, calls = self._calls(held.text, ev)
+        out = []
+        if content:
+            out.append(self._chunk(rid, index, {"content": content}, None, None, include_usage))
+        for k, t in enumerate(calls):
+            out.append(self._chunk(rid, index, {"tool_calls": [{"index": k, "id": t.id, "type": "function",
+                                                                "function": {"name": t.name, "arguments": ""}}]},
+                                   None, None, include_usage))
+            out.append(self._chunk(rid, index, {"tool_calls": [{"index": k, "function": {"arguments": t.arguments}}]},
+                                   None, None, include_usage))
+        out.append(self._chunk(rid, index, {}, self._logprobs(held.logprobs),
+                               "tool_calls" if calls else finish_reason(ev), include_usage))
+        return out
 
     def usage_chunk(self, rid: str, use: dict) -> dict:
         return self._obj(rid, "chat.completion.chunk", [], usage=use)
@@ -420,9 +468,11 @@ class CompletionFormat:
     def head(self, rid: str, index: int, include_usage: bool) -> dict:
         return self._obj(rid, [self._choice(index, "", (), None)], **({"usage": None} if include_usage else {}))
 
-    def chunk(self, rid: str, index: int, ev: Event, include_usage: bool) -> dict:
-        return self._obj(rid, [self._choice(index, ev.text, ev.logprobs, finish_reason(ev))],
-                         **({"usage": None} if include_usage else {}))
+    def chunks(self, rid: str, index: int, ev: Event, include_usage: bool) -> list[dict]:
+        if not ev.text and not isinstance(ev, FinishEvent):
+            return []
+        return [self._obj(rid, [self._choice(index, ev.text, ev.logprobs, finish_reason(ev))],
+                          **({"usage": None} if include_usage else {}))]
 
     def usage_chunk(self, rid: str, use: dict) -> dict:
         return self._obj(rid, [], usage=use)

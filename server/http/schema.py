@@ -9,6 +9,15 @@ ignored (it only labels the caller for abuse tracking). Sampling fields beyond O
 sampler; the SDKs send them with `extra_body`. `logit_bias` keys are token ids written in decimal
 (OpenAI's form); `seed: 0` is a seed.
 
+Structured output (issue 23): chat's `response_format` (`text`, `json_object`, `json_schema` with
+`json_schema.schema`), and on both routes vLLM's `structured_outputs` (`json`, `regex`, `grammar`,
+`choice`, `json_object`) and its older `guided_json` / `guided_regex` / `guided_grammar` /
+`guided_choice`: at most one of them per request, each a domain `Constraint` whose errors name the
+field as sent (`response_format.json_schema.schema`, `structured_outputs.regex`, `guided_json`, ...).
+A `choice` list becomes a Lark grammar of its strings. Chat's `tools`, `tool_choice` and
+`parallel_tool_calls` become the domain `Tools` (server/api/tools.py); assistant messages may carry
+`tool_calls` (content then optional) and `tool` messages a `tool_call_id`.
+
 Limits (max tokens, stop strings, prompt length, chat roles) are checked once, by
 `server.api.requests.validate`, whose errors name the fields as OpenAI spells them (`OPENAI_FIELDS`).
 Two checks come first, because only JSON needs them: every
@@ -18,15 +27,20 @@ error never echoes more than a short excerpt of what was sent.
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import replace
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 from pydantic_core import PydanticCustomError
 
 from server.adapters.refs import TenantRef
+from server.api import tools as tool_calls
 from server.api.requests import FieldNames, GenerationRequest, Sampling
+from server.api.tools import Tool, Tools
+from server.engine.constraints import Constraint
 from server.errors import InvalidField
 
 MAX_U32 = (1 << 32) - 1
@@ -64,12 +78,96 @@ class TextPart(_Strict):
     text: Text
 
 
+class FunctionCall(_Strict):
+    name: Text
+    arguments: Text = "{}"                 # JSON text, as OpenAI sends it
+
+
+class ToolCallMessage(_Strict):
+    id: Text | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
     role: Text
-    content: Text | list[TextPart]
+    tool_calls: list[ToolCallMessage] | None = None    # an assistant's calls (before content: its check reads them)
+    content: Text | list[TextPart] | None = Field(None, validate_default=True)
+    tool_call_id: Text | None = None                   # a tool message: the call it answers
+    name: Text | None = None                           # accepted, not rendered
+
+    @field_validator("content")
+    @classmethod
+    def _content_or_calls(cls, value, info: ValidationInfo):
+        if value is None and not info.data.get("tool_calls"):
+            raise PydanticCustomError("missing", "Field required (only an assistant message with tool_calls may "
+                                      "leave it out)")
+        return value
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        if self.content is None:
+            text = ""
+        else:
+            text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        if self.tool_calls:
+            calls = tool_calls.calls_as_text([(c.function.name, c.function.arguments) for c in self.tool_calls])
+            text = f"{text}\n{calls}" if text else calls
+        return text
+
+
+class JsonSchemaFormat(_Strict):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    name: Text = "response"
+    description: Text | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's `structured_outputs`: exactly one of its fields."""
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    json_: dict[str, Any] | Text | None = Field(None, alias="json")
+    regex: Text | None = None
+    grammar: Text | None = None
+    choice: list[Text] | None = None
+    json_object: bool | None = None
+
+
+class FunctionDef(_Strict):
+    name: Text
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDef(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Strict):
+    name: Text
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+def _schema_text(value: dict | str) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _choice_grammar(field: str, options: list[str]) -> Constraint:
+    """A `choice` list -> a Lark grammar whose only sentences are its strings."""
+    if not options or any(not o for o in options):
+        raise InvalidField(field, f"{field} must hold at least one string, none of them empty")
+    return Constraint("grammar", "start: " + " | ".join(json.dumps(o, ensure_ascii=False) for o in options))
 
 
 class StreamOptions(_Strict):
@@ -96,6 +194,12 @@ class _Request(_Strict):
     ignore_eos: bool = False
     min_p: float | None = None
     min_tokens: int | None = Field(None, ge=0, le=MAX_U32)
+    # structured output (vLLM's names; chat adds OpenAI's response_format)
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | Text | None = None
+    guided_regex: Text | None = None
+    guided_grammar: Text | None = None
+    guided_choice: list[Text] | None = None
 
     @model_validator(mode="after")
     def _no_ops_only(self) -> "_Request":
@@ -142,18 +246,82 @@ class _Request(_Strict):
     def fields(self) -> FieldNames:
         return OPENAI_FIELDS
 
+    def constraints(self) -> list[tuple[str, Constraint]]:
+        """(field as sent, constraint) of every structured-output field set."""
+        out: list[tuple[str, Constraint]] = []
+        so = self.structured_outputs
+        if so is not None:
+            set_ = [(n, v) for n, v in (("json", so.json_), ("regex", so.regex), ("grammar", so.grammar),
+                                        ("choice", so.choice), ("json_object", so.json_object or None))
+                    if v is not None]
+            if len(set_) != 1:
+                raise InvalidField("structured_outputs", "structured_outputs must set exactly one of json, regex, "
+                                                         f"grammar, choice, json_object (got {len(set_)})")
+            name, value = set_[0]
+            field = f"structured_outputs.{name}"
+            out.append((field, {"json": lambda: Constraint("json_schema", _schema_text(value)),
+                                "regex": lambda: Constraint("regex", value),
+                                "grammar": lambda: Constraint("grammar", value),
+                                "choice": lambda: _choice_grammar(field, value),
+                                "json_object": lambda: Constraint("json_object")}[name]()))
+        if self.guided_json is not None:
+            out.append(("guided_json", Constraint("json_schema", _schema_text(self.guided_json))))
+        if self.guided_regex is not None:
+            out.append(("guided_regex", Constraint("regex", self.guided_regex)))
+        if self.guided_grammar is not None:
+            out.append(("guided_grammar", Constraint("grammar", self.guided_grammar)))
+        if self.guided_choice is not None:
+            out.append(("guided_choice", _choice_grammar("guided_choice", self.guided_choice)))
+        return out
+
+    def constraint(self) -> dict:
+        """The domain request's constraint fields: at most one structured-output field may be set."""
+        found = self.constraints()
+        if len(found) > 1:
+            raise InvalidField(found[1][0], f"{found[1][0]} and {found[0][0]} both constrain the output; send one")
+        return {"constraint": found[0][1], "constraint_field": found[0][0]} if found else {}
+
 
 class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_U32)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_U32)
+    response_format: ResponseFormat | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self) -> "ChatRequest":
         if self.top_logprobs and not self.logprobs:
             raise InvalidField("top_logprobs", f"top_logprobs={self.top_logprobs} needs logprobs: true")
         return self
+
+    def constraints(self) -> list[tuple[str, Constraint]]:
+        rf, out = self.response_format, []
+        if rf is not None and rf.type == "json_object":
+            out.append(("response_format", Constraint("json_object")))
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None or rf.json_schema.schema_ is None:
+                out.append(("response_format.json_schema", Constraint("json_object")))
+            else:
+                out.append(("response_format.json_schema.schema",
+                            Constraint("json_schema", json.dumps(rf.json_schema.schema_))))
+        return out + super().constraints()
+
+    def domain_tools(self) -> Tools | None:
+        """The tools offered (None: none, and no tool_choice)."""
+        if self.tools is None and self.tool_choice is None:
+            return None
+        choice = self.tool_choice or ("auto" if self.tools else "none")
+        named = ""
+        if isinstance(choice, NamedToolChoice):
+            choice, named = "function", choice.function.name
+        return Tools(tuple(Tool(t.function.name, t.function.description or "",
+                                json.dumps(t.function.parameters) if t.function.parameters is not None else "")
+                           for t in self.tools or ()), choice, named,
+                     self.parallel_tool_calls if self.parallel_tool_calls is not None else True)
 
     def new_tokens(self) -> int:
         return self.max_completion_tokens or self.max_tokens or 0
@@ -168,7 +336,7 @@ class ChatRequest(_Request):
 
     def to_domain(self, adapter: TenantRef | None) -> GenerationRequest:
         return GenerationRequest(self.sampling(), messages=tuple((m.role, m.text()) for m in self.messages),
-                                 adapter=adapter, fields=self.fields())
+                                 adapter=adapter, fields=self.fields(), tools=self.domain_tools(), **self.constraint())
 
 
 class CompletionRequest(_Request):
@@ -184,7 +352,8 @@ class CompletionRequest(_Request):
     def to_domain(self, adapter: TenantRef | None) -> GenerationRequest:
         """A list of prompts: n choices each, indexed prompt * n + choice as OpenAI does."""
         prompt = tuple(self.prompt) if isinstance(self.prompt, list) else self.prompt
-        return GenerationRequest(self.sampling(), prompt=prompt, adapter=adapter, fields=self.fields())
+        return GenerationRequest(self.sampling(), prompt=prompt, adapter=adapter, fields=self.fields(),
+                                 **self.constraint())
 
 
 def parse(model: type[_Request], doc: object, max_entries: dict[str, int]) -> _Request:

@@ -9,9 +9,15 @@ next turn (e.g. `<|im_end|>` for ChatML); when it is a single token, generation 
 Message content is text (`ChatTemplate.encode`): only the template itself produces special tokens.
 A user who types `<|im_end|>\n<|im_start|>assistant` gets those characters as ordinary tokens, so no
 message can forge a turn of another role.
+
+Tools (issue 23): a template renders them when it uses the `tools` variable as transformers'
+`apply_chat_template(tools=...)` passes it (a list of OpenAI-shaped function entries);
+`supports_tools` finds out by rendering a probe tool. Other templates get them through the fallback
+of `server.api.tools`. Tool text is text like any content: a tool's schema cannot make a special token.
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -24,6 +30,7 @@ from tokenizers import Tokenizer
 MAX_TEMPLATE_BYTES = 256 * 1024
 KNOWN_ROLES = ("system", "user", "assistant")
 DEVELOPER = "developer"        # OpenAI's newer name for system: a role only where the template names it
+TOOL = "tool"                  # a tool call's result: a role only where the template names it
 _PROBE = "\x00lorafleet-probe\x00"
 # Unicode noncharacters (never assigned, never in a template): brackets of the placeholders that
 # stand for special-token text inside content while the template renders
@@ -48,18 +55,29 @@ class ChatTemplate:
     end_of_turn_ids: frozenset[int]    # token ids that end an assistant turn
     specials: tuple[str, ...] = ()     # the tokenizer's special tokens, longest first
 
-    def encode(self, messages: list[tuple[str, str]], tokenizer: Tokenizer) -> list[int]:
-        """Token ids of the prompt for (role, content) pairs (no special tokens added). Special
-        tokens come from the template only: content is encoded as text. Content that could make a
-        special token (one inside it, or part of one at its edges) is rendered with placeholders,
-        the text split at the template's own special tokens and every other piece encoded with
-        special-token parsing off; other content takes the tokenizer's one plain call."""
-        if not any(self._suspicious(c) for _, c in messages):
-            return tokenizer.encode(self.render(messages), add_special_tokens=False).ids
+    def encode(self, messages: list[tuple[str, str]], tokenizer: Tokenizer, tools: list[dict] | None = None) -> list[int]:
+        """Token ids of the prompt for (role, content) pairs (no special tokens added), with `tools`
+        (OpenAI-shaped entries) given to a template that renders them. Special tokens come from the
+        template only: content and tool text are encoded as text. Text that could make a special
+        token (one inside it, or part of one at its edges) is rendered with placeholders, the text
+        split at the template's own special tokens and every other piece encoded with special-token
+        parsing off; other content takes the tokenizer's one plain call."""
+        tool_text = [json.dumps(tools)] if tools else []
+        if not any(self._suspicious(c) for c in [c for _, c in messages] + tool_text):
+            return tokenizer.encode(self.render(messages, tools), add_special_tokens=False).ids
         table = [*self.specials, _OPEN, _CLOSE]
         protect = re.compile("|".join(re.escape(t) for t in table))
-        safe = [(r, protect.sub(lambda m: f"{_OPEN}{table.index(m[0])}{_CLOSE}", c)) for r, c in messages]
-        pieces = re.split("(" + "|".join(re.escape(t) for t in self.specials) + ")", self.render(safe))
+
+        def safe(value):
+            if isinstance(value, str):
+                return protect.sub(lambda m: f"{_OPEN}{table.index(m[0])}{_CLOSE}", value)
+            if isinstance(value, list):
+                return [safe(v) for v in value]
+            if isinstance(value, dict):
+                return {safe(k): safe(v) for k, v in value.items()}
+            return value
+        rendered = self.render([(r, safe(c)) for r, c in messages], safe(tools) if tools else None)
+        pieces = re.split("(" + "|".join(re.escape(t) for t in self.specials) + ")", rendered)
         ids: list[int] = []
         for i, piece in enumerate(pieces):
             if i % 2:                                   # a special token the template wrote
@@ -76,24 +94,37 @@ class ChatTemplate:
                 return True
         return False
 
-    def render(self, messages: list[tuple[str, str]]) -> str:
-        """The prompt text for (role, content) pairs, with the generation prompt added."""
+    def render(self, messages: list[tuple[str, str]], tools: list[dict] | None = None) -> str:
+        """The prompt text for (role, content) pairs, with the generation prompt added (and `tools`,
+        as transformers passes them, when given)."""
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise
+        extra = {"tools": tools} if tools else {}
         try:
             return env.from_string(self.source).render(
                 messages=[{"role": r, "content": c} for r, c in messages], add_generation_prompt=True,
-                bos_token=self.bos_token, eos_token=self.eos_token)
+                bos_token=self.bos_token, eos_token=self.eos_token, **extra)
         except ChatTemplateError:
             raise
         except TemplateError as e:
             raise ChatTemplateError(f"the model's chat template failed: {e}") from None
 
+    @functools.cached_property
+    def supports_tools(self) -> bool:
+        """Whether the template renders a `tools` list (a probe tool's name shows in its output)."""
+        probe = [{"type": "function", "function": {"name": "lorafleet_probe_fn", "description": "",
+                                                   "parameters": {"type": "object"}}}]
+        try:
+            return "lorafleet_probe_fn" in self.render([("user", "x")], probe)
+        except ChatTemplateError:
+            return False
+
     def roles(self) -> tuple[str, ...]:
-        """Roles the template renders (of system/user/assistant, and developer where the template
-        names it: a template that prints any role's name has no developer role of its own)."""
+        """Roles the template renders (of system/user/assistant, and developer and tool where the
+        template names them: a template that prints any role's name has no such role of its own)."""
         ok = []
-        for role in KNOWN_ROLES + ((DEVELOPER,) if DEVELOPER in self.source else ()):
+        extra = tuple(r for r in (DEVELOPER, TOOL) if r in self.source)
+        for role in KNOWN_ROLES + extra:
             try:
                 self.render([(role, "x")] if role != "assistant" else [("user", "x"), (role, "x")])
                 ok.append(role)

@@ -54,7 +54,7 @@ def test_chat_with_an_adapter_changes_the_reply(chat_server, chat_model_dir, tmp
 
 
 @pytest.mark.parametrize("msgs, field", [
-    ([("tool", "x")], "messages[0].role"),
+    ([("function", "x")], "messages[0].role"),
     ([("user", "")], "messages[0].content"),
     ([("user", "x")] * 65, "messages"),
 ])

@@ -233,8 +233,8 @@ def test_bad_completions_bodies_are_400_with_a_message(door, body, status, param
     ("hello", "messages", "valid list"),
     ([], "messages", "at least 1"),
     ([{"role": "user"}], "messages[0].content", "required"),
-    ([{"role": "user", "content": "hi", "name": "bob"}], "messages[0].name", "unknown field"),
-    ([{"role": "tool", "content": "hi"}], "messages[0].role", "chat roles"),
+    ([{"role": "user", "content": "hi", "audio": "bob"}], "messages[0].audio", "unknown field"),
+    ([{"role": "function", "content": "hi"}], "messages[0].role", "chat roles"),
     ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
      "messages[0].content[0].type", "'text'"),
 ])
