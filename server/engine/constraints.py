@@ -19,7 +19,8 @@ llama.cpp's `guidance` backends), chosen by `bench/structured_libs.py` over xgra
 - per row its mask costs more than xgrammar's (18-135 µs alone, 10.8 µs/row in one 32-row batch call,
   against xgrammar's 3-4 µs), but the batch call releases the GIL (measured), so `MaskFiller` fills the
   next step's masks in a worker thread while the forward runs, off the engine thread's critical path;
-- JSON schema, regex and Lark grammars, rollback; about 30 kB per compiled schema and under 1 kB per
+- JSON schema, regex and Lark grammars, rollback (an object schema that lists `properties` is closed,
+  as xgrammar and outlines close it: `closed_objects`); about 30 kB per compiled schema and under 1 kB per
   row; no dependency of its own (xgrammar brings torch, triton, transformers and apache-tvm-ffi).
 
 Roles and threads:
@@ -243,12 +244,30 @@ def _grammar(spec: Constraint) -> str:
         schema = json.loads(spec.text)            # our message for bad JSON; then llguidance's own checks
         if not isinstance(schema, dict):
             raise ValueError("a JSON schema must be a JSON object")
-        return M.grammar_from_json_schema(spec.text, defaults=JSON_DEFAULTS, overrides=JSON_OVERRIDES)
+        return M.grammar_from_json_schema(json.dumps(closed_objects(schema)), defaults=JSON_DEFAULTS,
+                                          overrides=JSON_OVERRIDES)
     if spec.kind == "json_object":
         return M.grammar_from_json_schema('{"type": "object"}', defaults=JSON_DEFAULTS, overrides=JSON_OVERRIDES)
     if spec.kind == "regex":
         return M.grammar_from_regex(spec.text)
     return M.grammar_from_lark(spec.text)
+
+
+def closed_objects(schema: object) -> object:
+    """A copy of `schema` where every object schema that lists `properties` and says nothing of
+    `additionalProperties` (or `patternProperties`) gets `additionalProperties: false`. What xgrammar
+    and outlines do, and vLLM's guidance backend with `disable_additional_properties`: JSON Schema
+    allows any other key there, and a small model, once allowed, invents keys until max_tokens (seen
+    with SmolLM2 and Pydantic's schemas, which leave it out). Every output still validates against
+    the schema as sent: it only narrows what may be written."""
+    if isinstance(schema, list):
+        return [closed_objects(v) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: (v if k in ("enum", "const", "default", "examples") else closed_objects(v)) for k, v in schema.items()}
+    if isinstance(out.get("properties"), dict) and "additionalProperties" not in out and "patternProperties" not in out:
+        out["additionalProperties"] = False
+    return out
 
 
 def _first_line(message: str) -> str:
