@@ -2,6 +2,7 @@
 credentials and call metadata. grpcio and protobuf only."""
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -80,10 +81,17 @@ def generate_request(prompt: str = "", adapter: str = "", max_new_tokens: int = 
                      messages: list[Message] | None = None, presence_penalty: float = 0.0,
                      frequency_penalty: float = 0.0, min_p: float = 0.0, min_tokens: int = 0,
                      logit_bias: dict[int, float] | None = None, logprobs: int | None = None,
-                     n: int = 1) -> pb.GenerateRequest:
+                     n: int = 1, json_schema: dict | str | None = None, regex: str | None = None,
+                     grammar: str | None = None, json_object: bool = False) -> pb.GenerateRequest:
     """A GenerateRequest for a prompt, or (with `messages`) for a chat. `seed`: None = the server
     picks one (0 is a seed); `logprobs`: None = none, k = each token's logprob and the k most
-    likely tokens; `n`: completions of the prompt (seeded: seed, seed+1, ...)."""
+    likely tokens; `n`: completions of the prompt (seeded: seed, seed+1, ...). At most one of
+    `json_schema` (a dict or its JSON text), `regex`, `grammar` (Lark) and `json_object` constrains
+    the output (SamplingParams' `constraint`)."""
+    given = [k for k, v in (("json_schema", json_schema), ("regex", regex), ("grammar", grammar),
+                            ("json_object", json_object or None)) if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"at most one output constraint per request (got {', '.join(given)})")
     params = pb.SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                stop=stop or [], repetition_penalty=repetition_penalty, ignore_eos=ignore_eos,
                                presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, min_p=min_p,
@@ -91,6 +99,14 @@ def generate_request(prompt: str = "", adapter: str = "", max_new_tokens: int = 
                                top_logprobs=logprobs or 0, n=n)
     if seed is not None:
         params.seed = seed
+    if json_schema is not None:
+        params.json_schema = json_schema if isinstance(json_schema, str) else json.dumps(json_schema)
+    elif regex is not None:
+        params.regex = regex
+    elif grammar is not None:
+        params.grammar = grammar
+    elif json_object:
+        params.json_object = True
     return pb.GenerateRequest(prompt=prompt, adapter=adapter, request_id=request_id,
                               messages=chat_messages(messages or []), params=params)
 

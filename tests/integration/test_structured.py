@@ -155,6 +155,12 @@ def test_grpc_sampling_params_constraint(door):
             messages=[pb.ChatMessage(role="user", content="hi")],
             params=pb.SamplingParams(max_new_tokens=120, temperature=1.0, json_schema=json.dumps(PET))), metadata=md))
         jsonschema.validate(json.loads("".join(c.text for c in chunks)), PET)
+        with grpc_client(running, key) as c:                # the client library's keywords
+            got = c.chat([("user", "hi")], adapter="mine", max_new_tokens=120, temperature=1.0, json_schema=PET)
+            jsonschema.validate(json.loads(got.text), PET)
+            assert c.generate("x", max_new_tokens=8, regex="(yes|no)").text in ("yes", "no")
+            with pytest.raises(ValueError, match="at most one"):
+                c.generate("x", regex="a", grammar='start: "a"')
         for field, params in (("params.json_schema", pb.SamplingParams(json_schema="{not json")),
                               ("params.regex", pb.SamplingParams(regex="(")),
                               ("params.grammar", pb.SamplingParams(grammar="start: nope"))):
