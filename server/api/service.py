@@ -135,5 +135,5 @@ class InferenceService(pb_grpc.InferenceServicer):
                 max_top_logprobs=c.max_top_logprobs, max_logit_bias=c.max_logit_bias,
                 kv_cache_bytes=kv.nbytes,
                 kv_cache_tokens=kv.blocks.capacity * kv.block_size, kv_block_size=kv.block_size,
-                prefix_cache=kv.blocks.prefix_cache),
+                prefix_cache=kv.blocks.prefix_cache, max_constraint_bytes=c.max_constraint_bytes),
             adapter_kinds=[k.value for k in AdapterKind], kernels=self.kernels, chat=self.chat is not None)

@@ -144,6 +144,8 @@ def test_grpc_sampling_params_constraint(door):
     md = call_metadata(key, None)
     with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
         stub = pb_grpc.InferenceStub(ch)
+        info = stub.GetServerInfo(pb.GetServerInfoRequest(), metadata=md)
+        assert info.limits.max_constraint_bytes == running.cfg.max_constraint_bytes > 0
         got = stub.Generate(pb.GenerateRequest(prompt="pet:", params=pb.SamplingParams(
             max_new_tokens=120, temperature=1.0, seed=3, json_schema=json.dumps(PET))), metadata=md)
         jsonschema.validate(json.loads(got.text), PET)

@@ -233,7 +233,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerLimits(_message.Message):
-    __slots__ = ("max_prompt_tokens", "max_new_tokens", "max_context_tokens", "max_stop_strings", "max_stop_string_chars", "max_classify_batch", "max_message_bytes", "max_queued_requests", "max_batch_size", "max_adapter_rank", "max_adapter_bytes", "max_n", "max_top_logprobs", "max_logit_bias", "kv_cache_bytes", "kv_cache_tokens", "kv_block_size", "prefix_cache")
+    __slots__ = ("max_prompt_tokens", "max_new_tokens", "max_context_tokens", "max_stop_strings", "max_stop_string_chars", "max_classify_batch", "max_message_bytes", "max_queued_requests", "max_batch_size", "max_adapter_rank", "max_adapter_bytes", "max_n", "max_top_logprobs", "max_logit_bias", "kv_cache_bytes", "kv_cache_tokens", "kv_block_size", "prefix_cache", "max_constraint_bytes")
     MAX_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -252,6 +252,7 @@ class ServerLimits(_message.Message):
     KV_CACHE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONSTRAINT_BYTES_FIELD_NUMBER: _ClassVar[int]
     max_prompt_tokens: int
     max_new_tokens: int
     max_context_tokens: int
@@ -270,7 +271,8 @@ class ServerLimits(_message.Message):
     kv_cache_tokens: int
     kv_block_size: int
     prefix_cache: bool
-    def __init__(self, max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_stop_string_chars: _Optional[int] = ..., max_classify_batch: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_adapter_rank: _Optional[int] = ..., max_adapter_bytes: _Optional[int] = ..., max_n: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_logit_bias: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., prefix_cache: _Optional[bool] = ...) -> None: ...
+    max_constraint_bytes: int
+    def __init__(self, max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_stop_string_chars: _Optional[int] = ..., max_classify_batch: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_adapter_rank: _Optional[int] = ..., max_adapter_bytes: _Optional[int] = ..., max_n: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_logit_bias: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., prefix_cache: _Optional[bool] = ..., max_constraint_bytes: _Optional[int] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
     __slots__ = ("version", "model_name", "model_architecture", "vocab_size", "hidden_size", "num_layers", "device", "dtype", "limits", "adapter_kinds", "kernels", "chat")
