@@ -26,8 +26,8 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "proto"))
 
 from client import LoraFleetClient  # noqa: E402
 from server.api.auth import create_key  # noqa: E402
-from server.config import ServerConfig  # noqa: E402
-from server.main import BackgroundServer, keep_freed_memory, load  # noqa: E402
+from server.config import ServerConfig, resolve_context  # noqa: E402
+from server.main import BackgroundServer, keep_freed_memory, load, model_context  # noqa: E402
 from server.model.default import resolve_model  # noqa: E402
 
 
@@ -42,7 +42,7 @@ def b_latency(port: int, key: str) -> float:
 def classify_flood(port: int, key: str, n: int, prompt: str, stop: threading.Event) -> None:
     with LoraFleetClient(f"127.0.0.1:{port}", api_key=key, timeout=600) as c:
         try:
-            c.classify([prompt + str(i) for i in range(n)], adapter="cls")
+            c.classify([f"{i} {prompt}" for i in range(n)], adapter="cls")
         except Exception as e:  # noqa: BLE001 - the flood only has to be there
             print(f"classify flood failed: {e}", file=sys.stderr)
     stop.wait()
@@ -59,7 +59,7 @@ def flood(port: int, key: str, n: int, prompt: str, stop: threading.Event) -> No
     def one(i: int) -> None:
         with LoraFleetClient(f"127.0.0.1:{port}", api_key=key, timeout=600) as c:
             try:
-                c.generate(prompt + str(i), max_new_tokens=1)
+                c.generate(f"{i} {prompt}", max_new_tokens=1)
             except Exception as e:  # noqa: BLE001 - the flood only has to be there
                 print(f"flood request failed: {e}", file=sys.stderr)
     threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(n)]
@@ -74,6 +74,8 @@ def main() -> None:
     p.add_argument("--flood", type=int, default=64, help="tenant A's concurrent long requests")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--kinds", default="generate,classify", help="floods to run: generate, classify")
+    p.add_argument("--decode-prefill-tokens", type=int, default=ServerConfig.decode_prefill_tokens,
+                   help="the server's --decode-prefill-tokens (default: its default)")
     p.add_argument("--smoke", action="store_true", help="tiny model, floods of 8, one repeat: checks it runs")
     a = p.parse_args()
     if a.smoke:
@@ -87,12 +89,14 @@ def main() -> None:
     doc["keys"][0]["quotas"] = {"max_queued_requests": 4096, "max_concurrent_requests": 4096}  # A's own quota is huge
     keys.write_text(json.dumps(doc))
     cfg = ServerConfig(port=0, metrics_port=-1, model=a.model, data_dir=work / "data", api_keys=keys,
-                       max_classify_batch=max(64, a.flood))
+                       max_classify_batch=max(64, a.flood), decode_prefill_tokens=a.decode_prefill_tokens)
     loaded = load(cfg)
+    cfg = resolve_context(cfg, model_context(loaded))       # the prompt limit the server will apply
     tok = loaded.tokenizer
     long_prompt = ""
     while len(tok.encode(long_prompt + "the sky ").ids) < min(420, cfg.max_prompt_tokens - 16):
         long_prompt += "the sky "
+    assert long_prompt, f"no room for a long prompt under --max-prompt-tokens {cfg.max_prompt_tokens}"
     results = {}
     with BackgroundServer(cfg, loaded) as srv:
         if "classify" in kinds:
@@ -105,7 +109,10 @@ def main() -> None:
                 idle.append(b_latency(srv.port, kb))
                 stop = threading.Event()
                 target = classify_flood if kind == "classify" else flood
-                t = threading.Thread(target=target, args=(srv.port, ka, a.flood, long_prompt, stop), daemon=True)
+                # each flood prompt differs from its first token and from every repeat's (the flood
+                # request's number first): the prefix cache cannot make the flood cheaper than new traffic
+                prompt = f"{kind} {len(idle)} {long_prompt}"
+                t = threading.Thread(target=target, args=(srv.port, ka, a.flood, prompt, stop), daemon=True)
                 t.start()
                 time.sleep(0.3)
                 flooded.append(b_latency(srv.port, kb))
