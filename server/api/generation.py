@@ -78,7 +78,7 @@ class Generation:
     def submit_one(self, principal: Principal, adapter: TenantRef | None, ids: list[int], params: SamplingParams,
                    rid: str, deadline: float | None, classify: bool = False, stop_ids: frozenset[int] = frozenset(),
                    into: Submission | None = None, constraint: Compiled | None = None,
-                   constraint_field: str = "") -> Submission:
+                   constraint_field: str = "", leader: Sequence | None = None) -> Submission:
         """Build one sequence, resolve (pin) its adapter and hand both to the engine, which owns
         the pin from here on, refusals included; it joins `into` (index: its place there) or a new
         Submission. `deadline` is a time.monotonic() value."""
@@ -86,7 +86,7 @@ class Generation:
         loop, index, queue = asyncio.get_running_loop(), len(sub.seqs), sub.queue
         seq = Sequence(rid, ids, params, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, (index, ev)),
                        deadline=deadline, tenant=principal.tenant, classify=classify, stop_ids=stop_ids,
-                       constraint=constraint, constraint_field=constraint_field)
+                       constraint=constraint, constraint_field=constraint_field, leader=leader)
         ref = self.registry.resolve(adapter) if adapter is not None else None
         self.engine.submit(seq, ref)
         sub.seqs.append(seq)
@@ -109,10 +109,12 @@ class Generation:
         sub = Submission(n=valid.n)
         try:
             for ids in valid.prompts:
+                first = len(sub.seqs)
                 for choice in range(valid.n):
                     self.submit_one(principal, request.adapter, ids, choice_params(valid.params, choice), rid,
                                     deadline, stop_ids=valid.stop_ids, into=sub, constraint=compiled,
-                                    constraint_field=valid.constraint_field)
+                                    constraint_field=valid.constraint_field,
+                                    leader=sub.seqs[first] if choice else None)   # one prefill for n
         except BaseException:
             self.close(sub)
             raise

@@ -157,6 +157,10 @@ class Scheduler:
                 continue                      # FIFO within a tenant; busy tenants wait behind it
             if running[t] >= self._tenant_cap(t):
                 continue
+            if (self.blocks.prefix_cache and seq.leader is not None and seq.leader.prompt_pending
+                    and seq.num_positions > self.blocks.block_size):
+                continue                      # n > 1: a later choice waits for the first one's prompt
+                                              # blocks, then takes them from the prefix cache
             if running[t] and self.max_batch_size - len(self.running) <= self.reserve_slots:
                 continue                      # the last free rows wait for a tenant with none
             keep = self.reserve_blocks if running[t] else 0

@@ -66,7 +66,8 @@ class Sequence:
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                  sink: Callable[[Event], None], deadline: float | None = None, tenant: str = "",
                  classify: bool = False, stop_ids: frozenset[int] = frozenset(),
-                 constraint: Compiled | None = None, constraint_field: str = "constraint"):
+                 constraint: Compiled | None = None, constraint_field: str = "constraint",
+                 leader: "Sequence | None" = None):
         self.request_id = request_id
         self.prompt_ids = prompt_ids          # prompt-tuning placeholders first, once attached
         self.params = params
@@ -79,6 +80,7 @@ class Sequence:
         self.constraint = constraint          # what the output must match (shared, compiled), or None
         self.matcher: Matcher | None = constraint.matcher(stop_ids) if constraint is not None else None
         self.constraint_field = constraint_field   # its field as the caller spelled it (errors name it)
+        self.leader = leader                  # the first choice of the same prompt (n > 1): see Scheduler.admit
         self.kv_offset = 0                    # prefix-tuning positions ahead of the prompt
         self.virtual_tokens = 0               # prompt-tuning placeholders at the start of prompt_ids
         self.adapter_slot: int | None = None  # device adapter slot while running
@@ -128,6 +130,13 @@ class Sequence:
         """Tokens other than the last sampled one still need their K/V: the prompt, or after a
         preemption the prompt and the output so far (recomputed)."""
         return self.num_computed < len(self.prompt_ids) + max(len(self.output_ids) - 1, 0)
+
+    @property
+    def prompt_pending(self) -> bool:
+        """Its prompt's K/V are not computed yet (waiting, preempted, or in its first prefill) and
+        it may still compute them: a sibling choice admitted now would compute them a second time."""
+        return not self.finished and not self.cancelled and (
+            self.blocks is None or self.num_computed < len(self.prompt_ids))
 
     @property
     def num_positions(self) -> int:

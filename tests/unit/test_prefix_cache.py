@@ -282,3 +282,41 @@ def test_a_failing_row_rerun_in_halves_leaks_no_block(tiny_loaded, tmp_path, mon
         assert len(bad_space) > 0                                   # the mates' blocks are still cached
     finally:
         rig.stop()
+
+
+def choices(rig: Rig, prompt: list[int], n: int, cancel_first: bool = False) -> list[Run]:
+    """n seeded choices of one prompt, as Generation submits them: each later one led by the first."""
+    runs: list[Run] = []
+    for i in range(n):
+        params = SamplingParams(max_new_tokens=6, ignore_eos=True, temperature=1.0, seed=7 + i)
+        seq = Sequence("n", list(prompt), params, None, tenant="a", leader=runs[0].seq if runs else None)
+        runs.append(Run(seq))
+        if cancel_first and i == 0:
+            seq.cancel()
+        rig.engine.submit(seq, None)
+    return runs
+
+
+def test_n_choices_share_one_prefill(rigs):
+    """Issue 23: n > 1 prefills the prompt once: the later choices wait for the first one's prompt
+    blocks and take them from the prefix cache; every choice equals the same choice without the cache."""
+    on, off = rigs
+    prompt = SYSTEM + ids(11, 9)                                  # 47 tokens: 11 full blocks of 4
+    got_on, got_off = choices(on, prompt, 4), choices(off, prompt, 4)
+    for r_on, r_off in zip(got_on, got_off):
+        r_on.wait()
+        r_off.wait()
+        assert r_on.tokens == r_off.tokens
+    assert len({tuple(r.tokens) for r in got_on}) > 1             # seeded choices differ
+    assert got_on[0].seq.cached_tokens == 0
+    assert [r.seq.cached_tokens for r in got_on[1:]] == [(len(prompt) - 1) // BS * BS] * 3
+    assert [r.seq.cached_tokens for r in got_off] == [0] * 4
+
+
+def test_choices_whose_leader_is_cancelled_still_run(rigs):
+    on, _ = rigs
+    runs = choices(on, SYSTEM + ids(12, 5), 3, cancel_first=True)
+    assert runs[0].done.wait(60) and runs[0].final.reason is FinishReason.CANCELLED
+    for r in runs[1:]:
+        r.wait()
+        assert len(r.tokens) == 6
