@@ -45,7 +45,7 @@ class ServerConfig:
                       choices=("auto", "float32", "bfloat16", "float16"))
     quantize: str = knob("none", "base weights: none = exact (fp32 on CPU); int8 = per-channel int8 base linears"
                          " and LM head (CPU, float32; ~2-3x faster decode, not exact: adapters still apply on top)",
-                         choices=("none", "int8"))
+                         choices=("none", "bf16", "int8"))
     kernels: str = knob("auto", "batched adapter kernels: torch (CPU and GPU), triton (CUDA; until a GPU run of"
                         " `make gpu-check` has passed, only when asked); auto = torch", choices=("auto", "torch", "triton"))
     max_batch_size: int = knob(32, "sequences in one engine step at most (rows decoded together)")
