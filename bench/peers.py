@@ -4,7 +4,7 @@ Every server runs as a subprocess on 127.0.0.1, one after the other, on the same
   weights   SmolLM2-135M-Instruct from lorafleet's cache (fp32; llama.cpp: an F32 GGUF converted from it)
   adapters  32 PEFT LoRAs, rank 16 (alpha 32), all seven linears, random non-zero A and B (seeded;
             bench/mixed_adapters.make_peft), saved with save_pretrained (llama.cpp: converted to GGUF)
-  prompts   64 fixed English prompts of ~80 tokens; 64 new tokens each, greedy, ignore_eos
+  prompts   64 fixed English prompts of ~80 tokens (five sentences); 64 new tokens each, greedy, ignore_eos
   traffic   64 requests at concurrency 32 through each server's OpenAI POST /v1/completions, streamed
             (httpx, asyncio): TTFT per request (first streamed text) and generated tokens (usage)
 Two workloads: "base" (every request on the base model) and "mix" (request i on the base model when
@@ -132,8 +132,8 @@ class Run:
 
 # --------------------------------------------------------------------------- shared inputs
 
-def make_prompts(n: int, sentences: int = 6) -> list[str]:
-    """n fixed prompts of `sentences` sentences each (6: ~80 SmolLM2 tokens), seeded, distinct."""
+def make_prompts(n: int, sentences: int = 5) -> list[str]:
+    """n fixed prompts of `sentences` sentences each (5: ~80 SmolLM2 tokens), seeded, distinct."""
     out = []
     for i in range(n):
         rng = random.Random(1000 + i)
@@ -320,7 +320,7 @@ class LlamaCpp(Server):
         ctx = a.concurrency * 256                              # per slot: ~80 prompt + 64 new, with room
         cmd = [str(self.binary), "-m", str(base), "--host", "127.0.0.1", "--port", str(port), "-t", str(a.threads),
                "-tb", str(a.threads), "-np", str(a.concurrency), "-c", str(ctx), "--cont-batching",
-               "-b", "2048", "-ub", "512", "--no-webui"]
+               "-b", "2048", "-ub", "512", "-ctk", "f32", "-ctv", "f32", "--no-webui"]   # fp32 KV, as the others
         if ggufs:
             cmd += ["--lora-scaled", ",".join(f"{g}:0" for g in ggufs), "--lora-init-without-apply"]
         self.spawn(cmd)
@@ -349,7 +349,7 @@ class VLLM(Server):
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{a.threads - 1}")
         cmd = [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.base_dir),
                "--served-model-name", "base", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-               "--max-model-len", "512", "--max-num-seqs", str(a.concurrency), "--disable-log-requests"]
+               "--max-model-len", "512", "--max-num-seqs", str(a.concurrency)]
         if self.loras:
             cmd += ["--enable-lora", "--max-loras", str(len(self.loras) + 1), "--max-lora-rank", "16",
                     "--lora-modules", *[f"lora{i}={d}" for i, d in enumerate(self.loras)]]
@@ -567,7 +567,7 @@ def main() -> None:
 def bench(args: Args) -> None:
     base_dir = resolve_model(args.model, DEFAULT_CACHE / "models")
     loras = make_loras(base_dir, args.work / "loras" / f"{base_dir.name}-r16-s{LORA_SEED}", args.n_loras)
-    prompts = make_prompts(args.requests, 1 if args.smoke else 6)   # the tiny model's tokens are bytes
+    prompts = make_prompts(args.requests, 1 if args.smoke else 5)   # the tiny model's tokens are bytes
     try:
         from transformers import AutoTokenizer
         lens = [len(ids) for ids in AutoTokenizer.from_pretrained(str(base_dir))(prompts)["input_ids"]]
@@ -616,6 +616,11 @@ def bench(args: Args) -> None:
             print(f"{run.name}: {note}")
     for s in skipped:
         print(f"skipped {s}")
+    out = args.work / "last-run.json"
+    out.write_text(json.dumps({"prompts": prompts, "skipped": skipped, "runs": {
+        r.name: {w: {"wall_s": x.wall, "ttft_s": x.ttfts, "tokens": x.tokens, "texts": x.texts}
+                 for w, x in r.results.items()} for r in runs}}, indent=1))
+    print(f"texts, TTFTs and token counts per request: {out}")
     lf = runs[0].results
     print(f"ratio: lorafleet mix/base = {lf['mix'].tokens_per_s / lf['base'].tokens_per_s:.2f} (target >= 0.8)")
     targets = {"llama.cpp": ("1.0", "8"), "vllm": ("1.5", "2")}
