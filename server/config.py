@@ -15,6 +15,26 @@ from typing import Any
 DEFAULT_CACHE = Path(os.path.expanduser("~")) / ".cache" / "lorafleet"
 
 
+# The OpenMP runtime's settings, given to the process before torch loads it (libgomp reads its environment
+# once, when `import torch` loads it): `set_thread_env()`, called by the entry point (server/__main__.py).
+# OMP_WAIT_POLICY=PASSIVE: a thread done with its share of an op sleeps at the barrier instead of spinning.
+# libgomp's default spins, and with as many OpenMP threads as cores, whenever anything else wants a core
+# (the server's own gRPC/HTTP threads, other processes) each op's barrier waits on a preempted spinner:
+# SmolLM2 decode steps at 2 threads on the shared 2-core machine (load ~4.5, 3 alternating process
+# pairs): batch 1 68-100 ms PASSIVE vs 193-1057 ms default, batch 32 175-350 vs 935-1878 ms (issue 24).
+# A value already in the environment wins (OMP_WAIT_POLICY=ACTIVE on a machine the server has to itself).
+THREAD_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def set_thread_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Put THREAD_ENV's defaults into the environment where unset; returns the values in effect. Only
+    takes effect before torch is imported."""
+    env = os.environ if environ is None else environ
+    for name, value in THREAD_ENV.items():
+        env.setdefault(name, value)
+    return {name: env[name] for name in THREAD_ENV}
+
+
 REQUIRED: Any = dataclasses.MISSING     # a knob's default when it has none (a required field, a required flag)
 
 
