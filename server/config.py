@@ -63,10 +63,10 @@ class ServerConfig:
     device: str = knob("auto", "auto takes the GPU when one is present", choices=("auto", "cpu", "cuda"))
     dtype: str = knob("auto", "auto = float32 on CPU (exact: greedy tokens = transformers fp32), bfloat16 on GPU;"
                       " bfloat16 on a CPU with AVX512-BF16/AMX runs oneDNN's bf16 linears (1.4-2.6x faster steps"
-                      " than fp32 on 2 cores, ~2.5%% logit drift, ~82%% of greedy tokens = fp32's: bench/dtype_drift.py)",
+                      " than fp32 on 2 cores, ~2.8%% logit drift, ~81%% of greedy tokens = fp32's: bench/dtype_drift.py)",
                       choices=("auto", "float32", "bfloat16", "float16"))
     quantize: str = knob("none", "base weights (CPU, --dtype float32): none = exact; bf16 = bf16 weights and matmuls"
-                         " under fp32 activations (AVX512-BF16/AMX; ~1.3%% logit drift, ~96%% of greedy tokens = fp32's);"
+                         " under fp32 activations (AVX512-BF16/AMX; ~1.5%% logit drift, 85-96%% of greedy tokens = fp32's);"
                          " int8 = per-channel int8 weights, per-token int8 activations, outlier channels fp32 (~6.6%%"
                          " drift). Not exact: adapters still apply on top", choices=("none", "bf16", "int8"))
     kernels: str = knob("auto", "batched adapter kernels: torch (CPU and GPU), triton (CUDA; until a GPU run of"

@@ -17,9 +17,9 @@ at load, as one of
             int8 activations, oneDNN's int8 matmul, the calibrated outlier input channels in fp32.
 
 Not exact, off fp32 (SmolLM2, chat text, bench/dtype_drift.py; mean per-position logit error, share
-of 32-token greedy outputs' tokens = fp32's): bf16 2.5% / 82%, bf16 weights 1.3% / 96%, int8 6.6% /
-63% (it was 49% / 39% with fbgemm's per-tensor activations + SmoothQuant; 11.6% -> 2.4% on the old
-random-token figure). Even weight-only per-channel int8 with fp32 activations measures 4.9% there,
+of 32-token greedy outputs' tokens = fp32's; two runs): bf16 2.5-2.8% / 81-82%, bf16 weights
+1.3-1.5% / 85-96%, int8 6.6% / 63-67% (it was 49% / 39% with fbgemm's per-tensor activations +
+SmoothQuant; 11.6% -> 2.4% on the old random-token figure). Even weight-only per-channel int8 with fp32 activations measures 4.9% there,
 so ~1% is out of reach of 8-bit per-channel weights on this model. The bench prints the speed.
 
 Adapters never see the difference: the forward's hooks get x and y in the model's dtype. `dense()`
