@@ -24,9 +24,12 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from server.config import set_thread_env  # noqa: E402
+set_thread_env()          # OpenMP defaults, before torch loads libgomp (server/config.py)
+
+import torch  # noqa: E402
 
 from server.engine.engine import Engine  # noqa: E402
 from server.engine.sampling import SamplingParams  # noqa: E402

@@ -12,7 +12,8 @@ under torch.profiler and splits each step's wall time into
 Prints one table (ms per step and share of the step) and the matmul share of each step as a ratio
 line. Median of --repeats profiled runs.
 
-    PYTHONPATH=.:proto .venv/bin/python bench/profile_step.py [--model SPEC] [--quantize int8] [--quick] [--smoke]
+    PYTHONPATH=.:proto .venv/bin/python bench/profile_step.py [--model SPEC] [--dtype bfloat16] [--quantize bf16|int8]
+        [--quick] [--smoke]
 
 --quick: batches 1 and 32, one repeat. --smoke: the tiny model, batches 1 and 8, one repeat (seconds;
 `make test` runs it).
@@ -25,10 +26,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from torch.profiler import ProfilerActivity, profile, record_function
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from server.config import set_thread_env  # noqa: E402
+set_thread_env()          # OpenMP defaults, before torch loads libgomp (server/config.py)
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 from server.engine.batch import Segment, make_forward_batch  # noqa: E402
 from server.engine.kv_cache import KVCache  # noqa: E402
@@ -38,7 +42,7 @@ from server.model.loader import load_model  # noqa: E402
 from server.model.quantize import quantize_model  # noqa: E402
 
 MATMUL = {"aten::mm", "aten::addmm", "mkldnn::_linear_pointwise", "quantized::linear_dynamic",
-          "aten::linear"}
+          "onednn::qlinear_pointwise", "aten::linear"}
 ATTENTION = {"aten::scaled_dot_product_attention", "aten::index_put_", "aten::_softmax", "aten::softmax",
              "aten::bmm"}
 CATEGORIES = ("matmul", "attention", "elementwise", "sampling", "python")
@@ -86,7 +90,8 @@ def one_step(model, kv, segs, rows) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model spec (default: SmolLM2-135M-Instruct)")
-    ap.add_argument("--quantize", default="none", choices=("none", "int8"))
+    ap.add_argument("--quantize", default="none", choices=("none", "bf16", "int8"))
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
@@ -100,14 +105,14 @@ def main() -> None:
         args.model, args.batches, args.repeats = "tiny", "1,8", 1
     torch.set_num_threads(args.threads)
     model_dir = resolve_model(args.model, Path.home() / ".cache/lorafleet/models")
-    loaded = load_model(model_dir, torch.device("cpu"), torch.float32)
+    loaded = load_model(model_dir, torch.device("cpu"), getattr(torch, args.dtype))
     model = quantize_model(loaded.model, args.quantize)
     a = model.shape
     batches = [int(b) for b in args.batches.split(",")]
     kv, tables = KVCache.for_sequences(a, [args.prompt_tokens + 8] * max(batches), model.device, model.dtype)
     g = torch.Generator().manual_seed(0)
     print(f"model {model_dir.name} (hidden {a.hidden_size}, {a.num_layers} layers, vocab {a.vocab_size}), "
-          f"quantize={args.quantize}, prompt {args.prompt_tokens} tokens, {args.threads} threads, "
+          f"dtype={args.dtype}, quantize={args.quantize}, prompt {args.prompt_tokens} tokens, {args.threads} threads, "
           f"median of {args.repeats}; ms per step (share)")
     print(f"{'step':<12}" + "".join(f"{c:>17}" for c in (*CATEGORIES, "total")))
     shares = []

@@ -15,6 +15,26 @@ from typing import Any
 DEFAULT_CACHE = Path(os.path.expanduser("~")) / ".cache" / "lorafleet"
 
 
+# The OpenMP runtime's settings, given to the process before torch loads it (libgomp reads its environment
+# once, when `import torch` loads it): `set_thread_env()`, called by the entry point (server/__main__.py).
+# OMP_WAIT_POLICY=PASSIVE: a thread done with its share of an op sleeps at the barrier instead of spinning.
+# libgomp's default spins, and with as many OpenMP threads as cores, whenever anything else wants a core
+# (the server's own gRPC/HTTP threads, other processes) each op's barrier waits on a preempted spinner:
+# SmolLM2 decode steps at 2 threads on the shared 2-core machine (load ~4.5, 3 alternating process
+# pairs): batch 1 68-100 ms PASSIVE vs 193-1057 ms default, batch 32 175-350 vs 935-1878 ms (issue 24).
+# A value already in the environment wins (OMP_WAIT_POLICY=ACTIVE on a machine the server has to itself).
+THREAD_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def set_thread_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Put THREAD_ENV's defaults into the environment where unset; returns the values in effect. Only
+    takes effect before torch is imported."""
+    env = os.environ if environ is None else environ
+    for name, value in THREAD_ENV.items():
+        env.setdefault(name, value)
+    return {name: env[name] for name in THREAD_ENV}
+
+
 REQUIRED: Any = dataclasses.MISSING     # a knob's default when it has none (a required field, a required flag)
 
 
@@ -41,11 +61,14 @@ class ServerConfig:
     data_dir: Path = knob(DEFAULT_CACHE / "data", "where uploaded adapters are stored")
     cache_dir: Path = knob(DEFAULT_CACHE / "models", "where converted models (the default one included) are cached")
     device: str = knob("auto", "auto takes the GPU when one is present", choices=("auto", "cpu", "cuda"))
-    dtype: str = knob("auto", "auto = float32 on CPU, bfloat16 on GPU",
+    dtype: str = knob("auto", "auto = float32 on CPU (exact: greedy tokens = transformers fp32), bfloat16 on GPU;"
+                      " bfloat16 on a CPU with AVX512-BF16/AMX runs oneDNN's bf16 linears (1.4-2.6x faster steps"
+                      " than fp32 on 2 cores, ~2.8%% logit drift, ~81%% of greedy tokens = fp32's: bench/dtype_drift.py)",
                       choices=("auto", "float32", "bfloat16", "float16"))
-    quantize: str = knob("none", "base weights: none = exact (fp32 on CPU); int8 = per-channel int8 base linears"
-                         " and LM head (CPU, float32; ~2-3x faster decode, not exact: adapters still apply on top)",
-                         choices=("none", "int8"))
+    quantize: str = knob("none", "base weights (CPU, --dtype float32): none = exact; bf16 = bf16 weights and matmuls"
+                         " under fp32 activations (AVX512-BF16/AMX; ~1.5%% logit drift, 85-96%% of greedy tokens = fp32's);"
+                         " int8 = per-channel int8 weights, per-token int8 activations, outlier channels fp32 (~6.6%%"
+                         " drift). Not exact: adapters still apply on top", choices=("none", "bf16", "int8"))
     kernels: str = knob("auto", "batched adapter kernels: torch (CPU and GPU), triton (CUDA; until a GPU run of"
                         " `make gpu-check` has passed, only when asked); auto = torch", choices=("auto", "torch", "triton"))
     max_batch_size: int = knob(32, "sequences in one engine step at most (rows decoded together)")

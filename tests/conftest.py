@@ -5,7 +5,12 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
+
+from server.config import set_thread_env
+
+set_thread_env()            # OpenMP defaults before torch loads libgomp, as the server's entry point does
+
+import torch  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -12,6 +12,7 @@
 Bounded for a 2-core CPU: 10 + 12 training steps of 8 examples (5 s a step on 2 idle cores, 12 s when
 other work shares them), then under a minute of serving.
 Usage: python trainer/examples/demo.py [--steps N] [--work DIR] [--base DIR] [--rows 12]
+       [--dtype bfloat16] [--quantize int8] [--no-train: reuse the adapters of an earlier --work DIR]
 """
 from __future__ import annotations
 
@@ -144,13 +145,14 @@ def print_scores(scores: dict, columns: list[str], n: int) -> None:
         print(f"  {name:<32}" + "".join(f"{row[c]:>12.0%}" for c in columns))
 
 
-def start_server(base: Path, work: Path, keys: Path, batch: int):
+def start_server(base: Path, work: Path, keys: Path, batch: int, dtype: str = "auto", quantize: str = "none"):
     from server.config import ServerConfig
     from server.main import BackgroundServer, load
 
     cfg = ServerConfig(host="127.0.0.1", port=0, metrics_port=-1, model=str(base), data_dir=work / "server-data",
                        cache_dir=work / "models", api_keys=keys, max_batch_size=batch, max_context_tokens=128,
-                       max_prompt_tokens=96, max_new_tokens=MAX_NEW, max_queued_requests=4 * batch)
+                       max_prompt_tokens=96, max_new_tokens=MAX_NEW, max_queued_requests=4 * batch, dtype=dtype,
+                       quantize=quantize)
     return BackgroundServer(cfg, load(cfg))
 
 
@@ -169,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, help="working directory (default: a new temporary one)")
     p.add_argument("--base", type=Path, help="base model directory (default: SmolLM2-135M-Instruct, converted once)")
     p.add_argument("--rows", type=int, default=12, help="held-out questions shown in the table (default 12)")
+    p.add_argument("--dtype", default="auto", help="the server's --dtype (auto, float32, bfloat16)")
+    p.add_argument("--quantize", default="none", help="the server's --quantize (none, int8)")
+    p.add_argument("--no-train", action="store_true",
+                   help="serve the adapters an earlier run with the same --work uploaded (no training)")
     a = p.parse_args(argv)
     t_start = time.perf_counter()
     work = a.work or Path(tempfile.mkdtemp(prefix="lorafleet-demo-"))
@@ -183,10 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     keys.unlink(missing_ok=True)
     tenants = make_tenants(keys, a.steps)
     log(f"work dir {work}; base model {a.base.name}; tenants " + ", ".join(t.name for t in tenants))
-    with start_server(a.base, work, keys, batch=len(facts) * (len(tenants) + 1)) as running:
+    with start_server(a.base, work, keys, batch=len(facts) * (len(tenants) + 1), dtype=a.dtype,
+                      quantize=a.quantize) as running:
         addr = f"127.0.0.1:{running.port}"
-        log(f"server on {addr} (API keys in {keys})")
-        for t in tenants:
+        log(f"server on {addr} (API keys in {keys}; --dtype {a.dtype} --quantize {a.quantize})")
+        for t in tenants if not a.no_train else ():
             train(t, train_argv(t, files, a.base, work / "adapters" / t.adapter, addr))
         columns = ["base", *[t.adapter for t in tenants]]
         got = mixed_batch(addr, tenants, [q for q, _ in facts])
