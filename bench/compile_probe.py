@@ -1,14 +1,15 @@
 """torch.compile (inductor, CPU) of the decode forward against the eager forward, interleaved (issue 24).
 
-Not a server path and not run by `make test` (a leading underscore: test_benches skips it): the probe
-behind the README's "A compiled decode step" line, kept so the measurement can be repeated. The
+Not a server path: the probe behind the README's "A compiled decode step" line, kept so the
+measurement can be repeated (`--smoke`, which `make test` runs: the tiny model at batch 1, so the
+probe cannot rot). The
 model's forward is compiled as it is, with two changes only the probe makes: every `BaseLinear`
 call becomes an opaque custom op (inductor cannot take oneDNN's prepacked weights as graph inputs),
 and the decode batch reads K/V through the gathered path (`decode_views=None`: the in-place views are
 built from Python ints dynamo would guard on). No adapter hooks; the RoPE table is grown beforehand.
 Static shapes (one compile per batch size, as a padded bucket would be) unless --dynamic.
 
-    PYTHONPATH=.:proto .venv/bin/python bench/_compile_probe.py [--batches 1,32] [--threads 2] [--dynamic] [--model SPEC]
+    PYTHONPATH=.:proto .venv/bin/python bench/compile_probe.py [--batches 1,32] [--threads 2] [--dynamic] [--model SPEC] [--smoke]
 
 Prints compile seconds, the largest |compiled - eager| on the hidden states, and per batch the
 median over rounds of eager ms / compiled ms (each round runs both back to back).
@@ -65,7 +66,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dynamic", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="the tiny model, batch 1, 2 rounds: checks it runs")
     args = ap.parse_args()
+    if args.smoke:
+        args.model, args.batches, args.rounds, args.context = "tiny", "1", 2, 16
     torch.set_num_threads(args.threads)
     model = load_model(resolve_model(args.model, Path.home() / ".cache/lorafleet/models"), torch.device("cpu"),
                        torch.float32).model
