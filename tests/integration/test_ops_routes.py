@@ -24,6 +24,7 @@ from server.engine.scheduler import Scheduler
 from server.main import BackgroundServer
 from server.model.loader import load_model
 from tests.integration.conftest import make_config
+from tests.integration.test_openai_http import raw as http, wait_until
 from tests.serving_fixtures import make_adapter
 
 MODEL = "tiny-chat"
@@ -50,18 +51,6 @@ def door(chat_model_dir, chat_loaded, tmp_path_factory):
             with LoraFleetClient(f"127.0.0.1:{running.port}", api_key=keys[tenant], timeout=60) as c:
                 c.upload_adapter(d, name)
         yield running, keys, chat_loaded
-
-
-def http(running, key: str | None = None) -> httpx.Client:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.Client(base_url=f"http://127.0.0.1:{running.http_port}", headers=headers, timeout=60)
-
-
-def wait_until(predicate, what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not predicate():
-        assert time.monotonic() < deadline, f"waited {WAIT_S:g}s for {what}"
-        time.sleep(0.02)
 
 
 def error(r: httpx.Response, status: int) -> dict:
