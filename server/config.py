@@ -17,22 +17,29 @@ DEFAULT_CACHE = Path(os.path.expanduser("~")) / ".cache" / "lorafleet"
 
 # The OpenMP runtime's settings, given to the process before torch loads it (libgomp reads its environment
 # once, when `import torch` loads it): `set_thread_env()`, called by the entry point (server/__main__.py).
-# OMP_WAIT_POLICY=PASSIVE: a thread done with its share of an op sleeps at the barrier instead of spinning.
-# libgomp's default spins, and with as many OpenMP threads as cores, whenever anything else wants a core
-# (the server's own gRPC/HTTP threads, other processes) each op's barrier waits on a preempted spinner:
-# SmolLM2 decode steps at 2 threads on the shared 2-core machine (load ~4.5, 3 alternating process
-# pairs): batch 1 68-100 ms PASSIVE vs 193-1057 ms default, batch 32 175-350 vs 935-1878 ms (issue 24).
-# A value already in the environment wins (OMP_WAIT_POLICY=ACTIVE on a machine the server has to itself).
-THREAD_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+# GOMP_SPINCOUNT=20000: a thread done with its share of an op spins a bounded while (20,000 pause
+# iterations: about a millisecond at most) at the barrier, then sleeps. libgomp's default (300,000) spins so long that,
+# with as many OpenMP threads as cores, whenever anything else wants a core (the server's own gRPC/HTTP
+# threads, other processes) each op's barrier waits on a preempted spinner (decode steps 2-10x slower on a
+# loaded machine); OMP_WAIT_POLICY=PASSIVE (sleep at once, the previous default) pays a futex wake-up
+# per parallel op instead, which the adapter kernels' many small ops feel most. SmolLM2 decode step at
+# batch 32, 2 threads, median of 7 (issue 24; PASSIVE / bounded spin / ACTIVE): quiet machine, no
+# adapters 122-125 / 97-103 / 98-121 ms, 32 LoRAs 247-261 / 160-166 / 137-168 ms, 8 x 32-token
+# prefill on 32 LoRAs 869-886 / 424-465 / 406-504 ms; beside two busy processes: 187 / 186 / - ms,
+# 480 / 335 / - ms, 1142 / 1024 / - ms (the libgomp default there: 285, 470, 1355 ms).
+# A value already in the environment wins, and either variable set turns the default off
+# (OMP_WAIT_POLICY=ACTIVE on a machine the server has to itself, PASSIVE to never spin).
+THREAD_ENV = {"GOMP_SPINCOUNT": "20000"}
+THREAD_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
 def set_thread_env(environ: dict[str, str] | None = None) -> dict[str, str]:
-    """Put THREAD_ENV's defaults into the environment where unset; returns the values in effect. Only
-    takes effect before torch is imported."""
+    """Put THREAD_ENV's defaults into the environment unless the user set either of THREAD_VARS;
+    returns those of THREAD_VARS in effect. Only takes effect before torch is imported."""
     env = os.environ if environ is None else environ
-    for name, value in THREAD_ENV.items():
-        env.setdefault(name, value)
-    return {name: env[name] for name in THREAD_ENV}
+    if not any(name in env for name in THREAD_VARS):
+        env.update(THREAD_ENV)
+    return {name: env[name] for name in THREAD_VARS if name in env}
 
 
 REQUIRED: Any = dataclasses.MISSING     # a knob's default when it has none (a required field, a required flag)

@@ -26,10 +26,13 @@ Fairness between tenants, at three places:
   prefill     the step's budget is shared out by tenant (max-min fair: each tenant an equal part,
               what a tenant does not need goes to the others), FIFO within a tenant, so a short
               prompt is not queued behind a long one;
-  budget      a step that carries decode rows, or a short prompt of one tenant beside another
-              tenant's long prefill, takes at most `decode_prefill_tokens` prompt tokens (else
-              `max_prefill_tokens`): running decodes and newly arrived short requests keep their
-              pace while long prompts and classification batches are prefilled beside them.
+  budget      a step that carries decode rows of a tenant with no prompt to prefill in it (a
+              bystander), or a short prompt of one tenant beside another tenant's long prefill,
+              takes at most `decode_prefill_tokens` prompt tokens (else `max_prefill_tokens`):
+              other tenants' running decodes and newly arrived short requests keep their pace while
+              long prompts and classification batches are prefilled beside them. A tenant's own
+              decodes beside its own prompts take the full budget (its burst is prefilled in a few
+              long steps instead of many short ones that each read every weight: issue 24).
 A sequence whose adapter cannot be made resident now (every adapter slot pinned) stays queued
 without blocking other tenants.
 """
@@ -241,7 +244,8 @@ class Scheduler:
                 by_tenant.setdefault(seq.tenant, []).append(seq)
         left = {t: sum(q.num_positions - q.kv_offset - q.num_computed for q in qs) for t, qs in by_tenant.items()}
         short_beside_long = len(left) > 1 and min(left.values()) <= self.decode_prefill_tokens
-        budget = self.decode_prefill_tokens if out or short_beside_long else self.max_prefill_tokens
+        bystanders = any(w.seq.tenant not in left for w in out)    # decoding, with no prompt of its own here
+        budget = self.decode_prefill_tokens if bystanders or short_beside_long else self.max_prefill_tokens
         for tenant, share in _fair_shares(left, budget).items():
             for seq in by_tenant[tenant]:                     # admission order within a tenant
                 if share <= 0:

@@ -190,6 +190,28 @@ def test_decode_rows_bound_the_prefill_budget():
     assert sum(len(w.token_ids) for w in s.schedule()) == 400    # no decode rows: the full budget
 
 
+def test_a_tenants_own_decodes_do_not_shrink_its_prefill_budget():
+    """Issue 24: a burst of one tenant (decoding early arrivals, prefilling the rest) is prefilled
+    at the full budget; a decoding bystander of another tenant brings the short step back."""
+    s = Scheduler(Slots(8), max_batch_size=8, max_prefill_tokens=512, decode_prefill_tokens=32)
+    dec = long_seq("a", 2)
+    s.add(dec)
+    s.admit()
+    dec.num_computed, dec.output_ids = 2, [7]          # prefilled, decoding
+    s.add(long_seq("a", 400))
+    s.admit()
+    work = s.schedule()
+    assert [len(w.token_ids) for w in work if w.seq is dec] == [1]
+    assert sum(len(w.token_ids) for w in work if w.seq is not dec) == 400
+    other = long_seq("b", 2)
+    s.add(other)
+    s.admit()
+    other.num_computed, other.output_ids = 2, [7]      # b decodes beside a's prefill
+    work = s.schedule()
+    assert [len(w.token_ids) for w in work if w.seq is other] == [1]
+    assert sum(len(w.token_ids) for w in work if w.seq not in (dec, other)) == 32
+
+
 def test_a_burst_cannot_take_the_slots_kept_for_waiting_tenants():
     s = Scheduler(Slots(8), max_batch_size=8, max_prefill_tokens=100)
     burst = [tseq("a") for _ in range(20)]

@@ -15,10 +15,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_defaults_fill_unset_names_and_never_override():
     env: dict[str, str] = {}
-    assert set_thread_env(env) == THREAD_ENV == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert set_thread_env(env) == THREAD_ENV == {"GOMP_SPINCOUNT": "20000"}     # a bounded spin
     assert env == THREAD_ENV
-    env = {"OMP_WAIT_POLICY": "ACTIVE"}
-    assert set_thread_env(env) == {"OMP_WAIT_POLICY": "ACTIVE"}
+    for mine in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"OMP_WAIT_POLICY": "PASSIVE"}, {"GOMP_SPINCOUNT": "0"}):
+        env = dict(mine)
+        assert set_thread_env(env) == mine and env == mine      # the user's choice alone, nothing added
 
 
 def test_entry_point_sets_them_before_anything_imports_torch():
