@@ -54,6 +54,12 @@ def _bmm_buckets(plan: AdapterPlan, dims: int, mats: int) -> list[Bucket]:
     return [bk for bk in plan.buckets if not _loop(plan, bk, dims, mats)]
 
 
+def _has_runs(plan: AdapterPlan, dims: int, mats: int) -> bool:
+    """`_runs` will call its body (there are segments or loop buckets)."""
+    plan.need("batches")
+    return bool(plan.segments) or any(_loop(plan, bk, dims, mats) for bk in plan.buckets)
+
+
 def _bucket_shrink(xs: torch.Tensor, A: torch.Tensor, bk: Bucket, off: int, R: int) -> torch.Tensor:
     """xs [G, L, d_in] (gathered rows), A [S, rows, d_in] -> [G, L, R] using
     weight rows off..off+R of each group's slot. Unmasked."""
@@ -67,23 +73,35 @@ def _bucket_shrink(xs: torch.Tensor, A: torch.Tensor, bk: Bucket, off: int, R: i
 def _bucket_expand(y: torch.Tensor, vb: torch.Tensor, B: torch.Tensor, bk: Bucket,
                    bias: torch.Tensor | None = None) -> None:
     """y[gidx] += vb @ B_g[:, :, :R]^T (+ bias); vb [G, L, R] already scaled and
-    masked; bias [G, L|1, d_out] must be zero on pad rows. B may be a transposed
-    view of a contiguous [S, r_max, d_out] stack (the engine's layout): then the
-    bmm reads contiguous rows, ~3x faster on CPU than the [S, d_out, r_max] layout."""
-    R, d_out = vb.shape[-1], B.shape[1]
-    Bt = B.transpose(1, 2)  # [S, r_max, d_out]
-    if bk.first_slot >= 0:
-        Wt = Bt[bk.first_slot : bk.first_slot + bk.num_groups, :R]
-    elif Bt.is_contiguous():
-        Wt = Bt[:, :R].index_select(0, bk.group_slots)
-    elif R == B.shape[-1] and B.is_contiguous():
-        Wt = B.flatten(1).index_select(0, bk.group_slots).view(-1, *B.shape[1:]).transpose(1, 2)
-    else:
-        Wt = B[:, :, :R].index_select(0, bk.group_slots).transpose(1, 2)
-    out = torch.bmm(vb, Wt)
+    masked; bias [G, L|1, d_out] must be zero on pad rows."""
+    out = torch.bmm(vb, _expand_weights(B, bk, vb.shape[-1]))
     if bias is not None:
         out += bias
-    y.index_add_(0, bk.gidx, out.view(-1, d_out))
+    y.index_add_(0, bk.gidx, out.view(-1, B.shape[1]))
+
+
+def _expand_weights(B: torch.Tensor, bk: Bucket, R: int) -> torch.Tensor:
+    """[G, R, d_out]: each group's B_g[:, :R]^T. B may be a transposed view of a contiguous
+    [S, r_max, d_out] stack (the engine's layout): then the bmm reads contiguous rows, ~3x
+    faster on CPU than the [S, d_out, r_max] layout."""
+    Bt = B.transpose(1, 2)  # [S, r_max, d_out]
+    if bk.first_slot >= 0:
+        return Bt[bk.first_slot : bk.first_slot + bk.num_groups, :R]
+    if Bt.is_contiguous():
+        return Bt[:, :R].index_select(0, bk.group_slots)
+    if R == B.shape[-1] and B.is_contiguous():
+        return B.flatten(1).index_select(0, bk.group_slots).view(-1, *B.shape[1:]).transpose(1, 2)
+    return B[:, :, :R].index_select(0, bk.group_slots).transpose(1, 2)
+
+
+def _tile_columns(out_slices: Sequence[slice], width: int) -> bool:
+    """The slices cover columns [0, width) in order, each contiguous."""
+    end = 0
+    for c in out_slices:
+        if c.start != end or c.step not in (None, 1):
+            return False
+        end = c.stop
+    return end == width
 
 
 def _per_group(t: torch.Tensor, bk: Bucket) -> torch.Tensor:
@@ -150,7 +168,7 @@ def expand(y: torch.Tensor, v: torch.Tensor, B: torch.Tensor, scale: torch.Tenso
     _check(plan, y, v)
     d_out = y.shape[1]
 
-    host = _host(scale)
+    host = _host(scale) if _has_runs(plan, d_out, 1) else None
 
     def body(vr, yr, s, r):
         if host is None:
@@ -169,7 +187,7 @@ def lora(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, sca
     _check(plan, y, x)
     dims = x.shape[1] + y.shape[1]
 
-    host = _host(scale)
+    host = _host(scale) if _has_runs(plan, dims, 2) else None
 
     def body(xr, yr, s, r):
         _addmm_scaled(yr, xr @ A[s, :r].t(), B[s, :, :r].t(), scale, host, s)
@@ -190,7 +208,7 @@ def lora_packed(y: torch.Tensor, x: torch.Tensor, A_packed: torch.Tensor, B_list
     targets = list(zip(B_list, scales, out_slices, strict=True))
     dims = n * x.shape[1] + sum(B.shape[1] for B in B_list)
 
-    hosts = [_host(scale) for scale in scales]
+    hosts = [_host(scale) for scale in scales] if _has_runs(plan, dims, 2 * n) else [None] * n
 
     def body(xr, yr, s, r):
         for i, (B, scale, cols) in enumerate(targets):
@@ -198,15 +216,23 @@ def lora_packed(y: torch.Tensor, x: torch.Tensor, A_packed: torch.Tensor, B_list
             _addmm_scaled(yr[:, cols], vr, B[s, :, :r].t(), scale, hosts[i], s)
 
     _runs(plan, x, y, dims, 2 * n, body)
+    whole = _tile_columns(out_slices, y.shape[1])
     for bk in _bmm_buckets(plan, dims, 2 * n):
         xs = _gather_rows(x, bk)
         R = bk.rank
         if R == r_max:  # one shrink for all targets
             v_all = _bucket_shrink(xs, A_packed, bk, 0, n * R)
+        outs = []
         for i, (B, scale, cols) in enumerate(targets):
             vb = v_all[..., i * R : (i + 1) * R] if R == r_max else \
                 _bucket_shrink(xs, A_packed, bk, i * r_max, R)
-            _bucket_expand(y[:, cols], vb.mul(_coef(scale, bk)).to(xs.dtype), B, bk)
+            vb = vb.mul(_coef(scale, bk)).to(xs.dtype)
+            if whole:
+                outs.append(torch.bmm(vb, _expand_weights(B, bk, R)))
+            else:
+                _bucket_expand(y[:, cols], vb, B, bk)
+        if whole:  # one scatter into contiguous y (index_add_ on a column slice is ~5x slower)
+            y.index_add_(0, bk.gidx, torch.cat(outs, -1).view(-1, y.shape[1]))
 
 
 def bottleneck(h: torch.Tensor, D: torch.Tensor, U: torch.Tensor, bd: torch.Tensor | None,
