@@ -6,6 +6,7 @@ import logging
 import signal
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
@@ -15,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from lorafleet.v1 import lorafleet_pb2 as pb
 from lorafleet.v1 import lorafleet_pb2_grpc as pb_grpc
-from server import kernels, metrics
+from server import kernels, metrics, threads
 from server.adapters.cache import AdapterCache
 from server.adapters.registry import AdapterRegistry
 from server.adapters.store import AdapterStore
@@ -207,6 +208,8 @@ class RunningServer:
 
 async def start(cfg: ServerConfig, loaded: LoadedModel) -> RunningServer:
     cfg = resolve_context(cfg, model_context(loaded))
+    asyncio.get_running_loop().set_default_executor(     # asyncio.to_thread's workers: torch on one thread
+        ThreadPoolExecutor(thread_name_prefix="lorafleet-io", initializer=threads.serial))
     metrics.configure(cfg.metrics_per_tenant, cfg.metrics_max_tenants, model_name=loaded.name,
                       max_context_tokens=cfg.max_context_tokens, max_lora=cfg.adapter_slots,
                       vllm_names=cfg.metrics_vllm_names == "on")
@@ -300,6 +303,8 @@ async def serve(cfg: ServerConfig) -> None:
     check_ports_free(cfg)
     loaded = load(cfg)
     running = await start(cfg, loaded)
+    threads.release_team()              # one OpenMP team in the process: the engine thread's (server/threads.py)
+    threads.serial()
     a = loaded.model.shape
     print(f"lorafleet: serving {loaded.name} ({a.num_layers} layers, hidden {a.hidden_size}, vocab {a.vocab_size}, "
           f"{loaded.model.device}, {str(loaded.model.dtype).replace('torch.', '')}, "

@@ -50,6 +50,7 @@ from server.engine.sequence import FinishEvent, FinishReason, Sequence
 from server.errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument, InvalidField, LoraFleetError,
                            ResourceExhausted, Unavailable)
 from server.model.loader import LoadedModel
+from server.threads import engine_team
 
 log = logging.getLogger(__name__)
 PROBE_IDS = (1, 2, 3, 5, 8, 13, 21, 34)     # the first-load probe's prompt (ids every vocabulary has)
@@ -120,6 +121,7 @@ class Engine:
         self._probed: set[AdapterKey] = set()    # versions whose first-load probe passed
         self._masks: MaskFiller | None = None    # made at the first constrained row (engine thread)
         self._mask_threads = mask_threads
+        self.threads = torch.get_num_threads()   # the creating thread's count: the engine thread's team
 
     # ------------------------------------------------------------------ any thread
     @property
@@ -192,6 +194,7 @@ class Engine:
         health is NOT_SERVING meanwhile. More than MAX_RESTARTS within RESTART_WINDOW_S is a bug
         that recurs: the engine then stays down (calls get INTERNAL)."""
         restarts: deque[float] = deque()
+        engine_team(self.threads)
         try:
             while not self._stop.is_set():
                 try:
