@@ -31,6 +31,7 @@ set_thread_env()          # OpenMP defaults, before torch loads libgomp (server/
 
 import torch  # noqa: E402
 
+from server import threads  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
 from server.engine.sampling import SamplingParams  # noqa: E402
 from server.engine.sequence import FinishEvent, Sequence  # noqa: E402
@@ -59,6 +60,7 @@ def run_engine(engine: Engine, prompts: list[list[int]], new_tokens: int) -> dic
                 done.release()
         return sink
 
+    threads.release_team()     # as the server does: the engine thread's team alone (server/threads.py)
     t0 = time.perf_counter()
     for i, p in enumerate(prompts):
         seqs.append(Sequence(str(i), p, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True), sink_for(i)))

@@ -42,6 +42,7 @@ from server.adapters.weights import BottleneckTarget  # noqa: E402
 from server.model.shape import LINEAR_MODULES, BaseModelShape  # noqa: E402
 from server.adapters.refs import parse_tenant_ref  # noqa: E402
 from server.config import ServerConfig  # noqa: E402
+from server import threads  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
 from server.engine.sampling import SamplingParams  # noqa: E402
 from server.engine.sequence import FinishEvent, Sequence  # noqa: E402
@@ -99,6 +100,7 @@ def run(engine: Engine, registry, prompts, adapters: list[str | None], n: int) -
     """(wall seconds, seconds per decode step after the last first token)."""
     done = threading.Semaphore(0)
     seqs = []
+    threads.release_team()     # as the server does: the engine thread's team alone (server/threads.py)
     t0 = time.perf_counter()
     for p, a in zip(prompts, adapters):
         ref = registry.resolve(parse_tenant_ref(TENANT, a)) if a else None

@@ -92,9 +92,11 @@ class ServerConfig:
     max_new_tokens: int = knob(256, "largest max_new_tokens accepted")
     default_new_tokens: int = knob(64, "max_new_tokens when a request leaves it 0")
     max_queued_requests: int = knob(256, "requests waiting for a slot; beyond it calls get RESOURCE_EXHAUSTED at once")
-    max_prefill_tokens: int = knob(256, "prompt tokens processed per engine step when no sequence is decoding"
-                                   " (bounds how long one step, and so a newly arrived request, waits)")
-    decode_prefill_tokens: int = knob(32, "prompt tokens processed per engine step while sequences are decoding"
+    max_prefill_tokens: int = knob(256, "prompt tokens processed per engine step when no sequence is decoding,"
+                                   " and always on a single-tenant server (bounds how long one step, and so a"
+                                   " newly arrived request, waits)")
+    decode_prefill_tokens: int = knob(32, "with --api-keys: prompt tokens processed per engine step while sequences"
+                                      " are decoding"
                                       " (chunked prefill: bounds the latency long prompts add to running requests;"
                                       " 32 against 64 halved the worst wait in bench/fairness.py on SmolLM2)")
     max_chat_messages: int = knob(64, "messages per chat request")

@@ -165,7 +165,7 @@ def build_engine(cfg: ServerConfig, loaded: LoadedModel, adapters: AdapterServin
                   cfg.max_prefill_tokens, adapters, cfg.decode_prefill_tokens,
                   reserve_slots=1 if cfg.api_keys is not None and cfg.max_batch_size > 1 else 0,
                   kv_blocks=blocks + 1, kv_block_size=cfg.kv_block_size, prefix_cache=not cfg.no_prefix_cache,
-                  mask_threads=cfg.constraint_mask_threads)
+                  mask_threads=cfg.constraint_mask_threads, multi_tenant=cfg.api_keys is not None)
 
 
 def kv_summary(engine: Engine, cfg: ServerConfig) -> str:
@@ -291,6 +291,7 @@ class BackgroundServer:
     def __enter__(self) -> RunningServer:
         self.thread.start()
         self.running = asyncio.run_coroutine_threadsafe(start(self.cfg, self.loaded), self.loop).result(60)
+        threads.release_team()          # as serve(): the engine's team alone, until this thread computes again
         return self.running
 
     def __exit__(self, *exc) -> None:

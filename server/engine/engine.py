@@ -89,12 +89,13 @@ class Engine:
                  max_queued: int, max_prefill_tokens: int, adapters: AdapterServing | None = None,
                  decode_prefill_tokens: int | None = None, reserve_slots: int = 0, *,
                  kv_blocks: int | None = None, kv_block_size: int = 16, prefix_cache: bool = True,
-                 reserve_blocks: int | None = None, mask_threads: int = 1):
+                 reserve_blocks: int | None = None, mask_threads: int = 1, multi_tenant: bool = True):
         """`reserve_slots`: rows (and `reserve_blocks` KV blocks) kept for a tenant with nothing
         running (Scheduler); 0 when the server has one tenant. `kv_blocks`: blocks in the KV pool
         (the null block included); default: room for `max_batch_size` sequences of
         `max_context_tokens` (main.py sizes it from the byte budget instead). `mask_threads`: threads
-        of one step's constraint-mask fill."""
+        of one step's constraint-mask fill. `multi_tenant`: several tenants may send requests (the
+        scheduler then keeps decode steps short beside prefills)."""
         self.loaded = loaded
         self.adapters = adapters
         self.model = loaded.model
@@ -102,7 +103,8 @@ class Engine:
         if kv_blocks is None:
             kv_blocks = max_batch_size * -(-max_context_tokens // kv_block_size) + 1
         self._kv_shape = (kv_blocks, kv_block_size, prefix_cache)
-        self._sizes = (max_batch_size, max_prefill_tokens, decode_prefill_tokens, reserve_slots, reserve_blocks)
+        self._sizes = (max_batch_size, max_prefill_tokens, decode_prefill_tokens, reserve_slots, reserve_blocks,
+                       multi_tenant)
         self.kv = self._new_kv()
         self.scheduler = self._new_scheduler()
         self.max_queued = max_queued
@@ -244,9 +246,9 @@ class Engine:
         return KVCache(self.model.shape, blocks, block_size, self.model.device, self.model.dtype, prefix_cache)
 
     def _new_scheduler(self) -> Scheduler:
-        batch, prefill, decode_prefill, reserve, reserve_blocks = self._sizes
+        batch, prefill, decode_prefill, reserve, reserve_blocks, multi_tenant = self._sizes
         return Scheduler(self.kv.blocks, batch, prefill, decode_prefill, reserve, reserve_blocks,
-                         on_preempt=self._preempted)
+                         on_preempt=self._preempted, multi_tenant=multi_tenant)
 
     def _set_health(self, serving: bool) -> None:
         for fn in self.on_health:

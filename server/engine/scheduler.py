@@ -26,13 +26,13 @@ Fairness between tenants, at three places:
   prefill     the step's budget is shared out by tenant (max-min fair: each tenant an equal part,
               what a tenant does not need goes to the others), FIFO within a tenant, so a short
               prompt is not queued behind a long one;
-  budget      a step that carries decode rows of a tenant with no prompt to prefill in it (a
-              bystander), or a short prompt of one tenant beside another tenant's long prefill,
-              takes at most `decode_prefill_tokens` prompt tokens (else `max_prefill_tokens`):
-              other tenants' running decodes and newly arrived short requests keep their pace while
-              long prompts and classification batches are prefilled beside them. A tenant's own
-              decodes beside its own prompts take the full budget (its burst is prefilled in a few
-              long steps instead of many short ones that each read every weight: issue 24).
+  budget      on a server with several tenants (`multi_tenant`), a step that carries decode rows,
+              or a short prompt of one tenant beside another tenant's long prefill, takes at most
+              `decode_prefill_tokens` prompt tokens (else `max_prefill_tokens`): running decodes
+              and newly arrived short requests keep their pace while long prompts and
+              classification batches are prefilled beside them. With one tenant there is nobody
+              to protect: its decodes do not shorten the step, so a burst is prefilled in a few long
+              steps instead of dozens of short ones that each read every weight (issue 24).
 A sequence whose adapter cannot be made resident now (every adapter slot pinned) stays queued
 without blocking other tenants.
 """
@@ -100,9 +100,11 @@ class FairQueue:
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_batch_size: int, max_prefill_tokens: int,
                  decode_prefill_tokens: int | None = None, reserve_slots: int = 0,
-                 reserve_blocks: int | None = None, on_preempt: Callable[[Sequence], None] = lambda s: None):
+                 reserve_blocks: int | None = None, on_preempt: Callable[[Sequence], None] = lambda s: None,
+                 multi_tenant: bool = True):
         """`reserve_blocks`: KV blocks kept for a tenant with nothing running; default: room for
         one `max_prefill_tokens` prompt per reserved slot (at most a quarter of the pool).
+        `multi_tenant`: several tenants may send requests (decode rows then cap the prefill budget).
         `on_preempt(seq)` is told of every sequence `schedule` preempts (back in the waiting queue,
         its blocks freed)."""
         self.blocks = blocks
@@ -114,6 +116,7 @@ class Scheduler:
         self.reserve_blocks = min(reserve_blocks, blocks.capacity // 4)
         self.max_prefill_tokens = max_prefill_tokens
         self.decode_prefill_tokens = min(max_prefill_tokens, decode_prefill_tokens or max_prefill_tokens)
+        self.multi_tenant = multi_tenant
         self.waiting = FairQueue()
         self.running: list[Sequence] = []        # admission order
         self.preemptions: Counter[str] = Counter()   # tenant -> sequences preempted (cumulative)
@@ -244,8 +247,8 @@ class Scheduler:
                 by_tenant.setdefault(seq.tenant, []).append(seq)
         left = {t: sum(q.num_positions - q.kv_offset - q.num_computed for q in qs) for t, qs in by_tenant.items()}
         short_beside_long = len(left) > 1 and min(left.values()) <= self.decode_prefill_tokens
-        bystanders = any(w.seq.tenant not in left for w in out)    # decoding, with no prompt of its own here
-        budget = self.decode_prefill_tokens if bystanders or short_beside_long else self.max_prefill_tokens
+        capped = (bool(out) and self.multi_tenant) or short_beside_long
+        budget = self.decode_prefill_tokens if capped else self.max_prefill_tokens
         for tenant, share in _fair_shares(left, budget).items():
             for seq in by_tenant[tenant]:                     # admission order within a tenant
                 if share <= 0:

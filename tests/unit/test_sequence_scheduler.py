@@ -176,40 +176,37 @@ def test_short_prompt_is_not_queued_behind_long_prefills():
     assert sum(len(w.token_ids) for w in work.values()) <= 512
 
 
-def test_decode_rows_bound_the_prefill_budget():
-    s = Scheduler(Slots(4), max_batch_size=4, max_prefill_tokens=512, decode_prefill_tokens=32)
-    dec = long_seq("b", 2)
+def decoding_beside(s: Scheduler, decoder: str, prefiller: str) -> Sequence:
+    """A 2-token sequence of tenant `decoder`, prefilled and decoding, then a 400-token prompt of
+    tenant `prefiller` admitted beside it; returns the decoding one."""
+    dec = long_seq(decoder, 2)
     s.add(dec)
     s.admit()
     dec.num_computed, dec.output_ids = 2, [7]          # prefilled, decoding
-    s.add(long_seq("a", 400))
+    s.add(long_seq(prefiller, 400))
     s.admit()
+    return dec
+
+
+def test_decode_rows_bound_the_prefill_budget():
+    s = Scheduler(Slots(4), max_batch_size=4, max_prefill_tokens=512, decode_prefill_tokens=32)
+    dec = decoding_beside(s, "b", "a")
     work = s.schedule()
     assert sum(len(w.token_ids) for w in work if w.seq is not dec) == 32
     s.remove(dec)
     assert sum(len(w.token_ids) for w in s.schedule()) == 400    # no decode rows: the full budget
 
 
-def test_a_tenants_own_decodes_do_not_shrink_its_prefill_budget():
-    """Issue 24: a burst of one tenant (decoding early arrivals, prefilling the rest) is prefilled
-    at the full budget; a decoding bystander of another tenant brings the short step back."""
-    s = Scheduler(Slots(8), max_batch_size=8, max_prefill_tokens=512, decode_prefill_tokens=32)
-    dec = long_seq("a", 2)
-    s.add(dec)
-    s.admit()
-    dec.num_computed, dec.output_ids = 2, [7]          # prefilled, decoding
-    s.add(long_seq("a", 400))
-    s.admit()
-    work = s.schedule()
-    assert [len(w.token_ids) for w in work if w.seq is dec] == [1]
-    assert sum(len(w.token_ids) for w in work if w.seq is not dec) == 400
-    other = long_seq("b", 2)
-    s.add(other)
-    s.admit()
-    other.num_computed, other.output_ids = 2, [7]      # b decodes beside a's prefill
-    work = s.schedule()
-    assert [len(w.token_ids) for w in work if w.seq is other] == [1]
-    assert sum(len(w.token_ids) for w in work if w.seq not in (dec, other)) == 32
+def test_one_tenants_decodes_do_not_shrink_its_prefill_budget():
+    """Issue 24: on a single-tenant server a burst (early arrivals decoding, the rest prefilling)
+    is prefilled at the full budget; with several tenants its own decodes cap the step, as before."""
+    for multi_tenant, expect in ((False, 400), (True, 32)):
+        s = Scheduler(Slots(8), max_batch_size=8, max_prefill_tokens=512, decode_prefill_tokens=32,
+                      multi_tenant=multi_tenant)
+        dec = decoding_beside(s, "a", "a")
+        work = s.schedule()
+        assert [len(w.token_ids) for w in work if w.seq is dec] == [1]
+        assert sum(len(w.token_ids) for w in work if w.seq is not dec) == expect
 
 
 def test_a_burst_cannot_take_the_slots_kept_for_waiting_tenants():
