@@ -20,7 +20,7 @@ Peers are used when found, and skipped (with the reason printed) when not; loraf
   llama.cpp  --llama-server PATH, else `llama-server` on PATH, else PEERS_DIR/llama.cpp/build/bin/;
              convert_hf_to_gguf.py and convert_lora_to_gguf.py from the llama.cpp source tree the
              binary was built in (--llama-cpp-dir, default: two levels above build/bin), run with
-             this Python (torch, transformers, numpy, safetensors) and its gguf-py on PYTHONPATH.
+             this Python (torch, transformers, numpy, safetensors, sentencepiece) and its gguf-py on PYTHONPATH.
              Served with -np 32 --cont-batching --lora-scaled a.gguf:0,... --lora-init-without-apply;
              a request picks its LoRA with "lora": [{"id": i, "scale": 1}].
   vLLM       --vllm-python PATH, else this Python, else PEERS_DIR/vllm-venv/bin/python: the first
